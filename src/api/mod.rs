@@ -1,0 +1,104 @@
+//! The HTTP API: publishing, health, readiness and metrics.
+//!
+//! Handlers take typed extractors: [`Publisher`] proves the caller may
+//! publish, [`JsonBody`] reads a bounded body and turns every failure into an
+//! [`ApiError`].
+
+pub mod error;
+pub mod health;
+pub mod publish;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+
+use crate::auth::AuthError;
+use crate::gateway::Gateway;
+pub use error::ApiError;
+
+pub fn router() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/api/publish", post(publish::publish))
+        .route("/api/broadcast", post(publish::broadcast))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+}
+
+/// A caller allowed to publish: a JWT whose role is in `publisher_roles`, or
+/// the configured `api_key`.
+pub struct Publisher;
+
+impl FromRequestParts<Arc<Gateway>> for Publisher {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &Arc<Gateway>) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .unwrap_or("");
+        if let Some(key) = &gw.config.api_key
+            && !token.is_empty()
+            && constant_time_eq(token.as_bytes(), key.as_bytes())
+        {
+            return Ok(Publisher);
+        }
+        let identity = gw.verifier.verify(token).map_err(|e: AuthError| {
+            gw.metrics.auth_failure(e.reason());
+            ApiError::from(e)
+        })?;
+        if !gw.is_publisher(&identity) {
+            return Err(ApiError::forbidden(format!(
+                "role `{}` may not use the publish API",
+                identity.role
+            )));
+        }
+        Ok(Publisher)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A JSON body of at most `api.max_body` bytes.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<Gateway>> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, gw: &Arc<Gateway>) -> Result<Self, ApiError> {
+        let limit = gw.config.api_max_body;
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::too_large(limit));
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|e| {
+                if e.to_string().contains("length limit") {
+                    ApiError::too_large(limit)
+                } else {
+                    ApiError::bad_request(format!("could not read the request body: {e}"))
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}

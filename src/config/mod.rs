@@ -1,0 +1,501 @@
+//! Configuration: a fixed list of settings (see [`settings`]) read from
+//! command-line flags, `PULSO_*` environment variables, a TOML file and the
+//! built-in defaults, highest first.
+//!
+//! Loading happens in two steps so errors can always name the setting: first
+//! every source is flattened into `dotted name → raw value`, then each value is
+//! given its type.
+
+pub mod settings;
+pub mod value;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use settings::{Kind, SETTINGS, Setting};
+use value::Raw;
+
+use crate::hub::topic::Filter;
+
+/// Where a setting's effective value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File,
+    Env,
+    Flag,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Source::Default => "default",
+            Source::File => "file",
+            Source::Env => "env",
+            Source::Flag => "flag",
+        })
+    }
+}
+
+/// A configuration error: always one line, naming the setting when there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    fn setting(name: &str, msg: impl fmt::Display) -> Self {
+        ConfigError(format!("invalid setting `{name}`: {msg}"))
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every setting's raw value and its source, after precedence was applied.
+#[derive(Debug, Clone, Default)]
+pub struct Layered {
+    values: BTreeMap<&'static str, (Raw, Source)>,
+}
+
+impl Layered {
+    /// Starts from the defaults and applies the TOML file, if any.
+    ///
+    /// `file` is the `--config` path; without one, `pulso.toml` in the working
+    /// directory is read when it exists.
+    pub fn new(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut layered = Layered::default();
+        for s in SETTINGS {
+            if let Some(d) = s.default {
+                layered
+                    .values
+                    .insert(s.name, (Raw::Text(d.into()), Source::Default));
+            }
+        }
+        let path = match file {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from("pulso.toml")).filter(|p| p.is_file()),
+        };
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
+            layered
+                .apply_toml(&text)
+                .map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.0)))?;
+        }
+        Ok(layered)
+    }
+
+    /// Applies a TOML document; unknown keys are errors so typos are caught.
+    pub fn apply_toml(&mut self, text: &str) -> Result<(), ConfigError> {
+        let doc: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError(format!("not valid TOML: {}", e.message().trim())))?;
+        self.apply_table("", doc)
+    }
+
+    fn apply_table(&mut self, prefix: &str, table: toml::Table) -> Result<(), ConfigError> {
+        for (key, value) in table {
+            let name = if prefix.is_empty() {
+                key
+            } else {
+                format!("{prefix}.{key}")
+            };
+            if let Some(s) = settings::find(&name) {
+                self.values.insert(s.name, (Raw::Toml(value), Source::File));
+            } else if let toml::Value::Table(inner) = value {
+                let is_section = SETTINGS
+                    .iter()
+                    .any(|s| s.name.starts_with(&format!("{name}.")));
+                if !is_section {
+                    return Err(ConfigError(format!("unknown setting `{name}`")));
+                }
+                self.apply_table(&name, inner)?;
+            } else {
+                return Err(ConfigError(format!("unknown setting `{name}`")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets a value given as text (a flag or environment variable).
+    pub fn set_text(
+        &mut self,
+        name: &str,
+        text: String,
+        source: Source,
+    ) -> Result<(), ConfigError> {
+        let s =
+            settings::find(name).ok_or_else(|| ConfigError(format!("unknown setting `{name}`")))?;
+        self.values.insert(s.name, (Raw::Text(text), source));
+        Ok(())
+    }
+
+    fn raw(&self, name: &str) -> Option<&Raw> {
+        self.values.get(name).map(|(raw, _)| raw)
+    }
+
+    fn get<T>(
+        &self,
+        name: &str,
+        parse: fn(&Raw) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        self.raw(name)
+            .map(|raw| parse(raw).map_err(|e| ConfigError::setting(name, e)))
+            .transpose()
+    }
+
+    fn req<T>(&self, name: &str, parse: fn(&Raw) -> Result<T, String>) -> Result<T, ConfigError> {
+        self.get(name, parse)?
+            .ok_or_else(|| ConfigError::setting(name, "a value is required"))
+    }
+
+    /// Optional text; an empty string counts as unset.
+    fn opt_text(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        Ok(self
+            .get(name, value::parse_string)?
+            .filter(|s| !s.is_empty()))
+    }
+
+    fn number<T: TryFrom<u64>>(&self, name: &str, min: u64) -> Result<T, ConfigError> {
+        let n = self.req(name, value::parse_u64)?;
+        if n < min {
+            return Err(ConfigError::setting(
+                name,
+                format!("must be at least {min}"),
+            ));
+        }
+        T::try_from(n).map_err(|_| ConfigError::setting(name, "too large"))
+    }
+
+    /// The effective configuration as `name = value  # source` lines, secrets masked.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for s in SETTINGS {
+            let line = match self.values.get(s.name) {
+                None => format!("# {} is not set", s.name),
+                Some((raw, source)) => {
+                    let shown = match raw {
+                        _ if s.kind == Kind::Secret => "\"********\"".to_string(),
+                        Raw::Toml(v) => v.to_string(),
+                        Raw::Text(t) => text_as_toml(s.kind, t),
+                    };
+                    format!("{} = {shown}  # {source}", s.name)
+                }
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn text_as_toml(kind: Kind, text: &str) -> String {
+    let raw = Raw::Text(text.to_string());
+    match kind {
+        Kind::Bool => value::parse_bool(&raw).map(|b| b.to_string()).ok(),
+        Kind::Number => value::parse_u64(&raw).map(|n| n.to_string()).ok(),
+        Kind::List => value::parse_list(&raw)
+            .map(|l| {
+                toml::Value::Array(l.into_iter().map(toml::Value::String).collect()).to_string()
+            })
+            .ok(),
+        Kind::Table => value::parse_table(&raw)
+            .map(|t| toml::Value::Table(t).to_string())
+            .ok(),
+        _ => None,
+    }
+    .unwrap_or_else(|| toml::Value::String(text.to_string()).to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Per-role topic permissions.
+#[derive(Debug, Clone, Default)]
+pub struct RoleAcl {
+    /// `None`: any topic may be subscribed to.
+    pub subscribe: Option<Vec<Filter>>,
+    /// Filters a client `pub` must match; empty means no publishing.
+    pub publish: Vec<Filter>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub secret: Option<String>,
+    pub public_key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Duration,
+    pub require_exp: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct WsConfig {
+    pub max_message_size: usize,
+    pub max_subscriptions: usize,
+    pub rate_limit: u32,
+    pub outbound_queue: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub topic: String,
+}
+
+/// The typed, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub node_id: String,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub shutdown_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub auto_subscribe: Vec<String>,
+    pub publisher_roles: Vec<String>,
+    pub api_key: Option<String>,
+    pub api_max_body: usize,
+    pub jwt: JwtConfig,
+    pub ws: WsConfig,
+    pub acl: HashMap<String, RoleAcl>,
+    pub demo: DemoConfig,
+}
+
+impl Config {
+    /// Defaults only (plus nothing from the working directory): handy for tests.
+    pub fn defaults() -> Self {
+        let mut layered = Layered::default();
+        for s in SETTINGS {
+            if let Some(d) = s.default {
+                layered
+                    .values
+                    .insert(s.name, (Raw::Text(d.into()), Source::Default));
+            }
+        }
+        match Config::from_layered(&layered) {
+            Ok(c) => c,
+            Err(e) => panic!("built-in defaults are invalid: {e}"),
+        }
+    }
+
+    pub fn from_layered(l: &Layered) -> Result<Self, ConfigError> {
+        let listen_text = l.req("listen", value::parse_string)?;
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            ConfigError::setting(
+                "listen",
+                format!("`{listen_text}` is not an address like 0.0.0.0:1337"),
+            )
+        })?;
+        let node_id = match l.opt_text("node_id")? {
+            Some(id) => id,
+            None => format!(
+                "{}:{}",
+                gethostname::gethostname().to_string_lossy(),
+                listen.port()
+            ),
+        };
+        let log_format = match l.req("log_format", value::parse_string)?.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::setting(
+                    "log_format",
+                    format!("`{other}` is not text or json"),
+                ));
+            }
+        };
+        let log_level = l.req("log_level", value::parse_string)?;
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(ConfigError::setting(
+                "log_level",
+                format!("`{log_level}` is not a valid filter"),
+            ));
+        }
+
+        let auto_subscribe = l.req("auto_subscribe", value::parse_list)?;
+        for t in &auto_subscribe {
+            Filter::parse(t)
+                .map_err(|e| ConfigError::setting("auto_subscribe", format!("`{t}`: {e}")))?;
+        }
+
+        let jwt = JwtConfig {
+            secret: l.opt_text("jwt.secret")?,
+            public_key_file: l.opt_text("jwt.public_key_file")?.map(PathBuf::from),
+            issuer: l.opt_text("jwt.issuer")?,
+            audience: l.opt_text("jwt.audience")?,
+            leeway: l.req("jwt.leeway", value::parse_duration)?,
+            require_exp: l.req("jwt.require_exp", value::parse_bool)?,
+        };
+
+        let ws = WsConfig {
+            max_message_size: to_usize(
+                "ws.max_message_size",
+                l.req("ws.max_message_size", value::parse_size)?,
+                16,
+            )?,
+            max_subscriptions: l.number("ws.max_subscriptions", 1)?,
+            rate_limit: l.number("ws.rate_limit", 1)?,
+            outbound_queue: l.number("ws.outbound_queue", 1)?,
+        };
+        if auto_subscribe.len() > ws.max_subscriptions {
+            return Err(ConfigError::setting(
+                "auto_subscribe",
+                "has more topics than ws.max_subscriptions",
+            ));
+        }
+
+        let keepalive_interval = l.req("keepalive_interval", value::parse_duration)?;
+        if keepalive_interval.is_zero() {
+            return Err(ConfigError::setting(
+                "keepalive_interval",
+                "must be more than 0",
+            ));
+        }
+        let demo = DemoConfig {
+            enabled: l.req("demo.enabled", value::parse_bool)?,
+            interval: l.req("demo.interval", value::parse_duration)?,
+            topic: l.req("demo.topic", value::parse_string)?,
+        };
+        if demo.interval.is_zero() {
+            return Err(ConfigError::setting("demo.interval", "must be more than 0"));
+        }
+        crate::hub::topic::validate_name(&demo.topic)
+            .map_err(|e| ConfigError::setting("demo.topic", e))?;
+
+        Ok(Config {
+            listen,
+            node_id,
+            log_format,
+            log_level,
+            shutdown_timeout: l.req("shutdown_timeout", value::parse_duration)?,
+            keepalive_interval,
+            auto_subscribe,
+            publisher_roles: l.req("publisher_roles", value::parse_list)?,
+            api_key: l.opt_text("api_key")?,
+            api_max_body: to_usize("api.max_body", l.req("api.max_body", value::parse_size)?, 1)?,
+            jwt,
+            ws,
+            acl: parse_acl(&l.req("acl", value::parse_table)?)?,
+            demo,
+        })
+    }
+}
+
+fn to_usize(name: &str, n: u64, min: u64) -> Result<usize, ConfigError> {
+    if n < min {
+        return Err(ConfigError::setting(
+            name,
+            format!("must be at least {min}"),
+        ));
+    }
+    usize::try_from(n).map_err(|_| ConfigError::setting(name, "too large"))
+}
+
+fn parse_acl(table: &toml::Table) -> Result<HashMap<String, RoleAcl>, ConfigError> {
+    let mut acl = HashMap::new();
+    for (role, rules) in table {
+        let toml::Value::Table(rules) = rules else {
+            return Err(ConfigError::setting(
+                &format!("acl.{role}"),
+                "expected a table with subscribe/publish lists",
+            ));
+        };
+        let mut entry = RoleAcl::default();
+        for (key, list) in rules {
+            let name = format!("acl.{role}.{key}");
+            let filters = value::parse_list(&Raw::Toml(list.clone()))
+                .map_err(|e| ConfigError::setting(&name, e))?
+                .iter()
+                .map(|f| {
+                    Filter::parse(f).map_err(|e| ConfigError::setting(&name, format!("`{f}`: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            match key.as_str() {
+                "subscribe" => entry.subscribe = Some(filters),
+                "publish" => entry.publish = filters,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "unknown setting `{name}` (use subscribe or publish)"
+                    )));
+                }
+            }
+        }
+        acl.insert(role.clone(), entry);
+    }
+    Ok(acl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::defaults();
+        assert_eq!(c.listen.port(), 1337);
+        assert_eq!(c.auto_subscribe, vec!["temperature"]);
+        assert_eq!(c.ws.max_message_size, 64 * 1024);
+        assert!(c.demo.enabled);
+    }
+
+    #[test]
+    fn precedence_file_then_text() {
+        let mut l = Layered::new(Some(Path::new("/dev/null"))).unwrap();
+        l.apply_toml(
+            "listen = \"127.0.0.1:9\"\n[ws]\nrate_limit = 5\n[acl.admin]\npublish = [\"#\"]\n",
+        )
+        .unwrap();
+        let c = Config::from_layered(&l).unwrap();
+        assert_eq!(c.listen.port(), 9);
+        assert_eq!(c.ws.rate_limit, 5);
+        assert_eq!(c.acl["admin"].publish.len(), 1);
+        l.set_text("ws.rate_limit", "7".into(), Source::Flag)
+            .unwrap();
+        assert_eq!(Config::from_layered(&l).unwrap().ws.rate_limit, 7);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let mut l = Layered::new(Some(Path::new("/dev/null"))).unwrap();
+        l.set_text("ws.max_message_size", "lots".into(), Source::Env)
+            .unwrap();
+        let e = Config::from_layered(&l).unwrap_err();
+        assert!(e.0.contains("`ws.max_message_size`"), "{e}");
+
+        let mut l = Layered::new(Some(Path::new("/dev/null"))).unwrap();
+        let e = l.apply_toml("[ws]\nmax_mesage_size = 1\n").unwrap_err();
+        assert!(e.0.contains("`ws.max_mesage_size`"), "{e}");
+
+        let mut l = Layered::new(Some(Path::new("/dev/null"))).unwrap();
+        l.set_text(
+            "acl",
+            r#"{ admin = { publish = ["a/#/b"] } }"#.into(),
+            Source::Flag,
+        )
+        .unwrap();
+        let e = Config::from_layered(&l).unwrap_err();
+        assert!(e.0.contains("`acl.admin.publish`"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let mut l = Layered::new(Some(Path::new("/dev/null"))).unwrap();
+        l.set_text("jwt.secret", "hunter2".into(), Source::Env)
+            .unwrap();
+        let d = l.describe();
+        assert!(!d.contains("hunter2"));
+        assert!(d.contains("jwt.secret = \"********\"  # env"));
+    }
+}

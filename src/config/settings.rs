@@ -1,0 +1,186 @@
+//! The fixed list of settings. Everything else (flags, environment variable
+//! names, `--help`, `check-config`, the TOML key check) is derived from it, so
+//! a setting added here has all three spellings at once.
+
+/// How a setting's value is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    /// Text that `check-config` masks.
+    Secret,
+    Duration,
+    Size,
+    Bool,
+    Number,
+    List,
+    /// A TOML table (an inline table as a flag or environment variable).
+    Table,
+}
+
+impl Kind {
+    pub fn placeholder(self) -> &'static str {
+        match self {
+            Kind::Text => "TEXT",
+            Kind::Secret => "SECRET",
+            Kind::Duration => "DURATION",
+            Kind::Size => "SIZE",
+            Kind::Bool => "BOOL",
+            Kind::Number => "N",
+            Kind::List => "LIST",
+            Kind::Table => "TABLE",
+        }
+    }
+}
+
+pub struct Setting {
+    /// Dotted TOML name; the flag and environment variable derive from it.
+    pub name: &'static str,
+    pub kind: Kind,
+    /// Default in text form, parsed like a flag; `None` means unset.
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+}
+
+impl Setting {
+    /// `mqtt.url` → `mqtt-url`.
+    pub fn flag(&self) -> String {
+        self.name.replace(['.', '_'], "-")
+    }
+
+    /// `mqtt.url` → `PULSO_MQTT_URL`.
+    pub fn env(&self) -> String {
+        format!("PULSO_{}", self.name.replace('.', "_").to_ascii_uppercase())
+    }
+}
+
+macro_rules! setting {
+    ($name:literal, $kind:ident, $default:expr, $help:literal) => {
+        Setting {
+            name: $name,
+            kind: Kind::$kind,
+            default: $default,
+            help: $help,
+        }
+    };
+}
+
+pub const SETTINGS: &[Setting] = &[
+    setting!(
+        "listen",
+        Text,
+        Some("0.0.0.0:1337"),
+        "Address and port to serve HTTP, /ws and Socket.IO on"
+    ),
+    setting!(
+        "node_id",
+        Text,
+        None,
+        "Name of this process in presence rows, metrics and the cluster [default: <hostname>:<port>]"
+    ),
+    setting!("log_format", Text, Some("text"), "Log format: text or json"),
+    setting!(
+        "log_level",
+        Text,
+        Some("info"),
+        "Log filter, in RUST_LOG syntax (e.g. info,pulso=debug)"
+    ),
+    setting!(
+        "shutdown_timeout",
+        Duration,
+        Some("10s"),
+        "How long a graceful stop may take before exiting anyway"
+    ),
+    setting!(
+        "keepalive_interval",
+        Duration,
+        Some("30s"),
+        "WebSocket ping interval; a connection that missed the previous ping is closed"
+    ),
+    setting!(
+        "auto_subscribe",
+        List,
+        Some("temperature"),
+        "Topics every /ws connection is subscribed to on connect"
+    ),
+    setting!(
+        "publisher_roles",
+        List,
+        Some("admin,service"),
+        "JWT roles allowed to use the HTTP publish API"
+    ),
+    setting!(
+        "api_key",
+        Secret,
+        None,
+        "Static key accepted as `Authorization: Bearer <key>` by the HTTP API"
+    ),
+    setting!(
+        "api.max_body",
+        Size,
+        Some("1MiB"),
+        "Largest HTTP API request body (413 above)"
+    ),
+    setting!(
+        "jwt.secret",
+        Secret,
+        None,
+        "HMAC secret for HS256/384/512 tokens [default: random, with a warning]"
+    ),
+    setting!(
+        "jwt.public_key_file",
+        Text,
+        None,
+        "PEM public key for RS256/ES256/EdDSA tokens"
+    ),
+    setting!("jwt.issuer", Text, None, "Required `iss` claim"),
+    setting!("jwt.audience", Text, None, "Required `aud` claim"),
+    setting!(
+        "jwt.leeway",
+        Duration,
+        Some("0s"),
+        "Clock skew allowed on exp and nbf"
+    ),
+    setting!(
+        "jwt.require_exp",
+        Bool,
+        Some("false"),
+        "Reject tokens without an exp claim"
+    ),
+    setting!(
+        "ws.max_message_size",
+        Size,
+        Some("64KiB"),
+        "Largest inbound /ws message (larger: close 1009)"
+    ),
+    setting!(
+        "ws.max_subscriptions",
+        Number,
+        Some("256"),
+        "Subscriptions per /ws connection, automatic ones included"
+    ),
+    setting!(
+        "ws.rate_limit",
+        Number,
+        Some("100"),
+        "Inbound /ws messages per second per connection (one-second burst)"
+    ),
+    setting!(
+        "ws.outbound_queue",
+        Number,
+        Some("1024"),
+        "Messages queued per connection before it is closed as a slow consumer (1013)"
+    ),
+    setting!(
+        "acl",
+        Table,
+        Some(""),
+        "Per-role topic filters: acl.<role>.subscribe (default all) and acl.<role>.publish (default none)"
+    ),
+    setting!("demo.enabled", Bool, Some("true"), "Publish the demo feed"),
+    setting!("demo.interval", Duration, Some("1s"), "Demo feed period"),
+    setting!("demo.topic", Text, Some("metricas/demo"), "Demo feed topic"),
+];
+
+pub fn find(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}

@@ -1,0 +1,506 @@
+//! The hub: who is subscribed to what, and fan-out of published messages.
+//!
+//! It knows nothing of wire formats. Front ends (`/ws`, Socket.IO) register a
+//! connection as a [`Recipient`] and subscribe it to [`Filter`]s; anyone (the
+//! HTTP API, the demo feed, the MQTT bridge, a cluster backplane) calls
+//! [`Hub::publish`] or [`Hub::publish_rooms`].
+//!
+//! Delivery never blocks: a recipient queues the shared `Arc<Message>` or, if
+//! its queue is full, refuses it and closes itself as a slow consumer. The
+//! table lock is a plain `RwLock` held only for lookups and non-blocking
+//! queue pushes, never across an `.await`.
+
+pub mod topic;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+pub use topic::Filter;
+
+/// Identifies one connection (of any protocol) on this node.
+pub type ConnId = u64;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A published message. Shared by every recipient; each wire encoding is
+/// produced at most once per message, on first use.
+pub struct Message {
+    pub topic: Arc<str>,
+    pub event: Option<Arc<str>>,
+    pub ts: u64,
+    /// The payload as JSON text.
+    pub payload: Arc<RawValue>,
+    /// The `/ws` text frame, encoded by the first recipient that needs it
+    /// (see `ws::protocol::frame`) and shared by the rest.
+    pub(crate) ws_frame: OnceLock<Utf8Bytes>,
+}
+
+impl Message {
+    pub fn new(topic: Arc<str>, event: Option<Arc<str>>, payload: Arc<RawValue>) -> Self {
+        Self::with_ts(topic, event, payload, now_ms())
+    }
+
+    pub fn with_ts(
+        topic: Arc<str>,
+        event: Option<Arc<str>>,
+        payload: Arc<RawValue>,
+        ts: u64,
+    ) -> Self {
+        Message {
+            topic,
+            event,
+            ts,
+            payload,
+            ws_frame: OnceLock::new(),
+        }
+    }
+}
+
+/// Turns any serializable value into a shared JSON payload.
+pub fn payload_of<T: serde::Serialize + ?Sized>(value: &T) -> Arc<RawValue> {
+    let text = serde_json::to_string(value).unwrap_or_else(|_| "null".into());
+    match RawValue::from_string(text) {
+        Ok(raw) => Arc::from(raw),
+        Err(_) => Arc::from(RawValue::NULL.to_owned()),
+    }
+}
+
+/// A connection as the hub sees it.
+pub trait Recipient: Send + Sync + 'static {
+    /// Queues the message without waiting. Returns false when it could not
+    /// (a full queue: the recipient then closes itself as a slow consumer).
+    fn deliver(&self, msg: &Arc<Message>) -> bool;
+}
+
+/// A change in which filters have at least one subscriber on this node.
+/// Consumers (on-demand MQTT subscriptions, a cluster backplane) use it to
+/// follow interest without polling the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interest {
+    pub filter: Filter,
+    pub active: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("too many subscriptions")]
+    TooMany,
+    #[error("connection is closed")]
+    Closed,
+}
+
+struct ConnEntry {
+    recipient: Arc<dyn Recipient>,
+    filters: HashSet<Filter>,
+}
+
+#[derive(Default)]
+struct Table {
+    conns: HashMap<ConnId, ConnEntry>,
+    /// Exact names → subscribers.
+    exact: HashMap<Arc<str>, HashSet<ConnId>>,
+    /// Wildcard filters → subscribers; scanned on publish.
+    wild: HashMap<Arc<str>, (Filter, HashSet<ConnId>)>,
+}
+
+pub struct Hub {
+    table: RwLock<Table>,
+    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+    watchers: Mutex<Vec<mpsc::UnboundedSender<Interest>>>,
+}
+
+/// Sizes of the tables, for tests and the churn benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct HubStats {
+    pub connections: usize,
+    pub topics: usize,
+    pub subscriptions: usize,
+}
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Hub {
+            table: RwLock::new(Table::default()),
+            next_id: AtomicU64::new(1),
+            metrics,
+            watchers: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    // A poisoned lock means a panic elsewhere already; the table itself is
+    // still consistent (no operation panics half-way), so keep serving.
+    fn read(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows interest changes from now on.
+    pub fn watch_interest(&self) -> mpsc::UnboundedReceiver<Interest> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx);
+        rx
+    }
+
+    fn announce(&self, changes: Vec<Interest>) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        watchers.retain(|w| changes.iter().all(|c| w.send(c.clone()).is_ok()));
+    }
+
+    /// Filters with at least one subscriber right now.
+    pub fn active_filters(&self) -> Vec<Filter> {
+        let t = self.read();
+        t.exact
+            .keys()
+            .map(|k| Filter::parse(k))
+            .filter_map(Result::ok)
+            .chain(t.wild.values().map(|(f, _)| f.clone()))
+            .collect()
+    }
+
+    pub fn register(&self, recipient: Arc<dyn Recipient>) -> ConnId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.write().conns.insert(
+            id,
+            ConnEntry {
+                recipient,
+                filters: HashSet::new(),
+            },
+        );
+        id
+    }
+
+    /// Subscribes; returns whether the subscription is new (false: it existed).
+    pub fn subscribe(
+        &self,
+        conn: ConnId,
+        filter: &Filter,
+        limit: usize,
+    ) -> Result<bool, SubscribeError> {
+        let mut announce = Vec::new();
+        let new = {
+            let mut t = self.write();
+            let t = &mut *t;
+            let entry = t.conns.get_mut(&conn).ok_or(SubscribeError::Closed)?;
+            if entry.filters.contains(filter) {
+                false
+            } else {
+                if entry.filters.len() >= limit {
+                    return Err(SubscribeError::TooMany);
+                }
+                entry.filters.insert(filter.clone());
+                let first = if filter.is_wildcard() {
+                    let slot = t
+                        .wild
+                        .entry(filter.text().clone())
+                        .or_insert_with(|| (filter.clone(), HashSet::new()));
+                    slot.1.insert(conn);
+                    slot.1.len() == 1
+                } else {
+                    let slot = t.exact.entry(filter.text().clone()).or_default();
+                    slot.insert(conn);
+                    slot.len() == 1
+                };
+                if first {
+                    announce.push(Interest {
+                        filter: filter.clone(),
+                        active: true,
+                    });
+                }
+                self.metrics.subscriptions.inc();
+                self.metrics
+                    .topics
+                    .set((t.exact.len() + t.wild.len()) as i64);
+                true
+            }
+        };
+        self.announce(announce);
+        Ok(new)
+    }
+
+    /// Unsubscribes; returns whether there was such a subscription.
+    pub fn unsubscribe(&self, conn: ConnId, filter: &Filter) -> bool {
+        let mut announce = Vec::new();
+        let removed = {
+            let mut t = self.write();
+            let t = &mut *t;
+            let removed = t
+                .conns
+                .get_mut(&conn)
+                .is_some_and(|e| e.filters.remove(filter));
+            if removed {
+                remove_sub(t, conn, filter, &mut announce);
+                self.metrics.subscriptions.dec();
+                self.metrics
+                    .topics
+                    .set((t.exact.len() + t.wild.len()) as i64);
+            }
+            removed
+        };
+        self.announce(announce);
+        removed
+    }
+
+    /// Removes a connection and all its subscriptions.
+    pub fn unregister(&self, conn: ConnId) {
+        let mut announce = Vec::new();
+        {
+            let mut t = self.write();
+            let t = &mut *t;
+            let Some(entry) = t.conns.remove(&conn) else {
+                return;
+            };
+            for filter in &entry.filters {
+                remove_sub(t, conn, filter, &mut announce);
+            }
+            self.metrics
+                .subscriptions
+                .dec_by(entry.filters.len() as i64);
+            self.metrics
+                .topics
+                .set((t.exact.len() + t.wild.len()) as i64);
+        }
+        self.announce(announce);
+    }
+
+    pub fn stats(&self) -> HubStats {
+        let t = self.read();
+        HubStats {
+            connections: t.conns.len(),
+            topics: t.exact.len() + t.wild.len(),
+            subscriptions: t.conns.values().map(|c| c.filters.len()).sum(),
+        }
+    }
+
+    /// Delivers a message to every connection with a matching subscription,
+    /// once each. Returns how many connections it reached.
+    pub fn publish(&self, msg: Message) -> usize {
+        let topic = msg.topic.clone();
+        self.publish_rooms(std::slice::from_ref(&topic), msg.event, msg.payload, msg.ts)
+    }
+
+    /// Delivers one payload to several names at once: each connection gets it
+    /// once, with `topic` set to the first listed name it matches.
+    pub fn publish_rooms(
+        &self,
+        rooms: &[Arc<str>],
+        event: Option<Arc<str>>,
+        payload: Arc<RawValue>,
+        ts: u64,
+    ) -> usize {
+        let started = Instant::now();
+        let (mut delivered, mut dropped) = (0u64, 0u64);
+        let mut seen: HashSet<ConnId> = HashSet::new();
+        {
+            let t = self.read();
+            for room in rooms {
+                let msg = Arc::new(Message::with_ts(
+                    room.clone(),
+                    event.clone(),
+                    payload.clone(),
+                    ts,
+                ));
+                let exact = t.exact.get(room).into_iter().flatten();
+                let wild = t
+                    .wild
+                    .values()
+                    .filter(|(f, _)| f.matches(room))
+                    .flat_map(|(_, subs)| subs);
+                for conn in exact.chain(wild) {
+                    if !seen.insert(*conn) {
+                        continue;
+                    }
+                    let Some(entry) = t.conns.get(conn) else {
+                        continue;
+                    };
+                    if entry.recipient.deliver(&msg) {
+                        delivered += 1;
+                    } else {
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+        self.metrics.delivered.inc_by(delivered);
+        self.metrics.dropped.inc_by(dropped);
+        self.metrics
+            .stage_latency(crate::metrics::Stage::Fanout)
+            .observe(started.elapsed().as_secs_f64());
+        seen.len()
+    }
+}
+
+fn remove_sub(t: &mut Table, conn: ConnId, filter: &Filter, announce: &mut Vec<Interest>) {
+    let emptied = if filter.is_wildcard() {
+        match t.wild.get_mut(filter.as_str()) {
+            Some((_, subs)) => {
+                subs.remove(&conn);
+                subs.is_empty()
+            }
+            None => false,
+        }
+    } else {
+        match t.exact.get_mut(filter.as_str()) {
+            Some(subs) => {
+                subs.remove(&conn);
+                subs.is_empty()
+            }
+            None => false,
+        }
+    };
+    if emptied {
+        if filter.is_wildcard() {
+            t.wild.remove(filter.as_str());
+        } else {
+            t.exact.remove(filter.as_str());
+        }
+        announce.push(Interest {
+            filter: filter.clone(),
+            active: false,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Collect(Mutex<Vec<Arc<Message>>>, usize);
+
+    impl Recipient for Collect {
+        fn deliver(&self, msg: &Arc<Message>) -> bool {
+            let mut v = self.0.lock().unwrap();
+            if v.len() >= self.1 {
+                return false;
+            }
+            v.push(msg.clone());
+            true
+        }
+    }
+
+    fn hub() -> Hub {
+        Hub::new(Arc::new(Metrics::new()))
+    }
+
+    fn f(s: &str) -> Filter {
+        Filter::parse(s).unwrap()
+    }
+
+    fn msg(topic: &str) -> Message {
+        Message::new(topic.into(), None, payload_of(&1))
+    }
+
+    #[test]
+    fn delivers_once_with_published_name() {
+        let hub = hub();
+        let c = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let id = hub.register(c.clone());
+        hub.subscribe(id, &f("a/b"), 10).unwrap();
+        hub.subscribe(id, &f("a/+"), 10).unwrap();
+        hub.subscribe(id, &f("a/#"), 10).unwrap();
+        assert_eq!(hub.publish(msg("a/b")), 1);
+        assert_eq!(hub.publish(msg("a")), 1);
+        assert_eq!(hub.publish(msg("b")), 0);
+        let got = c.0.lock().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(&*got[0].topic, "a/b");
+        assert_eq!(&*got[1].topic, "a");
+    }
+
+    #[test]
+    fn rooms_use_first_matching_name() {
+        let hub = hub();
+        let c = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let id = hub.register(c.clone());
+        hub.subscribe(id, &f("r2"), 10).unwrap();
+        hub.subscribe(id, &f("r3"), 10).unwrap();
+        let n = hub.publish_rooms(
+            &["r1".into(), "r3".into(), "r2".into()],
+            None,
+            payload_of(&0),
+            1,
+        );
+        assert_eq!(n, 1);
+        assert_eq!(&*c.0.lock().unwrap()[0].topic, "r3");
+    }
+
+    #[test]
+    fn tables_return_to_empty() {
+        let hub = hub();
+        let mut watch = hub.watch_interest();
+        let ids: Vec<_> = (0..3)
+            .map(|_| hub.register(Arc::new(Collect(Mutex::new(vec![]), 1))))
+            .collect();
+        for id in &ids {
+            hub.subscribe(*id, &f("t"), 10).unwrap();
+            hub.subscribe(*id, &f("w/#"), 10).unwrap();
+        }
+        assert!(!hub.subscribe(ids[0], &f("t"), 10).unwrap(), "idempotent");
+        assert_eq!(
+            hub.subscribe(ids[0], &f("x"), 2),
+            Err(SubscribeError::TooMany)
+        );
+        assert!(hub.unsubscribe(ids[0], &f("t")));
+        assert!(!hub.unsubscribe(ids[0], &f("t")));
+        for id in &ids {
+            hub.unregister(*id);
+        }
+        assert_eq!(hub.stats(), HubStats::default());
+        let mut events = vec![];
+        while let Ok(e) = watch.try_recv() {
+            events.push((e.filter.to_string(), e.active));
+        }
+        assert_eq!(
+            events,
+            vec![
+                ("t".into(), true),
+                ("w/#".into(), true),
+                ("t".into(), false),
+                ("w/#".into(), false)
+            ]
+        );
+    }
+
+    #[test]
+    fn full_recipient_is_counted_and_does_not_block_others() {
+        let hub = hub();
+        let slow = Arc::new(Collect(Mutex::new(vec![]), 1));
+        let fast = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let a = hub.register(slow.clone());
+        let b = hub.register(fast.clone());
+        hub.subscribe(a, &f("t"), 10).unwrap();
+        hub.subscribe(b, &f("t"), 10).unwrap();
+        for _ in 0..5 {
+            hub.publish(msg("t"));
+        }
+        assert_eq!(slow.0.lock().unwrap().len(), 1);
+        assert_eq!(fast.0.lock().unwrap().len(), 5);
+        assert_eq!(hub.metrics().dropped.get(), 4);
+    }
+}

@@ -1,0 +1,17 @@
+//! pulso: a real-time gateway.
+//!
+//! The [`hub`] is the protocol-agnostic core (topics, subscriptions, fan-out).
+//! Front ends translate their wire format into hub calls: [`ws`] for the plain
+//! WebSocket protocol and [`api`] for HTTP publishing. [`server`] composes
+//! them; `main.rs` only calls [`cli::main`].
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod hub;
+pub mod metrics;
+pub mod server;
+pub mod ws;

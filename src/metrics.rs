@@ -1,0 +1,167 @@
+//! Prometheus metrics. One registry per server instance (no global recorder),
+//! so several servers in one test process keep separate counts.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// One label, e.g. `[("protocol", "ws")]`.
+pub type Label = [(&'static str, &'static str); 1];
+
+/// Stages whose latency is recorded.
+#[derive(Debug, Clone, Copy)]
+pub enum Stage {
+    /// Hub fan-out of one publish to every local recipient (queueing only).
+    Fanout,
+    /// An HTTP publish or broadcast request, body parsing to answer.
+    ApiPublish,
+}
+
+impl Stage {
+    fn label(self) -> Label {
+        [(
+            "stage",
+            match self {
+                Stage::Fanout => "fanout",
+                Stage::ApiPublish => "api_publish",
+            },
+        )]
+    }
+}
+
+type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<Label, Gauge>,
+    pub connections_total: Family<Label, Counter>,
+    pub subscriptions: Gauge,
+    pub topics: Gauge,
+    pub published: Family<Label, Counter>,
+    pub delivered: Counter,
+    pub dropped: Counter,
+    pub auth_failures: Family<Label, Counter>,
+    pub slow_consumer_closes: Counter,
+    pub client_errors: Family<Label, Counter>,
+    latency: HistogramFamily,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs … ~2.6 s
+    Histogram::new(exponential_buckets(0.000_01, 4.0, 10))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("pulso");
+        let m = Metrics {
+            connections: Family::default(),
+            connections_total: Family::default(),
+            subscriptions: Gauge::default(),
+            topics: Gauge::default(),
+            published: Family::default(),
+            delivered: Counter::default(),
+            dropped: Counter::default(),
+            auth_failures: Family::default(),
+            slow_consumer_closes: Counter::default(),
+            client_errors: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Open connections by protocol",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "Connections accepted by protocol",
+            m.connections_total.clone(),
+        );
+        registry.register(
+            "subscriptions",
+            "Subscriptions held by connections on this node",
+            m.subscriptions.clone(),
+        );
+        registry.register(
+            "topics",
+            "Distinct topics and filters with at least one subscriber",
+            m.topics.clone(),
+        );
+        registry.register(
+            "messages_published",
+            "Messages published, by source",
+            m.published.clone(),
+        );
+        registry.register(
+            "messages_delivered",
+            "Messages queued to a connection",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "messages_dropped",
+            "Messages a connection could not take (slow consumer)",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Failed authentications by reason",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "slow_consumer_closes",
+            "Connections closed because they could not keep up",
+            m.slow_consumer_closes.clone(),
+        );
+        registry.register(
+            "client_errors",
+            "Error replies sent to clients, by code",
+            m.client_errors.clone(),
+        );
+        registry.register(
+            "stage_latency_seconds",
+            "Latency per processing stage",
+            m.latency.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    pub fn stage_latency(&self, stage: Stage) -> Histogram {
+        self.latency.get_or_create_owned(&stage.label())
+    }
+
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn client_error(&self, code: &'static str) {
+        self.client_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    pub fn published_from(&self, source: &'static str) {
+        self.published.get_or_create(&[("source", source)]).inc();
+    }
+
+    /// The Prometheus/OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

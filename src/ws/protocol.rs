@@ -1,0 +1,324 @@
+//! The `/ws` wire format: client requests in, replies and messages out.
+//!
+//! Parsing is lenient field by field so that a request with one bad field is
+//! still answered with its `id`; only text that is not a JSON object at all
+//! loses it.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::hub::Message;
+use crate::hub::topic::{self, Filter};
+
+/// An error answered to the client with a stable code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    pub code: &'static str,
+    pub message: Cow<'static, str>,
+}
+
+impl ClientError {
+    pub fn new(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        ClientError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new("bad_request", message)
+    }
+}
+
+#[derive(Debug)]
+pub enum Request {
+    Sub(Filter),
+    Unsub(Filter),
+    Ping,
+    Pub {
+        topic: Arc<str>,
+        event: Option<Arc<str>>,
+        payload: Arc<RawValue>,
+    },
+    Auth(String),
+}
+
+/// A parsed client message: its `id` (raw JSON, echoed as is) and what it asks.
+#[derive(Debug)]
+pub struct Parsed<'a> {
+    pub id: Option<&'a RawValue>,
+    pub request: Result<Request, ClientError>,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event: Option<&'a RawValue>,
+}
+
+pub fn parse(text: &str) -> Parsed<'_> {
+    let env: Envelope<'_> = match serde_json::from_str(text) {
+        Ok(env) => env,
+        Err(e) => {
+            let msg = if e.is_data() {
+                format!("message must be a JSON object: {e}")
+            } else {
+                format!("message is not valid JSON: {e}")
+            };
+            return Parsed {
+                id: None,
+                request: Err(ClientError::bad_request(msg)),
+            };
+        }
+    };
+    let id = env.id.filter(|raw| {
+        let first = raw.get().as_bytes().first().copied().unwrap_or(b' ');
+        first == b'"' || first == b'-' || first.is_ascii_digit()
+    });
+    let request = if env.id.is_some() && id.is_none() {
+        Err(ClientError::bad_request(
+            "`id` must be a string or a number",
+        ))
+    } else {
+        request(&env)
+    };
+    Parsed { id, request }
+}
+
+fn string_field<'a>(
+    raw: Option<&'a RawValue>,
+    name: &'static str,
+) -> Result<Option<Cow<'a, str>>, ClientError> {
+    match raw {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str::<Cow<'a, str>>(raw.get())
+            .map(Some)
+            .map_err(|_| ClientError::bad_request(format!("`{name}` must be a string"))),
+    }
+}
+
+fn required<'a>(
+    raw: Option<&'a RawValue>,
+    name: &'static str,
+) -> Result<Cow<'a, str>, ClientError> {
+    string_field(raw, name)?
+        .ok_or_else(|| ClientError::bad_request(format!("missing field `{name}`")))
+}
+
+fn request(env: &Envelope<'_>) -> Result<Request, ClientError> {
+    let kind = required(env.kind, "type")?;
+    let filter = || {
+        let topic = required(env.topic, "topic")?;
+        Filter::parse(&topic).map_err(|e| ClientError::new("invalid_topic", e))
+    };
+    match &*kind {
+        "sub" => Ok(Request::Sub(filter()?)),
+        "unsub" => Ok(Request::Unsub(filter()?)),
+        "ping" => Ok(Request::Ping),
+        "pub" => {
+            let topic = required(env.topic, "topic")?;
+            topic::validate_name(&topic).map_err(|e| ClientError::new("invalid_topic", e))?;
+            let payload = env
+                .payload
+                .ok_or_else(|| ClientError::bad_request("missing field `payload`"))?;
+            let event = string_field(env.event, "event")?;
+            Ok(Request::Pub {
+                topic: Arc::from(&*topic),
+                event: event.map(|e| Arc::from(&*e)),
+                payload: Arc::from(payload.to_owned()),
+            })
+        }
+        "auth" => Ok(Request::Auth(required(env.token, "token")?.into_owned())),
+        other => Err(ClientError::new(
+            "unknown_type",
+            format!(
+                "unknown message type `{}`",
+                other.chars().take(64).collect::<String>()
+            ),
+        )),
+    }
+}
+
+fn push_id(out: &mut String, id: Option<&RawValue>) {
+    if let Some(id) = id {
+        out.push_str(",\"id\":");
+        out.push_str(id.get());
+    }
+}
+
+pub fn ack(id: &RawValue) -> Utf8Bytes {
+    format!("{{\"type\":\"ack\",\"id\":{}}}", id.get()).into()
+}
+
+pub fn pong(id: Option<&RawValue>, ts: u64) -> Utf8Bytes {
+    let mut out = format!("{{\"type\":\"pong\",\"ts\":{ts}");
+    push_id(&mut out, id);
+    out.push('}');
+    out.into()
+}
+
+pub fn error(id: Option<&RawValue>, err: &ClientError) -> Utf8Bytes {
+    let mut out = String::from("{\"type\":\"error\"");
+    push_id(&mut out, id);
+    out.push_str(",\"code\":\"");
+    out.push_str(err.code);
+    out.push_str("\",\"message\":");
+    out.push_str(&serde_json::to_string(&*err.message).unwrap_or_else(|_| "\"\"".into()));
+    out.push('}');
+    out.into()
+}
+
+/// `{"topic":…,"ts":…,"event"?:…,"payload":…}`: encoded once per message and
+/// shared by every `/ws` recipient.
+pub fn frame(msg: &Message) -> Utf8Bytes {
+    msg.ws_frame
+        .get_or_init(|| {
+            let payload = msg.payload.get();
+            let mut out = String::with_capacity(payload.len() + msg.topic.len() + 48);
+            out.push_str("{\"topic\":");
+            push_json_string(&mut out, &msg.topic);
+            out.push_str(",\"ts\":");
+            out.push_str(&msg.ts.to_string());
+            if let Some(event) = &msg.event {
+                out.push_str(",\"event\":");
+                push_json_string(&mut out, event);
+            }
+            out.push_str(",\"payload\":");
+            out.push_str(payload);
+            out.push('}');
+            out.into()
+        })
+        .clone()
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::payload_of;
+    use serde_json::{Value, json};
+
+    fn code(text: &str) -> (Option<String>, &'static str) {
+        let p = parse(text);
+        (
+            p.id.map(|i| i.get().to_string()),
+            p.request.unwrap_err().code,
+        )
+    }
+
+    #[test]
+    fn good_requests() {
+        let p = parse(r#"{"type":"sub","topic":"a/#","id":1}"#);
+        assert_eq!(p.id.unwrap().get(), "1");
+        assert!(matches!(p.request, Ok(Request::Sub(f)) if f.as_str() == "a/#"));
+        let p = parse(r#"{"type":"pub","topic":"a","payload":{"x":[1,2]},"event":"e"}"#);
+        match p.request.unwrap() {
+            Request::Pub {
+                topic,
+                event,
+                payload,
+            } => {
+                assert_eq!(&*topic, "a");
+                assert_eq!(event.as_deref(), Some("e"));
+                assert_eq!(payload.get(), r#"{"x":[1,2]}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(parse(r#"{"type":"auth","token":"t"}"#).request, Ok(Request::Auth(t)) if t == "t")
+        );
+        assert!(matches!(
+            parse(r#"{"type":"ping","id":"x"}"#).request,
+            Ok(Request::Ping)
+        ));
+    }
+
+    #[test]
+    fn bad_requests_keep_the_id() {
+        assert_eq!(code("nope"), (None, "bad_request"));
+        assert_eq!(code("[1]"), (None, "bad_request"));
+        assert_eq!(code(r#"{"id":5}"#), (Some("5".into()), "bad_request"));
+        assert_eq!(
+            code(r#"{"type":"dance","id":"a"}"#),
+            (Some("\"a\"".into()), "unknown_type")
+        );
+        assert_eq!(
+            code(r#"{"type":"sub","id":1}"#),
+            (Some("1".into()), "bad_request")
+        );
+        assert_eq!(
+            code(r#"{"type":"sub","topic":7,"id":1}"#),
+            (Some("1".into()), "bad_request")
+        );
+        assert_eq!(
+            code(r#"{"type":"sub","topic":"a/#/b","id":1}"#),
+            (Some("1".into()), "invalid_topic")
+        );
+        assert_eq!(
+            code(r#"{"type":"sub","topic":"","id":1}"#),
+            (Some("1".into()), "invalid_topic")
+        );
+        assert_eq!(
+            code(r#"{"type":"pub","topic":"a","id":1}"#),
+            (Some("1".into()), "bad_request")
+        );
+        assert_eq!(
+            code(r#"{"type":"ping","id":{"x":1}}"#),
+            (None, "bad_request")
+        );
+        assert_eq!(code(r#"{"type":5}"#), (None, "bad_request"));
+    }
+
+    #[test]
+    fn replies_are_json() {
+        let id: &RawValue = serde_json::from_str("\"q\"").unwrap();
+        let v: Value = serde_json::from_str(&ack(id)).unwrap();
+        assert_eq!(v, json!({"type":"ack","id":"q"}));
+        let v: Value = serde_json::from_str(&pong(None, 5)).unwrap();
+        assert_eq!(v, json!({"type":"pong","ts":5}));
+        let e = ClientError::new("forbidden", "no \"way\"");
+        let v: Value = serde_json::from_str(&error(Some(id), &e)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"error","id":"q","code":"forbidden","message":"no \"way\""})
+        );
+    }
+
+    #[test]
+    fn frame_is_built_once_and_escaped() {
+        let m = Message::with_ts(
+            "a\"b".into(),
+            Some("ev".into()),
+            payload_of(&json!({"v":1})),
+            7,
+        );
+        let first = frame(&m);
+        let second = frame(&m);
+        assert!(std::ptr::eq(
+            first.as_str().as_ptr(),
+            second.as_str().as_ptr()
+        ));
+        let v: Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(
+            v,
+            json!({"topic":"a\"b","ts":7,"event":"ev","payload":{"v":1}})
+        );
+    }
+}
