@@ -70,14 +70,7 @@ impl Layered {
     /// `file` is the `--config` path; without one, `pulso.toml` in the working
     /// directory is read when it exists.
     pub fn new(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut layered = Layered::default();
-        for s in SETTINGS {
-            if let Some(d) = s.default {
-                layered
-                    .values
-                    .insert(s.name, (Raw::Text(d.into()), Source::Default));
-            }
-        }
+        let mut layered = Layered::defaults();
         let path = match file {
             Some(p) => Some(p.to_path_buf()),
             None => Some(PathBuf::from("pulso.toml")).filter(|p| p.is_file()),
@@ -91,6 +84,19 @@ impl Layered {
                 .map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.0)))?;
         }
         Ok(layered)
+    }
+
+    /// The built-in defaults only.
+    pub fn defaults() -> Self {
+        let mut layered = Layered::default();
+        for s in SETTINGS {
+            if let Some(d) = s.default {
+                layered
+                    .values
+                    .insert(s.name, (Raw::Text(d.into()), Source::Default));
+            }
+        }
+        layered
     }
 
     /// Applies a TOML document; unknown keys are errors so typos are caught.
@@ -276,15 +282,7 @@ pub struct Config {
 impl Config {
     /// Defaults only (plus nothing from the working directory): handy for tests.
     pub fn defaults() -> Self {
-        let mut layered = Layered::default();
-        for s in SETTINGS {
-            if let Some(d) = s.default {
-                layered
-                    .values
-                    .insert(s.name, (Raw::Text(d.into()), Source::Default));
-            }
-        }
-        match Config::from_layered(&layered) {
+        match Config::from_layered(&Layered::defaults()) {
             Ok(c) => c,
             Err(e) => panic!("built-in defaults are invalid: {e}"),
         }
@@ -452,7 +450,7 @@ mod tests {
 
     #[test]
     fn precedence_file_then_text() {
-        let mut l = Layered::new(Some(Path::new("/dev/null"))).unwrap();
+        let mut l = Layered::defaults();
         l.apply_toml(
             "listen = \"127.0.0.1:9\"\n[ws]\nrate_limit = 5\n[acl.admin]\npublish = [\"#\"]\n",
         )
@@ -468,17 +466,17 @@ mod tests {
 
     #[test]
     fn errors_name_the_setting() {
-        let mut l = Layered::new(Some(Path::new("/dev/null"))).unwrap();
+        let mut l = Layered::defaults();
         l.set_text("ws.max_message_size", "lots".into(), Source::Env)
             .unwrap();
         let e = Config::from_layered(&l).unwrap_err();
         assert!(e.0.contains("`ws.max_message_size`"), "{e}");
 
-        let mut l = Layered::new(Some(Path::new("/dev/null"))).unwrap();
+        let mut l = Layered::defaults();
         let e = l.apply_toml("[ws]\nmax_mesage_size = 1\n").unwrap_err();
         assert!(e.0.contains("`ws.max_mesage_size`"), "{e}");
 
-        let mut l = Layered::new(Some(Path::new("/dev/null"))).unwrap();
+        let mut l = Layered::defaults();
         l.set_text(
             "acl",
             r#"{ admin = { publish = ["a/#/b"] } }"#.into(),
@@ -491,7 +489,7 @@ mod tests {
 
     #[test]
     fn secrets_are_masked() {
-        let mut l = Layered::new(Some(Path::new("/dev/null"))).unwrap();
+        let mut l = Layered::defaults();
         l.set_text("jwt.secret", "hunter2".into(), Source::Env)
             .unwrap();
         let d = l.describe();
