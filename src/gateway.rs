@@ -22,6 +22,8 @@ pub struct Gateway {
     /// Every connection task, so a stop can wait for them to close.
     pub connections: TaskTracker,
     pub readiness: Readiness,
+    /// Who holds which socket (SPEC §7); writes never block.
+    pub presence: crate::presence::Presence,
 }
 
 type Check = Box<dyn Fn() -> Result<(), String> + Send + Sync>;

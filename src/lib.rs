@@ -2,7 +2,8 @@
 //!
 //! The [`hub`] is the protocol-agnostic core (topics, subscriptions, fan-out).
 //! Front ends translate their wire format into hub calls: [`ws`] for the plain
-//! WebSocket protocol and [`api`] for HTTP publishing. [`server`] composes
+//! WebSocket protocol, [`sio`] for Socket.IO and [`api`] for HTTP publishing;
+//! [`presence`] records which socket each user holds. [`server`] composes
 //! them; `main.rs` only calls [`cli::main`].
 
 pub mod api;
@@ -13,5 +14,7 @@ pub mod demo;
 pub mod gateway;
 pub mod hub;
 pub mod metrics;
+pub mod presence;
 pub mod server;
+pub mod sio;
 pub mod ws;

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub auth_failures: Family<Label, Counter>,
     pub slow_consumer_closes: Counter,
     pub client_errors: Family<Label, Counter>,
+    /// Socket.IO authentication requests by result (`ok`, `refreshed`, or the error code).
+    pub sio_auth: Family<Label, Counter>,
+    /// Presence store writes by result (`ok`, `failed`, `dropped`).
+    pub presence_writes: Family<Label, Counter>,
     latency: HistogramFamily,
 }
 
@@ -74,6 +78,8 @@ impl Metrics {
             auth_failures: Family::default(),
             slow_consumer_closes: Counter::default(),
             client_errors: Family::default(),
+            sio_auth: Family::default(),
+            presence_writes: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             registry: Registry::default(),
         };
@@ -128,6 +134,16 @@ impl Metrics {
             m.client_errors.clone(),
         );
         registry.register(
+            "socketio_auth",
+            "Socket.IO authentication requests by result (ok, refreshed, or the error code)",
+            m.sio_auth.clone(),
+        );
+        registry.register(
+            "presence_writes",
+            "Presence store writes by result (ok, failed after retries, dropped on a full queue)",
+            m.presence_writes.clone(),
+        );
+        registry.register(
             "stage_latency_seconds",
             "Latency per processing stage",
             m.latency.clone(),
@@ -151,6 +167,16 @@ impl Metrics {
 
     pub fn client_error(&self, code: &'static str) {
         self.client_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    pub fn sio_auth_result(&self, result: &'static str) {
+        self.sio_auth.get_or_create(&[("result", result)]).inc();
+    }
+
+    pub fn presence_write(&self, result: &'static str) {
+        self.presence_writes
+            .get_or_create(&[("result", result)])
+            .inc();
     }
 
     pub fn published_from(&self, source: &'static str) {

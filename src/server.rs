@@ -71,6 +71,11 @@ impl Server {
         };
 
         let metrics = Arc::new(Metrics::new());
+        let presence =
+            crate::presence::Presence::start(&config.presence, &config.node_id, metrics.clone());
+        let readiness = Readiness::default();
+        let check = presence.clone();
+        readiness.register("presence", move || check.status());
         let gateway = Arc::new(Gateway {
             hub: Arc::new(Hub::new(metrics.clone())),
             config: Arc::new(config),
@@ -78,7 +83,8 @@ impl Server {
             metrics,
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
-            readiness: Readiness::default(),
+            readiness,
+            presence,
         });
         Ok(Server {
             listener,
@@ -107,11 +113,15 @@ impl Server {
         self.gateway.shutdown.clone()
     }
 
-    pub fn router(gw: &Arc<Gateway>) -> Router {
-        Router::new()
+    /// The HTTP routes plus Socket.IO on `/socket.io/`, all on one port.
+    pub fn router(gw: &Arc<Gateway>) -> (Router, socketioxide::SocketIo) {
+        let (sio_layer, io) = crate::sio::layer(gw);
+        let router = Router::new()
             .route("/ws", get(crate::ws::upgrade))
             .merge(crate::api::router())
             .with_state(gw.clone())
+            .layer(sio_layer);
+        (router, io)
     }
 
     /// Serves until the shutdown token is cancelled, then closes every
@@ -122,7 +132,7 @@ impl Server {
         if gw.config.demo.enabled {
             background.spawn(crate::demo::run(gw.clone()));
         }
-        let app = Self::router(&gw);
+        let (app, io) = Self::router(&gw);
         let stop = gw.shutdown.clone();
         let serve =
             axum::serve(self.listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
@@ -132,12 +142,25 @@ impl Server {
         tracing::info!("stopping: closing connections");
         gw.connections.close();
         background.close();
-        let drained = tokio::time::timeout(gw.config.shutdown_timeout, async {
+        let started = tokio::time::Instant::now();
+        let limit = gw.config.shutdown_timeout;
+        // Socket.IO sockets disconnect themselves on the shutdown signal (their
+        // watchdogs are in `connections`); then the engine transports close.
+        let drained = tokio::time::timeout(limit, async {
             gw.connections.wait().await;
+            io.close().await;
             background.wait().await;
             let _ = serving.await;
         })
         .await;
+        // Every client is gone: clear this node's presence rows (SPEC §1).
+        gw.presence
+            .stop(
+                limit
+                    .saturating_sub(started.elapsed())
+                    .max(std::time::Duration::from_millis(500)),
+            )
+            .await;
         if drained.is_err() {
             tracing::warn!(
                 timeout = ?gw.config.shutdown_timeout,

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod health;
+pub mod presence;
 pub mod publish;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub fn router() -> Router<Arc<Gateway>> {
     Router::new()
         .route("/api/publish", post(publish::publish))
         .route("/api/broadcast", post(publish::broadcast))
+        .route("/api/presence", get(presence::presence))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

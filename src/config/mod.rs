@@ -253,6 +253,34 @@ pub struct WsConfig {
     pub outbound_queue: usize,
 }
 
+/// The Socket.IO notifications endpoint.
+#[derive(Debug, Clone)]
+pub struct SocketIoConfig {
+    /// Namespace path, always starting with `/` (e.g. `/notifications`).
+    pub namespace: String,
+    pub auth_timeout: Duration,
+    /// Room templates such as `{role}_{tournamentId}`.
+    pub rooms: Vec<String>,
+    /// Empty: any role may authenticate.
+    pub allowed_roles: Vec<String>,
+}
+
+/// Application-table mode for one role: the socket id is written straight
+/// into `table.socket_column` of the row whose `id_column` is the `sub`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityTable {
+    pub table: String,
+    pub id_column: String,
+    pub socket_column: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    pub database_url: String,
+    /// Role → application table.
+    pub entities: HashMap<String, EntityTable>,
+}
+
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
     pub enabled: bool,
@@ -277,6 +305,8 @@ pub struct Config {
     pub ws: WsConfig,
     pub acl: HashMap<String, RoleAcl>,
     pub demo: DemoConfig,
+    pub socketio: SocketIoConfig,
+    pub presence: PresenceConfig,
 }
 
 impl Config {
@@ -372,6 +402,12 @@ impl Config {
         crate::hub::topic::validate_name(&demo.topic)
             .map_err(|e| ConfigError::setting("demo.topic", e))?;
 
+        let socketio = parse_socketio(l)?;
+        let presence = PresenceConfig {
+            database_url: parse_database_url(&l.req("database_url", value::parse_string)?)?,
+            entities: parse_entities(&l.req("presence.entities", value::parse_table)?)?,
+        };
+
         Ok(Config {
             listen,
             node_id,
@@ -387,8 +423,122 @@ impl Config {
             ws,
             acl: parse_acl(&l.req("acl", value::parse_table)?)?,
             demo,
+            socketio,
+            presence,
         })
     }
+}
+
+fn parse_socketio(l: &Layered) -> Result<SocketIoConfig, ConfigError> {
+    let namespace = l.req("socketio.namespace", value::parse_string)?;
+    let ns_ok = namespace.len() > 1
+        && namespace.len() <= 128
+        && namespace.starts_with('/')
+        && namespace[1..]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c));
+    if !ns_ok {
+        return Err(ConfigError::setting(
+            "socketio.namespace",
+            format!("`{namespace}` is not a namespace like /notifications (not `/` itself)"),
+        ));
+    }
+    let auth_timeout = l.req("socketio.auth_timeout", value::parse_duration)?;
+    if auth_timeout.is_zero() {
+        return Err(ConfigError::setting(
+            "socketio.auth_timeout",
+            "must be more than 0",
+        ));
+    }
+    let rooms = l.req("socketio.rooms", value::parse_list)?;
+    for t in &rooms {
+        crate::sio::rooms::check_template(t)
+            .map_err(|e| ConfigError::setting("socketio.rooms", format!("`{t}`: {e}")))?;
+    }
+    Ok(SocketIoConfig {
+        namespace,
+        auth_timeout,
+        rooms,
+        allowed_roles: l.req("socketio.allowed_roles", value::parse_list)?,
+    })
+}
+
+/// Accepts `sqlite:` and `postgres(ql):` URLs; the drivers check the rest.
+fn parse_database_url(url: &str) -> Result<String, ConfigError> {
+    let url = url.trim();
+    if url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://")
+    {
+        Ok(url.to_string())
+    } else {
+        Err(ConfigError::setting(
+            "database_url",
+            "expected sqlite://file.db, sqlite:///abs/path.db or postgres://…",
+        ))
+    }
+}
+
+/// An SQL identifier pulso will quote: letters, digits and `_`, optionally
+/// one `schema.` prefix. Anything else is refused so no configuration value
+/// can inject SQL.
+fn sql_identifier(name: &str, text: &str) -> Result<String, ConfigError> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && !p.starts_with(|c: char| c.is_ascii_digit())
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let parts: Vec<&str> = text.split('.').collect();
+    if parts.len() <= 2 && parts.iter().all(|p| part_ok(p)) {
+        Ok(text.to_string())
+    } else {
+        Err(ConfigError::setting(
+            name,
+            format!("`{text}` is not an SQL identifier (letters, digits, _; optional schema.)"),
+        ))
+    }
+}
+
+fn parse_entities(table: &toml::Table) -> Result<HashMap<String, EntityTable>, ConfigError> {
+    let mut out = HashMap::new();
+    for (role, spec) in table {
+        let base = format!("presence.entities.{role}");
+        let toml::Value::Table(spec) = spec else {
+            return Err(ConfigError::setting(
+                &base,
+                "expected a table with table, id_column and socket_column",
+            ));
+        };
+        for key in spec.keys() {
+            if !["table", "id_column", "socket_column"].contains(&key.as_str()) {
+                return Err(ConfigError(format!(
+                    "unknown setting `{base}.{key}` (use table, id_column or socket_column)"
+                )));
+            }
+        }
+        let field = |key: &str, default: Option<&str>| -> Result<String, ConfigError> {
+            let name = format!("{base}.{key}");
+            let text = match spec.get(key) {
+                Some(toml::Value::String(s)) => s.clone(),
+                Some(_) => return Err(ConfigError::setting(&name, "expected a string")),
+                None => match default {
+                    Some(d) => d.to_string(),
+                    None => return Err(ConfigError::setting(&name, "a value is required")),
+                },
+            };
+            sql_identifier(&name, &text)
+        };
+        out.insert(
+            role.clone(),
+            EntityTable {
+                table: field("table", None)?,
+                id_column: field("id_column", Some("id"))?,
+                socket_column: field("socket_column", Some("socket_id"))?,
+            },
+        );
+    }
+    Ok(out)
 }
 
 fn to_usize(name: &str, n: u64, min: u64) -> Result<usize, ConfigError> {

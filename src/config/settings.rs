@@ -179,6 +179,42 @@ pub const SETTINGS: &[Setting] = &[
     setting!("demo.enabled", Bool, Some("true"), "Publish the demo feed"),
     setting!("demo.interval", Duration, Some("1s"), "Demo feed period"),
     setting!("demo.topic", Text, Some("metricas/demo"), "Demo feed topic"),
+    setting!(
+        "database_url",
+        Secret,
+        Some("sqlite://pulso.db"),
+        "Presence store: sqlite://relative.db, sqlite:///abs/path.db or postgres://user@host/db"
+    ),
+    setting!(
+        "socketio.namespace",
+        Text,
+        Some("/notifications"),
+        "Socket.IO namespace clients authenticate on (also the url of the auth request)"
+    ),
+    setting!(
+        "socketio.auth_timeout",
+        Duration,
+        Some("10s"),
+        "Socket.IO connections not authenticated within this time are closed"
+    ),
+    setting!(
+        "socketio.rooms",
+        List,
+        Some("{role},{role}_{tournamentId}"),
+        "Room templates joined after authentication; {role}/{sub} from the token, others from a claim or else a request parameter"
+    ),
+    setting!(
+        "socketio.allowed_roles",
+        List,
+        Some(""),
+        "Roles allowed to authenticate on Socket.IO (empty: any)"
+    ),
+    setting!(
+        "presence.entities",
+        Table,
+        Some(""),
+        "Per-role application-table mode: presence.entities.<role>.table, id_column, socket_column"
+    ),
 ];
 
 pub fn find(name: &str) -> Option<&'static Setting> {

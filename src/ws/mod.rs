@@ -200,10 +200,20 @@ impl Connection {
             alive: true,
         };
         tracing::debug!(conn = id, sub = %conn.identity.sub, role = %conn.identity.role, "ws connected");
+        // Presence (SPEC §7): the server assigns /ws socket ids. A refresh
+        // keeps sub and role, so the row written here stays the right one.
+        let holder = crate::presence::Holder {
+            role: conn.identity.role.clone(),
+            sub: conn.identity.sub.clone(),
+            socket_id: format!("ws-{:016x}", rand::random::<u64>()),
+            protocol: "ws",
+        };
+        gw.presence.set(holder.clone());
         conn.auto_subscribe();
         conn.read_loop(stream).await;
 
         gw.hub.unregister(id);
+        gw.presence.clear(holder);
         // Let the writer send the close frame; it gives up on its own after a
         // bounded wait if the peer does not read.
         drop(conn);

@@ -1,0 +1,288 @@
+//! The presence store: which socket each (role, sub) holds right now
+//! (SPEC §7), in SQLite or PostgreSQL through sqlx.
+//!
+//! Front ends never wait for the database. [`Presence::set`] and
+//! [`Presence::clear`] only push onto a bounded queue; one background
+//! writer task applies the operations in order, retrying a failed one a few
+//! times. A slow or stopped database therefore costs queued writes (counted
+//! and logged when they are dropped or fail), never message delivery.
+//!
+//! The writer also owns the connection: it (re)connects, creates or migrates
+//! the schema, and clears the rows this node left behind after a crash
+//! before it applies anything else. `/readyz` reads the state it keeps.
+
+mod db;
+pub mod time;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{EntityTable, PresenceConfig};
+use crate::metrics::Metrics;
+pub use db::{Db, Row};
+
+/// Operations queued before the writer starts dropping (and counting) them.
+pub const QUEUE: usize = 4096;
+/// Attempts per operation before it is given up (and counted as failed).
+const ATTEMPTS: u32 = 3;
+/// How long one connection attempt or query may take.
+const DB_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A socket that authenticated: the row (role, sub) now points at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub role: String,
+    pub sub: String,
+    pub socket_id: String,
+    /// `ws` or `socketio`.
+    pub protocol: &'static str,
+}
+
+enum Op {
+    Set(Holder, u64),
+    /// Clear the row only if it still holds this socket id.
+    Clear(Holder),
+    /// Clear every row this node holds, then stop (graceful shutdown).
+    Stop(oneshot::Sender<()>),
+}
+
+struct Shared {
+    node: String,
+    entities: HashMap<String, EntityTable>,
+    /// Set once the writer has connected and migrated; reads use it too.
+    db: RwLock<Option<Db>>,
+    /// `Ok` while the last connection attempt and write succeeded.
+    state: Mutex<Result<(), String>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn set_state(&self, state: Result<(), String>) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    fn db(&self) -> Option<Db> {
+        self.db.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Handle on the presence store; cheap to share.
+#[derive(Clone)]
+pub struct Presence {
+    tx: mpsc::Sender<Op>,
+    shared: Arc<Shared>,
+}
+
+/// Why a presence read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the presence store is not connected: {0}")]
+    Unavailable(String),
+    #[error("presence query failed: {0}")]
+    Query(String),
+}
+
+impl Presence {
+    /// Starts the writer task. It connects in the background, so a database
+    /// that is down at start-up does not stop the gateway from serving.
+    pub fn start(config: &PresenceConfig, node: &str, metrics: Arc<Metrics>) -> Presence {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let shared = Arc::new(Shared {
+            node: node.to_string(),
+            entities: config.entities.clone(),
+            db: RwLock::new(None),
+            state: Mutex::new(Err("connecting".into())),
+            metrics,
+        });
+        tokio::spawn(writer(config.database_url.clone(), shared.clone(), rx));
+        Presence { tx, shared }
+    }
+
+    /// `Ok` when the store is connected and the last write succeeded.
+    pub fn status(&self) -> Result<(), String> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records that `holder` authenticated now. Never waits.
+    pub fn set(&self, holder: Holder) {
+        self.push(Op::Set(holder, crate::hub::now_ms()));
+    }
+
+    /// Records that `holder` disconnected. Never waits.
+    pub fn clear(&self, holder: Holder) {
+        self.push(Op::Clear(holder));
+    }
+
+    fn push(&self, op: Op) {
+        if let Err(e) = self.tx.try_send(op) {
+            let full = matches!(e, mpsc::error::TrySendError::Full(_));
+            self.shared.metrics.presence_write("dropped");
+            if full {
+                tracing::warn!("presence queue full; a presence write was dropped");
+            }
+        }
+    }
+
+    /// Clears this node's rows and stops the writer, waiting at most `limit`.
+    pub async fn stop(&self, limit: Duration) {
+        let (done, wait) = oneshot::channel();
+        let stop = async {
+            if self.tx.send(Op::Stop(done)).await.is_ok() {
+                let _ = wait.await;
+            }
+        };
+        if tokio::time::timeout(limit, stop).await.is_err() {
+            tracing::warn!("presence rows could not be cleared before the shutdown deadline");
+        }
+    }
+
+    /// Rows that hold a socket, optionally filtered by role and/or sub.
+    pub async fn list(&self, role: Option<&str>, sub: Option<&str>) -> Result<Vec<Row>, ReadError> {
+        let db = self.shared.db().ok_or_else(|| {
+            ReadError::Unavailable(
+                self.status()
+                    .err()
+                    .unwrap_or_else(|| "not connected".into()),
+            )
+        })?;
+        match tokio::time::timeout(DB_TIMEOUT, db.list(role, sub)).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => Err(ReadError::Query(e.to_string())),
+            Err(_) => Err(ReadError::Query("timed out".into())),
+        }
+    }
+}
+
+/// The background writer: connect (with capped backoff), then apply queued
+/// operations in order.
+async fn writer(url: String, shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
+    let mut db: Option<Db> = None;
+    let mut backoff = Duration::from_millis(200);
+    let mut next_connect = tokio::time::Instant::now();
+    loop {
+        // Connect before waiting for work, so readiness reflects the store
+        // even while nobody connects; while disconnected, wake to retry.
+        if db.is_none() && tokio::time::Instant::now() >= next_connect {
+            match connect(&url, &shared).await {
+                Ok(connected) => {
+                    *shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(connected.clone());
+                    shared.set_state(Ok(()));
+                    db = Some(connected);
+                    backoff = Duration::from_millis(200);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "presence store unavailable");
+                    shared.set_state(Err(e));
+                    next_connect = tokio::time::Instant::now() + backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        let op = if db.is_some() {
+            rx.recv().await
+        } else {
+            match tokio::time::timeout_at(next_connect, rx.recv()).await {
+                Ok(op) => op,
+                Err(_) => continue,
+            }
+        };
+        let Some(op) = op else { return };
+        match op {
+            Op::Stop(done) => {
+                if let Some(db) = &db {
+                    match tokio::time::timeout(
+                        DB_TIMEOUT,
+                        db.clear_node(&shared.node, &shared.entities),
+                    )
+                    .await
+                    {
+                        Ok(Ok(n)) => tracing::info!(rows = n, "presence rows of this node cleared"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "could not clear presence rows"),
+                        Err(_) => tracing::warn!("clearing presence rows timed out"),
+                    }
+                }
+                let _ = done.send(());
+                return;
+            }
+            Op::Set(..) | Op::Clear(..) => {
+                apply(&url, &shared, &mut db, &op).await;
+            }
+        }
+    }
+}
+
+/// Applies one write, retrying; on a connection-level failure it reconnects.
+async fn apply(url: &str, shared: &Arc<Shared>, db: &mut Option<Db>, op: &Op) {
+    let mut last = String::new();
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(attempt - 1))).await;
+        }
+        if db.is_none() {
+            match connect(url, shared).await {
+                Ok(c) => {
+                    *shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                    *db = Some(c);
+                }
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            }
+        }
+        let Some(conn) = db.as_ref() else { continue };
+        let result = match op {
+            Op::Set(h, at) => {
+                let table = shared.entities.get(&h.role);
+                tokio::time::timeout(DB_TIMEOUT, conn.set(h, &shared.node, *at, table)).await
+            }
+            Op::Clear(h) => {
+                let table = shared.entities.get(&h.role);
+                tokio::time::timeout(DB_TIMEOUT, conn.clear(h, table)).await
+            }
+            Op::Stop(_) => return,
+        };
+        match result {
+            Ok(Ok(())) => {
+                shared.metrics.presence_write("ok");
+                shared.set_state(Ok(()));
+                return;
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "timed out".into(),
+        }
+    }
+    shared.metrics.presence_write("failed");
+    tracing::warn!(error = %last, "presence write failed after {ATTEMPTS} attempts");
+    shared.set_state(Err(format!("last write failed: {last}")));
+}
+
+async fn connect(url: &str, shared: &Shared) -> Result<Db, String> {
+    let db = tokio::time::timeout(DB_TIMEOUT * 2, Db::connect(url))
+        .await
+        .map_err(|_| "connecting timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(DB_TIMEOUT * 4, db.migrate())
+        .await
+        .map_err(|_| "schema migration timed out".to_string())?
+        .map_err(|e| format!("schema migration failed: {e}"))?;
+    // Rows this node left (a crash, a kill -9) are stale: nobody holds them.
+    let cleared = tokio::time::timeout(DB_TIMEOUT, db.clear_node(&shared.node, &shared.entities))
+        .await
+        .map_err(|_| "clearing stale rows timed out".to_string())?
+        .map_err(|e| format!("clearing stale rows failed: {e}"))?;
+    if cleared > 0 {
+        tracing::info!(
+            rows = cleared,
+            "cleared presence rows left by a previous run of this node"
+        );
+    }
+    Ok(db)
+}
