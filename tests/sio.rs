@@ -1,0 +1,475 @@
+//! The Socket.IO notifications endpoint (SPEC §4, §5) against a real
+//! server, driven by a raw Engine.IO client over WebSocket (EIO4 and EIO3).
+//! The JS clients themselves are tested in `tests/interop/`.
+
+mod common;
+#[path = "support/sio_client.rs"]
+mod sio_client;
+
+use std::time::Duration;
+
+use common::{TestServer, token, token_claims};
+use serde_json::{Value, json};
+use sio_client::{Packet, SioClient};
+
+const NS: &str = "/notifications";
+
+/// Every test's server keeps presence in its own temporary SQLite file.
+fn db_toml() -> String {
+    let dir = std::env::temp_dir().join(format!(
+        "pulso-sio-test-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    format!("database_url = \"sqlite://{}/p.db\"\n", dir.display())
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A server with extra settings (`[socketio]` blocks and such).
+async fn server(extra: &str) -> TestServer {
+    let db = db_toml();
+    let extra = extra.to_string();
+    TestServer::start_with(move |l| {
+        l.apply_toml(&common::base_toml()).unwrap();
+        l.apply_toml(&db).unwrap();
+        if !extra.is_empty() {
+            l.apply_toml(&extra).unwrap();
+        }
+    })
+    .await
+}
+
+fn code_of(ack: &Value) -> &str {
+    ack["body"]["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn assistant_timer_and_tournament_rooms_and_broadcast_reach_exactly_the_right_sockets() {
+    let srv = server("").await;
+    let mut onsite = SioClient::connect(srv.addr, 4, NS).await;
+    let mut handler = SioClient::connect(srv.addr, 4, NS).await;
+    let mut timer = SioClient::connect(srv.addr, 3, NS).await;
+
+    let ack = onsite.auth(&srv.token("assistant", "1"), json!({})).await;
+    assert_eq!(
+        ack,
+        json!({"body":{"socketId": onsite.socket_id(), "rooms":["assistant"]},"statusCode":200})
+    );
+    let ack = handler
+        .auth(&srv.token("assistant", "2"), json!({"tournamentId": 2}))
+        .await;
+    assert_eq!(ack["body"]["rooms"], json!(["assistant", "assistant_2"]));
+    assert_eq!(ack["body"]["socketId"], json!(handler.socket_id()));
+    let ack = timer.auth(&srv.token("timer", "3"), json!({})).await;
+    assert_eq!(ack["body"]["rooms"], json!(["timer"]));
+    // Engine.IO 3 clients see `<nsp>#<engine id>` as socket.id.
+    assert_eq!(
+        ack["body"]["socketId"],
+        json!(format!("{NS}#{}", timer.engine_id))
+    );
+
+    // A /ws subscriber of a topic named like a room is in the same namespace.
+    let mut ws = srv.ws("service", "w").await;
+    ws.sub("assistant_2").await;
+
+    let (status, body) = srv
+        .post(
+            "/api/broadcast",
+            json!({"rooms": ["assistant_2", "timer"], "event": "check_in", "data": {"check_in_id": {"id": 4, "nick": "aguila_calva"}}}),
+        )
+        .await;
+    assert_eq!((status, body), (200, json!({"recipients": 3})));
+    let want = json!({"check_in_id": {"id": 4, "nick": "aguila_calva"}});
+    assert_eq!(
+        handler.event().await,
+        ("check_in".into(), vec![want.clone()])
+    );
+    assert_eq!(timer.event().await, ("check_in".into(), vec![want.clone()]));
+    let got = ws.recv().await;
+    assert_eq!(got["topic"], "assistant_2");
+    assert_eq!(got["event"], "check_in");
+    assert_eq!(got["payload"], want);
+
+    // A socket in both named rooms gets the message once; default event name.
+    let (status, body) = srv
+        .post(
+            "/api/broadcast",
+            json!({"rooms": ["assistant", "assistant_2"], "data": [1, 2]}),
+        )
+        .await;
+    // The two assistants and the /ws subscriber of `assistant_2`.
+    assert_eq!((status, body), (200, json!({"recipients": 3})));
+    assert_eq!(
+        onsite.event().await,
+        ("message".into(), vec![json!([1, 2])])
+    );
+    assert_eq!(
+        handler.event().await,
+        ("message".into(), vec![json!([1, 2])])
+    );
+    assert_eq!(ws.recv().await["payload"], json!([1, 2]));
+    handler.silent_for(Duration::from_millis(200)).await;
+    timer.silent_for(Duration::from_millis(50)).await;
+
+    // Own-id rooms, for both protocol versions.
+    for c in [&mut onsite, &mut timer] {
+        let (status, body) = srv
+            .post(
+                "/api/broadcast",
+                json!({"rooms": c.socket_id(), "event": "direct", "data": "hi"}),
+            )
+            .await;
+        assert_eq!((status, body), (200, json!({"recipients": 1})));
+        assert_eq!(c.event().await, ("direct".into(), vec![json!("hi")]));
+    }
+    let metrics = srv.metrics().await;
+    assert!(
+        metrics.contains("pulso_connections{protocol=\"socketio\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pulso_socketio_auth_total{result=\"ok\"} 3"));
+}
+
+#[tokio::test]
+async fn every_failure_code_is_acked_then_the_socket_is_disconnected() {
+    let srv = server("[socketio]\nallowed_roles = [\"assistant\", \"timer\"]\n").await;
+    let good = srv.token("assistant", "1");
+    let expired = token_claims(json!({"sub": "1", "role": "assistant", "exp": 1_000_000}));
+    let future = token_claims(json!({"sub": "1", "role": "assistant", "nbf": 4_000_000_000u64}));
+    let other_key = {
+        let signer = pulso::auth::Signer::hmac("another-secret");
+        signer
+            .token(
+                "assistant",
+                "1",
+                Some(Duration::from_secs(60)),
+                &Default::default(),
+            )
+            .unwrap()
+    };
+    let cases: Vec<(Value, &str, u64)> = vec![
+        (json!("get me in"), "400-1", 400),
+        (json!(42), "400-1", 400),
+        (json!([{"url": NS}]), "400-1", 400),
+        (json!({"params": {"jwt-api-key": good}}), "400-1", 400),
+        (
+            json!({"url": 7, "params": {"jwt-api-key": good}}),
+            "400-1",
+            400,
+        ),
+        (json!({"url": NS, "params": "jwt-api-key"}), "400-1", 400),
+        (
+            json!({"url": "/elsewhere", "params": {"jwt-api-key": good}}),
+            "404-1",
+            404,
+        ),
+        (json!({"url": NS}), "401-1", 401),
+        (
+            json!({"url": NS, "params": {"jwt-api-key": ""}}),
+            "401-1",
+            401,
+        ),
+        (
+            json!({"url": NS, "params": {"jwt-api-key": "not.a.jwt"}}),
+            "401-2",
+            401,
+        ),
+        (
+            json!({"url": NS, "params": {"jwt-api-key": 12345}}),
+            "401-2",
+            401,
+        ),
+        (
+            json!({"url": NS, "params": {"jwt-api-key": {"token": good}}}),
+            "401-2",
+            401,
+        ),
+        (
+            json!({"url": NS, "params": {"jwt-api-key": other_key}}),
+            "401-2",
+            401,
+        ),
+        (
+            json!({"url": NS, "params": {"jwt-api-key": future}}),
+            "401-2",
+            401,
+        ),
+        (
+            json!({"url": NS, "params": {"jwt-api-key": expired}}),
+            "401-3",
+            401,
+        ),
+        (
+            json!({"url": NS, "params": {"jwt-api-key": srv.token("admin", "9")}}),
+            "403-1",
+            403,
+        ),
+    ];
+    for (eio, event) in [(4, "get"), (3, "post")] {
+        for (req, code, status) in &cases {
+            let mut c = SioClient::connect(srv.addr, eio, NS).await;
+            let ack = c.request(event, std::slice::from_ref(req)).await;
+            assert_eq!(code_of(&ack), *code, "{req} → {ack}");
+            assert_eq!(ack["statusCode"], json!(status), "{ack}");
+            assert!(ack["body"]["error"]["message"].is_string());
+            c.disconnected().await;
+        }
+    }
+    // Without an ack the failure still disconnects.
+    let mut c = SioClient::connect(srv.addr, 4, NS).await;
+    c.emit("get", &[json!({"url": NS})]).await;
+    c.disconnected().await;
+    // The server keeps serving.
+    let mut c = SioClient::connect(srv.addr, 4, NS).await;
+    let ack = c.auth(&good, json!({})).await;
+    assert_eq!(ack["statusCode"], 200);
+    let metrics = srv.metrics().await;
+    assert!(
+        metrics.contains("pulso_socketio_auth_total{result=\"401-3\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn every_request_shape_authenticates() {
+    let srv = server("").await;
+    let t = srv.token("assistant", "5");
+    let shapes = [
+        json!({"url": NS, "params": {"jwt-api-key": t, "tournamentId": 2}}),
+        // What sails.io.js sends.
+        json!({"method": "get", "headers": {}, "data": {"jwt-api-key": t, "tournamentId": 2}, "url": NS}),
+        json!({"url": NS, "headers": {"jwt-api-key": t}, "params": {"tournamentId": "2"}}),
+        json!({"url": NS, "header": {"jwt-api-key": t}, "data": {"tournamentId": 2}}),
+        json!({"header": {"url": NS, "jwt-api-key": t}, "body": {"tournamentId": 2}}),
+        json!({"url": format!("{NS}/?tournamentId=2"), "header": {"jwt-api-key": t}}),
+    ];
+    for shape in shapes {
+        let mut c = SioClient::connect(srv.addr, 4, NS).await;
+        let ack = c.request("post", std::slice::from_ref(&shape)).await;
+        assert_eq!(ack["statusCode"], 200, "{shape} → {ack}");
+        assert_eq!(
+            ack["body"]["rooms"],
+            json!(["assistant", "assistant_2"]),
+            "{shape}"
+        );
+        c.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_claim_wins_over_a_parameter_and_unsafe_values_are_skipped() {
+    let srv = server("[socketio]\nrooms = [\"{role}\", \"{role}_{tournamentId}\", \"user_{sub}\", \"org_{org}\"]\n").await;
+    let t = token_claims(
+        json!({"sub": "u1", "role": "assistant", "tournamentId": 9, "exp": 4_000_000_000u64}),
+    );
+    let mut c = SioClient::connect(srv.addr, 4, NS).await;
+    let ack = c
+        .auth(
+            &t,
+            json!({"tournamentId": 3, "role": "admin", "sub": "x", "org": "a/b"}),
+        )
+        .await;
+    assert_eq!(
+        ack["body"]["rooms"],
+        json!(["assistant", "assistant_9", "user_u1"])
+    );
+    let mut c = SioClient::connect(srv.addr, 4, NS).await;
+    let ack = c
+        .auth(
+            &srv.token("timer", "t"),
+            json!({"tournamentId": {"x": 1}, "org": "acme.mx"}),
+        )
+        .await;
+    assert_eq!(
+        ack["body"]["rooms"],
+        json!(["timer", "user_t", "org_acme.mx"])
+    );
+}
+
+#[tokio::test]
+async fn nothing_is_served_before_auth_and_only_get_post_after() {
+    let srv = server("").await;
+    let mut c = SioClient::connect(srv.addr, 4, NS).await;
+    let ack = c.request("publish", &[json!({"x": 1})]).await;
+    assert_eq!(code_of(&ack), "401-1");
+    assert_eq!(ack["statusCode"], 401);
+    c.emit("publish", &[json!("no ack")]).await;
+    // Not disconnected: authentication still works.
+    let t = srv.token("assistant", "7");
+    let ack = c.auth(&t, json!({})).await;
+    assert_eq!(ack["statusCode"], 200);
+    let rooms = ack["body"]["rooms"].clone();
+
+    let ack = c.request("subscribe", &[json!({"room": "admin"})]).await;
+    assert_eq!(code_of(&ack), "404-1");
+    assert_eq!(ack["statusCode"], 404);
+    let ack = c.request("get", &[json!({"url": "/other"})]).await;
+    assert_eq!(code_of(&ack), "404-1");
+    let ack = c.request("get", &[json!("junk")]).await;
+    assert_eq!(code_of(&ack), "400-1");
+    // A bad refresh keeps the session.
+    let ack = c
+        .request(
+            "get",
+            &[json!({"url": NS, "params": {"jwt-api-key": "junk"}})],
+        )
+        .await;
+    assert_eq!(code_of(&ack), "401-2");
+    let ack = c.auth(&srv.token("assistant", "8"), json!({})).await;
+    assert_eq!(code_of(&ack), "401-2", "another identity");
+    let ack = c.auth(&srv.token("timer", "7"), json!({})).await;
+    assert_eq!(code_of(&ack), "401-2", "another role");
+    // A good refresh answers with the unchanged rooms, even with new params.
+    let ack = c.auth(&t, json!({"tournamentId": 5})).await;
+    assert_eq!(ack["statusCode"], 200);
+    assert_eq!(ack["body"]["rooms"], rooms);
+    // Still connected and reachable.
+    let (_, body) = srv
+        .post("/api/broadcast", json!({"rooms": "assistant", "data": 1}))
+        .await;
+    assert_eq!(body, json!({"recipients": 1}));
+    assert_eq!(c.event().await, ("message".into(), vec![json!(1)]));
+}
+
+#[tokio::test]
+async fn a_socket_that_never_authenticates_is_closed_after_auth_timeout() {
+    let srv = server("[socketio]\nauth_timeout = \"300ms\"\n").await;
+    let mut idle4 = SioClient::connect(srv.addr, 4, NS).await;
+    let mut idle3 = SioClient::connect(srv.addr, 3, NS).await;
+    let mut root_only = SioClient::open(srv.addr, 3).await;
+    let mut authed = SioClient::connect(srv.addr, 4, NS).await;
+    authed.auth(&srv.token("timer", "1"), json!({})).await;
+    let started = std::time::Instant::now();
+    idle4.disconnected().await;
+    idle3.disconnected().await;
+    root_only.disconnected().await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The authenticated socket stays.
+    let (_, body) = srv
+        .post("/api/broadcast", json!({"rooms": "timer", "data": 1}))
+        .await;
+    assert_eq!(body, json!({"recipients": 1}));
+    assert_eq!(authed.event().await.0, "message");
+    assert!(
+        srv.metrics()
+            .await
+            .contains("pulso_socketio_auth_total{result=\"timeout\"} 2")
+    );
+}
+
+#[tokio::test]
+async fn token_expiry_disconnects_unless_refreshed() {
+    let srv = server("").await;
+    let short = token("assistant", "e1", Some(Duration::from_secs(2)));
+    let mut lapses = SioClient::connect(srv.addr, 4, NS).await;
+    assert_eq!(lapses.auth(&short, json!({})).await["statusCode"], 200);
+    let mut refreshes = SioClient::connect(srv.addr, 3, NS).await;
+    let short2 = token("timer", "e2", Some(Duration::from_secs(2)));
+    assert_eq!(refreshes.auth(&short2, json!({})).await["statusCode"], 200);
+    let long = token("timer", "e2", Some(Duration::from_secs(3600)));
+    assert_eq!(refreshes.auth(&long, json!({})).await["statusCode"], 200);
+
+    // `disconnected` waits up to 5 s; the short token ends within ~3 s.
+    lapses.disconnected().await;
+    // The refreshed one outlives the first token's expiry.
+    refreshes.silent_for(Duration::from_millis(1500)).await;
+    let (_, body) = srv
+        .post(
+            "/api/broadcast",
+            json!({"rooms": ["timer", "assistant"], "data": 2}),
+        )
+        .await;
+    assert_eq!(body, json!({"recipients": 1}));
+    assert_eq!(refreshes.event().await.1, vec![json!(2)]);
+}
+
+#[tokio::test]
+async fn huge_payloads_close_only_their_connection() {
+    let srv = server("").await;
+    let mut ok = SioClient::connect(srv.addr, 4, NS).await;
+    ok.auth(&srv.token("timer", "ok"), json!({})).await;
+    let mut big = SioClient::connect(srv.addr, 4, NS).await;
+    let blob = "x".repeat(200 * 1024);
+    big.emit(
+        "get",
+        &[json!({"url": NS, "params": {"jwt-api-key": blob}})],
+    )
+    .await;
+    assert_eq!(big.next().await, Packet::Closed);
+    let (_, body) = srv
+        .post(
+            "/api/broadcast",
+            json!({"rooms": "timer", "data": "still here"}),
+        )
+        .await;
+    assert_eq!(body, json!({"recipients": 1}));
+    assert_eq!(ok.event().await.1, vec![json!("still here")]);
+}
+
+#[tokio::test]
+async fn many_sockets_connecting_and_dropping_at_once_leave_nothing_behind() {
+    let srv = server("").await;
+    let addr = srv.addr;
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let t = token(
+            "assistant",
+            &format!("m{i}"),
+            Some(Duration::from_secs(600)),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut c = SioClient::connect(addr, if i % 2 == 0 { 4 } else { 3 }, NS).await;
+            if i % 3 != 0 {
+                let ack = c.auth(&t, json!({"tournamentId": i % 5})).await;
+                assert_eq!(ack["statusCode"], 200);
+            }
+            // Drop without a goodbye half the time.
+            if i % 2 == 0 {
+                c.close().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    srv.until("every socket gone", |gw| gw.hub.stats().connections == 0)
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = srv.metrics().await;
+        if m.contains("pulso_connections{protocol=\"socketio\"} 0") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Presence rows were all cleared, once the writer caught up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = srv.gw.presence.list(Some("assistant"), None).await.unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(srv.gw.hub.stats(), Default::default());
+}
+
+#[tokio::test]
+async fn shutdown_disconnects_socketio_clients() {
+    let srv = server("").await;
+    let mut a = SioClient::connect(srv.addr, 4, NS).await;
+    a.auth(&srv.token("timer", "s1"), json!({})).await;
+    let mut b = SioClient::connect(srv.addr, 3, NS).await;
+    let took = srv.stop().await;
+    a.disconnected().await;
+    b.disconnected().await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
