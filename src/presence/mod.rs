@@ -160,35 +160,56 @@ impl Presence {
     }
 }
 
-/// The background writer: connect (with capped backoff), then apply queued
-/// operations in order.
-async fn writer(url: String, shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
-    let mut db: Option<Db> = None;
-    let mut backoff = Duration::from_millis(200);
-    let mut next_connect = tokio::time::Instant::now();
-    loop {
-        // Connect before waiting for work, so readiness reflects the store
-        // even while nobody connects; while disconnected, wake to retry.
-        if db.is_none() && tokio::time::Instant::now() >= next_connect {
-            match connect(&url, &shared).await {
-                Ok(connected) => {
-                    *shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(connected.clone());
-                    shared.set_state(Ok(()));
-                    db = Some(connected);
-                    backoff = Duration::from_millis(200);
+/// The writer's connection, reconnecting with capped exponential backoff.
+/// While the store is down, attempts are spaced out and writes fail fast
+/// (counted), so a dead database never turns the queue into a long stall.
+struct Link {
+    url: String,
+    shared: Arc<Shared>,
+    db: Option<Db>,
+    next_attempt: tokio::time::Instant,
+    backoff: Duration,
+}
+
+impl Link {
+    async fn ensure(&mut self) -> Option<Db> {
+        if self.db.is_none() && tokio::time::Instant::now() >= self.next_attempt {
+            match connect(&self.url, &self.shared).await {
+                Ok(db) => {
+                    *self.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
+                    self.shared.set_state(Ok(()));
+                    self.db = Some(db);
+                    self.backoff = Duration::from_millis(200);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "presence store unavailable");
-                    shared.set_state(Err(e));
-                    next_connect = tokio::time::Instant::now() + backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    tracing::warn!(error = %e, retry_in = ?self.backoff, "presence store unavailable");
+                    self.shared.set_state(Err(e));
+                    self.next_attempt = tokio::time::Instant::now() + self.backoff;
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
-        let op = if db.is_some() {
+        self.db.clone()
+    }
+}
+
+/// The background writer: connect, then apply queued operations in order.
+async fn writer(url: String, shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
+    let mut link = Link {
+        url,
+        shared: shared.clone(),
+        db: None,
+        next_attempt: tokio::time::Instant::now(),
+        backoff: Duration::from_millis(200),
+    };
+    loop {
+        // Connect before waiting for work, so readiness reflects the store
+        // even while nobody connects; while disconnected, wake to retry.
+        let connected = link.ensure().await.is_some();
+        let op = if connected {
             rx.recv().await
         } else {
-            match tokio::time::timeout_at(next_connect, rx.recv()).await {
+            match tokio::time::timeout_at(link.next_attempt, rx.recv()).await {
                 Ok(op) => op,
                 Err(_) => continue,
             }
@@ -196,7 +217,7 @@ async fn writer(url: String, shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
         let Some(op) = op else { return };
         match op {
             Op::Stop(done) => {
-                if let Some(db) = &db {
+                if let Some(db) = &link.db {
                     match tokio::time::timeout(
                         DB_TIMEOUT,
                         db.clear_node(&shared.node, &shared.entities),
@@ -211,33 +232,30 @@ async fn writer(url: String, shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
                 let _ = done.send(());
                 return;
             }
-            Op::Set(..) | Op::Clear(..) => {
-                apply(&url, &shared, &mut db, &op).await;
-            }
+            op => apply(&mut link, &op).await,
         }
     }
 }
 
-/// Applies one write, retrying; on a connection-level failure it reconnects.
-async fn apply(url: &str, shared: &Arc<Shared>, db: &mut Option<Db>, op: &Op) {
+/// Applies one write, retrying a failed query a few times.
+async fn apply(link: &mut Link, op: &Op) {
+    let shared = link.shared.clone();
     let mut last = String::new();
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(attempt - 1))).await;
         }
-        if db.is_none() {
-            match connect(url, shared).await {
-                Ok(c) => {
-                    *shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
-                    *db = Some(c);
-                }
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            }
-        }
-        let Some(conn) = db.as_ref() else { continue };
+        let Some(conn) = link.ensure().await else {
+            // Not connected (and not due for another attempt): fail fast.
+            last = shared
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .err()
+                .unwrap_or_default();
+            break;
+        };
         let result = match op {
             Op::Set(h, at) => {
                 let table = shared.entities.get(&h.role);
@@ -260,7 +278,7 @@ async fn apply(url: &str, shared: &Arc<Shared>, db: &mut Option<Db>, op: &Op) {
         }
     }
     shared.metrics.presence_write("failed");
-    tracing::warn!(error = %last, "presence write failed after {ATTEMPTS} attempts");
+    tracing::warn!(error = %last, "presence write failed");
     shared.set_state(Err(format!("last write failed: {last}")));
 }
 

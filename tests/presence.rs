@@ -1,0 +1,481 @@
+//! The presence store (SPEC §7) with SQLite and with a real PostgreSQL
+//! (`PULSO_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`;
+//! skipped with a message when unreachable). Every test uses its own node id,
+//! subs and tables, so tests can run in parallel on one database.
+
+mod common;
+#[path = "support/sio_client.rs"]
+mod sio_client;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use common::{SECRET, TestServer, WAIT};
+use serde_json::{Value, json};
+use sio_client::SioClient;
+use sqlx::Row as _;
+
+const NS: &str = "/notifications";
+
+fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{tag}_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        rand_u32()
+    )
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    t ^ (std::process::id() << 8)
+}
+
+fn sqlite_url() -> String {
+    let dir = std::env::temp_dir().join(unique("pulso-presence"));
+    std::fs::create_dir_all(&dir).unwrap();
+    format!("sqlite://{}/presence.db", dir.display())
+}
+
+/// The PostgreSQL URL, or `None` (with a printed reason) when unreachable.
+async fn postgres_url() -> Option<String> {
+    let url = std::env::var("PULSO_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let opts = match sqlx::postgres::PgConnectOptions::from_str(&url) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIP: PULSO_TEST_POSTGRES_URL `{url}` is invalid: {e}");
+            return None;
+        }
+    };
+    let connect = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with(opts);
+    match tokio::time::timeout(Duration::from_secs(3), connect).await {
+        Ok(Ok(pool)) => {
+            pool.close().await;
+            Some(url)
+        }
+        Ok(Err(e)) => {
+            eprintln!("SKIP: PostgreSQL at {url} is unreachable: {e}");
+            None
+        }
+        Err(_) => {
+            eprintln!("SKIP: PostgreSQL at {url} did not answer in time");
+            None
+        }
+    }
+}
+
+/// Direct access to the database, to check what pulso wrote.
+enum Probe {
+    Sqlite(sqlx::SqlitePool),
+    Pg(sqlx::PgPool),
+}
+
+impl Probe {
+    async fn open(url: &str) -> Probe {
+        if url.starts_with("sqlite:") {
+            let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                .unwrap()
+                .create_if_missing(true);
+            Probe::Sqlite(sqlx::SqlitePool::connect_with(opts).await.unwrap())
+        } else {
+            Probe::Pg(sqlx::PgPool::connect(url).await.unwrap())
+        }
+    }
+
+    async fn exec(&self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match self {
+            Probe::Sqlite(p) => {
+                sqlx::raw_sql(sql).execute(p).await.unwrap();
+            }
+            Probe::Pg(p) => {
+                sqlx::raw_sql(sql).execute(p).await.unwrap();
+            }
+        }
+    }
+
+    /// The first column of the first row, as optional text.
+    async fn text(&self, sql: &str) -> Option<String> {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match self {
+            Probe::Sqlite(p) => sqlx::query(sql)
+                .fetch_optional(p)
+                .await
+                .unwrap()
+                .and_then(|r| r.try_get::<Option<String>, _>(0).unwrap()),
+            Probe::Pg(p) => sqlx::query(sql)
+                .fetch_optional(p)
+                .await
+                .unwrap()
+                .and_then(|r| r.try_get::<Option<String>, _>(0).unwrap()),
+        }
+    }
+
+    /// Polls `sql` until it yields `want`.
+    async fn until(&self, sql: &str, want: Option<&str>) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let got = self.text(sql).await;
+            if got.as_deref() == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "`{sql}` gave {got:?}, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn start(url: &str, node: &str, extra: &str) -> TestServer {
+    let top = format!("database_url = \"{url}\"\nnode_id = \"{node}\"\n");
+    let extra = extra.to_string();
+    TestServer::start_with(move |l| {
+        l.apply_toml(&common::base_toml()).unwrap();
+        l.apply_toml(&top).unwrap();
+        if !extra.is_empty() {
+            l.apply_toml(&extra).unwrap();
+        }
+    })
+    .await
+}
+
+async fn get_json(srv: &TestServer, path: &str, bearer: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().get(srv.url(path));
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// `GET /api/presence` filtered by sub, polled until `check` holds.
+async fn presence_until(
+    srv: &TestServer,
+    sub: &str,
+    what: &str,
+    check: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let admin = srv.token("admin", "presence-admin");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = get_json(srv, &format!("/api/presence?sub={sub}"), Some(&admin)).await;
+        // 503 while the store is still connecting at start-up.
+        assert!(status == 200 || status == 503, "{status} {body}");
+        let rows = body["sockets"].as_array().cloned().unwrap_or_default();
+        if status == 200 && check(&rows) {
+            return rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn rows_follow_sockets(url: &str) {
+    let node = unique("node");
+    let srv = start(url, &node, "").await;
+    let (a, t) = (unique("a"), unique("t"));
+
+    let mut first = SioClient::connect(srv.addr, 4, NS).await;
+    first.auth(&srv.token("assistant", &a), json!({})).await;
+    let rows = presence_until(&srv, &a, "the socket.io row", |r| r.len() == 1).await;
+    let row = &rows[0];
+    assert_eq!(row["role"], "assistant");
+    assert_eq!(row["sub"], a.as_str());
+    assert_eq!(row["socket_id"], json!(first.socket_id()));
+    assert_eq!(row["protocol"], "socketio");
+    assert_eq!(row["node"], node.as_str());
+    let at = row["connected_at"].as_str().unwrap();
+    assert!(
+        at.len() == 24 && at.ends_with('Z') && at.as_bytes()[10] == b'T',
+        "{at}"
+    );
+
+    // /ws connections get a server-assigned socket id.
+    let mut ws = srv.ws("timer", &t).await;
+    let rows = presence_until(&srv, &t, "the ws row", |r| r.len() == 1).await;
+    assert_eq!(rows[0]["protocol"], "ws");
+    assert!(rows[0]["socket_id"].as_str().unwrap().starts_with("ws-"));
+
+    // A newer connection of the same (role, sub) takes the row; the old one
+    // closing does not erase it (EIO3 this time).
+    let mut second = SioClient::connect(srv.addr, 3, NS).await;
+    second.auth(&srv.token("assistant", &a), json!({})).await;
+    let newer = second.socket_id();
+    presence_until(&srv, &a, "the newer socket", |r| {
+        r.len() == 1 && r[0]["socket_id"] == json!(newer)
+    })
+    .await;
+    first.close().await;
+    // Writes are applied in order: once a later marker shows up, the
+    // clear for `first` has been applied too.
+    let marker = unique("marker");
+    let mut m = srv.ws("timer", &marker).await;
+    presence_until(&srv, &marker, "the marker", |r| r.len() == 1).await;
+    let rows = presence_until(&srv, &a, "the row to stay", |_| true).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["socket_id"], json!(newer));
+
+    second.close().await;
+    presence_until(&srv, &a, "the row cleared", |r| r.is_empty()).await;
+    ws.stream.close(None).await.unwrap();
+    presence_until(&srv, &t, "the ws row cleared", |r| r.is_empty()).await;
+    let _ = m.stream.close(None).await;
+
+    // Publisher auth on the endpoint; filters combine.
+    let (status, body) = get_json(&srv, "/api/presence", None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = get_json(&srv, "/api/presence", Some(&srv.token("timer", "x"))).await;
+    assert_eq!(status, 403);
+    let (status, body) = get_json(
+        &srv,
+        "/api/presence?role=nobody",
+        Some(&srv.token("admin", "x")),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({"sockets": []})));
+    let (status, _) = get_json(&srv, "/readyz", None).await;
+    assert_eq!(status, 200);
+    assert!(
+        srv.metrics()
+            .await
+            .contains("pulso_presence_writes_total{result=\"ok\"}")
+    );
+}
+
+#[tokio::test]
+async fn sqlite_rows_follow_sockets_of_both_protocols() {
+    rows_follow_sockets(&sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn postgres_rows_follow_sockets_of_both_protocols() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    rows_follow_sockets(&url).await;
+}
+
+async fn app_table_mode(url: &str) {
+    let table = unique("app_assistants");
+    let probe = Probe::open(url).await;
+    probe
+        .exec(&format!(
+            "CREATE TABLE {table} (id INTEGER PRIMARY KEY, nick TEXT, socket_id TEXT);
+             INSERT INTO {table} (id, nick) VALUES (41, 'aguila_calva'), (42, 'other');"
+        ))
+        .await;
+    let node = unique("node");
+    let srv = start(
+        url,
+        &node,
+        &format!("[presence.entities.assistant]\ntable = \"{table}\"\nid_column = \"id\"\nsocket_column = \"socket_id\"\n"),
+    )
+    .await;
+    let mut c = SioClient::connect(srv.addr, 4, NS).await;
+    c.auth(&srv.token("assistant", "41"), json!({})).await;
+    let id = c.socket_id();
+    probe
+        .until(
+            &format!("SELECT socket_id FROM {table} WHERE id = 41"),
+            Some(&id),
+        )
+        .await;
+    probe
+        .until(
+            &format!("SELECT socket_id FROM {table} WHERE id = 42"),
+            None,
+        )
+        .await;
+    // Timers have no application table: only pulso's row.
+    let mut t = SioClient::connect(srv.addr, 4, NS).await;
+    t.auth(&srv.token("timer", "41"), json!({})).await;
+    c.close().await;
+    probe
+        .until(
+            &format!("SELECT socket_id FROM {table} WHERE id = 41"),
+            None,
+        )
+        .await;
+    t.close().await;
+    srv.stop().await;
+    probe.exec(&format!("DROP TABLE {table}")).await;
+}
+
+#[tokio::test]
+async fn sqlite_application_table_mode() {
+    app_table_mode(&sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn postgres_application_table_mode() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    app_table_mode(&url).await;
+}
+
+async fn startup_and_shutdown_clear_this_nodes_rows(url: &str) {
+    let node = unique("node");
+    let other = unique("other");
+    // A first run creates the schema.
+    let srv = start(url, &node, "").await;
+    let mut c = SioClient::connect(srv.addr, 4, NS).await;
+    let sub = unique("s");
+    c.auth(&srv.token("assistant", &sub), json!({})).await;
+    presence_until(&srv, &sub, "the row", |r| r.len() == 1).await;
+    // Shutdown disconnects the client and clears its row.
+    srv.stop().await;
+    c.disconnected().await;
+    let probe = Probe::open(url).await;
+    probe
+        .until(
+            &format!("SELECT socket_id FROM pulso_presence WHERE sub = '{sub}'"),
+            None,
+        )
+        .await;
+
+    // Rows a crashed run of this node left behind are cleared at start-up;
+    // another node's rows are not touched.
+    let (mine, theirs) = (unique("stale"), unique("live"));
+    probe
+        .exec(&format!(
+            "INSERT INTO pulso_presence (role, sub, socket_id, protocol, node, connected_at)
+             VALUES ('assistant', '{mine}', 'old-socket', 'ws', '{node}', 0),
+                    ('assistant', '{theirs}', 'their-socket', 'ws', '{other}', 0)"
+        ))
+        .await;
+    let srv = start(url, &node, "").await;
+    probe
+        .until(
+            &format!("SELECT socket_id FROM pulso_presence WHERE sub = '{mine}'"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        probe
+            .text(&format!(
+                "SELECT socket_id FROM pulso_presence WHERE sub = '{theirs}'"
+            ))
+            .await
+            .as_deref(),
+        Some("their-socket")
+    );
+    srv.stop().await;
+    probe
+        .exec(&format!(
+            "DELETE FROM pulso_presence WHERE sub = '{theirs}'"
+        ))
+        .await;
+}
+
+#[tokio::test]
+async fn sqlite_startup_and_shutdown_clear_this_nodes_rows() {
+    startup_and_shutdown_clear_this_nodes_rows(&sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn postgres_startup_and_shutdown_clear_this_nodes_rows() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    startup_and_shutdown_clear_this_nodes_rows(&url).await;
+}
+
+/// With the store failing, delivery on both protocols goes on, /readyz says
+/// why, and the failed writes are counted.
+async fn delivery_survives_a_failing_store(url: &str) {
+    let srv = start(url, &unique("node"), "").await;
+    let mut sio = SioClient::connect(srv.addr, 4, NS).await;
+    let ack = sio.auth(&srv.token("timer", &unique("t")), json!({})).await;
+    assert_eq!(ack["statusCode"], 200);
+    let mut ws = srv.ws("assistant", &unique("a")).await;
+    ws.sub("timer").await;
+    for i in 0..3 {
+        let (status, body) = srv
+            .post("/api/broadcast", json!({"rooms": "timer", "data": i}))
+            .await;
+        assert_eq!((status, body), (200, json!({"recipients": 2})));
+        assert_eq!(sio.event().await.1, vec![json!(i)]);
+        assert_eq!(ws.recv().await["payload"], json!(i));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = get_json(&srv, "/readyz", None).await;
+        let m = srv.metrics().await;
+        if status == 503
+            && body["checks"]["presence"] != "ok"
+            && m.contains("pulso_presence_writes_total{result=\"failed\"}")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status} {body} {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = srv.token("admin", "x");
+    let (status, body) = get_json(&srv, "/api/presence", Some(&admin)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    // Still delivering after the failures.
+    let (_, body) = srv
+        .post("/api/broadcast", json!({"rooms": "timer", "data": "late"}))
+        .await;
+    assert_eq!(body, json!({"recipients": 2}));
+    assert_eq!(sio.event().await.1, vec![json!("late")]);
+    let took = srv.stop().await;
+    assert!(took < Duration::from_secs(12), "{took:?}");
+}
+
+#[tokio::test]
+async fn read_only_sqlite_file_does_not_disturb_delivery() {
+    let url = sqlite_url();
+    // Create the database, then reopen it read-only (as root, file modes
+    // would not stop writes; SQLite's read-only mode does).
+    let srv = start(&url, &unique("node"), "").await;
+    srv.until("presence ready", |gw| gw.presence.status().is_ok())
+        .await;
+    srv.stop().await;
+    delivery_survives_a_failing_store(&format!("{url}?mode=ro")).await;
+}
+
+#[tokio::test]
+async fn unreachable_postgres_does_not_disturb_delivery() {
+    delivery_survives_a_failing_store("postgres://postgres@127.0.0.1:1/nothing").await;
+}
+
+#[tokio::test]
+async fn database_url_errors_name_the_setting() {
+    let mut l = pulso::config::Layered::defaults();
+    l.set_text(
+        "database_url",
+        "mysql://x".into(),
+        pulso::config::Source::Env,
+    )
+    .unwrap();
+    let e = pulso::config::Config::from_layered(&l).unwrap_err();
+    assert!(e.0.contains("`database_url`"), "{e}");
+    let mut l = pulso::config::Layered::defaults();
+    l.apply_toml("[presence.entities.assistant]\ntable = \"users; drop table x\"\n")
+        .unwrap();
+    let e = pulso::config::Config::from_layered(&l).unwrap_err();
+    assert!(e.0.contains("`presence.entities.assistant.table`"), "{e}");
+    let _ = SECRET;
+}
