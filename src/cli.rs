@@ -27,6 +27,7 @@ pub fn command() -> Command {
                 .help("TOML configuration file [default: ./pulso.toml when present]"),
         )
         .subcommand(Command::new("run").about("Serve (the default when no verb is given)"))
+        .subcommand(Command::new("config-reference").about("Print the configuration reference (Markdown)"))
         .subcommand(Command::new("check-config").about("Validate the configuration and print the effective settings, secrets masked"))
         .subcommand(
             Command::new("token")
@@ -93,6 +94,10 @@ pub fn main() -> ExitCode {
         Some((verb, sub)) => (verb, sub),
         None => ("run", &matches),
     };
+    if verb == "config-reference" {
+        print!("{}", crate::config::settings::reference_markdown());
+        return ExitCode::SUCCESS;
+    }
     let (config, layered) = match load(sub) {
         Ok(loaded) => loaded,
         Err(e) => {

@@ -256,3 +256,15 @@ fn rand_suffix() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
+
+#[test]
+fn docs_configuration_md_is_the_generated_reference() {
+    let (code, out, _) = run(pulso().arg("config-reference"));
+    assert_eq!(code, 0);
+    let path = format!("{}/docs/configuration.md", env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        doc == out,
+        "docs/configuration.md is stale: run `cargo run -q -- config-reference > docs/configuration.md`"
+    );
+}

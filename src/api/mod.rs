@@ -28,6 +28,12 @@ pub fn router() -> Router<Arc<Gateway>> {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/", get(console))
+}
+
+/// The live console: one static page that uses the public endpoints only.
+async fn console() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("assets/console.html"))
 }
 
 /// A caller allowed to publish: a JWT whose role is in `publisher_roles`, or
