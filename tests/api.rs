@@ -247,8 +247,17 @@ async fn console_page_is_served() {
     let srv = TestServer::start().await;
     let r = reqwest::get(srv.url("/")).await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     let body = r.text().await.unwrap();
-    assert!(body.contains("metricas/demo") && body.contains("/api/publish") && body.contains("/ws?token="));
+    assert!(
+        body.contains("metricas/demo")
+            && body.contains("/api/publish")
+            && body.contains("/ws?token=")
+    );
     srv.stop().await;
 }
