@@ -162,7 +162,8 @@ struct Connection {
     id: ConnId,
     identity: Identity,
     deadline: Option<tokio::time::Instant>,
-    out: WsRecipient,
+    /// The same handle the hub delivers through; replies share its queue.
+    out: Arc<WsRecipient>,
     rate: RateLimit,
     alive: bool,
 }
@@ -176,16 +177,12 @@ impl Connection {
 
         let (tx, rx) = mpsc::channel(gw.config.ws.outbound_queue);
         let closer = Arc::new(Closer::new());
-        let out = WsRecipient {
+        let out = Arc::new(WsRecipient {
             tx,
             closer: closer.clone(),
             gw: gw.clone(),
-        };
-        let id = gw.hub.register(Arc::new(WsRecipient {
-            tx: out.tx.clone(),
-            closer: closer.clone(),
-            gw: gw.clone(),
-        }));
+        });
+        let id = gw.hub.register(out.clone());
         let (sink, stream) = socket.split();
         let writer = tokio::spawn(write_loop(sink, rx, closer.clone()));
 
