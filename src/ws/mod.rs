@@ -41,14 +41,7 @@ pub mod close {
 
 /// The token of an HTTP request: `Authorization: Bearer …`, else `?token=…`.
 pub fn request_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_string());
+    let bearer = crate::api::bearer_token(headers).map(str::to_string);
     bearer.or_else(|| {
         serde_urlencoded::from_str::<Vec<(String, String)>>(query?)
             .ok()?
