@@ -217,13 +217,19 @@ fn serve(config: Config) -> ExitCode {
             }
         };
         let addr = server.local_addr();
-        if let Some(token) = server.sample_token() {
-            tracing::warn!("no jwt.secret configured: using a RANDOM secret; tokens stop working when pulso restarts");
+        if let Some(tokens) = server.sample_tokens() {
+            tracing::warn!(
+                "no jwt.secret configured: using a RANDOM secret; tokens stop working when pulso restarts"
+            );
             eprintln!(
                 "\n  ⚠  No jwt.secret is configured, so pulso generated a random one for this run.\n     \
                  Set PULSO_JWT_SECRET (or jwt.secret in pulso.toml) for tokens that survive a restart.\n\n  \
-                 Sample token (role assistant, sub demo, valid 24 h):\n\n  {token}\n\n  \
-                 Try: websocat 'ws://127.0.0.1:{port}/ws?token={token}'\n",
+                 Sample token (role assistant, sub demo, valid 24 h):\n\n  {client}\n\n  \
+                 Publisher token for the HTTP API (valid 24 h):\n\n  {publisher}\n\n  \
+                 Try: websocat 'ws://127.0.0.1:{port}/ws?token={client}'\n       \
+                 or open http://127.0.0.1:{port}/?token={client}\n",
+                client = tokens.client,
+                publisher = tokens.publisher,
                 port = addr.port()
             );
         }

@@ -201,16 +201,16 @@ async fn quickstart_with_no_configuration() {
             let _ = tx.send(line);
         }
     });
-    let (mut token, mut addr, mut warned) = (None, None, false);
-    while token.is_none() || addr.is_none() {
+    let (mut tokens, mut addr, mut warned) = (Vec::new(), None, false);
+    while tokens.len() < 2 || addr.is_none() {
         let line = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("startup output");
         if line.contains("RANDOM secret") {
             warned = true;
         }
-        if let Some(t) = line.trim().strip_prefix("eyJ") {
-            token = Some(format!("eyJ{t}"));
+        if line.trim().starts_with("eyJ") {
+            tokens.push(line.trim().to_string());
         }
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
             && let Some(a) = v["fields"]["addr"].as_str()
@@ -219,12 +219,25 @@ async fn quickstart_with_no_configuration() {
         }
     }
     assert!(warned, "a loud warning about the random secret");
-    let (token, addr) = (token.unwrap(), addr.unwrap());
-    let mut c = WsClient::connect(&format!("ws://{addr}/ws?token={token}")).await;
+    let (client, publisher, addr) = (&tokens[0], &tokens[1], addr.unwrap());
+    let mut c = WsClient::connect(&format!("ws://{addr}/ws?token={client}")).await;
     c.sub("metricas/demo").await;
     let m = c.recv().await;
     assert_eq!(m["topic"], "metricas/demo");
     assert!(m["payload"]["value"].is_number());
+    // The printed publisher token works with the HTTP API; the client token does not.
+    let body = serde_json::json!({"topic":"temperature","payload":{"celsius":21.5}}).to_string();
+    let url = format!("http://{addr}/api/publish");
+    assert_eq!(common::post_json(&url, Some(client), &body).await.0, 403);
+    let (status, reply) = common::post_json(&url, Some(publisher), &body).await;
+    assert_eq!((status, reply["recipients"].as_u64()), (200, Some(1)));
+    loop {
+        let m = c.recv().await;
+        if m["topic"] == "temperature" {
+            assert_eq!(m["payload"]["celsius"], 21.5);
+            break;
+        }
+    }
 
     assert!(
         Command::new("kill")
