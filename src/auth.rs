@@ -69,10 +69,16 @@ impl AuthError {
     }
 }
 
-pub struct Verifier {
-    hmac: Option<DecodingKey>,
-    public: Option<(DecodingKey, Vec<Algorithm>)>,
+/// A key with the validation rules for its algorithm family (jsonwebtoken
+/// refuses a `Validation` that lists algorithms of another family).
+struct Key {
+    key: DecodingKey,
     validation: Validation,
+}
+
+pub struct Verifier {
+    hmac: Option<Key>,
+    public: Option<Key>,
     leeway: Duration,
 }
 
@@ -83,7 +89,10 @@ impl Verifier {
     /// when none was configured), so an HMAC key always exists unless the
     /// deployment uses public keys only.
     pub fn new(cfg: &JwtConfig, secret: Option<&str>) -> Result<Self, ConfigError> {
-        let hmac = secret.map(|s| DecodingKey::from_secret(s.as_bytes()));
+        let hmac = secret.map(|s| Key {
+            key: DecodingKey::from_secret(s.as_bytes()),
+            validation: validation(cfg, HMAC_ALGS.to_vec()),
+        });
         let public = match &cfg.public_key_file {
             None => None,
             Some(path) => {
@@ -93,39 +102,21 @@ impl Verifier {
                         path.display()
                     ))
                 })?;
-                Some(public_key(&pem).ok_or_else(|| {
+                let (key, algs) = public_key(&pem).ok_or_else(|| {
                     ConfigError(format!(
                         "invalid setting `jwt.public_key_file`: {} is not an RSA, EC or Ed25519 public key in PEM",
                         path.display()
                     ))
-                })?)
+                })?;
+                Some(Key {
+                    key,
+                    validation: validation(cfg, algs),
+                })
             }
         };
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.algorithms = HMAC_ALGS.to_vec();
-        if let Some((_, algs)) = &public {
-            validation.algorithms.extend(algs.iter().copied());
-        }
-        validation.leeway = cfg.leeway.as_secs();
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(if cfg.require_exp {
-            &["exp"][..]
-        } else {
-            &[][..]
-        });
-        match &cfg.issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
-            None => validation.iss = None,
-        }
-        match &cfg.audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
-        }
         Ok(Verifier {
             hmac,
             public,
-            validation,
             leeway: cfg.leeway,
         })
     }
@@ -142,12 +133,11 @@ impl Verifier {
         } else {
             self.public
                 .as_ref()
-                .filter(|(_, algs)| algs.contains(&header.alg))
-                .map(|(k, _)| k)
+                .filter(|k| k.validation.algorithms.contains(&header.alg))
         }
         .ok_or_else(|| AuthError::Invalid(format!("algorithm {:?} is not accepted", header.alg)))?;
 
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation)
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind;
                 match e.kind() {
@@ -166,6 +156,28 @@ impl Verifier {
             .exp
             .map(|exp| UNIX_EPOCH + Duration::from_secs(exp) + self.leeway)
     }
+}
+
+fn validation(cfg: &JwtConfig, algorithms: Vec<Algorithm>) -> Validation {
+    let mut v = Validation::new(algorithms[0]);
+    v.algorithms = algorithms;
+    v.leeway = cfg.leeway.as_secs();
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    v.set_required_spec_claims(if cfg.require_exp {
+        &["exp"][..]
+    } else {
+        &[][..]
+    });
+    match &cfg.issuer {
+        Some(iss) => v.set_issuer(&[iss]),
+        None => v.iss = None,
+    }
+    match &cfg.audience {
+        Some(aud) => v.set_audience(&[aud]),
+        None => v.validate_aud = false,
+    }
+    v
 }
 
 fn identity(claims: Map<String, Value>) -> Result<Identity, AuthError> {

@@ -27,6 +27,7 @@ pub fn command() -> Command {
                 .help("TOML configuration file [default: ./pulso.toml when present]"),
         )
         .subcommand(Command::new("run").about("Serve (the default when no verb is given)"))
+        .subcommand(Command::new("config-reference").about("Print the configuration reference (Markdown)"))
         .subcommand(Command::new("check-config").about("Validate the configuration and print the effective settings, secrets masked"))
         .subcommand(
             Command::new("token")
@@ -93,6 +94,10 @@ pub fn main() -> ExitCode {
         Some((verb, sub)) => (verb, sub),
         None => ("run", &matches),
     };
+    if verb == "config-reference" {
+        print!("{}", crate::config::settings::reference_markdown());
+        return ExitCode::SUCCESS;
+    }
     let (config, layered) = match load(sub) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -212,13 +217,19 @@ fn serve(config: Config) -> ExitCode {
             }
         };
         let addr = server.local_addr();
-        if let Some(token) = server.sample_token() {
-            tracing::warn!("no jwt.secret configured: using a RANDOM secret; tokens stop working when pulso restarts");
+        if let Some(tokens) = server.sample_tokens() {
+            tracing::warn!(
+                "no jwt.secret configured: using a RANDOM secret; tokens stop working when pulso restarts"
+            );
             eprintln!(
                 "\n  ⚠  No jwt.secret is configured, so pulso generated a random one for this run.\n     \
                  Set PULSO_JWT_SECRET (or jwt.secret in pulso.toml) for tokens that survive a restart.\n\n  \
-                 Sample token (role assistant, sub demo, valid 24 h):\n\n  {token}\n\n  \
-                 Try: websocat 'ws://127.0.0.1:{port}/ws?token={token}'\n",
+                 Sample token (role assistant, sub demo, valid 24 h):\n\n  {client}\n\n  \
+                 Publisher token for the HTTP API (valid 24 h):\n\n  {publisher}\n\n  \
+                 Try: websocat 'ws://127.0.0.1:{port}/ws?token={client}'\n       \
+                 or open http://127.0.0.1:{port}/?token={client}\n",
+                client = tokens.client,
+                publisher = tokens.publisher,
                 port = addr.port()
             );
         }

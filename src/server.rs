@@ -32,7 +32,15 @@ pub enum StartError {
 pub struct Server {
     listener: TcpListener,
     gateway: Arc<Gateway>,
-    sample_token: Option<String>,
+    sample_tokens: Option<SampleTokens>,
+}
+
+/// Tokens printed at start-up when the JWT secret was generated.
+pub struct SampleTokens {
+    /// Role `assistant`, sub `demo`.
+    pub client: String,
+    /// The first of `publisher_roles`, for the HTTP API.
+    pub publisher: String,
 }
 
 impl Server {
@@ -58,17 +66,25 @@ impl Server {
             .then(random_secret);
         let secret = config.jwt.secret.clone().or(generated.clone());
         let verifier = Verifier::new(&config.jwt, secret.as_deref())?;
-        let sample_token = match &generated {
-            Some(secret) => Signer::hmac(secret)
-                .token(
-                    "assistant",
-                    "demo",
-                    Some(Duration::from_secs(24 * 3600)),
-                    &Default::default(),
-                )
-                .ok(),
-            None => None,
-        };
+        // With a generated secret nobody else can mint tokens, so print two:
+        // one to connect with and one to publish with.
+        let sample_tokens = generated.as_ref().and_then(|secret| {
+            let signer = Signer::hmac(secret);
+            let day = Some(Duration::from_secs(24 * 3600));
+            let publisher = config
+                .publisher_roles
+                .first()
+                .map(String::as_str)
+                .unwrap_or("admin");
+            Some(SampleTokens {
+                client: signer
+                    .token("assistant", "demo", day, &Default::default())
+                    .ok()?,
+                publisher: signer
+                    .token(publisher, "demo-publisher", day, &Default::default())
+                    .ok()?,
+            })
+        });
 
         let metrics = Arc::new(Metrics::new());
         let presence =
@@ -89,7 +105,7 @@ impl Server {
         Ok(Server {
             listener,
             gateway,
-            sample_token,
+            sample_tokens,
         })
     }
 
@@ -103,9 +119,9 @@ impl Server {
         &self.gateway
     }
 
-    /// A token for role `assistant`, when the secret was generated at start.
-    pub fn sample_token(&self) -> Option<&str> {
-        self.sample_token.as_deref()
+    /// Ready-made tokens, when the secret was generated at start.
+    pub fn sample_tokens(&self) -> Option<&SampleTokens> {
+        self.sample_tokens.as_ref()
     }
 
     /// Cancelling this token stops the server gracefully.

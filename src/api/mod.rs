@@ -30,6 +30,12 @@ pub fn router() -> Router<Arc<Gateway>> {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/", get(console))
+}
+
+/// The live console: one static page that uses the public endpoints only.
+async fn console() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("assets/console.html"))
 }
 
 /// A caller allowed to publish: a JWT whose role is in `publisher_roles`, or
@@ -40,16 +46,7 @@ impl FromRequestParts<Arc<Gateway>> for Publisher {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, gw: &Arc<Gateway>) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .unwrap_or("");
+        let token = bearer_token(&parts.headers).unwrap_or("");
         if let Some(key) = &gw.config.api_key
             && !token.is_empty()
             && constant_time_eq(token.as_bytes(), key.as_bytes())
@@ -68,6 +65,18 @@ impl FromRequestParts<Arc<Gateway>> for Publisher {
         }
         Ok(Publisher)
     }
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

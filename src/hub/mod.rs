@@ -476,14 +476,17 @@ mod tests {
         while let Ok(e) = watch.try_recv() {
             events.push((e.filter.to_string(), e.active));
         }
+        // Activations follow subscription order; the last connection's
+        // filters are released in set order.
         assert_eq!(
-            events,
-            vec![
-                ("t".into(), true),
-                ("w/#".into(), true),
-                ("t".into(), false),
-                ("w/#".into(), false)
-            ]
+            events[..2],
+            [("t".to_string(), true), ("w/#".to_string(), true)]
+        );
+        let mut released = events[2..].to_vec();
+        released.sort();
+        assert_eq!(
+            released,
+            [("t".to_string(), false), ("w/#".to_string(), false)]
         );
     }
 

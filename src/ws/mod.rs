@@ -41,14 +41,7 @@ pub mod close {
 
 /// The token of an HTTP request: `Authorization: Bearer …`, else `?token=…`.
 pub fn request_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_string());
+    let bearer = crate::api::bearer_token(headers).map(str::to_string);
     bearer.or_else(|| {
         serde_urlencoded::from_str::<Vec<(String, String)>>(query?)
             .ok()?
@@ -162,7 +155,8 @@ struct Connection {
     id: ConnId,
     identity: Identity,
     deadline: Option<tokio::time::Instant>,
-    out: WsRecipient,
+    /// The same handle the hub delivers through; replies share its queue.
+    out: Arc<WsRecipient>,
     rate: RateLimit,
     alive: bool,
 }
@@ -176,16 +170,12 @@ impl Connection {
 
         let (tx, rx) = mpsc::channel(gw.config.ws.outbound_queue);
         let closer = Arc::new(Closer::new());
-        let out = WsRecipient {
+        let out = Arc::new(WsRecipient {
             tx,
             closer: closer.clone(),
             gw: gw.clone(),
-        };
-        let id = gw.hub.register(Arc::new(WsRecipient {
-            tx: out.tx.clone(),
-            closer: closer.clone(),
-            gw: gw.clone(),
-        }));
+        });
+        let id = gw.hub.register(out.clone());
         let (sink, stream) = socket.split();
         let writer = tokio::spawn(write_loop(sink, rx, closer.clone()));
 

@@ -321,4 +321,38 @@ mod tests {
             json!({"topic":"a\"b","ts":7,"event":"ev","payload":{"v":1}})
         );
     }
+
+    /// Random text, and random mutations of valid requests, never panic
+    /// and always yield either a request or a coded error.
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let seeds = [
+            r#"{"type":"sub","topic":"a/+/#","id":1}"#,
+            r#"{"type":"pub","topic":"x","payload":{"a":[1,2,{"b":null}]},"event":"e","id":"z"}"#,
+            r#"{"type":"auth","token":"abc"}"#,
+        ];
+        let alphabet: Vec<char> = "{}[]\":,#+/\\ \u{0}\u{7f}aé0-1etypsubd".chars().collect();
+        for i in 0..20_000u32 {
+            let mut text: Vec<char> = seeds[(i % 3) as usize].chars().collect();
+            for _ in 0..(1 + i % 5) {
+                let pos = rand::random_range(0..=text.len());
+                match rand::random_range(0..3) {
+                    0 if pos < text.len() => {
+                        text.remove(pos);
+                    }
+                    1 if pos < text.len() => {
+                        text[pos] = alphabet[rand::random_range(0..alphabet.len())]
+                    }
+                    _ => text.insert(pos, alphabet[rand::random_range(0..alphabet.len())]),
+                }
+            }
+            let text: String = text.into_iter().collect();
+            let parsed = parse(&text);
+            if let Err(e) = &parsed.request {
+                assert!(!e.code.is_empty() && !e.message.is_empty(), "{text}");
+                let reply = error(parsed.id, e);
+                assert!(serde_json::from_str::<Value>(&reply).is_ok(), "{reply}");
+            }
+        }
+    }
 }

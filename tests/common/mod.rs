@@ -20,6 +20,16 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "test-secret";
+
+/// For tests that need an external service (a broker, a database) that is
+/// missing: prints why the test is skipped and returns. Under `.ci/run`
+/// (`PULSO_REQUIRE_SERVICES=1`) the service must be there, so it fails instead.
+pub fn skip(reason: &str) {
+    if std::env::var("PULSO_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
+        panic!("required service missing (PULSO_REQUIRE_SERVICES=1): {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+}
 pub const WAIT: Duration = Duration::from_secs(5);
 
 pub struct TestServer {

@@ -1,0 +1,263 @@
+//! HTTP API end to end: publish, broadcast, publisher auth, limits, health.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn publish_counts_recipients_and_reaches_wildcards() {
+    let srv = TestServer::start().await;
+    let mut exact = srv.ws("assistant", "1").await;
+    exact.sub("a/b").await;
+    let mut wild = srv.ws("assistant", "2").await;
+    wild.sub("a/+").await;
+    wild.sub("a/b").await;
+    let (status, body) = srv.publish("a/b", json!({"x": true})).await;
+    assert_eq!((status, body), (200, json!({"recipients": 2})));
+    assert_eq!(exact.recv().await["payload"], json!({"x": true}));
+    assert_eq!(wild.recv().await["topic"], "a/b");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn broadcast_to_several_rooms_reaches_each_connection_once() {
+    let srv = TestServer::start().await;
+    let mut both = srv.ws("assistant", "1").await;
+    both.sub("assistant").await;
+    both.sub("assistant_2").await;
+    let mut timer = srv.ws("timer", "2").await;
+    timer.sub("timer").await;
+    let mut other = srv.ws("assistant", "3").await;
+    other.sub("unrelated").await;
+    let (status, body) = srv
+        .post(
+            "/api/broadcast",
+            json!({"rooms":["assistant_2","assistant","timer"],"event":"checkin","data":{"check_in_id":{"id":4}}}),
+        )
+        .await;
+    assert_eq!((status, body), (200, json!({"recipients": 2})));
+    let m = both.recv().await;
+    assert_eq!(
+        (m["topic"].clone(), m["event"].clone()),
+        (json!("assistant_2"), json!("checkin"))
+    );
+    assert_eq!(m["payload"], json!({"check_in_id":{"id":4}}));
+    assert_eq!(timer.recv().await["topic"], "timer");
+    // `both` got exactly one copy: the next thing it sees is a reply.
+    assert_eq!(
+        both.request(json!({"type":"ping"}), 1).await["type"],
+        "pong"
+    );
+    // A single room as a string.
+    let (_, body) = srv
+        .post("/api/broadcast", json!({"rooms":"unrelated","data":1}))
+        .await;
+    assert_eq!(body["recipients"], 1);
+    assert_eq!(other.recv().await["payload"], 1);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn publisher_auth() {
+    let srv = TestServer::start_toml("api_key = \"k3y\"\n").await;
+    let url = srv.url("/api/publish");
+    let body = json!({"topic":"t","payload":1}).to_string();
+    let (s, b) = post_json(&url, None, &body).await;
+    assert_eq!(
+        (s, b["error"]["code"].clone()),
+        (401, json!("unauthorized"))
+    );
+    let (s, b) = post_json(&url, Some("nonsense"), &body).await;
+    assert_eq!(
+        (s, b["error"]["code"].clone()),
+        (401, json!("invalid_token"))
+    );
+    let expired = token_claims(json!({"sub":"x","role":"admin","exp":1000}));
+    let (s, b) = post_json(&url, Some(&expired), &body).await;
+    assert_eq!(
+        (s, b["error"]["code"].clone()),
+        (401, json!("token_expired"))
+    );
+    let (s, b) = post_json(&url, Some(&srv.token("assistant", "1")), &body).await;
+    assert_eq!((s, b["error"]["code"].clone()), (403, json!("forbidden")));
+    for ok in [
+        srv.token("admin", "a"),
+        srv.token("service", "s"),
+        "k3y".to_string(),
+    ] {
+        let (s, b) = post_json(&url, Some(&ok), &body).await;
+        assert_eq!((s, b), (200, json!({"recipients": 0})));
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn bad_bodies_get_clear_errors() {
+    let srv = TestServer::start().await;
+    let admin = srv.token("admin", "a");
+    let publish = srv.url("/api/publish");
+    let broadcast = srv.url("/api/broadcast");
+    let cases = [
+        (&publish, "not json", 400, "bad_request"),
+        (&publish, "[1]", 400, "bad_request"),
+        (&publish, r#"{"payload":1}"#, 400, "bad_request"),
+        (&publish, r#"{"topic":5,"payload":1}"#, 400, "bad_request"),
+        (&publish, r#"{"topic":"t"}"#, 400, "bad_request"),
+        (
+            &publish,
+            r#"{"topic":"","payload":1}"#,
+            400,
+            "invalid_topic",
+        ),
+        (
+            &publish,
+            r#"{"topic":"a\u0000b","payload":1}"#,
+            400,
+            "invalid_topic",
+        ),
+        (
+            &publish,
+            r#"{"topic":"t","payload":1,"event":7}"#,
+            400,
+            "bad_request",
+        ),
+        (&broadcast, r#"{"rooms":[],"data":1}"#, 400, "bad_request"),
+        (
+            &broadcast,
+            r#"{"rooms":["ok",""],"data":1}"#,
+            400,
+            "invalid_topic",
+        ),
+        (&broadcast, r#"{"rooms":[1],"data":1}"#, 400, "bad_request"),
+        (&broadcast, r#"{"rooms":"r"}"#, 400, "bad_request"),
+    ];
+    for (url, body, status, code) in cases {
+        let (s, b) = post_json(url, Some(&admin), body).await;
+        assert_eq!(
+            (s, b["error"]["code"].clone()),
+            (status, json!(code)),
+            "{body}: {b}"
+        );
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    // Still serving.
+    assert_eq!(srv.publish("t", json!(1)).await.0, 200);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_body_is_413() {
+    let srv = TestServer::start_toml("[api]\nmax_body = \"1KiB\"\n").await;
+    let admin = srv.token("admin", "a");
+    let big = json!({"topic":"t","payload":"x".repeat(2000)}).to_string();
+    let (s, b) = post_json(&srv.url("/api/publish"), Some(&admin), &big).await;
+    assert_eq!(
+        (s, b["error"]["code"].clone()),
+        (413, json!("payload_too_large"))
+    );
+    // Chunked, without a content-length: still refused.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+        big.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert!(resp.contains("payload_too_large"), "{resp}");
+    let small = json!({"topic":"t","payload":"x"}).to_string();
+    assert_eq!(
+        post_json(&srv.url("/api/publish"), Some(&admin), &small)
+            .await
+            .0,
+        200
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn health_ready_metrics() {
+    let srv = TestServer::start().await;
+    let health = reqwest::get(srv.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = reqwest::get(srv.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        ready.json::<serde_json::Value>().await.unwrap()["status"],
+        "ready"
+    );
+
+    let mut c = srv.ws("assistant", "1").await;
+    c.sub("m").await;
+    srv.publish("m", json!(1)).await;
+    c.recv().await;
+    c.send_text("oops").await;
+    c.recv().await;
+    let m = srv.metrics().await;
+    for needle in [
+        "pulso_connections{protocol=\"ws\"} 1",
+        "pulso_subscriptions 2",
+        "pulso_topics 2",
+        "pulso_messages_published_total{source=\"api\"} 1",
+        "pulso_messages_delivered_total 1",
+        "pulso_messages_dropped_total 0",
+        "pulso_slow_consumer_closes_total 0",
+        "pulso_client_errors_total{code=\"bad_request\"} 1",
+        "pulso_stage_latency_seconds_bucket{le=",
+    ] {
+        assert!(m.contains(needle), "missing {needle} in\n{m}");
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404() {
+    let srv = TestServer::start().await;
+    let r = reqwest::get(srv.url("/nope")).await.unwrap();
+    assert_eq!(r.status(), 404);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn demo_feed_publishes_sine_values() {
+    let srv = TestServer::start_toml("[demo]\nenabled = true\ninterval = \"50ms\"\n").await;
+    let mut c = srv.ws("assistant", "1").await;
+    c.sub("metricas/demo").await;
+    for _ in 0..3 {
+        let m = c.recv().await;
+        assert_eq!(m["topic"], "metricas/demo");
+        let v = m["payload"]["value"].as_f64().unwrap();
+        assert!((-1.2..=1.2).contains(&v), "{v}");
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn console_page_is_served() {
+    let srv = TestServer::start().await;
+    let r = reqwest::get(srv.url("/")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("metricas/demo")
+            && body.contains("/api/publish")
+            && body.contains("/ws?token=")
+    );
+    srv.stop().await;
+}

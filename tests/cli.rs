@@ -1,0 +1,283 @@
+//! The `pulso` binary: flags, environment, TOML, check-config, token, and a
+//! real process started with no configuration at all (the quickstart).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::WsClient;
+use pulso::auth::Verifier;
+use pulso::config::Config;
+
+fn pulso() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pulso"));
+    // A clean slate: no PULSO_* from the caller, and no ./pulso.toml.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PULSO_") {
+            c.env_remove(k);
+        }
+    }
+    c.current_dir(std::env::temp_dir());
+    c
+}
+
+fn run(c: &mut Command) -> (i32, String, String) {
+    let out = c.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_lists_every_setting_with_flag_and_env() {
+    let (code, out, _) = run(pulso().arg("--help"));
+    assert_eq!(code, 0);
+    for s in pulso::config::SETTINGS {
+        assert!(
+            out.contains(&format!("--{}", s.flag())),
+            "--help lacks --{}",
+            s.flag()
+        );
+        assert!(out.contains(&s.env()), "--help lacks {}", s.env());
+    }
+}
+
+#[test]
+fn check_config_applies_precedence_and_masks_secrets() {
+    let dir = tempdir();
+    let file = dir.join("p.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:7000\"\n[ws]\nrate_limit = 10\nmax_subscriptions = 11\n[jwt]\nsecret = \"file-secret\"\n").unwrap();
+    let (code, out, err) = run(pulso()
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .args(["--ws-rate-limit", "30"])
+        .env("PULSO_WS_RATE_LIMIT", "20")
+        .env("PULSO_WS_MAX_SUBSCRIPTIONS", "12")
+        .env("PULSO_AUTO_SUBSCRIBE", "a,b/#"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("listen = \"127.0.0.1:7000\"  # file"), "{out}");
+    assert!(out.contains("ws.rate_limit = 30  # flag"), "{out}");
+    assert!(out.contains("ws.max_subscriptions = 12  # env"), "{out}");
+    assert!(
+        out.contains("auto_subscribe = [\"a\", \"b/#\"]  # env"),
+        "{out}"
+    );
+    assert!(out.contains("jwt.secret = \"********\"  # file"), "{out}");
+    assert!(!out.contains("file-secret"));
+    assert!(out.contains("ws.outbound_queue = 1024  # default"), "{out}");
+}
+
+#[test]
+fn pulso_toml_in_the_working_directory_is_read() {
+    let dir = tempdir();
+    std::fs::write(dir.join("pulso.toml"), "node_id = \"from-cwd\"\n").unwrap();
+    let (code, out, _) = run(pulso().arg("check-config").current_dir(&dir));
+    assert_eq!(code, 0);
+    assert!(out.contains("node_id = \"from-cwd\"  # file"), "{out}");
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_the_setting() {
+    let dir = tempdir();
+    let bad_file = dir.join("bad.toml");
+    std::fs::write(&bad_file, "[ws]\nmax_mesage_size = 5\n").unwrap();
+    let cases: Vec<(Command, &str)> = vec![
+        (
+            {
+                let mut c = pulso();
+                c.args(["check-config", "--ws-max-message-size", "huge"]);
+                c
+            },
+            "ws.max_message_size",
+        ),
+        (
+            {
+                let mut c = pulso();
+                c.arg("check-config")
+                    .env("PULSO_KEEPALIVE_INTERVAL", "soon");
+                c
+            },
+            "keepalive_interval",
+        ),
+        (
+            {
+                let mut c = pulso();
+                c.arg("check-config").env("PULSO_LISTEN", "nowhere");
+                c
+            },
+            "listen",
+        ),
+        (
+            {
+                let mut c = pulso();
+                c.args(["check-config", "--config"]).arg(&bad_file);
+                c
+            },
+            "ws.max_mesage_size",
+        ),
+        (
+            {
+                let mut c = pulso();
+                c.args(["check-config", "--acl", "{ x = { publish = [\"a/#/b\"] } }"]);
+                c
+            },
+            "acl.x.publish",
+        ),
+        (
+            {
+                let mut c = pulso();
+                c.args(["--demo-enabled", "maybe"]);
+                c
+            },
+            "demo.enabled",
+        ),
+    ];
+    for (mut cmd, setting) in cases {
+        let (code, _, err) = run(&mut cmd);
+        assert_eq!(code, 2, "{setting}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(&format!("`{setting}`")), "{setting}: {err}");
+    }
+}
+
+#[test]
+fn token_command_signs_with_the_configured_secret() {
+    let (code, out, err) = run(pulso()
+        .args([
+            "token",
+            "--role",
+            "assistant",
+            "--sub",
+            "42",
+            "--claim",
+            "tournamentId=2",
+            "--claim",
+            "name=Ana",
+            "--ttl",
+            "10m",
+        ])
+        .env("PULSO_JWT_SECRET", "cli-secret"));
+    assert_eq!(code, 0, "{err}");
+    let cfg = Config::defaults().jwt;
+    let id = Verifier::new(&cfg, Some("cli-secret"))
+        .unwrap()
+        .verify(out.trim())
+        .unwrap();
+    assert_eq!((id.role.as_str(), id.sub.as_str()), ("assistant", "42"));
+    assert_eq!(id.claims["tournamentId"], 2);
+    assert_eq!(id.claims["name"], "Ana");
+    let ttl = id.exp.unwrap() - id.claims["iat"].as_u64().unwrap();
+    assert_eq!(ttl, 600);
+    // Without a key it refuses clearly.
+    let (code, _, err) = run(pulso().args(["token", "--role", "r", "--sub", "s"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("jwt.secret"), "{err}");
+}
+
+/// Starts the binary with no configuration, reads the sample token it
+/// prints, receives the demo feed with it, then stops it with SIGTERM.
+#[tokio::test]
+async fn quickstart_with_no_configuration() {
+    let mut child = pulso()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--demo-interval",
+            "100ms",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut tokens, mut addr, mut warned) = (Vec::new(), None, false);
+    while tokens.len() < 2 || addr.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("startup output");
+        if line.contains("RANDOM secret") {
+            warned = true;
+        }
+        if line.trim().starts_with("eyJ") {
+            tokens.push(line.trim().to_string());
+        }
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && let Some(a) = v["fields"]["addr"].as_str()
+        {
+            addr = Some(a.to_string());
+        }
+    }
+    assert!(warned, "a loud warning about the random secret");
+    let (client, publisher, addr) = (&tokens[0], &tokens[1], addr.unwrap());
+    let mut c = WsClient::connect(&format!("ws://{addr}/ws?token={client}")).await;
+    c.sub("metricas/demo").await;
+    let m = c.recv().await;
+    assert_eq!(m["topic"], "metricas/demo");
+    assert!(m["payload"]["value"].is_number());
+    // The printed publisher token works with the HTTP API; the client token does not.
+    let body = serde_json::json!({"topic":"temperature","payload":{"celsius":21.5}}).to_string();
+    let url = format!("http://{addr}/api/publish");
+    assert_eq!(common::post_json(&url, Some(client), &body).await.0, 403);
+    let (status, reply) = common::post_json(&url, Some(publisher), &body).await;
+    assert_eq!((status, reply["recipients"].as_u64()), (200, Some(1)));
+    loop {
+        let m = c.recv().await;
+        if m["topic"] == "temperature" {
+            assert_eq!(m["payload"]["celsius"], 21.5);
+            break;
+        }
+    }
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(c.close_code().await, 1001);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "pulso-cli-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[test]
+fn docs_configuration_md_is_the_generated_reference() {
+    let (code, out, _) = run(pulso().arg("config-reference"));
+    assert_eq!(code, 0);
+    let path = format!("{}/docs/configuration.md", env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        doc == out,
+        "docs/configuration.md is stale: run `cargo run -q -- config-reference > docs/configuration.md`"
+    );
+}

@@ -1,0 +1,118 @@
+// Shared helper for the interop tests: starts the real pulso binary on a free
+// port with a known secret, waits until it answers /healthz, mints tokens,
+// and stops it. PULSO_BIN names the binary (default: the debug build).
+import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import jwt from 'jsonwebtoken';
+
+export const SECRET = 'interop-secret';
+const here = dirname(fileURLToPath(import.meta.url));
+const defaultBin = resolve(
+  process.env.CARGO_TARGET_DIR || resolve(here, '../../../target'),
+  'debug/pulso',
+);
+
+export function freePort() {
+  return new Promise((res, rej) => {
+    const srv = createServer();
+    srv.unref();
+    srv.on('error', rej);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => res(port));
+    });
+  });
+}
+
+/** Waits for `check()` to return a truthy value, polling, up to `ms`. */
+export async function until(what, check, ms = 5000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await check();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Resolves with the first `event` of `emitter` (or rejects after `ms`). */
+export function once(emitter, event, ms = 5000) {
+  return new Promise((res, rej) => {
+    const t = setTimeout(() => rej(new Error(`timed out waiting for '${event}'`)), ms);
+    const on = emitter.once ? 'once' : 'on';
+    emitter[on](event, (...args) => {
+      clearTimeout(t);
+      res(args.length > 1 ? args : args[0]);
+    });
+  });
+}
+
+export function token(role, sub, extra = {}, opts = { expiresIn: '1h' }) {
+  return jwt.sign({ role, sub, ...extra }, SECRET, opts);
+}
+
+/**
+ * Starts pulso. `env` adds PULSO_* settings. Returns { url, wsUrl, port, stop, post, get, logs }.
+ */
+export async function startPulso(env = {}) {
+  const port = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), 'pulso-interop-'));
+  const bin = process.env.PULSO_BIN || defaultBin;
+  const child = spawn(bin, [], {
+    cwd: dir,
+    env: {
+      ...process.env,
+      PULSO_LISTEN: `127.0.0.1:${port}`,
+      PULSO_JWT_SECRET: SECRET,
+      PULSO_DEMO_ENABLED: 'false',
+      PULSO_NODE_ID: `interop-${port}`,
+      ...env,
+    },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let logs = '';
+  child.on('error', (e) => (logs += `cannot start ${bin}: ${e.message} (set PULSO_BIN)\n`));
+  child.stdout.on('data', (d) => (logs += d));
+  child.stderr.on('data', (d) => (logs += d));
+  const exited = new Promise((res) => child.on('exit', (code, signal) => res({ code, signal })));
+  const url = `http://127.0.0.1:${port}`;
+  await until('pulso /healthz', async () => {
+    if (child.exitCode !== null) throw new Error(`pulso exited early:\n${logs}`);
+    try {
+      return (await fetch(`${url}/healthz`)).ok;
+    } catch {
+      return false;
+    }
+  }, 15000);
+  const admin = token('admin', 'interop-admin');
+  const request = async (method, path, body, bearer = admin) => {
+    const res = await fetch(url + path, {
+      method,
+      headers: { 'content-type': 'application/json', ...(bearer ? { authorization: `Bearer ${bearer}` } : {}) },
+      body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
+    });
+    const text = await res.text();
+    let json;
+    try { json = JSON.parse(text); } catch { json = text; }
+    return { status: res.status, body: json };
+  };
+  return {
+    port,
+    url,
+    dir,
+    wsUrl: `ws://127.0.0.1:${port}/ws`,
+    logs: () => logs,
+    post: (path, body, bearer) => request('POST', path, body, bearer),
+    get: (path, bearer) => request('GET', path, undefined, bearer),
+    /** SIGTERM and wait; resolves with the exit code. */
+    async stop() {
+      if (child.exitCode === null) child.kill('SIGTERM');
+      const { code } = await exited;
+      return code;
+    },
+  };
+}

@@ -1,0 +1,83 @@
+// The npm `ws` client (the library the original design used) against /ws.
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import WebSocket from 'ws';
+import { startPulso, token, once } from './lib/pulso.mjs';
+
+let pulso;
+before(async () => {
+  pulso = await startPulso({ PULSO_DEMO_ENABLED: 'true', PULSO_DEMO_INTERVAL: '100ms' });
+});
+after(async () => {
+  assert.equal(await pulso.stop(), 0, 'pulso exits 0 on SIGTERM');
+});
+
+/** Opens a client that queues every JSON message for `next()`. */
+async function connect(tok) {
+  const ws = new WebSocket(`${pulso.wsUrl}?token=${tok}`);
+  const queue = [];
+  const waiters = [];
+  ws.on('message', (data) => {
+    const msg = JSON.parse(data.toString());
+    const w = waiters.shift();
+    if (w) w(msg); else queue.push(msg);
+  });
+  await once(ws, 'open');
+  ws.next = (ms = 5000) =>
+    queue.length
+      ? Promise.resolve(queue.shift())
+      : new Promise((res, rej) => {
+          const t = setTimeout(() => rej(new Error('no message in time')), ms);
+          waiters.push((m) => { clearTimeout(t); res(m); });
+        });
+  /** Next message matching `pred`, skipping others. */
+  ws.until = async (pred) => { for (;;) { const m = await ws.next(); if (pred(m)) return m; } };
+  ws.sendJson = (v) => ws.send(JSON.stringify(v));
+  return ws;
+}
+
+test('receives a message published over HTTP', async () => {
+  const ws = await connect(token('assistant', 'node-1'));
+  ws.sendJson({ type: 'sub', topic: 'checkins', id: 1 });
+  assert.deepEqual(await ws.until((m) => m.id === 1), { type: 'ack', id: 1 });
+  const res = await pulso.post('/api/publish', { topic: 'checkins', payload: { check_in_id: { id: 4, nick: 'aguila_calva' } } });
+  assert.equal(res.status, 200);
+  assert.equal(res.body.recipients, 1);
+  const msg = await ws.until((m) => m.topic === 'checkins');
+  assert.deepEqual(msg.payload, { check_in_id: { id: 4, nick: 'aguila_calva' } });
+  assert.equal(typeof msg.ts, 'number');
+  ws.close();
+});
+
+test('receives the demo feed', async () => {
+  const ws = await connect(token('assistant', 'node-2'));
+  ws.sendJson({ type: 'sub', topic: 'metricas/demo' });
+  const msg = await ws.until((m) => m.topic === 'metricas/demo');
+  assert.equal(typeof msg.payload.value, 'number');
+  ws.close();
+});
+
+test('ping gets pong, errors keep the connection', async () => {
+  const ws = await connect(token('timer', 'node-3'));
+  ws.sendJson({ type: 'ping', id: 'p' });
+  const pong = await ws.until((m) => m.id === 'p');
+  assert.equal(pong.type, 'pong');
+  ws.send('not json');
+  assert.equal((await ws.until((m) => m.type === 'error')).code, 'bad_request');
+  ws.sendJson({ type: 'ping', id: 2 });
+  assert.equal((await ws.until((m) => m.id === 2)).type, 'pong');
+  ws.close();
+});
+
+test('a bad token is rejected with 401 before the upgrade', async () => {
+  for (const [tok, code] of [['garbage', 'invalid_token'], [null, 'unauthorized']]) {
+    const ws = new WebSocket(tok ? `${pulso.wsUrl}?token=${tok}` : pulso.wsUrl);
+    ws.on('error', () => {}); // the refused upgrade also surfaces as an error
+    const res = await once(ws, 'unexpected-response');
+    const [, response] = res;
+    assert.equal(response.statusCode, 401);
+    let body = '';
+    for await (const chunk of response) body += chunk;
+    assert.equal(JSON.parse(body).error.code, code);
+  }
+});
