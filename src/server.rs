@@ -88,7 +88,8 @@ impl Server {
 
         let metrics = Arc::new(Metrics::new());
         let presence =
-            crate::presence::Presence::start(&config.presence, &config.node_id, metrics.clone());
+            crate::presence::Presence::start(&config.presence, &config.node_id, metrics.clone())
+                .await;
         let readiness = Readiness::default();
         let check = presence.clone();
         readiness.register("presence", move || check.status());

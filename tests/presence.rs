@@ -49,7 +49,7 @@ async fn postgres_url() -> Option<String> {
     let opts = match sqlx::postgres::PgConnectOptions::from_str(&url) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("SKIP: PULSO_TEST_POSTGRES_URL `{url}` is invalid: {e}");
+            common::skip(&format!("PULSO_TEST_POSTGRES_URL `{url}` is invalid: {e}"));
             return None;
         }
     };
@@ -63,11 +63,11 @@ async fn postgres_url() -> Option<String> {
             Some(url)
         }
         Ok(Err(e)) => {
-            eprintln!("SKIP: PostgreSQL at {url} is unreachable: {e}");
+            common::skip(&format!("PostgreSQL at {url} is unreachable: {e}"));
             None
         }
         Err(_) => {
-            eprintln!("SKIP: PostgreSQL at {url} did not answer in time");
+            common::skip(&format!("PostgreSQL at {url} did not answer in time"));
             None
         }
     }

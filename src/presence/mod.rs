@@ -86,9 +86,10 @@ pub enum ReadError {
 }
 
 impl Presence {
-    /// Starts the writer task. It connects in the background, so a database
-    /// that is down at start-up does not stop the gateway from serving.
-    pub fn start(config: &PresenceConfig, node: &str, metrics: Arc<Metrics>) -> Presence {
+    /// Starts the writer task and waits (boundedly) for its first connection
+    /// attempt, so `/readyz` tells the truth from the start. A database that
+    /// is down does not stop the gateway: the writer keeps retrying.
+    pub async fn start(config: &PresenceConfig, node: &str, metrics: Arc<Metrics>) -> Presence {
         let (tx, rx) = mpsc::channel(QUEUE);
         let shared = Arc::new(Shared {
             node: node.to_string(),
@@ -97,7 +98,14 @@ impl Presence {
             state: Mutex::new(Err("connecting".into())),
             metrics,
         });
-        tokio::spawn(writer(config.database_url.clone(), shared.clone(), rx));
+        let (first, first_rx) = oneshot::channel();
+        tokio::spawn(writer(
+            config.database_url.clone(),
+            shared.clone(),
+            rx,
+            first,
+        ));
+        let _ = tokio::time::timeout(DB_TIMEOUT * 2, first_rx).await;
         Presence { tx, shared }
     }
 
@@ -194,7 +202,13 @@ impl Link {
 }
 
 /// The background writer: connect, then apply queued operations in order.
-async fn writer(url: String, shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
+async fn writer(
+    url: String,
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Op>,
+    first: oneshot::Sender<()>,
+) {
+    let mut first = Some(first);
     let mut link = Link {
         url,
         shared: shared.clone(),
@@ -206,6 +220,9 @@ async fn writer(url: String, shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
         // Connect before waiting for work, so readiness reflects the store
         // even while nobody connects; while disconnected, wake to retry.
         let connected = link.ensure().await.is_some();
+        if let Some(first) = first.take() {
+            let _ = first.send(());
+        }
         let op = if connected {
             rx.recv().await
         } else {

@@ -41,7 +41,11 @@ pub struct TestServer {
 
 /// Base settings for tests: loopback, free port, fixed secret, no demo feed.
 pub fn base_toml() -> String {
-    format!("listen = \"127.0.0.1:0\"\n[jwt]\nsecret = \"{SECRET}\"\n[demo]\nenabled = false\n")
+    // Presence in a private in-memory SQLite: no `pulso.db` in the working
+    // directory, nothing shared between tests.
+    format!(
+        "listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite::memory:\"\n[jwt]\nsecret = \"{SECRET}\"\n[demo]\nenabled = false\n"
+    )
 }
 
 impl TestServer {
