@@ -473,3 +473,26 @@ async fn shutdown_disconnects_socketio_clients() {
     b.disconnected().await;
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
+
+#[tokio::test]
+async fn sails_io_js_connect_packet_with_a_query_and_its_request_shape() {
+    // socket.io-client 2.x puts its `query` option after the namespace in
+    // CONNECT; sails.io.js always sets one.
+    let srv = server("").await;
+    let mut c = SioClient::open(srv.addr, 3).await;
+    c.join_as(
+        NS,
+        "40/notifications?__sails_io_sdk_version=1.2.1&__sails_io_sdk_platform=node&__sails_io_sdk_language=javascript,",
+    )
+    .await;
+    let ack = c
+        .request(
+            "get",
+            &[json!({"method": "get", "headers": {}, "data": {"jwt-api-key": srv.token("timer", "sails"), "tournamentId": 2}, "url": NS})],
+        )
+        .await;
+    assert_eq!(
+        ack,
+        json!({"body": {"socketId": format!("{NS}#{}", c.engine_id), "rooms": ["timer", "timer_2"]}, "statusCode": 200})
+    );
+}

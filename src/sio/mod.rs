@@ -17,12 +17,14 @@ pub mod request;
 pub mod rooms;
 
 use std::collections::HashSet;
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 use socketioxide::extract::{AckSender, Event, SocketRef, State, TryData};
+use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Sid;
 use socketioxide::{ProtocolVersion, SocketIo};
@@ -76,14 +78,21 @@ pub fn layer(gw: &Arc<Gateway>) -> (SocketIoLayer, SocketIo) {
         // after the same time an unauthenticated one would be.
         .connect_timeout(cfg.socketio.auth_timeout)
         .build_layer();
-    io.ns("/", on_root);
-    io.ns(cfg.socketio.namespace.clone(), on_connect);
+    // Everything is set up in connect *middlewares*: socketioxide awaits
+    // them before it sends the CONNECT packet, whereas the connect handler
+    // runs after it, so a fast client could otherwise emit its `get` before
+    // the event handlers exist (and never get an ack).
+    io.ns("/", connected.with(on_root));
+    io.ns(cfg.socketio.namespace.clone(), connected.with(on_connect));
     (layer, io)
 }
 
+/// The connect handler proper; all the work happened in the middleware.
+async fn connected(_s: SocketRef) {}
+
 /// Root namespace: nothing is served; the connection must authenticate on
 /// the notifications namespace within `auth_timeout`.
-async fn on_root(s: SocketRef, State(st): State<Arc<Sio>>) {
+async fn on_root(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infallible> {
     let done = CancellationToken::new();
     s.extensions.insert(done.clone());
     s.on_disconnect(async |s: SocketRef| {
@@ -106,6 +115,7 @@ async fn on_root(s: SocketRef, State(st): State<Arc<Sio>>) {
             }
         }
     });
+    Ok(())
 }
 
 /// What an authenticated socket holds.
@@ -291,7 +301,7 @@ fn client_socket_id(s: &SocketRef) -> String {
     }
 }
 
-async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) {
+async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infallible> {
     let gw = st.gw.clone();
     gw.metrics.connections.get_or_create(&LABEL).inc();
     gw.metrics.connections_total.get_or_create(&LABEL).inc();
@@ -358,6 +368,7 @@ async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) {
             }
         }
     });
+    Ok(())
 }
 
 async fn on_request(s: SocketRef, TryData(data): TryData<Value>, ack: AckSender) {

@@ -75,8 +75,14 @@ impl SioClient {
     }
 
     pub async fn join(&mut self, ns: &str) {
+        self.join_as(ns, &format!("40{ns},")).await;
+    }
+
+    /// Joins `ns` by sending `packet` as the CONNECT packet (e.g. with the
+    /// query string socket.io-client 2.x appends).
+    pub async fn join_as(&mut self, ns: &str, packet: &str) {
         self.ns = ns.to_string();
-        self.send_raw(&format!("40{ns},")).await;
+        self.send_raw(packet).await;
         let t = self.text().await.expect("namespace connect");
         let prefix = format!("0{ns}");
         assert!(t.starts_with(&prefix), "namespace connect: {t}");

@@ -1,0 +1,285 @@
+// Real Socket.IO clients against the notifications endpoint (SPEC §4, §5, §7):
+// socket.io-client 4.x (WebSocket, polling, polling→upgrade), socket.io-client
+// 2.x (Engine.IO 3) and sails.io.js 1.2.1 itself (on socket.io-client 2.x).
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import { io as io4 } from 'socket.io-client';
+import io2 from 'sio2';
+import sailsIOClient from 'sails.io.js';
+import { startPulso, token, once, until } from './lib/pulso.mjs';
+
+const NS = '/notifications';
+let pulso;
+
+before(async () => {
+  pulso = await startPulso();
+});
+after(async () => {
+  assert.equal(await pulso.stop(), 0, 'pulso exits 0 on SIGTERM');
+});
+
+const opened = [];
+after(() => {
+  for (const s of opened) {
+    try { s.close(); } catch { /* already closed */ }
+  }
+});
+
+/** The reason of a 'disconnect' event (4.x also passes a description). */
+async function disconnectReason(socket) {
+  const r = await once(socket, 'disconnect');
+  return Array.isArray(r) ? r[0] : r;
+}
+
+// sails.io.js augments the io function it is given, once.
+let sailsIo;
+
+/** Connects a client of `kind` to the notifications namespace. */
+async function connect(kind) {
+  let socket;
+  switch (kind) {
+    case 'v4-websocket':
+      socket = io4(pulso.url + NS, { transports: ['websocket'], reconnection: false, forceNew: true });
+      break;
+    case 'v4-polling':
+      socket = io4(pulso.url + NS, { transports: ['polling'], reconnection: false, forceNew: true });
+      break;
+    case 'v4-upgrade':
+      socket = io4(pulso.url + NS, { reconnection: false, forceNew: true });
+      break;
+    case 'v2-websocket':
+      socket = io2(pulso.url + NS, { transports: ['websocket'], reconnection: false, forceNew: true });
+      break;
+    case 'v2-polling':
+      socket = io2(pulso.url + NS, { transports: ['polling'], reconnection: false, forceNew: true });
+      break;
+    default:
+      throw new Error(kind);
+  }
+  opened.push(socket);
+  await once(socket, 'connect');
+  return socket;
+}
+
+/** A sails.io.js socket (its own wire format: {method, headers, data, url}). */
+async function connectSails() {
+  if (!sailsIo) {
+    sailsIo = sailsIOClient(io2);
+    sailsIo.sails.autoConnect = false;
+    sailsIo.sails.environment = 'production'; // no console banners
+    sailsIo.sails.reconnection = false;
+  }
+  const socket = sailsIo.sails.connect(pulso.url + NS, { multiplex: false });
+  opened.push({ close: () => socket.isConnected() && socket.disconnect() });
+  await until('sails socket connected', () => socket.isConnected());
+  return socket;
+}
+
+/** A virtual request with an ack, resolved with the ack's argument. */
+function request(socket, event, payload) {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`no ack for ${event}`)), 5000);
+    socket.emit(event, payload, (ack) => {
+      clearTimeout(t);
+      resolve(ack);
+    });
+  });
+}
+
+function auth(socket, tok, params = {}) {
+  return request(socket, 'get', { url: NS, params: { 'jwt-api-key': tok, ...params } });
+}
+
+/** Queues every `event` message of a socket, for in-order assertions. */
+function inbox(socket, event) {
+  const queue = [];
+  const waiters = [];
+  socket.on(event, (data) => {
+    const w = waiters.shift();
+    if (w) w(data); else queue.push(data);
+  });
+  return (ms = 5000) =>
+    queue.length
+      ? Promise.resolve(queue.shift())
+      : new Promise((res, rej) => {
+          const t = setTimeout(() => rej(new Error(`no '${event}' in time`)), ms);
+          waiters.push((d) => { clearTimeout(t); res(d); });
+        });
+}
+
+async function presenceOf(sub) {
+  const { status, body } = await pulso.get(`/api/presence?sub=${encodeURIComponent(sub)}`);
+  assert.equal(status, 200, JSON.stringify(body));
+  return body.sockets;
+}
+
+for (const kind of ['v4-websocket', 'v4-polling', 'v4-upgrade', 'v2-websocket', 'v2-polling']) {
+  test(`${kind}: authenticates, joins its rooms, presence set and cleared`, async () => {
+    const sub = `${kind}-assistant`;
+    const socket = await connect(kind);
+    const ack = await auth(socket, token('assistant', sub), { tournamentId: 2 });
+    assert.deepEqual(ack, { body: { socketId: socket.id, rooms: ['assistant', 'assistant_2'] }, statusCode: 200 });
+    if (kind.startsWith('v2')) assert.match(socket.id, /^\/notifications#/);
+
+    const rows = await until('presence row', async () => {
+      const r = await presenceOf(sub);
+      return r.length === 1 && r;
+    });
+    assert.equal(rows[0].socket_id, socket.id);
+    assert.equal(rows[0].protocol, 'socketio');
+    assert.equal(rows[0].role, 'assistant');
+
+    // Own-id room.
+    const next = inbox(socket, 'direct');
+    const res = await pulso.post('/api/broadcast', { rooms: socket.id, event: 'direct', data: { hi: kind } });
+    assert.deepEqual(res, { status: 200, body: { recipients: 1 } });
+    assert.deepEqual(await next(), { hi: kind });
+
+    socket.disconnect();
+    await until('presence cleared', async () => (await presenceOf(sub)).length === 0);
+  });
+}
+
+test('sails.io.js: socket.get(/notifications) authenticates with its own request shape', async () => {
+  const socket = await connectSails();
+  const [body, jwr] = await new Promise((resolve) =>
+    socket.get(NS, { 'jwt-api-key': token('assistant', 'sails-1'), tournamentId: 2 }, (b, j) => resolve([b, j])),
+  );
+  assert.equal(jwr.statusCode, 200);
+  assert.deepEqual(body.rooms, ['assistant', 'assistant_2']);
+  assert.equal(body.socketId, socket._raw.id);
+  const rows = await until('presence row', async () => {
+    const r = await presenceOf('sails-1');
+    return r.length === 1 && r;
+  });
+  assert.equal(rows[0].socket_id, socket._raw.id);
+
+  // Server-initiated messages are plain events.
+  const got = new Promise((resolve) => socket.on('check_in', resolve));
+  const res = await pulso.post('/api/broadcast', { rooms: 'assistant_2', event: 'check_in', data: { check_in_id: { id: 4, nick: 'aguila_calva' } } });
+  assert.equal(res.status, 200);
+  assert.deepEqual(await got, { check_in_id: { id: 4, nick: 'aguila_calva' } });
+
+  // A failed request: error body, status code, then the server disconnects.
+  const bad = await connectSails();
+  const disconnected = disconnectReason(bad._raw);
+  const [errBody, errJwr] = await new Promise((resolve) =>
+    bad.get(NS, { 'jwt-api-key': 'nope' }, (b, j) => resolve([b, j])),
+  );
+  assert.equal(errJwr.statusCode, 401);
+  assert.equal(errBody.error.code, '401-2');
+  assert.equal(await disconnected, 'io server disconnect');
+
+  socket.disconnect();
+  await until('presence cleared', async () => (await presenceOf('sails-1')).length === 0);
+});
+
+const failures = [
+  ['400-1', 400, () => 'not an object'],
+  ['400-1', 400, () => ({ params: { 'jwt-api-key': token('assistant', 'x') } })],
+  ['404-1', 404, () => ({ url: '/elsewhere', params: { 'jwt-api-key': token('assistant', 'x') } })],
+  ['401-1', 401, () => ({ url: NS, params: {} })],
+  ['401-2', 401, () => ({ url: NS, params: { 'jwt-api-key': 'not-a-jwt' } })],
+  ['401-2', 401, () => ({ url: NS, params: { 'jwt-api-key': 12345 } })],
+  ['401-3', 401, () => ({ url: NS, params: { 'jwt-api-key': token('assistant', 'x', {}, { expiresIn: -10 }) } })],
+];
+
+for (const kind of ['v4-websocket', 'v2-polling']) {
+  test(`${kind}: every failure code is acknowledged, then the socket is disconnected`, async () => {
+    for (const [code, status, make] of failures) {
+      const socket = await connect(kind);
+      const disconnected = disconnectReason(socket);
+      const ack = await request(socket, 'get', make());
+      assert.equal(ack.statusCode, status, JSON.stringify(ack));
+      assert.equal(ack.body.error.code, code, JSON.stringify(ack));
+      assert.equal(typeof ack.body.error.message, 'string');
+      assert.equal(await disconnected, 'io server disconnect');
+    }
+  });
+}
+
+test('403-1 when the role is not in socketio.allowed_roles', async () => {
+  const restricted = await startPulso({ PULSO_SOCKETIO_ALLOWED_ROLES: 'assistant,timer' });
+  try {
+    const socket = io4(restricted.url + NS, { transports: ['websocket'], reconnection: false });
+    await once(socket, 'connect');
+    const disconnected = disconnectReason(socket);
+    const ack = await new Promise((res) => socket.emit('get', { url: NS, params: { 'jwt-api-key': token('admin', 'a') } }, res));
+    assert.deepEqual(ack.body.error.code, '403-1');
+    assert.equal(ack.statusCode, 403);
+    assert.equal(await disconnected, 'io server disconnect');
+  } finally {
+    assert.equal(await restricted.stop(), 0);
+  }
+});
+
+test('no events before authentication; only get/post after; neither disconnects', async () => {
+  const socket = await connect('v4-websocket');
+  let ack = await request(socket, 'publish', { room: 'admin' });
+  assert.equal(ack.body.error.code, '401-1');
+  assert.equal(ack.statusCode, 401);
+  ack = await auth(socket, token('timer', 'gate'));
+  assert.equal(ack.statusCode, 200);
+  ack = await request(socket, 'publish', { room: 'admin' });
+  assert.equal(ack.body.error.code, '404-1');
+  // A refresh with another identity: 401-2, still connected.
+  ack = await auth(socket, token('timer', 'someone-else'));
+  assert.equal(ack.body.error.code, '401-2');
+  ack = await auth(socket, token('timer', 'gate'));
+  assert.deepEqual(ack.body.rooms, ['timer']);
+  assert.equal(socket.connected, true);
+  socket.disconnect();
+});
+
+test('a broadcast reaches exactly the sockets in the named rooms, across client versions', async () => {
+  const onsite = await connect('v4-websocket'); // assistant
+  const handler = await connect('v2-websocket'); // assistant of tournament 2
+  const other = await connect('v4-polling'); // assistant of tournament 3
+  const timer = await connectSails(); // timer, through sails.io.js
+  await auth(onsite, token('assistant', 'b-onsite'));
+  await auth(handler, token('assistant', 'b-handler'), { tournamentId: 2 });
+  await auth(other, token('assistant', 'b-other'), { tournamentId: 3 });
+  const timerAck = await new Promise((res) => timer.get(NS, { 'jwt-api-key': token('timer', 'b-timer') }, res));
+  assert.deepEqual(timerAck.rooms, ['timer']);
+
+  const inboxes = {
+    onsite: inbox(onsite, 'note'),
+    handler: inbox(handler, 'note'),
+    other: inbox(other, 'note'),
+    timer: inbox(timer._raw, 'note'),
+  };
+  const send = async (rooms, data) => (await pulso.post('/api/broadcast', { rooms, event: 'note', data })).body;
+
+  assert.deepEqual(await send('assistant_2', 'to-tournament-2'), { recipients: 1 });
+  assert.deepEqual(await send(['timer'], 'to-timers'), { recipients: 1 });
+  assert.deepEqual(await send(['assistant', 'assistant_2'], 'to-assistants'), { recipients: 3 });
+  assert.deepEqual(await send(['assistant', 'timer'], 'to-all'), { recipients: 4 });
+
+  // Each socket's messages, in order: what it should not get is absent
+  // because the next message it sees is the following one meant for it.
+  assert.equal(await inboxes.handler(), 'to-tournament-2');
+  assert.equal(await inboxes.handler(), 'to-assistants');
+  assert.equal(await inboxes.handler(), 'to-all');
+  assert.equal(await inboxes.timer(), 'to-timers');
+  assert.equal(await inboxes.timer(), 'to-all');
+  for (const name of ['onsite', 'other']) {
+    assert.equal(await inboxes[name](), 'to-assistants', name);
+    assert.equal(await inboxes[name](), 'to-all', name);
+  }
+  for (const s of [onsite, handler, other]) s.disconnect();
+  timer.disconnect();
+});
+
+test('a socket that never authenticates is closed after socketio.auth_timeout', async () => {
+  const quick = await startPulso({ PULSO_SOCKETIO_AUTH_TIMEOUT: '300ms' });
+  try {
+    const v4 = io4(quick.url + NS, { transports: ['websocket'], reconnection: false });
+    const v2 = io2(quick.url + NS, { transports: ['polling'], reconnection: false, forceNew: true });
+    await Promise.all([once(v4, 'connect'), once(v2, 'connect')]);
+    const [r4, r2] = await Promise.all([disconnectReason(v4), disconnectReason(v2)]);
+    assert.equal(r4, 'io server disconnect');
+    assert.equal(r2, 'io server disconnect');
+  } finally {
+    assert.equal(await quick.stop(), 0);
+  }
+});
