@@ -417,7 +417,7 @@ async fn many_sockets_connecting_and_dropping_at_once_leave_nothing_behind() {
     let srv = server("").await;
     let addr = srv.addr;
     let mut tasks = Vec::new();
-    for i in 0..300 {
+    for i in 0..1000 {
         let t = token(
             "assistant",
             &format!("m{i}"),

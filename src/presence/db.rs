@@ -18,6 +18,14 @@ use sqlx::{AssertSqlSafe, Row as _};
 use super::Holder;
 use crate::config::EntityTable;
 
+/// One queued write.
+pub enum Write<'a> {
+    /// The row (role, sub) now holds this socket, since `at` (ms).
+    Set(&'a Holder, u64),
+    /// Clear the row if it still holds this socket.
+    Clear(&'a Holder),
+}
+
 /// One row that holds a socket, as `GET /api/presence` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Row {
@@ -127,6 +135,10 @@ impl Db {
         if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
+                // WAL + NORMAL: durable across a process crash, one fsync
+                // per checkpoint rather than per write.
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(2));
             let pool = SqlitePoolOptions::new()
                 .max_connections(4)
@@ -150,50 +162,55 @@ impl Db {
         on_pool!(self, pool => m.run(pool).await)
     }
 
-    pub async fn set(
+    /// Applies several writes in one transaction (one fsync for a burst of
+    /// connects and disconnects), in order.
+    pub async fn write_batch(
         &self,
-        h: &Holder,
         node: &str,
-        at_ms: u64,
-        table: Option<&EntityTable>,
+        entities: &HashMap<String, EntityTable>,
+        writes: &[Write<'_>],
     ) -> Result<(), sqlx::Error> {
-        let at = i64::try_from(at_ms).unwrap_or(i64::MAX);
         on_pool!(self, pool => {
-            sqlx::query(SET_SQL)
-                .bind(&h.role)
-                .bind(&h.sub)
-                .bind(&h.socket_id)
-                .bind(h.protocol)
-                .bind(node)
-                .bind(at)
-                .execute(pool)
-                .await?;
-            if let Some(t) = table {
-                sqlx::query(AssertSqlSafe(app_set_sql(t)))
-                    .bind(&h.socket_id)
-                    .bind(&h.sub)
-                    .execute(pool)
-                    .await?;
+            let mut tx = pool.begin().await?;
+            for w in writes {
+                match w {
+                    Write::Set(h, at_ms) => {
+                        let at = i64::try_from(*at_ms).unwrap_or(i64::MAX);
+                        sqlx::query(SET_SQL)
+                            .bind(&h.role)
+                            .bind(&h.sub)
+                            .bind(&h.socket_id)
+                            .bind(h.protocol)
+                            .bind(node)
+                            .bind(at)
+                            .execute(&mut *tx)
+                            .await?;
+                        if let Some(t) = entities.get(&h.role) {
+                            sqlx::query(AssertSqlSafe(app_set_sql(t)))
+                                .bind(&h.socket_id)
+                                .bind(&h.sub)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                    }
+                    Write::Clear(h) => {
+                        sqlx::query(CLEAR_SQL)
+                            .bind(&h.role)
+                            .bind(&h.sub)
+                            .bind(&h.socket_id)
+                            .execute(&mut *tx)
+                            .await?;
+                        if let Some(t) = entities.get(&h.role) {
+                            sqlx::query(AssertSqlSafe(app_clear_sql(t)))
+                                .bind(&h.sub)
+                                .bind(&h.socket_id)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                    }
+                }
             }
-        });
-        Ok(())
-    }
-
-    pub async fn clear(&self, h: &Holder, table: Option<&EntityTable>) -> Result<(), sqlx::Error> {
-        on_pool!(self, pool => {
-            sqlx::query(CLEAR_SQL)
-                .bind(&h.role)
-                .bind(&h.sub)
-                .bind(&h.socket_id)
-                .execute(pool)
-                .await?;
-            if let Some(t) = table {
-                sqlx::query(AssertSqlSafe(app_clear_sql(t)))
-                    .bind(&h.sub)
-                    .bind(&h.socket_id)
-                    .execute(pool)
-                    .await?;
-            }
+            tx.commit().await?;
         });
         Ok(())
     }

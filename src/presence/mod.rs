@@ -22,12 +22,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{EntityTable, PresenceConfig};
 use crate::metrics::Metrics;
-pub use db::{Db, Row};
+pub use db::{Db, Row, Write};
 
 /// Operations queued before the writer starts dropping (and counting) them.
 pub const QUEUE: usize = 4096;
-/// Attempts per operation before it is given up (and counted as failed).
+/// Attempts per batch before it is given up (and counted as failed).
 const ATTEMPTS: u32 = 3;
+/// Most writes applied in one transaction.
+const BATCH: usize = 256;
 /// How long one connection attempt or query may take.
 const DB_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -232,31 +234,51 @@ async fn writer(
             }
         };
         let Some(op) = op else { return };
-        match op {
-            Op::Stop(done) => {
-                if let Some(db) = &link.db {
-                    match tokio::time::timeout(
-                        DB_TIMEOUT,
-                        db.clear_node(&shared.node, &shared.entities),
-                    )
-                    .await
-                    {
-                        Ok(Ok(n)) => tracing::info!(rows = n, "presence rows of this node cleared"),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "could not clear presence rows"),
-                        Err(_) => tracing::warn!("clearing presence rows timed out"),
-                    }
-                }
-                let _ = done.send(());
-                return;
+        // Take what else is queued (up to BATCH) into the same transaction.
+        let mut batch = vec![op];
+        while batch.len() < BATCH && !matches!(batch.last(), Some(Op::Stop(_))) {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
             }
-            op => apply(&mut link, &op).await,
+        }
+        let stop = match batch.last() {
+            Some(Op::Stop(_)) => batch.pop(),
+            _ => None,
+        };
+        if !batch.is_empty() {
+            apply(&mut link, &batch).await;
+        }
+        if let Some(Op::Stop(done)) = stop {
+            if let Some(db) = &link.db {
+                match tokio::time::timeout(
+                    DB_TIMEOUT,
+                    db.clear_node(&shared.node, &shared.entities),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => tracing::info!(rows = n, "presence rows of this node cleared"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not clear presence rows"),
+                    Err(_) => tracing::warn!("clearing presence rows timed out"),
+                }
+            }
+            let _ = done.send(());
+            return;
         }
     }
 }
 
-/// Applies one write, retrying a failed query a few times.
-async fn apply(link: &mut Link, op: &Op) {
+/// Applies a batch of writes in one transaction, retrying it a few times.
+async fn apply(link: &mut Link, batch: &[Op]) {
     let shared = link.shared.clone();
+    let writes: Vec<Write<'_>> = batch
+        .iter()
+        .filter_map(|op| match op {
+            Op::Set(h, at) => Some(Write::Set(h, *at)),
+            Op::Clear(h) => Some(Write::Clear(h)),
+            Op::Stop(_) => None,
+        })
+        .collect();
     let mut last = String::new();
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
@@ -273,20 +295,18 @@ async fn apply(link: &mut Link, op: &Op) {
                 .unwrap_or_default();
             break;
         };
-        let result = match op {
-            Op::Set(h, at) => {
-                let table = shared.entities.get(&h.role);
-                tokio::time::timeout(DB_TIMEOUT, conn.set(h, &shared.node, *at, table)).await
-            }
-            Op::Clear(h) => {
-                let table = shared.entities.get(&h.role);
-                tokio::time::timeout(DB_TIMEOUT, conn.clear(h, table)).await
-            }
-            Op::Stop(_) => return,
-        };
+        let result = tokio::time::timeout(
+            DB_TIMEOUT,
+            conn.write_batch(&shared.node, &shared.entities, &writes),
+        )
+        .await;
         match result {
             Ok(Ok(())) => {
-                shared.metrics.presence_write("ok");
+                shared
+                    .metrics
+                    .presence_writes
+                    .get_or_create(&[("result", "ok")])
+                    .inc_by(writes.len() as u64);
                 shared.set_state(Ok(()));
                 return;
             }
@@ -294,8 +314,12 @@ async fn apply(link: &mut Link, op: &Op) {
             Err(_) => last = "timed out".into(),
         }
     }
-    shared.metrics.presence_write("failed");
-    tracing::warn!(error = %last, "presence write failed");
+    shared
+        .metrics
+        .presence_writes
+        .get_or_create(&[("result", "failed")])
+        .inc_by(writes.len() as u64);
+    tracing::warn!(error = %last, writes = writes.len(), "presence writes failed");
     shared.set_state(Err(format!("last write failed: {last}")));
 }
 
