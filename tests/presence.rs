@@ -479,3 +479,45 @@ async fn database_url_errors_name_the_setting() {
     assert!(e.0.contains("`presence.entities.assistant.table`"), "{e}");
     let _ = SECRET;
 }
+
+#[tokio::test]
+async fn one_bad_application_table_does_not_sink_other_writes() {
+    let url = sqlite_url();
+    let srv = start(
+        &url,
+        &unique("node"),
+        "[presence.entities.timer]\ntable = \"no_such_table\"\n",
+    )
+    .await;
+    let (a, t) = (unique("a"), unique("t"));
+    // Both writes may land in one batch; the timer's fails, the assistant's must not.
+    let (mut ca, mut ct) = (
+        SioClient::connect(srv.addr, 4, NS).await,
+        SioClient::connect(srv.addr, 4, NS).await,
+    );
+    let (ta, tt) = (srv.token("assistant", &a), srv.token("timer", &t));
+    let (ack_a, ack_t) = tokio::join!(ca.auth(&ta, json!({})), ct.auth(&tt, json!({})));
+    assert_eq!(
+        (ack_a["statusCode"].clone(), ack_t["statusCode"].clone()),
+        (json!(200), json!(200))
+    );
+    presence_until(&srv, &a, "the assistant row", |r| r.len() == 1).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !srv
+        .metrics()
+        .await
+        .contains("pulso_presence_writes_total{result=\"failed\"} 1")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            srv.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        presence_until(&srv, &t, "no timer row", |_| true)
+            .await
+            .is_empty()
+    );
+}

@@ -268,9 +268,10 @@ async fn writer(
     }
 }
 
-/// Applies a batch of writes in one transaction, retrying it a few times.
+/// Applies a batch of writes in one transaction. If the database refuses it
+/// (a query error, say a missing application table), the writes are retried
+/// one by one, so a single bad write cannot sink the rest of the batch.
 async fn apply(link: &mut Link, batch: &[Op]) {
-    let shared = link.shared.clone();
     let writes: Vec<Write<'_>> = batch
         .iter()
         .filter_map(|op| match op {
@@ -279,10 +280,33 @@ async fn apply(link: &mut Link, batch: &[Op]) {
             Op::Stop(_) => None,
         })
         .collect();
+    match attempt(link, &writes, ATTEMPTS).await {
+        Outcome::Refused if writes.len() > 1 => {
+            for w in writes.chunks(1) {
+                attempt(link, w, ATTEMPTS).await;
+            }
+        }
+        _ => {}
+    }
+}
+
+enum Outcome {
+    Done,
+    /// The database answered with an error (the writes themselves are bad).
+    Refused,
+    /// Not connected, timed out, or the connection failed.
+    Unavailable,
+}
+
+/// Tries one transaction up to `attempts` times; counts and logs the result
+/// (a refused multi-write batch is left to the caller to split).
+async fn attempt(link: &mut Link, writes: &[Write<'_>], attempts: u32) -> Outcome {
+    let shared = link.shared.clone();
     let mut last = String::new();
-    for attempt in 0..ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(attempt - 1))).await;
+    let mut outcome = Outcome::Unavailable;
+    for n in 0..attempts {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(n - 1))).await;
         }
         let Some(conn) = link.ensure().await else {
             // Not connected (and not due for another attempt): fail fast.
@@ -293,11 +317,12 @@ async fn apply(link: &mut Link, batch: &[Op]) {
                 .clone()
                 .err()
                 .unwrap_or_default();
+            outcome = Outcome::Unavailable;
             break;
         };
         let result = tokio::time::timeout(
             DB_TIMEOUT,
-            conn.write_batch(&shared.node, &shared.entities, &writes),
+            conn.write_batch(&shared.node, &shared.entities, writes),
         )
         .await;
         match result {
@@ -308,10 +333,24 @@ async fn apply(link: &mut Link, batch: &[Op]) {
                     .get_or_create(&[("result", "ok")])
                     .inc_by(writes.len() as u64);
                 shared.set_state(Ok(()));
-                return;
+                return Outcome::Done;
             }
-            Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = "timed out".into(),
+            Ok(Err(e)) => {
+                outcome = if matches!(e, sqlx::Error::Database(_)) {
+                    Outcome::Refused
+                } else {
+                    Outcome::Unavailable
+                };
+                last = e.to_string();
+                if writes.len() > 1 && matches!(outcome, Outcome::Refused) {
+                    // The caller splits the batch; retrying it whole is futile.
+                    return outcome;
+                }
+            }
+            Err(_) => {
+                outcome = Outcome::Unavailable;
+                last = "timed out".into();
+            }
         }
     }
     shared
@@ -321,6 +360,7 @@ async fn apply(link: &mut Link, batch: &[Op]) {
         .inc_by(writes.len() as u64);
     tracing::warn!(error = %last, writes = writes.len(), "presence writes failed");
     shared.set_state(Err(format!("last write failed: {last}")));
+    outcome
 }
 
 async fn connect(url: &str, shared: &Shared) -> Result<Db, String> {
