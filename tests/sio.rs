@@ -496,3 +496,42 @@ async fn sails_io_js_connect_packet_with_a_query_and_its_request_shape() {
         json!({"body": {"socketId": format!("{NS}#{}", c.engine_id), "rooms": ["timer", "timer_2"]}, "statusCode": 200})
     );
 }
+
+#[tokio::test]
+async fn a_slow_socket_is_disconnected_and_others_lose_nothing() {
+    let srv = server("[ws]\noutbound_queue = 16\n").await;
+    let mut fast = SioClient::connect(srv.addr, 4, NS).await;
+    fast.auth(&srv.token("timer", "fast"), json!({})).await;
+    // Never reads while the flood lasts: its socket buffers fill, then its queue.
+    let mut slow = SioClient::connect(srv.addr, 3, NS).await;
+    slow.auth(&srv.token("timer", "slow"), json!({})).await;
+    let pad = "x".repeat(16 * 1024);
+    let n = 400;
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            let (_, args) = fast.event().await;
+            assert_eq!(args[0]["i"], got);
+            got += 1;
+        }
+        (got, fast)
+    });
+    for i in 0..n {
+        let (status, _) = srv
+            .post(
+                "/api/broadcast",
+                json!({"rooms": "timer", "data": {"i": i, "pad": pad}}),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let (got, _fast) = reader.await.unwrap();
+    assert_eq!(got, n, "the fast socket got every message in order");
+    let m = srv.metrics().await;
+    assert!(m.contains("pulso_slow_consumer_closes_total 1"), "{m}");
+    assert!(!m.contains("pulso_messages_dropped_total 0\n"), "{m}");
+    // Once it reads again, what was queued drains and the disconnect follows.
+    slow.disconnected().await;
+    srv.until("slow socket gone", |gw| gw.hub.stats().connections == 1)
+        .await;
+}

@@ -282,9 +282,21 @@ impl Recipient for SioRecipient {
                 if !self.closing.swap(true, Ordering::Relaxed) {
                     self.gw.metrics.slow_consumer_closes.inc();
                     tracing::debug!(sid = %self.socket.id, "socket.io slow consumer; disconnecting");
-                    // Disconnect handlers run on their own task, so this
-                    // never re-enters the hub while it delivers.
-                    let _ = self.socket.clone().disconnect();
+                    // socketioxide queues the DISCONNECT packet on the same
+                    // full channel, so `disconnect()` fails until there is
+                    // room: keep trying on a task (never here, under the
+                    // hub's lock). A peer that never reads again is closed
+                    // by Engine.IO's heartbeat timeout instead.
+                    let socket = self.socket.clone();
+                    self.gw.connections.spawn(async move {
+                        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+                        while socket.connected() && tokio::time::Instant::now() < give_up {
+                            if socket.clone().disconnect().is_ok() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    });
                 }
                 false
             }
