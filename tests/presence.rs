@@ -521,3 +521,135 @@ async fn one_bad_application_table_does_not_sink_other_writes() {
             .is_empty()
     );
 }
+
+/// A TCP proxy in front of PostgreSQL that can be "stopped" (every open
+/// connection cut, new ones dropped at once) and started again.
+struct Switch {
+    port: u16,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Switch {
+    async fn start(upstream: std::net::SocketAddr) -> Switch {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (d, c) = (down.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: the "server" is gone
+                }
+                let mut cut_rx = c.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Switch { port, down, cut }
+    }
+
+    fn stop(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    fn resume(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn postgres_stopped_while_running_does_not_disturb_delivery_and_recovers() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let opts = sqlx::postgres::PgConnectOptions::from_str(&url).unwrap();
+    let upstream = tokio::net::lookup_host((opts.get_host(), opts.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let switch = Switch::start(upstream).await;
+    // The same URL (credentials, database, options) with the proxy as host.
+    let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_start = url[scheme_end..]
+        .find('@')
+        .map(|i| scheme_end + i + 1)
+        .unwrap_or(scheme_end);
+    let host_end = url[host_start..]
+        .find(['/', '?'])
+        .map(|i| host_start + i)
+        .unwrap_or(url.len());
+    let proxied_url = format!(
+        "{}127.0.0.1:{}{}",
+        &url[..host_start],
+        switch.port,
+        &url[host_end..]
+    );
+    let srv = start(&proxied_url, &unique("node"), "").await;
+    let (a, b, c) = (unique("a"), unique("b"), unique("c"));
+
+    let mut sa = SioClient::connect(srv.addr, 4, NS).await;
+    sa.auth(&srv.token("timer", &a), json!({})).await;
+    presence_until(&srv, &a, "a's row", |r| r.len() == 1).await;
+
+    switch.stop();
+    let mut sb = SioClient::connect(srv.addr, 3, NS).await;
+    assert_eq!(
+        sb.auth(&srv.token("timer", &b), json!({})).await["statusCode"],
+        200
+    );
+    let (status, body) = srv
+        .post(
+            "/api/broadcast",
+            json!({"rooms": "timer", "data": "while down"}),
+        )
+        .await;
+    assert_eq!((status, body), (200, json!({"recipients": 2})));
+    assert_eq!(sa.event().await.1, vec![json!("while down")]);
+    assert_eq!(sb.event().await.1, vec![json!("while down")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = get_json(&srv, "/readyz", None).await;
+        if status == 503
+            && srv
+                .metrics()
+                .await
+                .contains("pulso_presence_writes_total{result=\"failed\"}")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    switch.resume();
+    let mut sc = SioClient::connect(srv.addr, 4, NS).await;
+    sc.auth(&srv.token("timer", &c), json!({})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let admin = srv.token("admin", "x");
+        let (status, body) = get_json(&srv, &format!("/api/presence?sub={c}"), Some(&admin)).await;
+        let (ready, _) = get_json(&srv, "/readyz", None).await;
+        if status == 200 && body["sockets"].as_array().is_some_and(|r| r.len() == 1) && ready == 200
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{status} {body} ready={ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    srv.stop().await;
+}
