@@ -535,3 +535,53 @@ async fn a_slow_socket_is_disconnected_and_others_lose_nothing() {
     srv.until("slow socket gone", |gw| gw.hub.stats().connections == 1)
         .await;
 }
+
+#[test]
+fn socketio_settings_are_checked_and_errors_name_the_setting() {
+    use pulso::config::{Config, Layered, Source};
+    let check = |name: &str, value: &str| {
+        let mut l = Layered::defaults();
+        l.set_text(name, value.into(), Source::Flag).unwrap();
+        Config::from_layered(&l)
+    };
+    for (name, bad) in [
+        ("socketio.namespace", "notifications"),
+        ("socketio.namespace", "/"),
+        ("socketio.namespace", "/a b"),
+        ("socketio.auth_timeout", "0"),
+        ("socketio.auth_timeout", "soon"),
+        ("socketio.rooms", "{role"),
+        ("socketio.rooms", "{}"),
+        (
+            "presence.entities",
+            "{ assistant = { id_column = \"id\" } }",
+        ),
+        (
+            "presence.entities",
+            "{ assistant = { table = \"t\", colour = \"x\" } }",
+        ),
+    ] {
+        let e = check(name, bad).unwrap_err();
+        assert!(e.0.contains(&format!("`{name}")), "{name}={bad}: {e}");
+    }
+    let c = check("socketio.allowed_roles", "assistant,timer").unwrap();
+    assert_eq!(c.socketio.allowed_roles, ["assistant", "timer"]);
+    assert_eq!(c.socketio.namespace, "/notifications");
+    assert_eq!(c.socketio.rooms, ["{role}", "{role}_{tournamentId}"]);
+    assert_eq!(c.socketio.auth_timeout, Duration::from_secs(10));
+    assert_eq!(c.presence.database_url, "sqlite://pulso.db");
+    let c = check(
+        "presence.entities",
+        "{ assistant = { table = \"onsite.assistants\" } }",
+    )
+    .unwrap();
+    let t = &c.presence.entities["assistant"];
+    assert_eq!(
+        (
+            t.table.as_str(),
+            t.id_column.as_str(),
+            t.socket_column.as_str()
+        ),
+        ("onsite.assistants", "id", "socket_id")
+    );
+}

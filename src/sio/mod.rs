@@ -288,13 +288,18 @@ impl Recipient for SioRecipient {
                     // hub's lock). A peer that never reads again is closed
                     // by Engine.IO's heartbeat timeout instead.
                     let socket = self.socket.clone();
+                    let shutdown = self.gw.shutdown.clone();
                     self.gw.connections.spawn(async move {
                         let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
                         while socket.connected() && tokio::time::Instant::now() < give_up {
                             if socket.clone().disconnect().is_ok() {
                                 return;
                             }
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                                // The shutdown closes every transport anyway.
+                                _ = shutdown.cancelled() => return,
+                            }
                         }
                     });
                 }
