@@ -6,6 +6,7 @@
 //! every source is flattened into `dotted name → raw value`, then each value is
 //! given its type.
 
+pub mod mqtt;
 pub mod settings;
 pub mod value;
 
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use mqtt::MqttConfig;
 pub use settings::{Kind, SETTINGS, Setting};
 use value::Raw;
 
@@ -277,6 +279,7 @@ pub struct Config {
     pub ws: WsConfig,
     pub acl: HashMap<String, RoleAcl>,
     pub demo: DemoConfig,
+    pub mqtt: MqttConfig,
 }
 
 impl Config {
@@ -372,6 +375,7 @@ impl Config {
         crate::hub::topic::validate_name(&demo.topic)
             .map_err(|e| ConfigError::setting("demo.topic", e))?;
 
+        let mqtt = mqtt::parse(l)?;
         Ok(Config {
             listen,
             node_id,
@@ -387,6 +391,7 @@ impl Config {
             ws,
             acl: parse_acl(&l.req("acl", value::parse_table)?)?,
             demo,
+            mqtt,
         })
     }
 }

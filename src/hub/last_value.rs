@@ -1,0 +1,162 @@
+//! The last message of each tracked topic, like an MQTT retained message, so
+//! a new subscriber sees the current value without waiting for the next one.
+//!
+//! Which topics are tracked is a list of filters (the MQTT bridge's
+//! `mqtt.topics` with its prefix). Any publish on a tracked topic updates it,
+//! whatever its source. Memory is bounded: at most `max_topics` topics, the
+//! least recently updated one evicted first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::Message;
+use super::topic::Filter;
+
+pub struct LastValues {
+    filters: Vec<Filter>,
+    max_topics: usize,
+    /// Topic → (message, update stamp).
+    latest: HashMap<Arc<str>, (Arc<Message>, u64)>,
+    /// Update stamp → topic: the first entry is the least recently updated.
+    by_age: BTreeMap<u64, Arc<str>>,
+    next_stamp: u64,
+}
+
+impl LastValues {
+    pub fn new(filters: Vec<Filter>, max_topics: usize) -> Self {
+        LastValues {
+            filters,
+            max_topics: max_topics.max(1),
+            latest: HashMap::new(),
+            by_age: BTreeMap::new(),
+            next_stamp: 0,
+        }
+    }
+
+    /// Whether messages on `topic` are kept.
+    pub fn tracks(&self, topic: &str) -> bool {
+        self.filters.iter().any(|f| f.matches(topic))
+    }
+
+    /// Keeps `msg` as its topic's last value if the topic is tracked.
+    /// Returns the number of topics held.
+    pub fn record(&mut self, msg: &Arc<Message>) -> usize {
+        if !self.tracks(&msg.topic) {
+            return self.latest.len();
+        }
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        if let Some((_, old)) = self.latest.insert(msg.topic.clone(), (msg.clone(), stamp)) {
+            self.by_age.remove(&old);
+        }
+        self.by_age.insert(stamp, msg.topic.clone());
+        while self.latest.len() > self.max_topics {
+            let Some((_, oldest)) = self.by_age.pop_first() else {
+                break;
+            };
+            self.latest.remove(&oldest);
+        }
+        self.latest.len()
+    }
+
+    /// The last values of every topic `filter` matches, oldest update first
+    /// (so a client sees them in the order they happened).
+    pub fn matching(&self, filter: &Filter) -> Vec<Arc<Message>> {
+        if !filter.is_wildcard() {
+            return self
+                .latest
+                .get(filter.as_str())
+                .map(|(m, _)| vec![m.clone()])
+                .unwrap_or_default();
+        }
+        let mut found: Vec<(u64, Arc<Message>)> = self
+            .latest
+            .values()
+            .filter(|(m, _)| filter.matches(&m.topic))
+            .map(|(m, stamp)| (*stamp, m.clone()))
+            .collect();
+        found.sort_by_key(|(stamp, _)| *stamp);
+        found.into_iter().map(|(_, m)| m).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.latest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.latest.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::payload_of;
+
+    fn f(s: &str) -> Filter {
+        Filter::parse(s).unwrap()
+    }
+
+    fn msg(topic: &str, value: i64, ts: u64) -> Arc<Message> {
+        Arc::new(Message::with_ts(topic.into(), None, payload_of(&value), ts))
+    }
+
+    fn values(v: &[Arc<Message>]) -> Vec<(String, String, u64)> {
+        v.iter()
+            .map(|m| (m.topic.to_string(), m.payload.get().to_string(), m.ts))
+            .collect()
+    }
+
+    #[test]
+    fn keeps_latest_per_tracked_topic_with_original_ts() {
+        let mut lv = LastValues::new(vec![f("temperature/#")], 10);
+        lv.record(&msg("temperature/a", 1, 100));
+        lv.record(&msg("temperature/a", 2, 200));
+        lv.record(&msg("humidity", 3, 300));
+        assert_eq!(lv.len(), 1);
+        assert_eq!(
+            values(&lv.matching(&f("temperature/a"))),
+            vec![("temperature/a".into(), "2".into(), 200)]
+        );
+        assert!(lv.matching(&f("humidity")).is_empty());
+        assert!(lv.tracks("temperature"), "a/# covers a");
+    }
+
+    #[test]
+    fn wildcards_get_every_match_in_update_order() {
+        let mut lv = LastValues::new(vec![f("#")], 10);
+        lv.record(&msg("s/b/t", 1, 1));
+        lv.record(&msg("s/a/t", 2, 2));
+        lv.record(&msg("s/a/h", 3, 3));
+        lv.record(&msg("s/b/t", 4, 4));
+        assert_eq!(
+            values(&lv.matching(&f("s/+/t"))),
+            vec![
+                ("s/a/t".into(), "2".into(), 2),
+                ("s/b/t".into(), "4".into(), 4)
+            ]
+        );
+        assert_eq!(lv.matching(&f("s/#")).len(), 3);
+        assert!(lv.matching(&f("x/#")).is_empty());
+    }
+
+    #[test]
+    fn evicts_least_recently_updated() {
+        let mut lv = LastValues::new(vec![f("#")], 2);
+        lv.record(&msg("a", 1, 1));
+        lv.record(&msg("b", 2, 2));
+        lv.record(&msg("a", 3, 3)); // a is now newer than b
+        assert_eq!(lv.record(&msg("c", 4, 4)), 2);
+        assert!(lv.matching(&f("b")).is_empty(), "b was the oldest");
+        assert_eq!(lv.matching(&f("a")).len(), 1);
+        assert_eq!(lv.matching(&f("c")).len(), 1);
+        assert_eq!(lv.by_age.len(), 2, "no stale stamps left behind");
+    }
+
+    #[test]
+    fn nothing_tracked_without_filters() {
+        let mut lv = LastValues::new(vec![], 10);
+        assert_eq!(lv.record(&msg("a", 1, 1)), 0);
+        assert!(lv.is_empty());
+    }
+}
