@@ -73,6 +73,8 @@ struct Subscriptions {
     /// Whether the connection is up; changed only under this lock so a plan
     /// change and a reconnection's re-subscribe never miss each other.
     connected: bool,
+    /// Subscribe/unsubscribe requests sent and not yet acknowledged.
+    awaiting_acks: usize,
 }
 
 impl Subscriptions {
@@ -197,6 +199,13 @@ impl Bridge {
         self.link.connected.load(Ordering::Relaxed)
     }
 
+    /// Connected, and every subscription change acknowledged by the broker:
+    /// from here on a message published on the broker reaches the hub.
+    pub fn is_settled(&self) -> bool {
+        let subs = lock(&self.subs);
+        subs.connected && subs.awaiting_acks == 0
+    }
+
     /// The filters currently subscribed on the broker.
     pub fn broker_subscriptions(&self) -> Vec<String> {
         lock(&self.subs).broker.iter().cloned().collect()
@@ -280,7 +289,9 @@ impl Bridge {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     self.on_publish(&gw.hub, &publish.topic, &publish.payload);
                 }
+                Ok(Event::Incoming(Packet::UnsubAck(_))) => self.acknowledged(),
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    self.acknowledged();
                     if ack
                         .return_codes
                         .iter()
@@ -326,6 +337,7 @@ impl Bridge {
         let mut subs = lock(&self.subs);
         let was = subs.connected;
         subs.connected = connected;
+        subs.awaiting_acks = 0;
         self.link.connected.store(connected, Ordering::Relaxed);
         self.metrics.mqtt_connected.set(i64::from(connected));
         if !connected {
@@ -341,19 +353,23 @@ impl Bridge {
         self.metrics.mqtt_connected.set(1);
         let wanted = subs.plan();
         let stale = std::mem::take(&mut subs.stale);
+        subs.awaiting_acks = 0;
         if session_present {
             for filter in stale.difference(&wanted) {
-                let _ = self.client.try_unsubscribe(filter.clone());
+                if self.client.try_unsubscribe(filter.clone()).is_ok() {
+                    subs.awaiting_acks += 1;
+                }
             }
         }
         let all: Vec<_> = wanted
             .iter()
             .map(|f| rumqttc::SubscribeFilter::new(f.clone(), self.qos))
             .collect();
-        if !all.is_empty()
-            && let Err(e) = self.client.try_subscribe_many(all)
-        {
-            tracing::warn!(error = %e, "could not queue the MQTT subscriptions");
+        if !all.is_empty() {
+            match self.client.try_subscribe_many(all) {
+                Ok(()) => subs.awaiting_acks += 1,
+                Err(e) => tracing::warn!(error = %e, "could not queue the MQTT subscriptions"),
+            }
         }
         self.metrics
             .mqtt_broker_subscriptions
@@ -364,6 +380,11 @@ impl Bridge {
             "connected to the MQTT broker"
         );
         subs.broker = wanted;
+    }
+
+    fn acknowledged(&self) {
+        let mut subs = lock(&self.subs);
+        subs.awaiting_acks = subs.awaiting_acks.saturating_sub(1);
     }
 
     fn on_error(&self, e: &ConnectionError) {
@@ -425,13 +446,19 @@ impl Bridge {
         let removed: Vec<String> = subs.broker.difference(&wanted).cloned().collect();
         if subs.connected {
             for filter in &added {
-                if let Err(e) = self.client.try_subscribe(filter.clone(), self.qos) {
-                    tracing::warn!(filter, error = %e, "could not queue an MQTT subscribe");
+                match self.client.try_subscribe(filter.clone(), self.qos) {
+                    Ok(()) => subs.awaiting_acks += 1,
+                    Err(e) => {
+                        tracing::warn!(filter, error = %e, "could not queue an MQTT subscribe")
+                    }
                 }
             }
             for filter in &removed {
-                if let Err(e) = self.client.try_unsubscribe(filter.clone()) {
-                    tracing::warn!(filter, error = %e, "could not queue an MQTT unsubscribe");
+                match self.client.try_unsubscribe(filter.clone()) {
+                    Ok(()) => subs.awaiting_acks += 1,
+                    Err(e) => {
+                        tracing::warn!(filter, error = %e, "could not queue an MQTT unsubscribe")
+                    }
                 }
             }
         } else {
