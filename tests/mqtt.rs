@@ -71,6 +71,12 @@ impl Broker {
 
     /// Writes the config for `port` without starting the process.
     fn prepare(port: u16) -> Option<Broker> {
+        Broker::prepare_with(port, |_| String::new())
+    }
+
+    /// Like [`Broker::prepare`], with extra config lines written by `extra`
+    /// (given the broker's directory).
+    fn prepare_with(port: u16, extra: impl FnOnce(&std::path::Path) -> String) -> Option<Broker> {
         static N: AtomicU32 = AtomicU32::new(0);
         let binary = mosquitto_binary()?;
         let dir = std::env::temp_dir().join(format!(
@@ -79,10 +85,11 @@ impl Broker {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
+        let extra = extra(&dir);
         std::fs::write(
             dir.join("mosquitto.conf"),
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nsys_interval 1\nlog_dest stderr\n"
+                "per_listener_settings false\nallow_anonymous true\npersistence false\nsys_interval 1\nlog_dest stderr\nlistener {port} 127.0.0.1\n{extra}"
             ),
         )
         .expect("write mosquitto.conf");
@@ -110,10 +117,15 @@ impl Broker {
             .await
             .is_err()
         {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             assert!(
-                tokio::time::Instant::now() < deadline,
-                "mosquitto did not start listening on {}",
-                self.port
+                exited.is_none() && tokio::time::Instant::now() < deadline,
+                "mosquitto did not start listening on {} ({exited:?}): {}",
+                self.port,
+                std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -778,5 +790,176 @@ async fn retained_broker_messages_fill_the_last_values() {
         .await;
     assert_eq!(c.recv().await, json!({"type":"ack","id":1}));
     assert_eq!(c.recv().await["payload"], json!(18.5));
+    srv.stop().await;
+}
+
+/// Makes a throw-away CA and a server certificate for 127.0.0.1 with the
+/// `openssl` command; `None` when it is not available.
+fn make_certificates(dir: &std::path::Path) -> Option<()> {
+    let run = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .ok()
+            .filter(|s| s.success())
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").ok()?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"],
+        &ec[..],
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=pulso test CA",
+        ],
+    ]
+    .concat())?;
+    run(&[
+        &["req"],
+        &ec[..],
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat())?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ])?;
+    // Mosquitto started as root drops to its own user, which must still
+    // read this throw-away key.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .ok()?;
+    Some(())
+}
+
+#[tokio::test]
+async fn mqtts_with_a_given_ca_file() {
+    if mosquitto_binary().is_none() {
+        eprintln!("SKIPPED: mosquitto is not installed");
+        return;
+    }
+    let tls_port = free_port();
+    let mut made = false;
+    let mut broker = Broker::prepare_with(free_port(), |dir| {
+        made = make_certificates(dir).is_some();
+        format!(
+            "listener {tls_port} 127.0.0.1\ncafile {0}/ca.crt\ncertfile {0}/server.crt\nkeyfile {0}/server.key\n",
+            dir.display()
+        )
+    })
+    .expect("broker config");
+    if !made {
+        eprintln!("SKIPPED: could not make test certificates with openssl");
+        return;
+    }
+    broker.run().await;
+    let ca = broker.dir.join("ca.crt");
+    let srv = TestServer::start_toml(&format!(
+        "[mqtt]\nurl = \"mqtts://127.0.0.1:{tls_port}\"\nca_file = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"300ms\"\n",
+        ca.display()
+    ))
+    .await;
+    until_settled(&srv).await;
+    let mut c = srv.ws("assistant", "1").await;
+    c.sub("temperature/#").await;
+    // The peer uses the plain listener of the same broker.
+    let peer = Peer::connect(broker.port, "tls-sensor").await;
+    peer.publish("temperature/secure", QoS::AtLeastOnce, "17")
+        .await;
+    let m = next_message(&mut c).await;
+    assert_eq!(
+        (m["topic"].clone(), m["payload"].clone()),
+        (json!("temperature/secure"), json!(17))
+    );
+    srv.stop().await;
+
+    // The system roots do not trust the test CA: never connected, and /readyz says why.
+    let srv = TestServer::start_toml(&format!(
+        "[mqtt]\nurl = \"mqtts://127.0.0.1:{tls_port}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"300ms\"\n"
+    ))
+    .await;
+    srv.until("a failed TLS handshake", |gw| {
+        gw.metrics.mqtt_connection_errors.get() >= 1
+    })
+    .await;
+    let (status, body) = readyz(&srv).await;
+    assert_eq!(status, 503);
+    let reason = body["checks"]["mqtt"].as_str().unwrap().to_lowercase();
+    assert!(
+        reason.contains("tls") || reason.contains("certificate"),
+        "{body}"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_broker_flood_closes_slow_clients_without_stalling_the_bridge() {
+    const FLOOD: u64 = 1000;
+    let broker = broker_or_skip!();
+    let srv =
+        TestServer::start_toml(&format!("[ws]\noutbound_queue = 64\n{}", broker.toml(""))).await;
+    until_settled(&srv).await;
+    let mut slow = srv.ws("assistant", "slow").await; // never reads
+    slow.sub("temperature/#").await;
+    // 1000 × 32 KiB: far more than socket buffers and the queue can hold.
+    let peer = Peer::connect(broker.port, "flood").await;
+    let big = format!("\"{}\"", "z".repeat(32 * 1024 - 2));
+    for _ in 0..FLOOD {
+        peer.publish("temperature/flood", QoS::AtMostOnce, big.clone())
+            .await;
+    }
+    // The bridge took every message off the broker without waiting for the
+    // client, which was closed as a slow consumer.
+    srv.until("the whole flood to be bridged", |gw| {
+        gw.metrics.mqtt_messages_in.get() == FLOOD
+    })
+    .await;
+    assert_eq!(slow.close_code().await, 1013, "slow consumer closed");
+    assert!(srv.gw.metrics.slow_consumer_closes.get() >= 1);
+    // And it still bridges for everyone else.
+    let mut fresh = srv.ws("assistant", "fresh").await;
+    fresh.sub("temperature/after").await;
+    peer.publish("temperature/after", QoS::AtMostOnce, "1")
+        .await;
+    assert_eq!(next_message(&mut fresh).await["topic"], "temperature/after");
+    assert!(bridge(&srv).is_connected());
     srv.stop().await;
 }
