@@ -75,6 +75,7 @@ impl Server {
         let hub = Hub::new(metrics.clone()).with_last_values(
             config.mqtt.last_value_filters(),
             config.mqtt.last_value_max_topics,
+            config.mqtt.last_value_max_bytes,
         );
         let readiness = Readiness::default();
         if let Some(bridge) = &mqtt {

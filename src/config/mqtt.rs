@@ -51,6 +51,7 @@ pub struct MqttConfig {
     pub max_payload: usize,
     pub last_value: bool,
     pub last_value_max_topics: usize,
+    pub last_value_max_bytes: usize,
     /// Hub-topic prefixes (each starts with `prefix`).
     pub on_demand: Vec<String>,
     /// Hub-topic prefixes (each starts with `prefix`).
@@ -346,6 +347,11 @@ pub(super) fn parse(l: &Layered) -> Result<MqttConfig, ConfigError> {
         max_payload,
         last_value: l.req("mqtt.last_value", value::parse_bool)?,
         last_value_max_topics: l.number("mqtt.last_value_max_topics", 1)?,
+        last_value_max_bytes: super::to_usize(
+            "mqtt.last_value_max_bytes",
+            l.req("mqtt.last_value_max_bytes", value::parse_size)?,
+            1,
+        )?,
         reconnect_min,
         reconnect_max,
     })

@@ -258,6 +258,12 @@ pub const SETTINGS: &[Setting] = &[
         "Most topics kept by mqtt.last_value (least recently updated are evicted)"
     ),
     setting!(
+        "mqtt.last_value_max_bytes",
+        Size,
+        Some("16MiB"),
+        "Most payload bytes kept by mqtt.last_value (least recently updated are evicted)"
+    ),
+    setting!(
         "mqtt.on_demand",
         List,
         Some(""),

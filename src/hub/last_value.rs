@@ -3,8 +3,10 @@
 //!
 //! Which topics are tracked is a list of filters (the MQTT bridge's
 //! `mqtt.topics` with its prefix). Any publish on a tracked topic updates it,
-//! whatever its source. Memory is bounded: at most `max_topics` topics, the
-//! least recently updated one evicted first.
+//! whatever its source. Memory is bounded: at most `max_topics` topics and
+//! `max_bytes` of topic names and payloads, the least recently updated topic
+//! evicted first. A message larger than `max_bytes` on its own is not kept
+//! (and its topic's older value is forgotten, being outdated).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -15,6 +17,9 @@ use super::topic::Filter;
 pub struct LastValues {
     filters: Vec<Filter>,
     max_topics: usize,
+    max_bytes: usize,
+    /// Topic and payload bytes held.
+    bytes: usize,
     /// Topic → (message, update stamp).
     latest: HashMap<Arc<str>, (Arc<Message>, u64)>,
     /// Update stamp → topic: the first entry is the least recently updated.
@@ -23,10 +28,12 @@ pub struct LastValues {
 }
 
 impl LastValues {
-    pub fn new(filters: Vec<Filter>, max_topics: usize) -> Self {
+    pub fn new(filters: Vec<Filter>, max_topics: usize, max_bytes: usize) -> Self {
         LastValues {
             filters,
             max_topics: max_topics.max(1),
+            max_bytes,
+            bytes: 0,
             latest: HashMap::new(),
             by_age: BTreeMap::new(),
             next_stamp: 0,
@@ -44,17 +51,30 @@ impl LastValues {
         if !self.tracks(&msg.topic) {
             return self.latest.len();
         }
+        if size_of(msg) > self.max_bytes {
+            // Too big to keep; the previous value is outdated, so it goes.
+            if let Some((old, old_stamp)) = self.latest.remove(&msg.topic) {
+                self.by_age.remove(&old_stamp);
+                self.bytes -= size_of(&old);
+            }
+            return self.latest.len();
+        }
         let stamp = self.next_stamp;
         self.next_stamp += 1;
-        if let Some((_, old)) = self.latest.insert(msg.topic.clone(), (msg.clone(), stamp)) {
-            self.by_age.remove(&old);
+        if let Some((old, old_stamp)) = self.latest.insert(msg.topic.clone(), (msg.clone(), stamp))
+        {
+            self.by_age.remove(&old_stamp);
+            self.bytes -= size_of(&old);
         }
+        self.bytes += size_of(msg);
         self.by_age.insert(stamp, msg.topic.clone());
-        while self.latest.len() > self.max_topics {
+        while self.latest.len() > self.max_topics || self.bytes > self.max_bytes {
             let Some((_, oldest)) = self.by_age.pop_first() else {
                 break;
             };
-            self.latest.remove(&oldest);
+            if let Some((gone, _)) = self.latest.remove(&oldest) {
+                self.bytes -= size_of(&gone);
+            }
         }
         self.latest.len()
     }
@@ -88,6 +108,11 @@ impl LastValues {
     }
 }
 
+/// What a kept message costs, for the byte budget.
+fn size_of(msg: &Message) -> usize {
+    msg.topic.len() + msg.payload.get().len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,7 +134,7 @@ mod tests {
 
     #[test]
     fn keeps_latest_per_tracked_topic_with_original_ts() {
-        let mut lv = LastValues::new(vec![f("temperature/#")], 10);
+        let mut lv = LastValues::new(vec![f("temperature/#")], 10, 1 << 20);
         lv.record(&msg("temperature/a", 1, 100));
         lv.record(&msg("temperature/a", 2, 200));
         lv.record(&msg("humidity", 3, 300));
@@ -124,7 +149,7 @@ mod tests {
 
     #[test]
     fn wildcards_get_every_match_in_update_order() {
-        let mut lv = LastValues::new(vec![f("#")], 10);
+        let mut lv = LastValues::new(vec![f("#")], 10, 1 << 20);
         lv.record(&msg("s/b/t", 1, 1));
         lv.record(&msg("s/a/t", 2, 2));
         lv.record(&msg("s/a/h", 3, 3));
@@ -142,7 +167,7 @@ mod tests {
 
     #[test]
     fn evicts_least_recently_updated() {
-        let mut lv = LastValues::new(vec![f("#")], 2);
+        let mut lv = LastValues::new(vec![f("#")], 2, 1 << 20);
         lv.record(&msg("a", 1, 1));
         lv.record(&msg("b", 2, 2));
         lv.record(&msg("a", 3, 3)); // a is now newer than b
@@ -154,8 +179,27 @@ mod tests {
     }
 
     #[test]
+    fn evicts_to_stay_within_the_byte_budget() {
+        // Each message costs 1 (topic) + 1 (payload digit) = 2 bytes.
+        let mut lv = LastValues::new(vec![f("#")], 100, 5);
+        lv.record(&msg("a", 1, 1));
+        lv.record(&msg("b", 2, 2));
+        assert_eq!(lv.bytes, 4);
+        lv.record(&msg("c", 3, 3));
+        assert_eq!((lv.len(), lv.bytes), (2, 4), "a went");
+        assert!(lv.matching(&f("a")).is_empty());
+        // Replacing a value adjusts the count instead of adding to it.
+        lv.record(&msg("c", 4, 4));
+        assert_eq!((lv.len(), lv.bytes), (2, 4));
+        // Too big alone: not kept, others stay, its own older value goes.
+        lv.record(&msg("b", 123456, 5));
+        assert_eq!((lv.len(), lv.bytes), (1, 2));
+        assert_eq!(lv.matching(&f("c")).len(), 1);
+    }
+
+    #[test]
     fn nothing_tracked_without_filters() {
-        let mut lv = LastValues::new(vec![], 10);
+        let mut lv = LastValues::new(vec![], 10, 1 << 20);
         assert_eq!(lv.record(&msg("a", 1, 1)), 0);
         assert!(lv.is_empty());
     }

@@ -148,10 +148,17 @@ impl Hub {
     }
 
     /// Keeps the last message of every topic matched by `filters` (at most
-    /// `max_topics`, LRU) for new subscribers; see [`Hub::subscribe_with_last_values`].
-    pub fn with_last_values(mut self, filters: Vec<Filter>, max_topics: usize) -> Self {
+    /// `max_topics` topics and `max_bytes` of topic and payload text, least
+    /// recently updated evicted first) for new subscribers; see
+    /// [`Hub::subscribe_with_last_values`].
+    pub fn with_last_values(
+        mut self,
+        filters: Vec<Filter>,
+        max_topics: usize,
+        max_bytes: usize,
+    ) -> Self {
         if !filters.is_empty() {
-            self.last_values = Some(Mutex::new(LastValues::new(filters, max_topics)));
+            self.last_values = Some(Mutex::new(LastValues::new(filters, max_topics, max_bytes)));
         }
         self
     }
@@ -303,13 +310,22 @@ impl Hub {
         Ok(new)
     }
 
-    /// Queues the kept last values matching `filter` to `conn`.
+    /// Queues the kept last values matching `filter` to `conn`, except
+    /// those another of its subscriptions already matches: the connection
+    /// got that value (or a newer one) then, and receives each message once.
     fn replay_last_values(&self, t: &Table, conn: ConnId, filter: &Filter) {
         let kept = self.last_values(filter);
         let Some(entry) = t.conns.get(&conn) else {
             return;
         };
         for msg in &kept {
+            let seen = entry
+                .filters
+                .iter()
+                .any(|f| f != filter && f.matches(&msg.topic));
+            if seen {
+                continue;
+            }
             if entry.recipient.deliver(msg) {
                 self.metrics.delivered.inc();
             } else {
@@ -572,7 +588,8 @@ mod tests {
 
     #[test]
     fn new_subscriptions_get_last_values_after_on_new() {
-        let hub = Hub::new(Arc::new(Metrics::new())).with_last_values(vec![f("temp/#")], 100);
+        let hub =
+            Hub::new(Arc::new(Metrics::new())).with_last_values(vec![f("temp/#")], 100, 1 << 20);
         hub.publish(Message::with_ts("temp/a".into(), None, payload_of(&1), 11));
         hub.publish(Message::with_ts("temp/b".into(), None, payload_of(&2), 12));
         hub.publish(Message::with_ts("temp/a".into(), None, payload_of(&3), 13));
@@ -607,12 +624,29 @@ mod tests {
         );
         assert_eq!(calls, 1);
         assert_eq!(c.0.lock().unwrap().len(), 2);
+        // A filter whose topics another subscription already covers: nothing again.
         hub.subscribe_with_last_values(id, &f("temp/a"), 10, || {})
             .unwrap();
-        assert_eq!(c.0.lock().unwrap().len(), 3);
+        assert_eq!(c.0.lock().unwrap().len(), 2);
         // Plain subscribe never replays.
+        hub.unsubscribe(id, &f("temp/+"));
         hub.subscribe(id, &f("temp/#"), 10).unwrap();
-        assert_eq!(c.0.lock().unwrap().len(), 3);
+        assert_eq!(c.0.lock().unwrap().len(), 2);
+        // Only what no other subscription covers.
+        let other = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let id2 = hub.register(other.clone());
+        hub.subscribe_with_last_values(id2, &f("temp/a"), 10, || {})
+            .unwrap();
+        hub.subscribe_with_last_values(id2, &f("temp/+"), 10, || {})
+            .unwrap();
+        let got: Vec<String> = other
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.topic.to_string())
+            .collect();
+        assert_eq!(got, vec!["temp/a", "temp/b"]);
     }
 
     #[test]
