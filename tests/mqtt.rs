@@ -573,10 +573,15 @@ async fn client_pub_reaches_mqtt_subscribers_only_where_allowed() {
 #[tokio::test]
 async fn broker_restart_mid_stream_then_messages_flow_again() {
     let mut broker = broker_or_skip!();
-    let srv = TestServer::start_toml(&broker.toml("")).await;
+    let srv = TestServer::start_toml(&broker.toml(
+        "on_demand = [\"fleet\"]\npublish_prefixes = [\"cmd\"]\n[acl.operator]\npublish = [\"cmd/#\"]\n",
+    ))
+    .await;
     until_settled(&srv).await;
-    let mut c = srv.ws("assistant", "1").await;
+    let mut c = srv.ws("operator", "1").await;
     c.sub("temperature/#").await;
+    c.sub("fleet/+/pos").await; // on demand
+    until_settled(&srv).await;
     let peer = Peer::connect(broker.port, "s1").await;
     peer.publish("temperature/a", QoS::AtLeastOnce, "1").await;
     assert_eq!(next_message(&mut c).await["payload"], json!(1));
@@ -607,12 +612,25 @@ async fn broker_restart_mid_stream_then_messages_flow_again() {
     let (status, _) = srv.publish("temperature/a", json!(2)).await;
     assert_eq!(status, 200);
     assert_eq!(next_message(&mut c).await["payload"], json!(2));
+    // A command for the broker is refused rather than queued.
+    let e = c
+        .request(json!({"type":"pub","topic":"cmd/x","payload":1}), 9)
+        .await;
+    assert_eq!(e["code"], "unavailable", "{e}");
 
     broker.run().await;
     until_settled(&srv).await;
+    // Both the static and the on-demand subscription are back.
     let peer = Peer::connect(broker.port, "s1").await;
     peer.publish("temperature/a", QoS::AtLeastOnce, "3").await;
     assert_eq!(next_message(&mut c).await["payload"], json!(3));
+    peer.publish("fleet/t1/pos", QoS::AtLeastOnce, "[1,2]")
+        .await;
+    let m = next_message(&mut c).await;
+    assert_eq!(
+        (m["topic"].clone(), m["payload"].clone()),
+        (json!("fleet/t1/pos"), json!([1, 2]))
+    );
     assert_eq!(readyz(&srv).await.0, 200);
     let text = srv.metrics().await;
     assert!(
@@ -961,5 +979,31 @@ async fn a_broker_flood_closes_slow_clients_without_stalling_the_bridge() {
         .await;
     assert_eq!(next_message(&mut fresh).await["topic"], "temperature/after");
     assert!(bridge(&srv).is_connected());
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn persistent_session_gets_what_was_published_while_away() {
+    let broker = broker_or_skip!();
+    let session = "clean_session = false\nqos = 1\nclient_id = \"pulso-persistent-test\"\n";
+    let srv = TestServer::start_toml(&broker.toml(session)).await;
+    until_settled(&srv).await;
+    srv.stop().await; // disconnects; the broker keeps the session
+
+    let mut peer = Peer::connect(broker.port, "while-away").await;
+    peer.publish("temperature/vault", QoS::AtLeastOnce, "4.5")
+        .await;
+    // Acknowledged: the broker has queued it for the absent session (with a
+    // clean session it would be gone, and this test would time out below).
+    peer.next_matching("PUBACK", |p| matches!(p, Packet::PubAck(_)))
+        .await;
+
+    let srv = TestServer::start_toml(&broker.toml(session)).await;
+    let vault = pulso::hub::Filter::parse("temperature/vault").unwrap();
+    srv.until("the message queued by the broker", |gw| {
+        !gw.hub.last_values(&vault).is_empty()
+    })
+    .await;
+    assert_eq!(srv.gw.hub.last_values(&vault)[0].payload.get(), "4.5");
     srv.stop().await;
 }
