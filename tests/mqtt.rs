@@ -22,7 +22,13 @@ use tokio::sync::mpsc;
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const BROKER_WAIT: Duration = Duration::from_secs(10);
 
+/// The broker binary: `PULSO_TEST_MOSQUITTO` if set (`none` to skip these
+/// tests), else the Debian path, else `mosquitto` on the `PATH`.
 fn mosquitto_binary() -> Option<PathBuf> {
+    if let Some(chosen) = std::env::var_os("PULSO_TEST_MOSQUITTO") {
+        let chosen = PathBuf::from(chosen);
+        return chosen.is_file().then_some(chosen);
+    }
     let fixed = PathBuf::from(MOSQUITTO);
     if fixed.is_file() {
         return Some(fixed);
