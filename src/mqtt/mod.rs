@@ -101,6 +101,9 @@ struct Link {
 
 pub struct Bridge {
     config: MqttConfig,
+    /// `host:port`, for log lines.
+    address: String,
+    client_id: String,
     qos: QoS,
     client: AsyncClient,
     /// Taken by [`Bridge::run`]; the bridge runs once.
@@ -129,8 +132,8 @@ impl Bridge {
         let Some(broker) = &mqtt.broker else {
             return Ok(None);
         };
-        let mut options =
-            MqttOptions::new(mqtt.client_id(&config.node_id), &broker.host, broker.port);
+        let client_id = mqtt.client_id(&config.node_id);
+        let mut options = MqttOptions::new(client_id.clone(), &broker.host, broker.port);
         options
             .set_keep_alive(mqtt.keep_alive)
             .set_clean_session(mqtt.clean_session)
@@ -161,6 +164,8 @@ impl Bridge {
             QoS::AtLeastOnce
         };
         let bridge = Bridge {
+            address: format!("{}:{}", broker.host, broker.port),
+            client_id,
             qos,
             client,
             eventloop: Mutex::new(Some(eventloop)),
@@ -302,8 +307,8 @@ impl Bridge {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    self.on_error(&e, !failed_before);
                     failed_before = true;
-                    self.on_error(&e);
                     let delay = backoff.next_delay();
                     tracing::debug!(?delay, "reconnecting to the MQTT broker after a pause");
                     tokio::select! {
@@ -375,6 +380,8 @@ impl Bridge {
             .mqtt_broker_subscriptions
             .set(wanted.len() as i64);
         tracing::info!(
+            broker = %self.address,
+            client_id = %self.client_id,
             subscriptions = ?wanted,
             session_present,
             "connected to the MQTT broker"
@@ -387,7 +394,10 @@ impl Bridge {
         subs.awaiting_acks = subs.awaiting_acks.saturating_sub(1);
     }
 
-    fn on_error(&self, e: &ConnectionError) {
+    /// Records a failed attempt or a lost connection. Logged as a warning
+    /// once per outage (the first failure), then at debug level, so a broker
+    /// that stays down does not fill the log.
+    fn on_error(&self, e: &ConnectionError, first_failure: bool) {
         self.metrics.mqtt_connection_errors.inc();
         if let ConnectionError::MqttState(rumqttc::StateError::Deserialization(
             rumqttc::Error::TopicNotUtf8,
@@ -398,9 +408,11 @@ impl Bridge {
         }
         let was_connected = self.set_connected(false, &e.to_string());
         if was_connected {
-            tracing::warn!(error = %e, "lost the MQTT broker connection; reconnecting");
+            tracing::warn!(broker = %self.address, error = %e, "lost the MQTT broker connection; reconnecting");
+        } else if first_failure {
+            tracing::warn!(broker = %self.address, error = %e, "cannot connect to the MQTT broker; retrying with backoff");
         } else {
-            tracing::debug!(error = %e, "MQTT broker connection failed");
+            tracing::debug!(broker = %self.address, error = %e, "MQTT broker connection failed");
         }
     }
 
