@@ -1013,3 +1013,35 @@ async fn persistent_session_gets_what_was_published_while_away() {
     assert_eq!(srv.gw.hub.last_values(&vault)[0].payload.get(), "4.5");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn the_prefix_maps_topics_both_ways() {
+    let broker = broker_or_skip!();
+    let srv = TestServer::start_toml(&broker.toml(
+        "prefix = \"site/\"\non_demand = [\"site/fleet\"]\npublish_prefixes = [\"site/cmd\"]\n[acl.operator]\npublish = [\"site/cmd/#\"]\n",
+    ))
+    .await;
+    until_settled(&srv).await;
+    let mut device = Peer::connect(broker.port, "device").await;
+    device.subscribe("cmd/#", QoS::AtMostOnce).await;
+    let mut op = srv.ws("operator", "op").await;
+
+    op.sub("site/fleet/+").await;
+    until_settled(&srv).await;
+    assert_eq!(
+        bridge(&srv).broker_subscriptions(),
+        vec!["fleet/+", "temperature/#"],
+        "broker names carry no prefix"
+    );
+    device.publish("fleet/van", QoS::AtMostOnce, "1").await;
+    assert_eq!(next_message(&mut op).await["topic"], "site/fleet/van");
+
+    op.request(
+        json!({"type":"pub","topic":"site/cmd/heat","payload":"ON"}),
+        1,
+    )
+    .await;
+    let p = device.next_publish().await;
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("cmd/heat", &b"ON"[..]));
+    srv.stop().await;
+}
