@@ -1045,3 +1045,24 @@ async fn the_prefix_maps_topics_both_ways() {
     assert_eq!((p.topic.as_str(), &p.payload[..]), ("cmd/heat", &b"ON"[..]));
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn shared_subscriptions_are_bridged() {
+    let broker = broker_or_skip!();
+    let srv =
+        TestServer::start_toml(&broker.toml("topics = [\"$share/pulso/temperature/#\"]\n")).await;
+    until_settled(&srv).await;
+    let mut c = srv.ws("assistant", "1").await;
+    c.sub("temperature/#").await;
+    let peer = Peer::connect(broker.port, "s").await;
+    peer.publish("temperature/shared", QoS::AtMostOnce, "5")
+        .await;
+    let m = next_message(&mut c).await;
+    assert_eq!(
+        (m["topic"].clone(), m["payload"].clone()),
+        (json!("temperature/shared"), json!(5))
+    );
+    let kept = pulso::hub::Filter::parse("temperature/shared").unwrap();
+    assert_eq!(srv.gw.hub.last_values(&kept).len(), 1, "kept as last value");
+    srv.stop().await;
+}

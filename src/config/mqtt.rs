@@ -82,9 +82,21 @@ impl MqttConfig {
         }
         self.topics
             .iter()
-            .filter_map(|f| Filter::parse(&format!("{}{}", self.prefix, f)).ok())
+            .filter_map(|f| {
+                Filter::parse(&format!("{}{}", self.prefix, topics_of(f.as_str()))).ok()
+            })
             .collect()
     }
+}
+
+/// The topics a broker filter delivers: a shared subscription
+/// `$share/<group>/<filter>` delivers (some of) `<filter>`'s topics.
+pub fn topics_of(broker_filter: &str) -> &str {
+    broker_filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(_, filter)| filter)
+        .unwrap_or(broker_filter)
 }
 
 /// Is `topic` (a name or a filter) at or below the level prefix `prefix`?
@@ -444,6 +456,8 @@ mod tests {
         assert!(is_mqtt_filter("a/+/b/#"));
         assert!(!is_mqtt_filter("a/b+"));
         assert!(!is_mqtt_filter("a/#/b"));
+        assert_eq!(topics_of("$share/pulso/temperature/#"), "temperature/#");
+        assert_eq!(topics_of("temperature/#"), "temperature/#");
         assert!(is_mqtt_topic_name("a/b"));
         assert!(!is_mqtt_topic_name("a/+"));
     }

@@ -26,7 +26,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::value::RawValue;
 
-use crate::config::mqtt::{is_mqtt_filter, is_mqtt_topic_name, is_under};
+use crate::config::mqtt::{is_mqtt_filter, is_mqtt_topic_name, is_under, topics_of};
 use crate::config::{Config, ConfigError, MqttConfig};
 use crate::gateway::{Gateway, Readiness};
 use crate::hub::topic::{Filter, validate_name};
@@ -63,6 +63,8 @@ impl ForwardError {
 struct Subscriptions {
     /// `mqtt.topics` (broker names, without `mqtt.prefix`).
     fixed: Vec<Filter>,
+    /// The topics `fixed` delivers (`$share/<group>/` removed).
+    fixed_topics: Vec<Filter>,
     /// On-demand filters with at least one local subscriber (broker names).
     on_demand: HashSet<Filter>,
     /// The non-overlapping filters subscribed (or being subscribed) on the broker.
@@ -79,7 +81,7 @@ struct Subscriptions {
 
 impl Subscriptions {
     fn wants(&self, topic: &str) -> bool {
-        self.fixed.iter().any(|f| f.matches(topic))
+        self.fixed_topics.iter().any(|f| f.matches(topic))
             || self.on_demand.iter().any(|f| f.matches(topic))
     }
 
@@ -171,6 +173,11 @@ impl Bridge {
             eventloop: Mutex::new(Some(eventloop)),
             subs: Mutex::new(Subscriptions {
                 fixed: mqtt.topics.clone(),
+                fixed_topics: mqtt
+                    .topics
+                    .iter()
+                    .filter_map(|f| Filter::parse(topics_of(f.as_str())).ok())
+                    .collect(),
                 ..Default::default()
             }),
             link: Arc::new(Link {
@@ -604,11 +611,13 @@ mod tests {
 
     #[test]
     fn wants_follows_fixed_and_on_demand_filters() {
+        let fixed = vec![
+            Filter::parse("a/+/c").unwrap(),
+            Filter::parse("a/b/#").unwrap(),
+        ];
         let mut subs = Subscriptions {
-            fixed: vec![
-                Filter::parse("a/+/c").unwrap(),
-                Filter::parse("a/b/#").unwrap(),
-            ],
+            fixed_topics: fixed.clone(),
+            fixed,
             ..Default::default()
         };
         assert_eq!(subs.plan().into_iter().collect::<Vec<_>>(), vec!["a/+/#"]);
@@ -616,5 +625,17 @@ mod tests {
         assert!(!subs.wants("a/x/d"), "let through by a/+/# but not wanted");
         subs.on_demand.insert(Filter::parse("s/1").unwrap());
         assert!(subs.wants("s/1"));
+
+        // A shared subscription delivers its filter's topics.
+        let shared = Subscriptions {
+            fixed: vec![Filter::parse("$share/pulso/t/#").unwrap()],
+            fixed_topics: vec![Filter::parse(topics_of("$share/pulso/t/#")).unwrap()],
+            ..Default::default()
+        };
+        assert!(shared.wants("t/1"));
+        assert_eq!(
+            shared.plan().into_iter().collect::<Vec<_>>(),
+            vec!["$share/pulso/t/#"]
+        );
     }
 }
