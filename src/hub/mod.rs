@@ -650,6 +650,47 @@ mod tests {
     }
 
     #[test]
+    fn last_value_then_live_never_repeats_or_goes_back_under_races() {
+        let hub = Arc::new(Hub::new(Arc::new(Metrics::new())).with_last_values(
+            vec![f("t")],
+            10,
+            1 << 20,
+        ));
+        hub.publish(Message::new("t".into(), None, payload_of(&0)));
+        let publisher = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                for n in 1..=2000 {
+                    hub.publish(Message::new("t".into(), None, payload_of(&n)));
+                }
+            })
+        };
+        let mut clients = vec![];
+        for _ in 0..50 {
+            let c = Arc::new(Collect(Mutex::new(vec![]), 10_000));
+            let id = hub.register(c.clone());
+            hub.subscribe_with_last_values(id, &f("t"), 10, || {})
+                .unwrap();
+            clients.push(c);
+        }
+        publisher.join().unwrap();
+        for c in clients {
+            let got: Vec<i64> =
+                c.0.lock()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.payload.get().parse().unwrap())
+                    .collect();
+            assert!(!got.is_empty());
+            assert!(
+                got.windows(2).all(|w| w[1] == w[0] + 1),
+                "a gap, a repeat or a step back: {got:?}"
+            );
+            assert_eq!(*got.last().unwrap(), 2000);
+        }
+    }
+
+    #[test]
     fn no_last_values_unless_enabled() {
         let hub = hub();
         hub.publish(msg("temperature"));
