@@ -13,5 +13,6 @@ pub mod demo;
 pub mod gateway;
 pub mod hub;
 pub mod metrics;
+pub mod mqtt;
 pub mod server;
 pub mod ws;

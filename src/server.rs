@@ -87,14 +87,25 @@ impl Server {
         });
 
         let metrics = Arc::new(Metrics::new());
+        let mqtt = crate::mqtt::Bridge::new(&config, metrics.clone())?;
+        let hub = Hub::new(metrics.clone()).with_last_values(
+            config.mqtt.last_value_filters(),
+            config.mqtt.last_value_max_topics,
+            config.mqtt.last_value_max_bytes,
+        );
+        let readiness = Readiness::default();
+        if let Some(bridge) = &mqtt {
+            bridge.register_readiness(&readiness);
+        }
         let gateway = Arc::new(Gateway {
-            hub: Arc::new(Hub::new(metrics.clone())),
+            hub: Arc::new(hub),
             config: Arc::new(config),
             verifier,
             metrics,
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
-            readiness: Readiness::default(),
+            readiness,
+            mqtt,
         });
         Ok(Server {
             listener,
@@ -137,6 +148,9 @@ impl Server {
         let background = TaskTracker::new();
         if gw.config.demo.enabled {
             background.spawn(crate::demo::run(gw.clone()));
+        }
+        if let Some(bridge) = gw.mqtt.clone() {
+            background.spawn(bridge.run(gw.clone()));
         }
         let app = Self::router(&gw);
         let stop = gw.shutdown.clone();
