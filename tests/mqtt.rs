@@ -46,7 +46,9 @@ macro_rules! broker_or_skip {
         match Broker::start().await {
             Some(b) => b,
             None => {
-                eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto mosquitto-clients)");
+                common::skip(
+                    "mosquitto is not installed (apt-get install mosquitto mosquitto-clients)",
+                );
                 return;
             }
         }
@@ -651,7 +653,7 @@ async fn broker_restart_mid_stream_then_messages_flow_again() {
 #[tokio::test]
 async fn gateway_starts_while_the_broker_is_down() {
     let Some(mut broker) = mosquitto_binary().and_then(|_| Broker::prepare(free_port())) else {
-        eprintln!("SKIPPED: mosquitto is not installed");
+        common::skip("mosquitto is not installed");
         return;
     };
     let srv = TestServer::start_toml(&broker.toml("")).await;
@@ -897,7 +899,7 @@ fn make_certificates(dir: &std::path::Path) -> Option<()> {
 #[tokio::test]
 async fn mqtts_with_a_given_ca_file() {
     if mosquitto_binary().is_none() {
-        eprintln!("SKIPPED: mosquitto is not installed");
+        common::skip("mosquitto is not installed");
         return;
     }
     let tls_port = free_port();
@@ -911,7 +913,7 @@ async fn mqtts_with_a_given_ca_file() {
     })
     .expect("broker config");
     if !made {
-        eprintln!("SKIPPED: could not make test certificates with openssl");
+        common::skip("could not make test certificates with openssl");
         return;
     }
     broker.run().await;
