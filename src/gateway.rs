@@ -22,6 +22,8 @@ pub struct Gateway {
     /// Every connection task, so a stop can wait for them to close.
     pub connections: TaskTracker,
     pub readiness: Readiness,
+    /// The MQTT bridge, when `mqtt.url` is set.
+    pub mqtt: Option<Arc<crate::mqtt::Bridge>>,
     /// Who holds which socket (SPEC §7); writes never block.
     pub presence: crate::presence::Presence,
 }

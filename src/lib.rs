@@ -14,6 +14,7 @@ pub mod demo;
 pub mod gateway;
 pub mod hub;
 pub mod metrics;
+pub mod mqtt;
 pub mod presence;
 pub mod server;
 pub mod sio;

@@ -51,6 +51,24 @@ pub struct Metrics {
     /// Presence store writes by result (`ok`, `failed`, `dropped`).
     pub presence_writes: Family<Label, Counter>,
     latency: HistogramFamily,
+    /// 1 while the MQTT bridge holds a broker connection.
+    pub mqtt_connected: Gauge,
+    /// Broker connections re-established after one was lost or failed.
+    pub mqtt_reconnects: Counter,
+    /// Failed connection attempts and dropped connections.
+    pub mqtt_connection_errors: Counter,
+    /// Broker messages published into the hub.
+    pub mqtt_messages_in: Counter,
+    /// Client messages forwarded to the broker.
+    pub mqtt_messages_out: Counter,
+    /// Broker messages dropped because their topic cannot be a hub topic.
+    pub mqtt_decode_failures: Counter,
+    /// Broker messages dropped for exceeding `mqtt.max_payload`.
+    pub mqtt_oversized: Counter,
+    /// Filters currently subscribed on the broker.
+    pub mqtt_broker_subscriptions: Gauge,
+    /// Topics holding a last value.
+    pub last_value_topics: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -81,6 +99,15 @@ impl Metrics {
             sio_auth: Family::default(),
             presence_writes: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
+            mqtt_connected: Gauge::default(),
+            mqtt_reconnects: Counter::default(),
+            mqtt_connection_errors: Counter::default(),
+            mqtt_messages_in: Counter::default(),
+            mqtt_messages_out: Counter::default(),
+            mqtt_decode_failures: Counter::default(),
+            mqtt_oversized: Counter::default(),
+            mqtt_broker_subscriptions: Gauge::default(),
+            last_value_topics: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -147,6 +174,51 @@ impl Metrics {
             "stage_latency_seconds",
             "Latency per processing stage",
             m.latency.clone(),
+        );
+        registry.register(
+            "mqtt_connected",
+            "1 while the MQTT bridge is connected to the broker",
+            m.mqtt_connected.clone(),
+        );
+        registry.register(
+            "mqtt_reconnects",
+            "MQTT broker connections re-established after a loss or failure",
+            m.mqtt_reconnects.clone(),
+        );
+        registry.register(
+            "mqtt_connection_errors",
+            "MQTT connection attempts that failed and connections that dropped",
+            m.mqtt_connection_errors.clone(),
+        );
+        registry.register(
+            "mqtt_messages_in",
+            "MQTT messages received from the broker and published to the hub",
+            m.mqtt_messages_in.clone(),
+        );
+        registry.register(
+            "mqtt_messages_out",
+            "Client messages forwarded to the MQTT broker",
+            m.mqtt_messages_out.clone(),
+        );
+        registry.register(
+            "mqtt_decode_failures",
+            "MQTT messages dropped because their topic is not a valid hub topic",
+            m.mqtt_decode_failures.clone(),
+        );
+        registry.register(
+            "mqtt_oversized",
+            "MQTT messages dropped for exceeding mqtt.max_payload",
+            m.mqtt_oversized.clone(),
+        );
+        registry.register(
+            "mqtt_broker_subscriptions",
+            "Filters the bridge currently subscribes to on the broker",
+            m.mqtt_broker_subscriptions.clone(),
+        );
+        registry.register(
+            "last_value_topics",
+            "Topics whose last message is kept for new subscribers",
+            m.last_value_topics.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -87,20 +87,30 @@ impl Server {
         });
 
         let metrics = Arc::new(Metrics::new());
+        let mqtt = crate::mqtt::Bridge::new(&config, metrics.clone())?;
+        let hub = Hub::new(metrics.clone()).with_last_values(
+            config.mqtt.last_value_filters(),
+            config.mqtt.last_value_max_topics,
+            config.mqtt.last_value_max_bytes,
+        );
         let presence =
             crate::presence::Presence::start(&config.presence, &config.node_id, metrics.clone())
                 .await;
         let readiness = Readiness::default();
         let check = presence.clone();
         readiness.register("presence", move || check.status());
+        if let Some(bridge) = &mqtt {
+            bridge.register_readiness(&readiness);
+        }
         let gateway = Arc::new(Gateway {
-            hub: Arc::new(Hub::new(metrics.clone())),
+            hub: Arc::new(hub),
             config: Arc::new(config),
             verifier,
             metrics,
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
             readiness,
+            mqtt,
             presence,
         });
         Ok(Server {
@@ -148,6 +158,9 @@ impl Server {
         let background = TaskTracker::new();
         if gw.config.demo.enabled {
             background.spawn(crate::demo::run(gw.clone()));
+        }
+        if let Some(bridge) = gw.mqtt.clone() {
+            background.spawn(bridge.run(gw.clone()));
         }
         let (app, io) = Self::router(&gw);
         let stop = gw.shutdown.clone();

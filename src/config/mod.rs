@@ -6,6 +6,7 @@
 //! every source is flattened into `dotted name → raw value`, then each value is
 //! given its type.
 
+pub mod mqtt;
 pub mod settings;
 pub mod value;
 
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use mqtt::MqttConfig;
 pub use settings::{Kind, SETTINGS, Setting};
 use value::Raw;
 
@@ -192,6 +194,8 @@ impl Layered {
                         Raw::Toml(v) => v.to_string(),
                         Raw::Text(t) => text_as_toml(s.kind, t),
                     };
+                    // A URL's password (mqtt://user:pass@host) is a secret too.
+                    let shown = mask_url_password(&shown);
                     format!("{} = {shown}  # {source}", s.name)
                 }
             };
@@ -200,6 +204,24 @@ impl Layered {
         }
         out
     }
+}
+
+/// `scheme://user:pass@host` → `scheme://user:********@host`; anything else unchanged.
+fn mask_url_password(text: &str) -> String {
+    let Some(scheme_end) = text.find("://") else {
+        return text.to_string();
+    };
+    let rest = &text[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '"']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return text.to_string();
+    };
+    let Some(colon) = rest[..at].find(':') else {
+        return text.to_string();
+    };
+    let start = scheme_end + 3 + colon + 1;
+    let end = scheme_end + 3 + at;
+    format!("{}********{}", &text[..start], &text[end..])
 }
 
 fn text_as_toml(kind: Kind, text: &str) -> String {
@@ -305,6 +327,7 @@ pub struct Config {
     pub ws: WsConfig,
     pub acl: HashMap<String, RoleAcl>,
     pub demo: DemoConfig,
+    pub mqtt: MqttConfig,
     pub socketio: SocketIoConfig,
     pub presence: PresenceConfig,
 }
@@ -402,6 +425,7 @@ impl Config {
         crate::hub::topic::validate_name(&demo.topic)
             .map_err(|e| ConfigError::setting("demo.topic", e))?;
 
+        let mqtt = mqtt::parse(l)?;
         let socketio = parse_socketio(l)?;
         let presence = PresenceConfig {
             database_url: parse_database_url(&l.req("database_url", value::parse_string)?)?,
@@ -423,6 +447,7 @@ impl Config {
             ws,
             acl: parse_acl(&l.req("acl", value::parse_table)?)?,
             demo,
+            mqtt,
             socketio,
             presence,
         })
@@ -645,5 +670,14 @@ mod tests {
         let d = l.describe();
         assert!(!d.contains("hunter2"));
         assert!(d.contains("jwt.secret = \"********\"  # env"));
+
+        let mut l = Layered::defaults();
+        l.set_text("mqtt.url", "mqtt://u:hunter2@h:1883".into(), Source::Env)
+            .unwrap();
+        let d = l.describe();
+        assert!(!d.contains("hunter2"), "{d}");
+        assert!(d.contains("mqtt.url = \"mqtt://u:********@h:1883\""), "{d}");
+        assert_eq!(mask_url_password("\"mqtt://h:1883\""), "\"mqtt://h:1883\"");
+        assert_eq!(mask_url_password("\"mqtt://u@h\""), "\"mqtt://u@h\"");
     }
 }

@@ -180,6 +180,114 @@ pub const SETTINGS: &[Setting] = &[
     setting!("demo.interval", Duration, Some("1s"), "Demo feed period"),
     setting!("demo.topic", Text, Some("metricas/demo"), "Demo feed topic"),
     setting!(
+        "mqtt.url",
+        Text,
+        None,
+        "MQTT broker: mqtt://[user:pass@]host[:1883] or mqtts://host[:8883]; unset = bridge off"
+    ),
+    setting!(
+        "mqtt.username",
+        Text,
+        None,
+        "MQTT user name (overrides one given in mqtt.url)"
+    ),
+    setting!(
+        "mqtt.password",
+        Secret,
+        None,
+        "MQTT password (overrides one given in mqtt.url)"
+    ),
+    setting!(
+        "mqtt.client_id",
+        Text,
+        None,
+        "MQTT client id [default: pulso-<node_id>, unique per node]"
+    ),
+    setting!(
+        "mqtt.topics",
+        List,
+        Some("temperature/#"),
+        "MQTT topic filters the bridge always subscribes to"
+    ),
+    setting!(
+        "mqtt.prefix",
+        Text,
+        Some(""),
+        "Prepended to an MQTT topic to make the hub topic (e.g. `plant1/`)"
+    ),
+    setting!(
+        "mqtt.qos",
+        Number,
+        Some("0"),
+        "QoS for broker subscriptions and forwarded publishes: 0 or 1"
+    ),
+    setting!(
+        "mqtt.keep_alive",
+        Duration,
+        Some("30s"),
+        "MQTT keep-alive interval"
+    ),
+    setting!(
+        "mqtt.clean_session",
+        Bool,
+        Some("true"),
+        "Start a clean MQTT session (false: the broker keeps subscriptions and QoS 1 messages across reconnects)"
+    ),
+    setting!(
+        "mqtt.ca_file",
+        Text,
+        None,
+        "PEM CA bundle for mqtts:// [default: the system roots]"
+    ),
+    setting!(
+        "mqtt.max_payload",
+        Size,
+        Some("256KiB"),
+        "Largest MQTT payload bridged; larger ones are counted and dropped"
+    ),
+    setting!(
+        "mqtt.last_value",
+        Bool,
+        Some("true"),
+        "Keep the latest message of each topic matched by mqtt.topics and send it to new subscribers"
+    ),
+    setting!(
+        "mqtt.last_value_max_topics",
+        Number,
+        Some("10000"),
+        "Most topics kept by mqtt.last_value (least recently updated are evicted)"
+    ),
+    setting!(
+        "mqtt.last_value_max_bytes",
+        Size,
+        Some("16MiB"),
+        "Most payload bytes kept by mqtt.last_value (least recently updated are evicted)"
+    ),
+    setting!(
+        "mqtt.on_demand",
+        List,
+        Some(""),
+        "Hub topic prefixes subscribed on the broker only while a /ws client wants them"
+    ),
+    setting!(
+        "mqtt.publish_prefixes",
+        List,
+        Some(""),
+        "Hub topic prefixes under which an ACL-allowed client `pub` is forwarded to the broker"
+    ),
+    setting!(
+        "mqtt.reconnect_min",
+        Duration,
+        Some("500ms"),
+        "First delay before reconnecting to the broker (doubles up to mqtt.reconnect_max, with jitter)"
+    ),
+    setting!(
+        "mqtt.reconnect_max",
+        Duration,
+        Some("30s"),
+        "Longest delay between reconnection attempts"
+    ),
+    setting!(
         "database_url",
         Secret,
         Some("sqlite://pulso.db"),

@@ -10,6 +10,7 @@
 //! table lock is a plain `RwLock` held only for lookups and non-blocking
 //! queue pushes, never across an `.await`.
 
+pub mod last_value;
 pub mod topic;
 
 use std::collections::{HashMap, HashSet};
@@ -22,6 +23,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+pub use last_value::LastValues;
 pub use topic::Filter;
 
 /// Identifies one connection (of any protocol) on this node.
@@ -121,6 +123,9 @@ pub struct Hub {
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
     watchers: Mutex<Vec<mpsc::UnboundedSender<Interest>>>,
+    /// Kept last messages (`None`: the feature is off). Locked after the
+    /// table, never the other way round.
+    last_values: Option<Mutex<LastValues>>,
 }
 
 /// Sizes of the tables, for tests and the churn benchmark.
@@ -138,7 +143,37 @@ impl Hub {
             next_id: AtomicU64::new(1),
             metrics,
             watchers: Mutex::new(Vec::new()),
+            last_values: None,
         }
+    }
+
+    /// Keeps the last message of every topic matched by `filters` (at most
+    /// `max_topics` topics and `max_bytes` of topic and payload text, least
+    /// recently updated evicted first) for new subscribers; see
+    /// [`Hub::subscribe_with_last_values`].
+    pub fn with_last_values(
+        mut self,
+        filters: Vec<Filter>,
+        max_topics: usize,
+        max_bytes: usize,
+    ) -> Self {
+        if !filters.is_empty() {
+            self.last_values = Some(Mutex::new(LastValues::new(filters, max_topics, max_bytes)));
+        }
+        self
+    }
+
+    fn last_value_store(&self) -> Option<std::sync::MutexGuard<'_, LastValues>> {
+        self.last_values
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The kept last messages of every topic `filter` matches, oldest first.
+    pub fn last_values(&self, filter: &Filter) -> Vec<Arc<Message>> {
+        self.last_value_store()
+            .map(|lv| lv.matching(filter))
+            .unwrap_or_default()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -203,6 +238,33 @@ impl Hub {
         filter: &Filter,
         limit: usize,
     ) -> Result<bool, SubscribeError> {
+        self.subscribe_inner(conn, filter, limit, None)
+    }
+
+    /// Like [`Hub::subscribe`], and a new subscription also gets the kept
+    /// last value of every topic the filter matches, at once.
+    ///
+    /// `on_new` runs first, for a new subscription only, so a front end can
+    /// queue its acknowledgement ahead of the last values. Both happen under
+    /// the table lock, so no live message can slip in between: the client
+    /// sees the ack, then the last values, then newer messages.
+    pub fn subscribe_with_last_values(
+        &self,
+        conn: ConnId,
+        filter: &Filter,
+        limit: usize,
+        on_new: impl FnOnce(),
+    ) -> Result<bool, SubscribeError> {
+        self.subscribe_inner(conn, filter, limit, Some(Box::new(on_new)))
+    }
+
+    fn subscribe_inner(
+        &self,
+        conn: ConnId,
+        filter: &Filter,
+        limit: usize,
+        replay: Option<Box<dyn FnOnce() + '_>>,
+    ) -> Result<bool, SubscribeError> {
         let mut announce = Vec::new();
         let new = {
             let mut t = self.write();
@@ -237,11 +299,40 @@ impl Hub {
                 self.metrics
                     .topics
                     .set((t.exact.len() + t.wild.len()) as i64);
+                if let Some(on_new) = replay {
+                    on_new();
+                    self.replay_last_values(t, conn, filter);
+                }
                 true
             }
         };
         self.announce(announce);
         Ok(new)
+    }
+
+    /// Queues the kept last values matching `filter` to `conn`, except
+    /// those another of its subscriptions already matches: the connection
+    /// got that value (or a newer one) then, and receives each message once.
+    fn replay_last_values(&self, t: &Table, conn: ConnId, filter: &Filter) {
+        let kept = self.last_values(filter);
+        let Some(entry) = t.conns.get(&conn) else {
+            return;
+        };
+        for msg in &kept {
+            let seen = entry
+                .filters
+                .iter()
+                .any(|f| f != filter && f.matches(&msg.topic));
+            if seen {
+                continue;
+            }
+            if entry.recipient.deliver(msg) {
+                self.metrics.delivered.inc();
+            } else {
+                self.metrics.dropped.inc();
+                break;
+            }
+        }
     }
 
     /// Unsubscribes; returns whether there was such a subscription.
@@ -326,6 +417,12 @@ impl Hub {
                     payload.clone(),
                     ts,
                 ));
+                // Under the table lock, so a concurrent new subscriber gets
+                // this message either as its last value or live, not both.
+                if let Some(mut kept) = self.last_value_store() {
+                    let held = kept.record(&msg);
+                    self.metrics.last_value_topics.set(held as i64);
+                }
                 let exact = t.exact.get(room).into_iter().flatten();
                 let wild = t
                     .wild
@@ -488,6 +585,117 @@ mod tests {
             released,
             [("t".to_string(), false), ("w/#".to_string(), false)]
         );
+    }
+
+    #[test]
+    fn new_subscriptions_get_last_values_after_on_new() {
+        let hub =
+            Hub::new(Arc::new(Metrics::new())).with_last_values(vec![f("temp/#")], 100, 1 << 20);
+        hub.publish(Message::with_ts("temp/a".into(), None, payload_of(&1), 11));
+        hub.publish(Message::with_ts("temp/b".into(), None, payload_of(&2), 12));
+        hub.publish(Message::with_ts("temp/a".into(), None, payload_of(&3), 13));
+        hub.publish(msg("other"));
+        assert_eq!(hub.last_values(&f("temp/#")).len(), 2);
+        assert_eq!(hub.metrics().last_value_topics.get(), 2);
+
+        let c = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let id = hub.register(c.clone());
+        let mut calls = 0;
+        let new = hub
+            .subscribe_with_last_values(id, &f("temp/+"), 10, || {
+                // Runs before the last values are queued.
+                assert!(c.0.lock().unwrap().is_empty());
+                calls += 1;
+            })
+            .unwrap();
+        assert!(new);
+        assert_eq!(calls, 1);
+        let got: Vec<(String, u64)> =
+            c.0.lock()
+                .unwrap()
+                .iter()
+                .map(|m| (m.topic.to_string(), m.ts))
+                .collect();
+        assert_eq!(got, vec![("temp/b".into(), 12), ("temp/a".into(), 13)]);
+
+        // A repeated subscribe sends nothing again; an exact one gets its topic.
+        assert!(
+            !hub.subscribe_with_last_values(id, &f("temp/+"), 10, || calls += 1)
+                .unwrap()
+        );
+        assert_eq!(calls, 1);
+        assert_eq!(c.0.lock().unwrap().len(), 2);
+        // A filter whose topics another subscription already covers: nothing again.
+        hub.subscribe_with_last_values(id, &f("temp/a"), 10, || {})
+            .unwrap();
+        assert_eq!(c.0.lock().unwrap().len(), 2);
+        // Plain subscribe never replays.
+        hub.unsubscribe(id, &f("temp/+"));
+        hub.subscribe(id, &f("temp/#"), 10).unwrap();
+        assert_eq!(c.0.lock().unwrap().len(), 2);
+        // Only what no other subscription covers.
+        let other = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let id2 = hub.register(other.clone());
+        hub.subscribe_with_last_values(id2, &f("temp/a"), 10, || {})
+            .unwrap();
+        hub.subscribe_with_last_values(id2, &f("temp/+"), 10, || {})
+            .unwrap();
+        let got: Vec<String> = other
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.topic.to_string())
+            .collect();
+        assert_eq!(got, vec!["temp/a", "temp/b"]);
+    }
+
+    #[test]
+    fn last_value_then_live_never_repeats_or_goes_back_under_races() {
+        let hub = Arc::new(Hub::new(Arc::new(Metrics::new())).with_last_values(
+            vec![f("t")],
+            10,
+            1 << 20,
+        ));
+        hub.publish(Message::new("t".into(), None, payload_of(&0)));
+        let publisher = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                for n in 1..=2000 {
+                    hub.publish(Message::new("t".into(), None, payload_of(&n)));
+                }
+            })
+        };
+        let mut clients = vec![];
+        for _ in 0..50 {
+            let c = Arc::new(Collect(Mutex::new(vec![]), 10_000));
+            let id = hub.register(c.clone());
+            hub.subscribe_with_last_values(id, &f("t"), 10, || {})
+                .unwrap();
+            clients.push(c);
+        }
+        publisher.join().unwrap();
+        for c in clients {
+            let got: Vec<i64> =
+                c.0.lock()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.payload.get().parse().unwrap())
+                    .collect();
+            assert!(!got.is_empty());
+            assert!(
+                got.windows(2).all(|w| w[1] == w[0] + 1),
+                "a gap, a repeat or a step back: {got:?}"
+            );
+            assert_eq!(*got.last().unwrap(), 2000);
+        }
+    }
+
+    #[test]
+    fn no_last_values_unless_enabled() {
+        let hub = hub();
+        hub.publish(msg("temperature"));
+        assert!(hub.last_values(&f("#")).is_empty());
     }
 
     #[test]

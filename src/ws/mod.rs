@@ -216,9 +216,12 @@ impl Connection {
         let gw = self.gw.clone();
         for topic in &gw.config.auto_subscribe {
             if let Ok(filter) = crate::hub::Filter::parse(topic) {
-                let _ = gw
-                    .hub
-                    .subscribe(self.id, &filter, gw.config.ws.max_subscriptions);
+                let _ = gw.hub.subscribe_with_last_values(
+                    self.id,
+                    &filter,
+                    gw.config.ws.max_subscriptions,
+                    || {},
+                );
             }
         }
     }
@@ -323,25 +326,26 @@ impl Connection {
             .request
             .and_then(|request| self.apply(request, id, expiry));
         match result {
-            Ok(Some(reply)) => {
+            Ok(Reply::Text(reply)) => {
                 self.out.push(Outbound::Text(reply));
             }
-            Ok(None) => {
+            Ok(Reply::Ack) => {
                 if let Some(id) = id {
                     self.out.push(Outbound::Text(protocol::ack(id)));
                 }
             }
+            Ok(Reply::Sent) => {}
             Err(err) => self.reply_error(id, &err),
         }
     }
 
-    /// Carries out one request. `Ok(Some(reply))` replaces the plain ack.
+    /// Carries out one request.
     fn apply(
         &mut self,
         request: Request,
         id: Option<&RawValue>,
         expiry: &mut std::pin::Pin<&mut tokio::time::Sleep>,
-    ) -> Result<Option<Utf8Bytes>, ClientError> {
+    ) -> Result<Reply, ClientError> {
         let gw = self.gw.clone();
         match request {
             Request::Sub(filter) => {
@@ -351,11 +355,24 @@ impl Connection {
                         format!("role may not subscribe to `{filter}`"),
                     ));
                 }
-                match gw
-                    .hub
-                    .subscribe(self.id, &filter, gw.config.ws.max_subscriptions)
-                {
-                    Ok(_) => Ok(None),
+                // A new subscription queues its ack from inside the hub, just
+                // ahead of the topic's last values (see the hub for why).
+                let mut acked = false;
+                let out = &self.out;
+                let subscribed = gw.hub.subscribe_with_last_values(
+                    self.id,
+                    &filter,
+                    gw.config.ws.max_subscriptions,
+                    || {
+                        if let Some(id) = id {
+                            out.push(Outbound::Text(protocol::ack(id)));
+                        }
+                        acked = true;
+                    },
+                );
+                match subscribed {
+                    Ok(_) if acked => Ok(Reply::Sent),
+                    Ok(_) => Ok(Reply::Ack),
                     Err(SubscribeError::TooMany) => Err(ClientError::new(
                         "too_many_subscriptions",
                         format!(
@@ -363,14 +380,14 @@ impl Connection {
                             gw.config.ws.max_subscriptions
                         ),
                     )),
-                    Err(SubscribeError::Closed) => Ok(None),
+                    Err(SubscribeError::Closed) => Ok(Reply::Ack),
                 }
             }
             Request::Unsub(filter) => {
                 gw.hub.unsubscribe(self.id, &filter);
-                Ok(None)
+                Ok(Reply::Ack)
             }
-            Request::Ping => Ok(Some(protocol::pong(id, now_ms()))),
+            Request::Ping => Ok(Reply::Text(protocol::pong(id, now_ms()))),
             Request::Pub {
                 topic,
                 event,
@@ -382,9 +399,15 @@ impl Connection {
                         format!("role may not publish on `{topic}`"),
                     ));
                 }
+                if let Some(bridge) = gw.mqtt.as_ref().filter(|b| b.forwards(&topic)) {
+                    bridge
+                        .forward(&topic, &payload)
+                        .map_err(|e| ClientError::new(e.code(), e.to_string()))?;
+                    return Ok(Reply::Ack);
+                }
                 gw.metrics.published_from("ws");
                 gw.hub.publish(Message::new(topic, event, payload));
-                Ok(None)
+                Ok(Reply::Ack)
             }
             Request::Auth(token) => {
                 let refreshed = gw
@@ -402,10 +425,20 @@ impl Connection {
                     .as_mut()
                     .reset(self.deadline.unwrap_or_else(far_future));
                 self.identity = refreshed;
-                Ok(None)
+                Ok(Reply::Ack)
             }
         }
     }
+}
+
+/// What answers a request that succeeded.
+enum Reply {
+    /// The plain ack (when the request had an `id`).
+    Ack,
+    /// A reply that replaces the ack (`pong`).
+    Text(Utf8Bytes),
+    /// Already queued (a new subscription's ack, ahead of its last values).
+    Sent,
 }
 
 fn far_future() -> tokio::time::Instant {
