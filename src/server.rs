@@ -147,7 +147,8 @@ impl Server {
             .route("/ws", get(crate::ws::upgrade))
             .merge(crate::api::router())
             .with_state(gw.clone())
-            .layer(sio_layer);
+            .layer(sio_layer)
+            .layer(axum::middleware::from_fn(crate::sio::cors::cors));
         (router, io)
     }
 

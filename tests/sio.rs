@@ -585,3 +585,43 @@ fn socketio_settings_are_checked_and_errors_name_the_setting() {
         ("onsite.assistants", "id", "socket_id")
     );
 }
+
+#[tokio::test]
+async fn cross_origin_polling_gets_cors_headers() {
+    let srv = server("").await;
+    let client = reqwest::Client::new();
+    let url = srv.url("/socket.io/?EIO=4&transport=polling");
+    let pre = client
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "http://onsite.local:8080")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), 204);
+    let h = pre.headers();
+    assert_eq!(h["access-control-allow-origin"], "http://onsite.local:8080");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-allow-headers"], "content-type");
+    let open = client
+        .get(&url)
+        .header("origin", "http://onsite.local:8080")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    assert_eq!(
+        open.headers()["access-control-allow-origin"],
+        "http://onsite.local:8080"
+    );
+    assert!(open.text().await.unwrap().starts_with("0{"));
+    // Other routes are untouched.
+    let other = client
+        .get(srv.url("/healthz"))
+        .header("origin", "http://onsite.local:8080")
+        .send()
+        .await
+        .unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+}

@@ -13,6 +13,7 @@
 //! session's lock: it never awaits, so the lock is never held across an
 //! `.await`.
 
+pub mod cors;
 pub mod request;
 pub mod rooms;
 
