@@ -221,6 +221,20 @@ async fn every_failure_code_is_acked_then_the_socket_is_disconnected() {
             c.disconnected().await;
         }
     }
+    // No argument at all is malformed; with several, the first is the
+    // request and the rest are ignored.
+    for (args, code) in [
+        (vec![], "400-1"),
+        (
+            vec![json!({"url": NS}), json!({"params": {"jwt-api-key": good}})],
+            "401-1",
+        ),
+    ] {
+        let mut c = SioClient::connect(srv.addr, 4, NS).await;
+        let ack = c.request("get", &args).await;
+        assert_eq!(code_of(&ack), code, "{args:?} → {ack}");
+        c.disconnected().await;
+    }
     // Without an ack the failure still disconnects.
     let mut c = SioClient::connect(srv.addr, 4, NS).await;
     c.emit("get", &[json!({"url": NS})]).await;
