@@ -7,6 +7,9 @@ import { io as io4 } from 'socket.io-client';
 import io2 from 'sio2';
 import sailsIOClient from 'sails.io.js';
 import { startPulso, token, once, until } from './lib/pulso.mjs';
+import { spawn, execFileSync } from 'node:child_process';
+import { createServer as createHttpServer } from 'node:http';
+import { readFileSync } from 'node:fs';
 
 const NS = '/notifications';
 let pulso;
@@ -283,3 +286,63 @@ test('a socket that never authenticates is closed after socketio.auth_timeout', 
     assert.equal(await quick.stop(), 0);
   }
 });
+
+// A real browser on another origin: long-polling needs CORS. Uses the
+// machine's Chromium (skipped when there is none).
+
+function findChromium() {
+  for (const bin of ['chromium', 'chromium-browser', 'google-chrome']) {
+    try {
+      execFileSync('which', [bin], { stdio: 'ignore' });
+      return bin;
+    } catch { /* next */ }
+  }
+  return null;
+}
+
+for (const [lib, file] of [['socket.io-client 4.x', 'socket.io-client/dist/socket.io.min.js'], ['socket.io-client 2.x', 'sio2/dist/socket.io.js']]) {
+  test(`${lib} in headless Chromium, cross-origin, over long-polling`, async (t) => {
+    const chromium = findChromium();
+    if (!chromium) return t.skip('no chromium on this machine');
+    const bundle = readFileSync(new URL(`./node_modules/${file}`, import.meta.url));
+    const tok = token('assistant', `browser-${lib}`);
+    const page = `<html><body><pre id="out">pending</pre><img src="/slow">
+<script src="/io.js"></script>
+<script>
+const out = document.getElementById('out');
+const s = io('${pulso.url}${NS}', { transports: ['polling'], withCredentials: true, reconnection: false });
+s.on('connect_error', (e) => { out.textContent = 'connect_error ' + e.message; });
+s.on('connect', () => s.emit('get', { url: '${NS}', params: { 'jwt-api-key': '${tok}', tournamentId: 2 } },
+  (ack) => { out.textContent = 'ACK ' + JSON.stringify({ ack, id: s.id }); }));
+</script></body></html>`;
+    // The page's origin: another port. `/slow` holds the load event (and so
+    // --dump-dom) until the socket has had time to answer.
+    const site = createHttpServer((req, res) => {
+      if (req.url === '/io.js') { res.setHeader('content-type', 'text/javascript'); return res.end(bundle); }
+      if (req.url === '/slow') return setTimeout(() => res.end(), 3000);
+      res.setHeader('content-type', 'text/html');
+      res.end(page);
+    });
+    await new Promise((r) => site.listen(0, '127.0.0.1', r));
+    try {
+      const { port } = site.address();
+      // Not spawnSync: this process serves the page meanwhile.
+      const run = await new Promise((resolve) => {
+        const child = spawn(chromium, ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+          '--dump-dom', `http://127.0.0.1:${port}/`]);
+        let stdout = '';
+        let stderr = '';
+        child.stdout.on('data', (d) => (stdout += d));
+        child.stderr.on('data', (d) => (stderr += d));
+        const kill = setTimeout(() => child.kill('SIGKILL'), 30000);
+        child.on('close', () => { clearTimeout(kill); resolve({ stdout, stderr }); });
+      });
+      const m = /<pre id="out">ACK ([^<]*)<\/pre>/.exec(run.stdout.replaceAll('&quot;', '"'));
+      assert.ok(m, `no ack in the page: ${run.stdout.slice(0, 500)} ${run.stderr.slice(-300)}`);
+      const { ack, id } = JSON.parse(m[1]);
+      assert.deepEqual(ack, { body: { socketId: id, rooms: ['assistant', 'assistant_2'] }, statusCode: 200 });
+    } finally {
+      site.close();
+    }
+  });
+}
