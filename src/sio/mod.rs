@@ -151,6 +151,12 @@ impl Session {
     /// must be disconnected (any failure while not yet authenticated).
     fn request(&self, s: &SocketRef, v: &Value) -> (Value, bool) {
         let mut auth = self.auth();
+        if self.done.is_cancelled() {
+            // The socket went away while this request waited: registering it
+            // now would leave a hub entry and a presence row nobody clears
+            // (`finish` cancels `done` before it takes this lock).
+            return (Failure::missing_token().ack(), false);
+        }
         let was_authed = auth.is_some();
         match self.serve(s, v, &mut auth) {
             Ok(ack) => (ack, false),
