@@ -439,6 +439,13 @@ async fn many_sockets_connecting_and_dropping_at_once_leave_nothing_behind() {
         );
         tasks.push(tokio::spawn(async move {
             let mut c = SioClient::connect(addr, if i % 2 == 0 { 4 } else { 3 }, NS).await;
+            if i % 7 == 0 {
+                // Authenticate and vanish without waiting for the answer.
+                c.emit("get", &[json!({"url": NS, "params": {"jwt-api-key": t}})])
+                    .await;
+                c.close().await;
+                return;
+            }
             if i % 3 != 0 {
                 let ack = c.auth(&t, json!({"tournamentId": i % 5})).await;
                 assert_eq!(ack["statusCode"], 200);
