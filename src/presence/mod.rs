@@ -15,6 +15,7 @@ mod db;
 pub mod time;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -59,6 +60,8 @@ struct Shared {
     /// `Ok` while the last connection attempt and write succeeded.
     state: Mutex<Result<(), String>>,
     metrics: Arc<Metrics>,
+    /// Writes dropped on a full queue so far (for log throttling).
+    dropped: AtomicU64,
 }
 
 impl Shared {
@@ -99,6 +102,7 @@ impl Presence {
             db: RwLock::new(None),
             state: Mutex::new(Err("connecting".into())),
             metrics,
+            dropped: AtomicU64::new(0),
         });
         let (first, first_rx) = oneshot::channel();
         tokio::spawn(writer(
@@ -134,8 +138,10 @@ impl Presence {
         if let Err(e) = self.tx.try_send(op) {
             let full = matches!(e, mpsc::error::TrySendError::Full(_));
             self.shared.metrics.presence_write("dropped");
-            if full {
-                tracing::warn!("presence queue full; a presence write was dropped");
+            // Log the 1st, 2nd, 4th, 8th… drop: a flood must not flood the log.
+            let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if full && n.is_power_of_two() {
+                tracing::warn!(dropped = n, "presence queue full; presence writes dropped");
             }
         }
     }
