@@ -527,6 +527,8 @@ async fn one_bad_application_table_does_not_sink_other_writes() {
 struct Switch {
     port: u16,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// New connections are accepted and then never answered.
+    hang: std::sync::Arc<std::sync::atomic::AtomicBool>,
     cut: tokio::sync::watch::Sender<u64>,
 }
 
@@ -536,12 +538,27 @@ impl Switch {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hang = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (cut, _) = tokio::sync::watch::channel(0u64);
-        let (d, c) = (down.clone(), cut.clone());
+        let (d, h, c) = (down.clone(), hang.clone(), cut.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if d.load(Ordering::SeqCst) {
                     continue; // dropped: the "server" is gone
+                }
+                if h.load(Ordering::SeqCst) {
+                    // A server that takes the connection and never answers.
+                    tokio::spawn(async move {
+                        let mut sink = [0u8; 1024];
+                        while let Ok(n) =
+                            tokio::io::AsyncReadExt::read(&mut inbound, &mut sink).await
+                        {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                    });
+                    continue;
                 }
                 let mut cut_rx = c.subscribe();
                 tokio::spawn(async move {
@@ -555,7 +572,12 @@ impl Switch {
                 });
             }
         });
-        Switch { port, down, cut }
+        Switch {
+            port,
+            down,
+            hang,
+            cut,
+        }
     }
 
     fn stop(&self) {
@@ -566,6 +588,12 @@ impl Switch {
     fn resume(&self) {
         self.down.store(false, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// Cuts open connections; new ones hang unanswered.
+    fn freeze(&self) {
+        self.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
 }
 
 #[tokio::test]
@@ -573,29 +601,7 @@ async fn postgres_stopped_while_running_does_not_disturb_delivery_and_recovers()
     let Some(url) = postgres_url().await else {
         return;
     };
-    let opts = sqlx::postgres::PgConnectOptions::from_str(&url).unwrap();
-    let upstream = tokio::net::lookup_host((opts.get_host(), opts.get_port()))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let switch = Switch::start(upstream).await;
-    // The same URL (credentials, database, options) with the proxy as host.
-    let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
-    let host_start = url[scheme_end..]
-        .find('@')
-        .map(|i| scheme_end + i + 1)
-        .unwrap_or(scheme_end);
-    let host_end = url[host_start..]
-        .find(['/', '?'])
-        .map(|i| host_start + i)
-        .unwrap_or(url.len());
-    let proxied_url = format!(
-        "{}127.0.0.1:{}{}",
-        &url[..host_start],
-        switch.port,
-        &url[host_end..]
-    );
+    let (switch, proxied_url) = proxy_to(&url).await;
     let srv = start(&proxied_url, &unique("node"), "").await;
     let (a, b, c) = (unique("a"), unique("b"), unique("c"));
 
@@ -652,4 +658,76 @@ async fn postgres_stopped_while_running_does_not_disturb_delivery_and_recovers()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     srv.stop().await;
+}
+
+/// A [`Switch`] in front of the PostgreSQL at `url`, and the URL through it.
+async fn proxy_to(url: &str) -> (Switch, String) {
+    let opts = sqlx::postgres::PgConnectOptions::from_str(url).unwrap();
+    let upstream = tokio::net::lookup_host((opts.get_host(), opts.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let switch = Switch::start(upstream).await;
+    // The same URL (credentials, database, options) with the proxy as host.
+    let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_start = url[scheme_end..]
+        .find('@')
+        .map(|i| scheme_end + i + 1)
+        .unwrap_or(scheme_end);
+    let host_end = url[host_start..]
+        .find(['/', '?'])
+        .map(|i| host_start + i)
+        .unwrap_or(url.len());
+    let proxied = format!(
+        "{}127.0.0.1:{}{}",
+        &url[..host_start],
+        switch.port,
+        &url[host_end..]
+    );
+    (switch, proxied)
+}
+
+#[tokio::test]
+async fn a_hung_store_fills_the_bounded_queue_and_delivery_goes_on() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let (switch, proxied_url) = proxy_to(&url).await;
+    let srv = start(&proxied_url, &unique("node"), "").await;
+    srv.until("presence ready", |gw| gw.presence.status().is_ok())
+        .await;
+    let mut sio = SioClient::connect(srv.addr, 4, NS).await;
+    sio.auth(&srv.token("timer", &unique("t")), json!({})).await;
+
+    switch.freeze();
+    // Far more writes than the queue holds, while the writer is stuck on a
+    // database that never answers: the surplus is dropped, never waited for.
+    let started = std::time::Instant::now();
+    for i in 0..(pulso::presence::QUEUE + 1000) {
+        srv.gw.presence.set(pulso::presence::Holder {
+            role: "load".into(),
+            sub: format!("{i}"),
+            socket_id: format!("s{i}"),
+            protocol: "ws",
+        });
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let m = srv.metrics().await;
+    assert!(
+        m.contains("pulso_presence_writes_total{result=\"dropped\"}"),
+        "{m}"
+    );
+    let (status, body) = srv
+        .post("/api/broadcast", json!({"rooms": "timer", "data": "still"}))
+        .await;
+    assert_eq!((status, body), (200, json!({"recipients": 1})));
+    assert_eq!(sio.event().await.1, vec![json!("still")]);
+    // Stopping gives up on the stuck store within shutdown_timeout.
+    let took = srv.stop().await;
+    assert!(took < Duration::from_secs(15), "{took:?}");
 }
