@@ -252,6 +252,36 @@ async fn rows_follow_sockets(url: &str) {
     )
     .await;
     assert_eq!((status, body), (200, json!({"sockets": []})));
+    // Empty filters are no filters; both together narrow to one row.
+    let marker2 = unique("marker2");
+    let mut m2 = srv.ws("timer", &marker2).await;
+    presence_until(&srv, &marker2, "the second marker", |r| r.len() == 1).await;
+    let admin = srv.token("admin", "x");
+    let (status, body) = get_json(
+        &srv,
+        &format!("/api/presence?role=&sub={marker2}"),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["sockets"].as_array().map(Vec::len), Some(1), "{body}");
+    let (_, body) = get_json(
+        &srv,
+        &format!("/api/presence?role=timer&sub={marker2}"),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(body["sockets"][0]["sub"], json!(marker2));
+    let (_, body) = get_json(
+        &srv,
+        &format!("/api/presence?role=assistant&sub={marker2}"),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(body, json!({"sockets": []}));
+    let _ = m2.stream.close(None).await;
+    let (status, body) = get_json(&srv, "/api/presence?role=nobody", Some(&admin)).await;
+    assert_eq!((status, body), (200, json!({"sockets": []})));
     let (status, _) = get_json(&srv, "/readyz", None).await;
     assert_eq!(status, 200);
     assert!(

@@ -35,7 +35,10 @@ pub async fn presence(
             "`role` and `sub` are at most 1024 bytes",
         ));
     }
-    match gw.presence.list(f.role.as_deref(), f.sub.as_deref()).await {
+    // `?role=` (empty) means no filter, like leaving it out.
+    let role = f.role.as_deref().filter(|s| !s.is_empty());
+    let sub = f.sub.as_deref().filter(|s| !s.is_empty());
+    match gw.presence.list(role, sub).await {
         Ok(sockets) => Ok(Json(Sockets { sockets })),
         Err(e @ ReadError::Unavailable(_)) | Err(e @ ReadError::Query(_)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
