@@ -25,7 +25,7 @@ pub fn count_codes(codes: &[u16]) -> Vec<(u16, usize)> {
             None => v.push((c, 1)),
         }
     }
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v
 }
 
