@@ -85,7 +85,7 @@ run() {
     sio-load)     args=(sio-fanout "${common[@]}" --clients "$(scaled 2000)" --messages "$(scaled 1000)" --rate 50) ;;
     idle)         args=(idle "${common[@]}" --clients "$(scaled 10000)" --pid "$SERVER_PID" --hold 3) ;;
     held)         args=(idle "${common[@]}" --clients 19800 --pid "$SERVER_PID" --hold 3) ;;
-    churn)        args=(churn "${common[@]}" --duration "$(scaled 20)" --pid "$SERVER_PID") ;;
+    churn)        args=(churn "${common[@]}" --duration "$(scaled 10)" --rounds 2 --pid "$SERVER_PID") ;;
   esac
   echo "==> $scen against $server (port $port, pid $SERVER_PID)" >&2
   local line

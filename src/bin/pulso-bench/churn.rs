@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::{self, Target};
-use crate::fanout::{body, publish_path, round};
+use crate::fanout::{body, publish_path, round as round_to};
 use crate::net::{self, Http, OP_CLOSE, Result, err};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -18,9 +18,13 @@ pub struct ChurnArgs {
     /// Concurrent clients, each connecting and leaving in a loop.
     #[arg(long, default_value_t = 200)]
     pub workers: usize,
-    /// Seconds of churn.
-    #[arg(long, default_value_t = 20)]
+    /// Seconds of churn per round.
+    #[arg(long, default_value_t = 10)]
     pub duration: u64,
+    /// Rounds; tables and RSS are read after each (RSS growth is reported
+    /// from the first round to the last).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: u32,
     /// Longest a client stays connected, in ms (each stays a varying part of it).
     #[arg(long, default_value_t = 500)]
     pub hold_ms: u64,
@@ -48,15 +52,90 @@ struct Counts {
 }
 
 pub async fn run(t: &Target, a: &ChurnArgs, common: &crate::Common) -> Result<Value> {
-    if a.topics == 0 || a.rate <= 0.0 {
-        return Err(err("--topics and --rate must be positive"));
+    if a.topics == 0 || a.rate <= 0.0 || a.rounds == 0 {
+        return Err(err("--topics, --rate and --rounds must be positive"));
     }
     let before = net::scrape(t.addr, &GAUGES).await.ok();
     let rss_before = a.pid.and_then(net::rss_kib);
     let counts = Arc::new(Counts::default());
-    let stop = CancellationToken::new();
     let first_errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (mut published, mut publish_errors) = (0u64, 0u64);
+    let mut after = None;
+    let mut rss_rounds = Vec::new();
+    let mut returned_rounds = Vec::new();
+    let started = Instant::now();
+    for _ in 0..a.rounds {
+        let (p, e) = round(t, a, common, &counts, &first_errors).await?;
+        published += p;
+        publish_errors += e;
+        // Wait for the tables to come back.
+        let settle_end = Instant::now() + Duration::from_secs(a.settle);
+        while let Ok(now) = net::scrape(t.addr, &GAUGES).await {
+            let done = before.as_ref().is_some_and(|b| *b == now);
+            after = Some(now);
+            if done || Instant::now() >= settle_end {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        returned_rounds.push(match (&before, &after) {
+            (Some(b), Some(a)) => json!(b == a),
+            _ => Value::Null,
+        });
+        rss_rounds.push(a.pid.and_then(net::rss_kib));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    for e in first_errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        eprintln!("churn error: {e}");
+    }
+    let cycles = counts.cycles.load(Ordering::Relaxed);
+    let tables = |v: &Option<Vec<f64>>| match v {
+        Some(v) => json!({"connections": v[0], "subscriptions": v[1], "topics": v[2]}),
+        None => Value::Null,
+    };
+    let growth = |from: Option<u64>, to: Option<u64>| match (from, to) {
+        (Some(b), Some(a)) if b > 0 => json!(round_to((a as f64 - b as f64) * 100.0 / b as f64, 1)),
+        _ => Value::Null,
+    };
+    let first = rss_rounds.first().copied().flatten();
+    let last = rss_rounds.last().copied().flatten();
+    Ok(json!({
+        "scenario": "churn",
+        "server": common.label,
+        "workers": a.workers,
+        "rounds": a.rounds,
+        "duration_s": round_to(elapsed, 1),
+        "cycles": cycles,
+        "cycles_per_s": round_to(cycles as f64 / (a.duration * a.rounds as u64).max(1) as f64, 0),
+        "errors": counts.errors.load(Ordering::Relaxed),
+        "messages_published": published,
+        "publish_errors": publish_errors,
+        "messages_received": counts.received.load(Ordering::Relaxed),
+        "tables_before": tables(&before),
+        "tables_after": tables(&after),
+        "tables_returned": returned_rounds.iter().all(|r| r == &json!(true)),
+        "rss_before_kib": rss_before,
+        "rss_after_rounds_kib": rss_rounds,
+        // From a fresh process the first round's growth is the allocator
+        // warming up; a leak shows as growth from round to round.
+        "rss_growth_first_round_pct": growth(rss_before, first),
+        "rss_growth_pct": growth(first, last),
+    }))
+}
 
+/// One round of churn: workers connect and leave while a publisher runs.
+async fn round(
+    t: &Target,
+    a: &ChurnArgs,
+    common: &crate::Common,
+    counts: &Arc<Counts>,
+    first_errors: &Arc<std::sync::Mutex<Vec<String>>>,
+) -> Result<(u64, u64)> {
+    let stop = CancellationToken::new();
     let mut workers = Vec::new();
     for w in 0..a.workers {
         let (t, a, counts, stop) = (t.clone(), a.clone(), counts.clone(), stop.clone());
@@ -114,53 +193,7 @@ pub async fn run(t: &Target, a: &ChurnArgs, common: &crate::Common) -> Result<Va
     for wk in workers {
         let _ = wk.await;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-
-    // Wait for the tables to come back.
-    let settle_end = Instant::now() + Duration::from_secs(a.settle);
-    let mut after = None;
-    while let Ok(now) = net::scrape(t.addr, &GAUGES).await {
-        let done = before.as_ref().is_some_and(|b| *b == now);
-        after = Some(now);
-        if done || Instant::now() >= settle_end {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let rss_after = a.pid.and_then(net::rss_kib);
-    for e in first_errors
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-    {
-        eprintln!("churn error: {e}");
-    }
-    let cycles = counts.cycles.load(Ordering::Relaxed);
-    let tables = |v: &Option<Vec<f64>>| match v {
-        Some(v) => json!({"connections": v[0], "subscriptions": v[1], "topics": v[2]}),
-        None => Value::Null,
-    };
-    Ok(json!({
-        "scenario": "churn",
-        "server": common.label,
-        "workers": a.workers,
-        "duration_s": round(elapsed, 1),
-        "cycles": cycles,
-        "cycles_per_s": round(cycles as f64 / elapsed, 0),
-        "errors": counts.errors.load(Ordering::Relaxed),
-        "messages_published": published,
-        "publish_errors": publish_errors,
-        "messages_received": counts.received.load(Ordering::Relaxed),
-        "tables_before": tables(&before),
-        "tables_after": tables(&after),
-        "tables_returned": match (&before, &after) { (Some(b), Some(a)) => json!(b == a), _ => Value::Null },
-        "rss_before_kib": rss_before,
-        "rss_after_kib": rss_after,
-        "rss_growth_pct": match (rss_before, rss_after) {
-            (Some(b), Some(a)) if b > 0 => json!(round((a as f64 - b as f64) * 100.0 / b as f64, 1)),
-            _ => Value::Null,
-        },
-    }))
+    Ok((published, publish_errors))
 }
 
 /// One client's life: connect, subscribe, read for `stay`, close cleanly.
