@@ -81,7 +81,7 @@ pub async fn upgrade(
     ws.max_message_size(limit)
         .max_frame_size(limit)
         // Small reads suit small messages; the library's default is 128 KiB.
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .on_upgrade(move |socket| tracker.track_future(Connection::run(gw, socket, identity)))
 }
 
