@@ -7,15 +7,19 @@
 #   bench/compare.sh                    # default scenarios (about 5 minutes)
 #   bench/compare.sh fanout-max idle    # some of them
 #   SCALE=0.2 bench/compare.sh          # smaller sizes (quick look)
+#   PULSO_BIN=/path/to/pulso bench/compare.sh sio-load   # another pulso build
 #
 # Scenarios: fanout-max fanout-load fanout-light sio-load idle churn (default
-# set), and held (idle with 19 800 connections; pulso and node only).
+# set), held (idle with 19 800 connections; pulso and node only) and sio-idle
+# (idle Socket.IO connections; node, and pulso when it serves /socket.io/).
 # Results: one JSON line per run in $OUT (default bench/results/<date>.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pulso-target}"
 BIN="$CARGO_TARGET_DIR/release"
+# Another pulso build may be measured instead (e.g. a branch with Socket.IO).
+PULSO_BIN="${PULSO_BIN:-$BIN/pulso}"
 SECRET=bench-secret
 SCALE="${SCALE:-1}"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -43,7 +47,7 @@ SERVER_PID=""
 start_server() { # name port
   local name=$1 port=$2
   case $name in
-    pulso) "$BIN/pulso" --jwt-secret "$SECRET" --demo-enabled false --listen "127.0.0.1:$port" \
+    pulso) "$PULSO_BIN" --jwt-secret "$SECRET" --demo-enabled false --listen "127.0.0.1:$port" \
              >"$LOGS/$name.$port.log" 2>&1 &
            SERVER_PID=$! ;;
     node)  (cd bench/baselines/node && exec env PORT="$port" JWT_SECRET="$SECRET" node server.js) \
@@ -84,6 +88,7 @@ run() {
     fanout-light) args=(fanout "${common[@]}" --clients "$(scaled 2000)" --messages "$(scaled 150)" --rate 10) ;;
     sio-load)     args=(sio-fanout "${common[@]}" --clients "$(scaled 2000)" --messages "$(scaled 1000)" --rate 50) ;;
     idle)         args=(idle "${common[@]}" --clients "$(scaled 10000)" --pid "$SERVER_PID" --hold 3) ;;
+    sio-idle)     args=(idle "${common[@]}" --proto sio --clients "$(scaled 10000)" --pid "$SERVER_PID" --hold 3) ;;
     held)         args=(idle "${common[@]}" --clients 19800 --pid "$SERVER_PID" --hold 3) ;;
     churn)        args=(churn "${common[@]}" --duration "$(scaled 10)" --rounds 2 --pid "$SERVER_PID") ;;
   esac
@@ -111,7 +116,7 @@ has_sio() { # does pulso serve /socket.io/ on this branch?
 
 for scen in "${scenarios[@]}"; do
   case $scen in
-    sio-load)
+    sio-load|sio-idle)
       servers=(node)
       if has_sio; then servers=(pulso node); else echo "(pulso has no /socket.io/ endpoint on this build: node only)" >&2; fi ;;
     churn|held) servers=(pulso node) ;;
