@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -165,8 +166,16 @@ impl Server {
         }
         let (app, io) = Self::router(&gw);
         let stop = gw.shutdown.clone();
+        // Small frames go out at once: without TCP_NODELAY a frame written
+        // while an earlier one is unacknowledged waits for the peer's delayed
+        // ACK (about 40 ms on Linux), which showed as a 40 ms p99 in fan-out.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let serve =
-            axum::serve(self.listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+            axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
         let serving = tokio::spawn(async move { serve.await });
 
         stop.cancelled().await;

@@ -1,0 +1,74 @@
+//! `pulso-bench fanout` against an in-process pulso, with tiny sizes:
+//! correctness only (every message delivered once, to the right clients).
+//! No timing is asserted.
+
+mod common;
+
+use common::{SECRET, TestServer};
+use serde_json::Value;
+
+async fn bench(server: &TestServer, extra: &[&str]) -> Value {
+    let url = server.addr.to_string();
+    let mut args = vec![
+        "fanout",
+        "--url",
+        &url,
+        "--secret",
+        SECRET,
+        "--clients",
+        "20",
+        "--topics",
+        "3",
+        "--messages",
+        "30",
+        "--drain",
+        "10",
+    ];
+    args.extend_from_slice(extra);
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pulso-bench"))
+            .args(&args)
+            .output(),
+    )
+    .await
+    .expect("pulso-bench finishes in time")
+    .expect("pulso-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pulso-bench failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().next().expect("a JSON line"))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn check(v: &Value) {
+    // 30 messages over 3 topics, 20 clients over 3 topics (7, 7, 6).
+    assert_eq!(v["clients"], 20, "{v}");
+    assert_eq!(v["expected"], 200, "{v}");
+    assert_eq!(v["deliveries"], 200, "{v}");
+    for field in [
+        "lost",
+        "duplicates",
+        "misrouted",
+        "unparsable",
+        "publish_errors",
+    ] {
+        assert_eq!(v[field], 0, "{field} in {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_at_a_rate_delivers_every_message_once() {
+    let server = TestServer::start().await;
+    let v = bench(&server, &["--rate", "200"]).await;
+    check(&v);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_max_delivers_every_message_once() {
+    let server = TestServer::start().await;
+    let v = bench(&server, &["--max", "--window", "4"]).await;
+    check(&v);
+    server.stop().await;
+}
