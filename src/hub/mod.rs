@@ -109,13 +109,17 @@ struct ConnEntry {
     filters: HashSet<Filter>,
 }
 
+/// A filter's subscribers, with their handles, so fan-out needs no second
+/// lookup per recipient.
+type Subscribers = HashMap<ConnId, Arc<dyn Recipient>>;
+
 #[derive(Default)]
 struct Table {
     conns: HashMap<ConnId, ConnEntry>,
     /// Exact names → subscribers.
-    exact: HashMap<Arc<str>, HashSet<ConnId>>,
+    exact: HashMap<Arc<str>, Subscribers>,
     /// Wildcard filters → subscribers; scanned on publish.
-    wild: HashMap<Arc<str>, (Filter, HashSet<ConnId>)>,
+    wild: HashMap<Arc<str>, (Filter, Subscribers)>,
 }
 
 pub struct Hub {
@@ -277,16 +281,17 @@ impl Hub {
                     return Err(SubscribeError::TooMany);
                 }
                 entry.filters.insert(filter.clone());
+                let recipient = entry.recipient.clone();
                 let first = if filter.is_wildcard() {
                     let slot = t
                         .wild
                         .entry(filter.text().clone())
-                        .or_insert_with(|| (filter.clone(), HashSet::new()));
-                    slot.1.insert(conn);
+                        .or_insert_with(|| (filter.clone(), HashMap::new()));
+                    slot.1.insert(conn, recipient);
                     slot.1.len() == 1
                 } else {
                     let slot = t.exact.entry(filter.text().clone()).or_default();
-                    slot.insert(conn);
+                    slot.insert(conn, recipient);
                     slot.len() == 1
                 };
                 if first {
@@ -407,49 +412,69 @@ impl Hub {
     ) -> usize {
         let started = Instant::now();
         let (mut delivered, mut dropped) = (0u64, 0u64);
-        let mut seen: HashSet<ConnId> = HashSet::new();
-        {
-            let t = self.read();
-            for room in rooms {
-                let msg = Arc::new(Message::with_ts(
-                    room.clone(),
-                    event.clone(),
-                    payload.clone(),
-                    ts,
-                ));
-                // Under the table lock, so a concurrent new subscriber gets
-                // this message either as its last value or live, not both.
-                if let Some(mut kept) = self.last_value_store() {
-                    let held = kept.record(&msg);
-                    self.metrics.last_value_topics.set(held as i64);
-                }
-                let exact = t.exact.get(room).into_iter().flatten();
-                let wild = t
-                    .wild
-                    .values()
-                    .filter(|(f, _)| f.matches(room))
-                    .flat_map(|(_, subs)| subs);
-                for conn in exact.chain(wild) {
-                    if !seen.insert(*conn) {
-                        continue;
-                    }
-                    let Some(entry) = t.conns.get(conn) else {
-                        continue;
-                    };
-                    if entry.recipient.deliver(&msg) {
-                        delivered += 1;
-                    } else {
-                        dropped += 1;
-                    }
-                }
+        let mut deliver = |recipient: &Arc<dyn Recipient>, msg: &Arc<Message>| {
+            if recipient.deliver(msg) {
+                delivered += 1;
+            } else {
+                dropped += 1;
             }
-        }
+        };
+        let reached = {
+            let t = self.read();
+            let messages: Vec<Arc<Message>> = rooms
+                .iter()
+                .map(|room| {
+                    let msg = Arc::new(Message::with_ts(
+                        room.clone(),
+                        event.clone(),
+                        payload.clone(),
+                        ts,
+                    ));
+                    // Under the table lock, so a concurrent new subscriber gets
+                    // this message either as its last value or live, not both.
+                    if let Some(mut kept) = self.last_value_store() {
+                        let held = kept.record(&msg);
+                        self.metrics.last_value_topics.set(held as i64);
+                    }
+                    msg
+                })
+                .collect();
+            let single_exact = match (rooms, messages.as_slice()) {
+                ([room], [msg]) if !t.wild.values().any(|(f, _)| f.matches(room)) => Some(msg),
+                _ => None,
+            };
+            if let Some(msg) = single_exact {
+                // The common case: one name, no wildcard involved. Every
+                // subscriber is distinct, so no de-duplication is needed.
+                let subs = t.exact.get(&rooms[0]);
+                subs.into_iter()
+                    .flatten()
+                    .for_each(|(_, r)| deliver(r, msg));
+                subs.map_or(0, HashMap::len)
+            } else {
+                let mut seen: HashSet<ConnId> = HashSet::new();
+                for (room, msg) in rooms.iter().zip(&messages) {
+                    let exact = t.exact.get(room).into_iter().flatten();
+                    let wild = t
+                        .wild
+                        .values()
+                        .filter(|(f, _)| f.matches(room))
+                        .flat_map(|(_, subs)| subs);
+                    for (conn, recipient) in exact.chain(wild) {
+                        if seen.insert(*conn) {
+                            deliver(recipient, msg);
+                        }
+                    }
+                }
+                seen.len()
+            }
+        };
         self.metrics.delivered.inc_by(delivered);
         self.metrics.dropped.inc_by(dropped);
         self.metrics
             .stage_latency(crate::metrics::Stage::Fanout)
             .observe(started.elapsed().as_secs_f64());
-        seen.len()
+        reached
     }
 }
 
