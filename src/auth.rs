@@ -151,11 +151,24 @@ impl Verifier {
 
     /// When a connection authenticated with this identity must be closed:
     /// `exp` plus the leeway.
+    /// `None` also when `exp` is too far away to represent: never, in practice.
     pub fn deadline(&self, identity: &Identity) -> Option<SystemTime> {
-        identity
-            .exp
-            .map(|exp| UNIX_EPOCH + Duration::from_secs(exp) + self.leeway)
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(identity.exp?))?
+            .checked_add(self.leeway)
     }
+}
+
+/// The instant, on tokio's clock, of a wall-clock deadline: now when it is
+/// past, and at most a century ahead (so a token's absurd `exp` cannot
+/// overflow the clock).
+pub fn instant_of(at: SystemTime) -> tokio::time::Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 86400);
+    let left = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+        .min(CENTURY);
+    tokio::time::Instant::now() + left
 }
 
 fn validation(cfg: &JwtConfig, algorithms: Vec<Algorithm>) -> Validation {
@@ -355,6 +368,19 @@ mod tests {
             .sign(&claims(serde_json::json!({"id": 7, "role": "timer"})))
             .unwrap();
         assert_eq!(v.verify(&id_only).unwrap().sub, "7");
+    }
+
+    #[test]
+    fn absurd_exp_does_not_overflow() {
+        let v = Verifier::new(&cfg(), Some("k")).unwrap();
+        let t = Signer::hmac("k")
+            .sign(&claims(serde_json::json!({"sub":"1","exp": u64::MAX})))
+            .unwrap();
+        let id = v.verify(&t).unwrap();
+        if let Some(at) = v.deadline(&id) {
+            let _ = instant_of(at);
+        }
+        let _ = instant_of(UNIX_EPOCH + Duration::from_secs(1 << 40));
     }
 
     #[test]

@@ -147,6 +147,8 @@ impl Server {
         let router = Router::new()
             .route("/ws", get(crate::ws::upgrade))
             .merge(crate::api::router())
+            .fallback(crate::api::not_found)
+            .method_not_allowed_fallback(crate::api::method_not_allowed)
             .with_state(gw.clone())
             .layer(sio_layer)
             .layer(axum::middleware::from_fn(crate::sio::cors::cors));
@@ -186,7 +188,9 @@ impl Server {
         let limit = gw.config.shutdown_timeout;
         // Socket.IO sockets disconnect themselves on the shutdown signal (their
         // watchdogs are in `connections`); then the engine transports close.
-        let drained = tokio::time::timeout(limit, async {
+        // A tenth of the limit (at most 1 s) is kept for clearing presence.
+        let reserve = (limit / 10).min(std::time::Duration::from_secs(1));
+        let drained = tokio::time::timeout(limit - reserve, async {
             gw.connections.wait().await;
             io.close().await;
             background.wait().await;
@@ -195,11 +199,7 @@ impl Server {
         .await;
         // Every client is gone: clear this node's presence rows (SPEC §1).
         gw.presence
-            .stop(
-                limit
-                    .saturating_sub(started.elapsed())
-                    .max(std::time::Duration::from_millis(500)),
-            )
+            .stop(limit.saturating_sub(started.elapsed()))
             .await;
         if drained.is_err() {
             tracing::warn!(

@@ -221,10 +221,16 @@ async fn health_ready_metrics() {
 }
 
 #[tokio::test]
-async fn unknown_routes_are_404() {
+async fn unknown_routes_and_methods_get_json_errors() {
     let srv = TestServer::start().await;
-    let r = reqwest::get(srv.url("/nope")).await.unwrap();
+    let r = reqwest::get(srv.url("/api/nope")).await.unwrap();
     assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    let r = reqwest::get(srv.url("/api/publish")).await.unwrap();
+    assert_eq!(r.status(), 405);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
     srv.stop().await;
 }
 

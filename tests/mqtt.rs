@@ -1068,3 +1068,36 @@ async fn shared_subscriptions_are_bridged() {
     assert_eq!(srv.gw.hub.last_values(&kept).len(), 1, "kept as last value");
     srv.stop().await;
 }
+
+/// More kept values than the outbound queue holds: a wildcard subscriber
+/// still gets all of them and is not taken for a slow consumer.
+#[tokio::test]
+async fn a_wildcard_replay_larger_than_the_queue_is_not_a_slow_consumer() {
+    let broker = broker_or_skip!();
+    let srv = TestServer::start_toml(&broker.toml("[ws]\noutbound_queue = 16\n")).await;
+    let n = 100;
+    for i in 0..n {
+        let (status, _) = srv.publish(&format!("temperature/s{i}"), json!(i)).await;
+        assert_eq!(status, 200);
+    }
+    let all = pulso::hub::Filter::parse("temperature/#").unwrap();
+    srv.until("kept values", |gw| gw.hub.last_values(&all).len() == n)
+        .await;
+    let mut c = srv.ws("assistant", "1").await;
+    let ack = c
+        .request(json!({"type":"sub","topic":"temperature/#"}), 1)
+        .await;
+    assert_eq!(ack, json!({"type":"ack","id":1}));
+    let mut got = std::collections::HashSet::new();
+    while got.len() < n {
+        let m = c.recv().await;
+        got.insert(m["payload"].as_u64().unwrap());
+    }
+    assert_eq!(c.request(json!({"type":"ping"}), 2).await["type"], "pong");
+    assert!(
+        srv.metrics()
+            .await
+            .contains("pulso_slow_consumer_closes_total 0")
+    );
+    srv.stop().await;
+}

@@ -496,3 +496,20 @@ async fn shutdown_closes_with_1001_and_returns_quickly() {
     let took = stopping.await.unwrap();
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
+
+#[tokio::test]
+async fn an_absurd_exp_neither_panics_nor_leaks() {
+    let srv = TestServer::start().await;
+    let t = token_claims(json!({"sub":"1","role":"assistant","exp": u64::MAX}));
+    let mut c = WsClient::connect(&srv.ws_url(&t)).await;
+    assert_eq!(c.request(json!({"type":"ping"}), 1).await["type"], "pong");
+    c.stream.close(None).await.unwrap();
+    srv.until("tables empty", |gw| gw.hub.stats() == Default::default())
+        .await;
+    assert!(
+        srv.metrics()
+            .await
+            .contains("pulso_connections{protocol=\"ws\"} 0")
+    );
+    srv.stop().await;
+}

@@ -33,6 +33,20 @@ pub fn router() -> Router<Arc<Gateway>> {
         .route("/", get(console))
 }
 
+/// Any other path: the API's JSON error, not an empty 404.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {}", uri.path()))
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
 /// The live console: one static page that uses the public endpoints only.
 async fn console() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("assets/console.html"))

@@ -13,10 +13,17 @@ pub enum Raw {
     Text(String),
 }
 
+/// The longest duration accepted (about 317 years).
+const MAX_SECS: f64 = 1e10;
+
 pub fn parse_duration(raw: &Raw) -> Result<Duration, String> {
     match raw {
-        Raw::Toml(toml::Value::Integer(n)) if *n >= 0 => Ok(Duration::from_secs(*n as u64)),
-        Raw::Toml(toml::Value::Float(f)) if *f >= 0.0 && f.is_finite() => {
+        // Numbers are seconds, bounded like text so later arithmetic on
+        // instants cannot overflow.
+        Raw::Toml(toml::Value::Integer(n)) if (0..=MAX_SECS as i64).contains(n) => {
+            Ok(Duration::from_secs(*n as u64))
+        }
+        Raw::Toml(toml::Value::Float(f)) if (0.0..=MAX_SECS).contains(f) => {
             Ok(Duration::from_secs_f64(*f))
         }
         Raw::Toml(toml::Value::String(s)) | Raw::Text(s) => duration_text(s.trim()),
@@ -39,7 +46,7 @@ fn duration_text(s: &str) -> Result<Duration, String> {
         "d" => n * 86400.0,
         _ => return Err(err()),
     };
-    if !secs.is_finite() || !(0.0..=1e10).contains(&secs) {
+    if !secs.is_finite() || !(0.0..=MAX_SECS).contains(&secs) {
         return Err(err());
     }
     Ok(Duration::from_secs_f64(secs))
@@ -173,6 +180,8 @@ mod tests {
         assert!(parse_duration(&t("2 parsecs")).is_err());
         assert!(parse_duration(&t("")).is_err());
         assert!(parse_duration(&t("-1")).is_err());
+        assert!(parse_duration(&Raw::Toml(toml::Value::Float(1e30))).is_err());
+        assert!(parse_duration(&Raw::Toml(toml::Value::Integer(i64::MAX))).is_err());
     }
 
     #[test]

@@ -85,6 +85,12 @@ pub trait Recipient: Send + Sync + 'static {
     /// Queues the message without waiting. Returns false when it could not
     /// (a full queue: the recipient then closes itself as a slow consumer).
     fn deliver(&self, msg: &Arc<Message>) -> bool;
+
+    /// Queues several messages, in order, as one unit (the last values
+    /// replayed to a new subscription). The default delivers one by one.
+    fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
+        msgs.iter().all(|m| self.deliver(m))
+    }
 }
 
 /// A change in which filters have at least one subscriber on this node.
@@ -308,10 +314,12 @@ impl Hub {
                     on_new();
                     self.replay_last_values(t, conn, filter);
                 }
+                // Announced under the lock, so watchers see interest
+                // changes in the order the table made them.
+                self.announce(std::mem::take(&mut announce));
                 true
             }
         };
-        self.announce(announce);
         Ok(new)
     }
 
@@ -323,42 +331,44 @@ impl Hub {
         let Some(entry) = t.conns.get(&conn) else {
             return;
         };
-        for msg in &kept {
-            let seen = entry
-                .filters
-                .iter()
-                .any(|f| f != filter && f.matches(&msg.topic));
-            if seen {
-                continue;
-            }
-            if entry.recipient.deliver(msg) {
-                self.metrics.delivered.inc();
-            } else {
-                self.metrics.dropped.inc();
-                break;
-            }
+        let batch: Vec<Arc<Message>> = kept
+            .into_iter()
+            .filter(|msg| {
+                !entry
+                    .filters
+                    .iter()
+                    .any(|f| f != filter && f.matches(&msg.topic))
+            })
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        // One queue item for the whole replay: a wildcard matching more kept
+        // topics than the queue holds is not a slow consumer.
+        if entry.recipient.deliver_batch(batch) {
+            self.metrics.delivered.inc_by(n);
+        } else {
+            self.metrics.dropped.inc_by(n);
         }
     }
 
     /// Unsubscribes; returns whether there was such a subscription.
     pub fn unsubscribe(&self, conn: ConnId, filter: &Filter) -> bool {
         let mut announce = Vec::new();
-        let removed = {
-            let mut t = self.write();
-            let t = &mut *t;
-            let removed = t
-                .conns
-                .get_mut(&conn)
-                .is_some_and(|e| e.filters.remove(filter));
-            if removed {
-                remove_sub(t, conn, filter, &mut announce);
-                self.metrics.subscriptions.dec();
-                self.metrics
-                    .topics
-                    .set((t.exact.len() + t.wild.len()) as i64);
-            }
-            removed
-        };
+        let mut t = self.write();
+        let t = &mut *t;
+        let removed = t
+            .conns
+            .get_mut(&conn)
+            .is_some_and(|e| e.filters.remove(filter));
+        if removed {
+            remove_sub(t, conn, filter, &mut announce);
+            self.metrics.subscriptions.dec();
+            self.metrics
+                .topics
+                .set((t.exact.len() + t.wild.len()) as i64);
+        }
         self.announce(announce);
         removed
     }
@@ -381,8 +391,8 @@ impl Hub {
             self.metrics
                 .topics
                 .set((t.exact.len() + t.wild.len()) as i64);
+            self.announce(announce);
         }
-        self.announce(announce);
     }
 
     pub fn stats(&self) -> HubStats {

@@ -356,10 +356,7 @@ async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infa
         let mut auth_pending = true;
         loop {
             let expiry = *deadline_rx.borrow_and_update();
-            let expiry = expiry.map(|at| {
-                let left = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
-                tokio::time::Instant::now() + left
-            });
+            let expiry = expiry.map(crate::auth::instant_of);
             let until_expiry = tokio::time::sleep_until(
                 expiry.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365)),
             );

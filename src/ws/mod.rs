@@ -10,7 +10,7 @@ pub mod protocol;
 pub mod rate;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -83,6 +83,10 @@ pub async fn upgrade(
 /// connection up front (512 B instead of 1 280 B), while replies are rare.
 enum Outbound {
     Message(Arc<Message>),
+    /// Last values replayed to a new subscription, in order. Boxed (not a
+    /// boxed slice, which is two words) to keep the item two words.
+    #[allow(clippy::box_collection)]
+    Batch(Box<Vec<Arc<Message>>>),
     Text(Box<Utf8Bytes>),
     Ping,
 }
@@ -155,6 +159,10 @@ impl WsRecipient {
 impl Recipient for WsRecipient {
     fn deliver(&self, msg: &Arc<Message>) -> bool {
         self.push(Outbound::Message(msg.clone()))
+    }
+
+    fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
+        self.push(Outbound::Batch(Box::new(msgs)))
     }
 }
 
@@ -455,11 +463,7 @@ fn far_future() -> tokio::time::Instant {
 
 /// The instant the connection's token stops being valid, on tokio's clock.
 fn deadline_of(gw: &Gateway, identity: &Identity) -> Option<tokio::time::Instant> {
-    let at = gw.verifier.deadline(identity)?;
-    let left = at
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    Some(tokio::time::Instant::now() + left)
+    Some(crate::auth::instant_of(gw.verifier.deadline(identity)?))
 }
 
 /// How long the writer waits for a peer to take the close frame.
@@ -481,13 +485,39 @@ async fn write_loop(
         };
         let frame = match item {
             Outbound::Message(msg) => WsMessage::Text(protocol::frame(&msg)),
+            Outbound::Batch(msgs) => {
+                let mut msgs = (*msgs).into_iter();
+                let Some(last) = msgs.next_back() else {
+                    continue;
+                };
+                let fed = tokio::select! {
+                    fed = async {
+                        for msg in msgs {
+                            sink.feed(WsMessage::Text(protocol::frame(&msg))).await?;
+                        }
+                        Ok::<_, axum::Error>(())
+                    } => fed,
+                    _ = closer.token.cancelled() => break,
+                };
+                if fed.is_err() {
+                    closer.close(None);
+                    return;
+                }
+                WsMessage::Text(protocol::frame(&last))
+            }
             Outbound::Text(text) => WsMessage::Text(*text),
             Outbound::Ping => WsMessage::Ping(bytes::Bytes::new()),
         };
         // Feed without flushing while more is queued: one write for a batch.
-        // A peer that stops reading blocks this send; the closer still ends it.
+        // Before flushing a lone frame, yield once: a publish on another core
+        // is usually still filling queues, and its next frame can then share
+        // this write. A peer that stops reading blocks this send; the closer
+        // still ends it.
         let sent = tokio::select! {
             sent = async {
+                if rx.is_empty() {
+                    tokio::task::yield_now().await;
+                }
                 if rx.is_empty() { sink.send(frame).await } else { sink.feed(frame).await }
             } => sent,
             _ = closer.token.cancelled() => break,

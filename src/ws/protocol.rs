@@ -136,6 +136,13 @@ fn request(env: &Envelope<'_>) -> Result<Request, ClientError> {
                 .payload
                 .ok_or_else(|| ClientError::bad_request("missing field `payload`"))?;
             let event = string_field(env.event, "event")?;
+            if let Some(e) = &event {
+                topic::validate_name(e).map_err(|_| {
+                    ClientError::bad_request(
+                        "`event` must be 1-256 bytes without control characters",
+                    )
+                })?;
+            }
             Ok(Request::Pub {
                 topic: Arc::from(&*topic),
                 event: event.map(|e| Arc::from(&*e)),
@@ -284,6 +291,10 @@ mod tests {
             (None, "bad_request")
         );
         assert_eq!(code(r#"{"type":5}"#), (None, "bad_request"));
+        assert_eq!(
+            code(r#"{"type":"pub","topic":"a","payload":1,"event":""}"#),
+            (None, "bad_request")
+        );
     }
 
     #[test]
