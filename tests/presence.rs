@@ -669,7 +669,34 @@ async fn postgres_stopped_while_running_does_not_disturb_delivery_and_recovers()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // While the store is down, `a` leaves: its clear is lost with the
+    // outage, like `b`'s set. Both must be right once the store is back.
+    drop(sa);
+    srv.until("a gone from the hub", |gw| gw.hub.stats().connections == 1)
+        .await;
+
     switch.resume();
+    // The store reconnects with backoff; then this node's rows are rewritten.
+    let admin = srv.token("admin", "x");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (sa_status, a_rows) =
+            get_json(&srv, &format!("/api/presence?sub={a}"), Some(&admin)).await;
+        let (sb_status, b_rows) =
+            get_json(&srv, &format!("/api/presence?sub={b}"), Some(&admin)).await;
+        let rows = |v: &Value| v["sockets"].as_array().map(Vec::len);
+        if (sa_status, sb_status) == (200, 200)
+            && rows(&a_rows) == Some(0)
+            && rows(&b_rows) == Some(1)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a: {sa_status} {a_rows}; b: {sb_status} {b_rows}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut sc = SioClient::connect(srv.addr, 4, NS).await;
     sc.auth(&srv.token("timer", &c), json!({})).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(15);

@@ -15,7 +15,7 @@ mod db;
 pub mod time;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -62,11 +62,21 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Writes dropped on a full queue so far (for log throttling).
     dropped: AtomicU64,
+    /// What this node holds right now, by (role, sub): the truth the rows
+    /// are brought back to after writes were lost (see [`resync`]).
+    live: Mutex<HashMap<(String, String), (Holder, u64)>>,
+    /// Set when a write was dropped or failed, or the store reconnected:
+    /// the writer then rewrites this node's rows from `live`.
+    stale: AtomicBool,
 }
 
 impl Shared {
     fn set_state(&self, state: Result<(), String>) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), (Holder, u64)>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn db(&self) -> Option<Db> {
@@ -103,6 +113,8 @@ impl Presence {
             state: Mutex::new(Err("connecting".into())),
             metrics,
             dropped: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+            stale: AtomicBool::new(false),
         });
         let (first, first_rx) = oneshot::channel();
         tokio::spawn(writer(
@@ -126,16 +138,33 @@ impl Presence {
 
     /// Records that `holder` authenticated now. Never waits.
     pub fn set(&self, holder: Holder) {
-        self.push(Op::Set(holder, crate::hub::now_ms()));
+        let at = crate::hub::now_ms();
+        self.shared.live().insert(
+            (holder.role.clone(), holder.sub.clone()),
+            (holder.clone(), at),
+        );
+        self.push(Op::Set(holder, at));
     }
 
     /// Records that `holder` disconnected. Never waits.
     pub fn clear(&self, holder: Holder) {
+        {
+            let mut live = self.shared.live();
+            let key = (holder.role.clone(), holder.sub.clone());
+            if live
+                .get(&key)
+                .is_some_and(|(h, _)| h.socket_id == holder.socket_id)
+            {
+                live.remove(&key);
+            }
+        }
         self.push(Op::Clear(holder));
     }
 
     fn push(&self, op: Op) {
         if let Err(e) = self.tx.try_send(op) {
+            // The rows no longer match `live`; the writer rewrites them.
+            self.shared.stale.store(true, Ordering::Relaxed);
             let full = matches!(e, mpsc::error::TrySendError::Full(_));
             self.shared.metrics.presence_write("dropped");
             // Log the 1st, 2nd, 4th, 8th… drop: a flood must not flood the log.
@@ -192,6 +221,9 @@ impl Link {
         if self.db.is_none() && tokio::time::Instant::now() >= self.next_attempt {
             match connect(&self.url, &self.shared).await {
                 Ok(db) => {
+                    // Connecting cleared this node's rows: write back the
+                    // sockets it holds (none on the first connection).
+                    self.shared.stale.store(true, Ordering::Relaxed);
                     *self.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
                     self.shared.set_state(Ok(()));
                     self.db = Some(db);
@@ -227,7 +259,11 @@ async fn writer(
     loop {
         // Connect before waiting for work, so readiness reflects the store
         // even while nobody connects; while disconnected, wake to retry.
-        let connected = link.ensure().await.is_some();
+        let mut connected = link.ensure().await.is_some();
+        if connected && shared.stale.swap(false, Ordering::Relaxed) {
+            resync(&mut link).await;
+            connected = link.db.is_some();
+        }
         if let Some(first) = first.take() {
             let _ = first.send(());
         }
@@ -255,6 +291,7 @@ async fn writer(
         if !batch.is_empty() {
             apply(&mut link, &batch).await;
         }
+
         if let Some(Op::Stop(done)) = stop {
             if let Some(db) = &link.db {
                 match tokio::time::timeout(
@@ -365,8 +402,51 @@ async fn attempt(link: &mut Link, writes: &[Write<'_>], attempts: u32) -> Outcom
         .get_or_create(&[("result", "failed")])
         .inc_by(writes.len() as u64);
     tracing::warn!(error = %last, writes = writes.len(), "presence writes failed");
+    if matches!(outcome, Outcome::Unavailable) {
+        // Lost to an outage, not refused: rewrite from `live` once back.
+        shared.stale.store(true, Ordering::Relaxed);
+        link.db = None;
+    }
     shared.set_state(Err(format!("last write failed: {last}")));
     outcome
+}
+
+/// Brings this node's rows back to what it holds: clears them, then sets
+/// every live holder again. Runs after writes were lost (queue full, an
+/// outage) and after every (re)connection, which clears the rows first.
+async fn resync(link: &mut Link) {
+    let shared = link.shared.clone();
+    let Some(db) = link.ensure().await else {
+        shared.stale.store(true, Ordering::Relaxed);
+        return;
+    };
+    let live: Vec<(Holder, u64)> = shared.live().values().cloned().collect();
+    let writes: Vec<Write<'_>> = live.iter().map(|(h, at)| Write::Set(h, *at)).collect();
+    let result = tokio::time::timeout(DB_TIMEOUT * 2, async {
+        db.clear_node(&shared.node, &shared.entities).await?;
+        for chunk in writes.chunks(BATCH) {
+            db.write_batch(&shared.node, &shared.entities, chunk)
+                .await?;
+        }
+        Ok::<_, sqlx::Error>(())
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {
+            if !writes.is_empty() {
+                tracing::info!(rows = writes.len(), "presence rows of this node rewritten");
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "presence resync failed; retrying later");
+            shared.stale.store(true, Ordering::Relaxed);
+        }
+        Err(_) => {
+            tracing::warn!("presence resync timed out; retrying later");
+            shared.stale.store(true, Ordering::Relaxed);
+            link.db = None;
+        }
+    }
 }
 
 async fn connect(url: &str, shared: &Shared) -> Result<Db, String> {
