@@ -136,6 +136,9 @@ pub struct Hub {
     /// Kept last messages (`None`: the feature is off). Locked after the
     /// table, never the other way round.
     last_values: Option<Mutex<LastValues>>,
+    /// The topics the store tracks, readable without its lock, so a publish
+    /// on an untracked topic takes no lock for it.
+    last_value_filters: Vec<Filter>,
 }
 
 /// Sizes of the tables, for tests and the churn benchmark.
@@ -154,6 +157,7 @@ impl Hub {
             metrics,
             watchers: Mutex::new(Vec::new()),
             last_values: None,
+            last_value_filters: Vec::new(),
         }
     }
 
@@ -168,6 +172,7 @@ impl Hub {
         max_bytes: usize,
     ) -> Self {
         if !filters.is_empty() {
+            self.last_value_filters = filters.clone();
             self.last_values = Some(Mutex::new(LastValues::new(filters, max_topics, max_bytes)));
         }
         self
@@ -442,7 +447,8 @@ impl Hub {
                     ));
                     // Under the table lock, so a concurrent new subscriber gets
                     // this message either as its last value or live, not both.
-                    if let Some(mut kept) = self.last_value_store() {
+                    let tracked = self.last_value_filters.iter().any(|f| f.matches(room));
+                    if tracked && let Some(mut kept) = self.last_value_store() {
                         let held = kept.record(&msg);
                         self.metrics.last_value_topics.set(held as i64);
                     }
