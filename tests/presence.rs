@@ -151,17 +151,7 @@ async fn start(url: &str, node: &str, extra: &str) -> TestServer {
 }
 
 async fn get_json(srv: &TestServer, path: &str, bearer: Option<&str>) -> (u16, Value) {
-    let mut req = reqwest::Client::new().get(srv.url(path));
-    if let Some(b) = bearer {
-        req = req.bearer_auth(b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    common::get_json(&srv.url(path), bearer).await
 }
 
 /// `GET /api/presence` filtered by sub, polled until `check` holds.

@@ -160,10 +160,19 @@ pub fn token_claims(claims: Value) -> String {
 }
 
 pub async fn post_json(url: &str, bearer: Option<&str>, body: &str) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
+    let req = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/json")
         .body(body.to_string());
+    send(req, bearer).await
+}
+
+pub async fn get_json(url: &str, bearer: Option<&str>) -> (u16, Value) {
+    send(reqwest::Client::new().get(url), bearer).await
+}
+
+/// Sends; returns the status and the body as JSON (or as a JSON string).
+async fn send(mut req: reqwest::RequestBuilder, bearer: Option<&str>) -> (u16, Value) {
     if let Some(b) = bearer {
         req = req.bearer_auth(b);
     }
