@@ -12,6 +12,7 @@
 
 pub mod last_value;
 pub mod topic;
+mod wild;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,8 +125,8 @@ struct Table {
     conns: HashMap<ConnId, ConnEntry>,
     /// Exact names → subscribers.
     exact: HashMap<Arc<str>, Subscribers>,
-    /// Wildcard filters → subscribers; scanned on publish.
-    wild: HashMap<Arc<str>, (Filter, Subscribers)>,
+    /// Wildcard filters → subscribers, indexed by first level.
+    wild: wild::WildTable,
 }
 
 pub struct Hub {
@@ -230,7 +231,7 @@ impl Hub {
             .keys()
             .map(|k| Filter::parse(k))
             .filter_map(Result::ok)
-            .chain(t.wild.values().map(|(f, _)| f.clone()))
+            .chain(t.wild.filters().cloned())
             .collect()
     }
 
@@ -294,12 +295,7 @@ impl Hub {
                 entry.filters.insert(filter.clone());
                 let recipient = entry.recipient.clone();
                 let first = if filter.is_wildcard() {
-                    let slot = t
-                        .wild
-                        .entry(filter.text().clone())
-                        .or_insert_with(|| (filter.clone(), HashMap::new()));
-                    slot.1.insert(conn, recipient);
-                    slot.1.len() == 1
+                    t.wild.insert(filter, conn, recipient)
                 } else {
                     let slot = t.exact.entry(filter.text().clone()).or_default();
                     slot.insert(conn, recipient);
@@ -456,7 +452,7 @@ impl Hub {
                 })
                 .collect();
             let single_exact = match (rooms, messages.as_slice()) {
-                ([room], [msg]) if !t.wild.values().any(|(f, _)| f.matches(room)) => Some(msg),
+                ([room], [msg]) if t.wild.matching(room).next().is_none() => Some(msg),
                 _ => None,
             };
             if let Some(msg) = single_exact {
@@ -471,11 +467,7 @@ impl Hub {
                 let mut seen: HashSet<ConnId> = HashSet::new();
                 for (room, msg) in rooms.iter().zip(&messages) {
                     let exact = t.exact.get(room).into_iter().flatten();
-                    let wild = t
-                        .wild
-                        .values()
-                        .filter(|(f, _)| f.matches(room))
-                        .flat_map(|(_, subs)| subs);
+                    let wild = t.wild.matching(room).flatten();
                     for (conn, recipient) in exact.chain(wild) {
                         if seen.insert(*conn) {
                             deliver(recipient, msg);
@@ -496,13 +488,7 @@ impl Hub {
 
 fn remove_sub(t: &mut Table, conn: ConnId, filter: &Filter, announce: &mut Vec<Interest>) {
     let emptied = if filter.is_wildcard() {
-        match t.wild.get_mut(filter.as_str()) {
-            Some((_, subs)) => {
-                subs.remove(&conn);
-                subs.is_empty()
-            }
-            None => false,
-        }
+        t.wild.remove(filter, conn)
     } else {
         match t.exact.get_mut(filter.as_str()) {
             Some(subs) => {
@@ -513,9 +499,7 @@ fn remove_sub(t: &mut Table, conn: ConnId, filter: &Filter, announce: &mut Vec<I
         }
     };
     if emptied {
-        if filter.is_wildcard() {
-            t.wild.remove(filter.as_str());
-        } else {
+        if !filter.is_wildcard() {
             t.exact.remove(filter.as_str());
         }
         announce.push(Interest {
