@@ -73,6 +73,8 @@ pub fn layer(gw: &Arc<Gateway>) -> (SocketIoLayer, SocketIo) {
         .max_payload(cfg.ws.max_message_size as u64)
         .ws_max_message_size(cfg.ws.max_message_size)
         .ws_max_frame_size(cfg.ws.max_message_size)
+        // Small reads suit small messages, as on /ws (the default is 4 KiB).
+        .ws_read_buffer_size(1024)
         // Outbound queue per connection; a full one means a slow consumer.
         .max_buffer_size(cfg.ws.outbound_queue)
         // An Engine.IO 4 connection that never opens a namespace is closed
