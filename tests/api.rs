@@ -213,7 +213,8 @@ async fn health_ready_metrics() {
         "pulso_messages_dropped_total 0",
         "pulso_slow_consumer_closes_total 0",
         "pulso_client_errors_total{code=\"bad_request\"} 1",
-        "pulso_stage_latency_seconds_bucket{le=",
+        "pulso_stage_latency_seconds_count{stage=\"api_publish\"} 1",
+        "pulso_stage_latency_seconds_count{stage=\"fanout\"} 1",
     ] {
         assert!(m.contains(needle), "missing {needle} in\n{m}");
     }

@@ -70,12 +70,7 @@ pub async fn publish(
     let topic = topic_name(&body.topic, "topic")?;
     let event = event_name(body.event.as_ref())?;
     let payload = body_payload(body.payload, "payload")?;
-    gw.metrics.published_from("api");
-    let recipients = gw.hub.publish_rooms(&[topic], event, payload, now_ms());
-    gw.metrics
-        .stage_latency(Stage::ApiPublish)
-        .observe(started.elapsed().as_secs_f64());
-    Ok(Json(Recipients { recipients }))
+    Ok(fan_out(&gw, &[topic], event, payload, started))
 }
 
 pub async fn broadcast(
@@ -101,10 +96,21 @@ pub async fn broadcast(
     };
     let event = event_name(body.event.as_ref())?;
     let data = body_payload(body.data, "data")?;
+    Ok(fan_out(&gw, &rooms, event, data, started))
+}
+
+/// Both endpoints end the same way: publish, count, time the request.
+fn fan_out(
+    gw: &Gateway,
+    rooms: &[Arc<str>],
+    event: Option<Arc<str>>,
+    payload: Arc<RawValue>,
+    started: Instant,
+) -> Json<Recipients> {
     gw.metrics.published_from("api");
-    let recipients = gw.hub.publish_rooms(&rooms, event, data, now_ms());
+    let recipients = gw.hub.publish_rooms(rooms, event, payload, now_ms());
     gw.metrics
         .stage_latency(Stage::ApiPublish)
         .observe(started.elapsed().as_secs_f64());
-    Ok(Json(Recipients { recipients }))
+    Json(Recipients { recipients })
 }

@@ -271,11 +271,4 @@ impl WsClient {
     pub async fn close_code(&mut self) -> u16 {
         self.closed().await.map(|f| u16::from(f.code)).unwrap_or(0)
     }
-
-    /// Asserts nothing arrives within `d` (used only to show absence).
-    pub async fn silent_for(&mut self, d: Duration) {
-        if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(d, self.stream.next()).await {
-            panic!("unexpected message: {t}");
-        }
-    }
 }
