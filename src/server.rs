@@ -151,6 +151,7 @@ impl Server {
             .method_not_allowed_fallback(crate::api::method_not_allowed)
             .with_state(gw.clone())
             .layer(sio_layer)
+            .layer(axum::middleware::from_fn(crate::sio::detach::detach))
             .layer(axum::middleware::from_fn(crate::sio::cors::cors));
         (router, io)
     }
@@ -182,6 +183,7 @@ impl Server {
 
         stop.cancelled().await;
         tracing::info!("stopping: closing connections");
+        gw.hub.shutdown_all();
         gw.connections.close();
         background.close();
         let started = tokio::time::Instant::now();

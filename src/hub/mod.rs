@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
@@ -46,9 +46,9 @@ pub struct Message {
     pub ts: u64,
     /// The payload as JSON text.
     pub payload: Arc<RawValue>,
-    /// The `/ws` text frame, encoded by the first recipient that needs it
-    /// (see `ws::protocol::frame`) and shared by the rest.
-    pub(crate) ws_frame: OnceLock<Utf8Bytes>,
+    /// The whole `/ws` frame, header included, built by the first recipient
+    /// that writes it (see `ws::protocol::wire`) and shared by the rest.
+    pub(crate) ws_frame: OnceLock<Bytes>,
 }
 
 impl Message {
@@ -92,6 +92,11 @@ pub trait Recipient: Send + Sync + 'static {
     fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
         msgs.iter().all(|m| self.deliver(m))
     }
+
+    /// The server is stopping: end the connection (without waiting).
+    /// Front ends that follow the shutdown signal themselves keep the
+    /// default, which does nothing.
+    fn shutdown(&self) {}
 }
 
 /// A change in which filters have at least one subscriber on this node.
@@ -393,6 +398,15 @@ impl Hub {
                 .topics
                 .set((t.exact.len() + t.wild.len()) as i64);
             self.announce(announce);
+        }
+    }
+
+    /// Tells every registered connection that the server is stopping. One
+    /// sweep, rather than every connection waiting on the shutdown signal,
+    /// which would put all of them on one shared wait list.
+    pub fn shutdown_all(&self) {
+        for entry in self.read().conns.values() {
+            entry.recipient.shutdown();
         }
     }
 

@@ -14,6 +14,7 @@
 //! `.await`.
 
 pub mod cors;
+pub mod detach;
 pub mod request;
 pub mod rooms;
 
@@ -190,7 +191,7 @@ impl Session {
             }
             Token::Text(t) => t,
         };
-        let identity = gw.verifier.verify(token)?;
+        let mut identity = gw.verifier.verify(token)?;
 
         if let Some(current) = auth.as_mut() {
             // A refresh: same identity only; rooms stay as they are.
@@ -200,6 +201,7 @@ impl Session {
                 ));
             }
             self.deadline.send_replace(gw.verifier.deadline(&identity));
+            identity.claims = Default::default();
             current.identity = identity;
             gw.metrics.sio_auth_result("refreshed");
             return Ok(request::success(&self.socket_id, &current.rooms));
@@ -210,6 +212,8 @@ impl Session {
             return Err(Failure::forbidden_role(&identity.role));
         }
         let rooms = rooms::rooms_for(&gw.config.socketio.rooms, &identity, &req.params);
+        // Rooms are decided; only role, sub and exp are needed from here on.
+        identity.claims = Default::default();
 
         let conn = gw.hub.register(Arc::new(SioRecipient {
             socket: s.clone(),

@@ -7,10 +7,11 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::frame;
 use crate::hub::Message;
 use crate::hub::topic::{self, Filter};
 
@@ -160,60 +161,75 @@ fn request(env: &Envelope<'_>) -> Result<Request, ClientError> {
     }
 }
 
-fn push_id(out: &mut String, id: Option<&RawValue>) {
+fn push_id(out: &mut Vec<u8>, id: Option<&RawValue>) {
     if let Some(id) = id {
-        out.push_str(",\"id\":");
-        out.push_str(id.get());
+        out.extend_from_slice(b",\"id\":");
+        out.extend_from_slice(id.get().as_bytes());
     }
 }
 
-pub fn ack(id: &RawValue) -> Utf8Bytes {
-    format!("{{\"type\":\"ack\",\"id\":{}}}", id.get()).into()
+pub fn ack(id: &RawValue) -> Bytes {
+    text_frame(32, |out| {
+        out.extend_from_slice(b"{\"type\":\"ack\",\"id\":");
+        out.extend_from_slice(id.get().as_bytes());
+        out.push(b'}');
+    })
 }
 
-pub fn pong(id: Option<&RawValue>, ts: u64) -> Utf8Bytes {
-    let mut out = format!("{{\"type\":\"pong\",\"ts\":{ts}");
-    push_id(&mut out, id);
-    out.push('}');
-    out.into()
+pub fn pong(id: Option<&RawValue>, ts: u64) -> Bytes {
+    text_frame(48, |out| {
+        out.extend_from_slice(b"{\"type\":\"pong\",\"ts\":");
+        out.extend_from_slice(ts.to_string().as_bytes());
+        push_id(out, id);
+        out.push(b'}');
+    })
 }
 
-pub fn error(id: Option<&RawValue>, err: &ClientError) -> Utf8Bytes {
-    let mut out = String::from("{\"type\":\"error\"");
-    push_id(&mut out, id);
-    out.push_str(",\"code\":\"");
-    out.push_str(err.code);
-    out.push_str("\",\"message\":");
-    out.push_str(&serde_json::to_string(&*err.message).unwrap_or_else(|_| "\"\"".into()));
-    out.push('}');
-    out.into()
+pub fn error(id: Option<&RawValue>, err: &ClientError) -> Bytes {
+    text_frame(64 + err.message.len(), |out| {
+        out.extend_from_slice(b"{\"type\":\"error\"");
+        push_id(out, id);
+        out.extend_from_slice(b",\"code\":\"");
+        out.extend_from_slice(err.code.as_bytes());
+        out.extend_from_slice(b"\",\"message\":");
+        push_json_string(out, &err.message);
+        out.push(b'}');
+    })
 }
 
-/// `{"topic":…,"ts":…,"event"?:…,"payload":…}`: encoded once per message and
-/// shared by every `/ws` recipient.
-pub fn frame(msg: &Message) -> Utf8Bytes {
-    msg.ws_frame
-        .get_or_init(|| {
-            let payload = msg.payload.get();
-            let mut out = String::with_capacity(payload.len() + msg.topic.len() + 48);
-            out.push_str("{\"topic\":");
-            push_json_string(&mut out, &msg.topic);
-            out.push_str(",\"ts\":");
-            out.push_str(&msg.ts.to_string());
+/// A text frame of JSON written by `write`, header included.
+fn text_frame(hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    frame::encode_text_with(hint, write)
+}
+
+/// The whole `/ws` frame of a published message, header included:
+/// `{"topic":…,"ts":…,"event"?:…,"payload":…}`. Server frames are not
+/// masked, so it is built once per message, by the first recipient that
+/// writes it, and the same bytes go to every socket.
+pub fn wire(msg: &Message) -> &[u8] {
+    msg.ws_frame.get_or_init(|| {
+        let payload = msg.payload.get();
+        text_frame(payload.len() + msg.topic.len() + 48, |out| {
+            out.extend_from_slice(b"{\"topic\":");
+            push_json_string(out, &msg.topic);
+            out.extend_from_slice(b",\"ts\":");
+            out.extend_from_slice(msg.ts.to_string().as_bytes());
             if let Some(event) = &msg.event {
-                out.push_str(",\"event\":");
-                push_json_string(&mut out, event);
+                out.extend_from_slice(b",\"event\":");
+                push_json_string(out, event);
             }
-            out.push_str(",\"payload\":");
-            out.push_str(payload);
-            out.push('}');
-            out.into()
+            out.extend_from_slice(b",\"payload\":");
+            out.extend_from_slice(payload.as_bytes());
+            out.push(b'}');
         })
-        .clone()
+    })
 }
 
-fn push_json_string(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+/// Appends `s` as a JSON string (writing to a `Vec` cannot fail).
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    if serde_json::to_writer(&mut *out, s).is_err() {
+        out.extend_from_slice(b"\"\"");
+    }
 }
 
 #[cfg(test)]
@@ -297,18 +313,34 @@ mod tests {
         );
     }
 
+    /// The JSON of a server text frame (header stripped, checked).
+    fn json_of(frame: &[u8]) -> Value {
+        assert_eq!(frame[0], 0x81, "a final text frame");
+        let (len, start) = match frame[1] {
+            126 => (usize::from(u16::from_be_bytes([frame[2], frame[3]])), 4),
+            127 => (
+                usize::try_from(u64::from_be_bytes(frame[2..10].try_into().unwrap())).unwrap(),
+                10,
+            ),
+            n => (usize::from(n), 2),
+        };
+        assert_eq!(frame.len(), start + len);
+        serde_json::from_slice(&frame[start..]).unwrap()
+    }
+
     #[test]
     fn replies_are_json() {
         let id: &RawValue = serde_json::from_str("\"q\"").unwrap();
-        let v: Value = serde_json::from_str(&ack(id)).unwrap();
+        let v = json_of(&ack(id));
         assert_eq!(v, json!({"type":"ack","id":"q"}));
-        let v: Value = serde_json::from_str(&pong(None, 5)).unwrap();
+        let v = json_of(&pong(None, 5));
         assert_eq!(v, json!({"type":"pong","ts":5}));
-        let e = ClientError::new("forbidden", "no \"way\"");
-        let v: Value = serde_json::from_str(&error(Some(id), &e)).unwrap();
+        let e = ClientError::new("forbidden", "no \"way\"".repeat(20));
+        let v = json_of(&error(Some(id), &e));
+        let long = "no \"way\"".repeat(20);
         assert_eq!(
             v,
-            json!({"type":"error","id":"q","code":"forbidden","message":"no \"way\""})
+            json!({"type":"error","id":"q","code":"forbidden","message":long})
         );
     }
 
@@ -320,13 +352,10 @@ mod tests {
             payload_of(&json!({"v":1})),
             7,
         );
-        let first = frame(&m);
-        let second = frame(&m);
-        assert!(std::ptr::eq(
-            first.as_str().as_ptr(),
-            second.as_str().as_ptr()
-        ));
-        let v: Value = serde_json::from_str(&first).unwrap();
+        let first = wire(&m);
+        let second = wire(&m);
+        assert!(std::ptr::eq(first.as_ptr(), second.as_ptr()));
+        let v = json_of(first);
         assert_eq!(
             v,
             json!({"topic":"a\"b","ts":7,"event":"ev","payload":{"v":1}})
@@ -361,8 +390,7 @@ mod tests {
             let parsed = parse(&text);
             if let Err(e) = &parsed.request {
                 assert!(!e.code.is_empty() && !e.message.is_empty(), "{text}");
-                let reply = error(parsed.id, e);
-                assert!(serde_json::from_str::<Value>(&reply).is_ok(), "{reply}");
+                json_of(&error(parsed.id, e));
             }
         }
     }

@@ -6,8 +6,7 @@ import assert from 'node:assert/strict';
 import { io as io4 } from 'socket.io-client';
 import io2 from 'sio2';
 import sailsIOClient from 'sails.io.js';
-import { startPulso, token, once, until } from './lib/pulso.mjs';
-import { spawn, execFileSync } from 'node:child_process';
+import { startPulso, token, once, until, findChromium, dumpDom } from './lib/pulso.mjs';
 import { createServer as createHttpServer } from 'node:http';
 import { readFileSync } from 'node:fs';
 
@@ -290,16 +289,6 @@ test('a socket that never authenticates is closed after socketio.auth_timeout', 
 // A real browser on another origin: long-polling needs CORS. Uses the
 // machine's Chromium (skipped when there is none).
 
-function findChromium() {
-  for (const bin of ['chromium', 'chromium-browser', 'google-chrome']) {
-    try {
-      execFileSync('which', [bin], { stdio: 'ignore' });
-      return bin;
-    } catch { /* next */ }
-  }
-  return null;
-}
-
 for (const [lib, file] of [['socket.io-client 4.x', 'socket.io-client/dist/socket.io.min.js'], ['socket.io-client 2.x', 'sio2/dist/socket.io.js']]) {
   test(`${lib} in headless Chromium, cross-origin, over long-polling`, async (t) => {
     const chromium = findChromium();
@@ -331,16 +320,7 @@ s.on('connect', () => s.emit('get', { url: '${NS}', params: { 'jwt-api-key': '${
     try {
       const { port } = site.address();
       // Not spawnSync: this process serves the page meanwhile.
-      const run = await new Promise((resolve) => {
-        const child = spawn(chromium, ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-          '--dump-dom', `http://127.0.0.1:${port}/`]);
-        let stdout = '';
-        let stderr = '';
-        child.stdout.on('data', (d) => (stdout += d));
-        child.stderr.on('data', (d) => (stderr += d));
-        const kill = setTimeout(() => child.kill('SIGKILL'), 30000);
-        child.on('close', () => { clearTimeout(kill); resolve({ stdout, stderr }); });
-      });
+      const run = await dumpDom(chromium, `http://127.0.0.1:${port}/`);
       const m = /<pre id="out">ACK ([^<]*)<\/pre>/.exec(run.stdout.replaceAll('&quot;', '"'));
       assert.ok(m, `no ack in the page: ${run.stdout.slice(0, 500)} ${run.stderr.slice(-300)}`);
       const { ack, id } = JSON.parse(m[1]);

@@ -2,7 +2,8 @@
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
-import { startPulso, token, once } from './lib/pulso.mjs';
+import { startPulso, token, once, findChromium, dumpDom } from './lib/pulso.mjs';
+import { createServer as createHttpServer } from 'node:http';
 
 let pulso;
 before(async () => {
@@ -79,5 +80,58 @@ test('a bad token is rejected with 401 before the upgrade', async () => {
     let body = '';
     for await (const chunk of response) body += chunk;
     assert.equal(JSON.parse(body).error.code, code);
+  }
+});
+
+// A real browser's WebSocket against pulso's hand-written framing: masked
+// frames, a 40 KB message, the close handshake. Uses the machine's Chromium.
+test('headless Chromium: ping, a 40 KB message, the demo feed, a clean close', async (t) => {
+  const chromium = findChromium();
+  if (!chromium) {
+    // Under .ci/run every test must really run.
+    if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
+    return t.skip('no chromium on this machine');
+  }
+  const tok = token('assistant', 'browser-ws');
+  const page = `<html><body><pre id="out">pending</pre><img src="/slow">
+<script>
+const out = document.getElementById('out');
+const got = {};
+const ws = new WebSocket('${pulso.wsUrl}?token=${tok}');
+ws.onerror = () => { out.textContent = 'error'; };
+ws.onopen = () => {
+  ws.send(JSON.stringify({ type: 'ping', id: 1 }));
+  ws.send(JSON.stringify({ type: 'unknown', id: 2, pad: 'x'.repeat(40000) }));
+  ws.send(JSON.stringify({ type: 'sub', topic: 'metricas/demo', id: 3 }));
+};
+ws.onmessage = (e) => {
+  const m = JSON.parse(e.data);
+  if (m.id === 1) got.pong = m.type;
+  if (m.id === 2) got.big = m.code;
+  if (m.id === 3) got.sub = m.type;
+  if (m.topic === 'metricas/demo' && !got.demo) {
+    got.demo = typeof m.payload.value;
+    ws.close(4000, 'done');
+  }
+};
+ws.onclose = (e) => { out.textContent = 'DONE ' + JSON.stringify({ ...got, code: e.code, clean: e.wasClean }); };
+</script></body></html>`;
+  // `/slow` holds the load event (and so --dump-dom) until the socket is done.
+  const site = createHttpServer((req, res) => {
+    if (req.url === '/slow') return setTimeout(() => res.end(), 3000);
+    res.setHeader('content-type', 'text/html');
+    res.end(page);
+  });
+  await new Promise((r) => site.listen(0, '127.0.0.1', r));
+  try {
+    const { port } = site.address();
+    const run = await dumpDom(chromium, `http://127.0.0.1:${port}/`);
+    const m = /<pre id="out">DONE ([^<]*)<\/pre>/.exec(run.stdout.replaceAll('&quot;', '"'));
+    assert.ok(m, `the page did not finish: ${run.stdout.slice(0, 500)} ${run.stderr.slice(-300)}`);
+    assert.deepEqual(JSON.parse(m[1]), {
+      pong: 'pong', big: 'unknown_type', sub: 'ack', demo: 'number', code: 4000, clean: true,
+    });
+  } finally {
+    site.close();
   }
 });

@@ -1,7 +1,7 @@
 // Shared helper for the interop tests: starts the real pulso binary on a free
 // port with a known secret, waits until it answers /healthz, mints tokens,
 // and stops it. PULSO_BIN names the binary (default: the debug build).
-import { spawn } from 'node:child_process';
+import { spawn, execFileSync } from 'node:child_process';
 import { createServer } from 'node:net';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -115,4 +115,32 @@ export async function startPulso(env = {}) {
       return code;
     },
   };
+}
+
+/** The machine's Chromium binary, or null when there is none. */
+export function findChromium() {
+  for (const bin of ['chromium', 'chromium-browser', 'google-chrome']) {
+    try {
+      execFileSync('which', [bin], { stdio: 'ignore' });
+      return bin;
+    } catch { /* next */ }
+  }
+  return null;
+}
+
+/**
+ * Loads `url` in headless Chromium and returns { stdout, stderr }; stdout is
+ * the DOM once the page's load event has fired (killed after 30 s).
+ */
+export function dumpDom(chromium, url) {
+  return new Promise((resolve) => {
+    const child = spawn(chromium, ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--dump-dom', url]);
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    const kill = setTimeout(() => child.kill('SIGKILL'), 30000);
+    child.on('close', () => { clearTimeout(kill); resolve({ stdout, stderr }); });
+  });
 }

@@ -1,0 +1,199 @@
+//! A connection's outbound queue: what the hub and the connection itself
+//! have handed over and the socket has not taken yet.
+//!
+//! It is a `VecDeque` behind a mutex plus one waker, not a channel, because
+//! a channel allocates its first block of slots for every connection up
+//! front; an empty `VecDeque` allocates nothing, and an idle connection is
+//! the common case. A push wakes the connection's task at most once until
+//! the task next polls, so a burst of publishes costs one wake-up and the
+//! task writes everything queued with one vectored write.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+
+use super::close;
+use super::frame;
+use crate::hub::{Message, Recipient};
+use crate::metrics::Metrics;
+
+/// One item to write.
+pub enum Outbound {
+    /// A published message, framed once and shared (see `protocol::wire`).
+    Message(Arc<Message>),
+    /// A reply or control frame, already framed.
+    Frame(Bytes),
+    /// A keepalive ping.
+    Ping,
+}
+
+impl Outbound {
+    /// The bytes to write; `Message` frames on first use.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Outbound::Message(msg) => super::protocol::wire(msg),
+            Outbound::Frame(bytes) => bytes,
+            Outbound::Ping => frame::PING_FRAME,
+        }
+    }
+}
+
+/// Why a connection ends: a close frame to send, or `None` to just drop it.
+pub type CloseReason = Option<(u16, &'static str)>;
+
+struct Queue {
+    items: VecDeque<Outbound>,
+    /// Items of last-value replays beyond the first of each: a replay
+    /// counts as one item against the limit, as it is one answer.
+    uncounted: usize,
+    /// Set once; the first reason wins.
+    closing: Option<CloseReason>,
+}
+
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    waker: AtomicWaker,
+    /// More queued items than this closes the connection as a slow consumer.
+    limit: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Outbox {
+    pub fn new(limit: usize, metrics: Arc<Metrics>) -> Self {
+        Outbox {
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                uncounted: 0,
+                closing: None,
+            }),
+            waker: AtomicWaker::new(),
+            limit,
+            metrics,
+        }
+    }
+
+    // Nothing panics while holding the lock, so a poisoned queue is intact.
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a reply or control frame; false once the connection is closing.
+    pub fn push(&self, item: Outbound) -> bool {
+        self.push_all(std::iter::once(item))
+    }
+
+    /// Queues items in order, counted as one item against the limit.
+    fn push_all(&self, items: impl ExactSizeIterator<Item = Outbound>) -> bool {
+        {
+            let mut q = self.lock();
+            if q.closing.is_some() {
+                return false;
+            }
+            if q.items.len() - q.uncounted >= self.limit {
+                q.closing = Some(Some((close::TRY_AGAIN_LATER, "slow consumer")));
+                drop(q);
+                self.metrics.slow_consumer_closes.inc();
+                self.waker.wake();
+                return false;
+            }
+            q.uncounted += items.len().saturating_sub(1);
+            q.items.extend(items);
+        }
+        self.waker.wake();
+        true
+    }
+
+    /// Asks the connection to end; the first reason given wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut q = self.lock();
+        if q.closing.is_none() {
+            q.closing = Some(reason);
+            drop(q);
+            self.waker.wake();
+        }
+    }
+
+    /// Registers the connection task to be woken by the next push or close.
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    /// Moves everything queued into `into` (which must be empty) and returns
+    /// the close request, if any. Swapping keeps both deques' capacity, so a
+    /// busy connection does not allocate per batch.
+    pub fn take(&self, into: &mut VecDeque<Outbound>) -> Option<CloseReason> {
+        let mut q = self.lock();
+        std::mem::swap(&mut q.items, into);
+        q.uncounted = 0;
+        q.closing
+    }
+
+    /// The close request, if any, without taking anything.
+    pub fn close_requested(&self) -> Option<CloseReason> {
+        self.lock().closing
+    }
+
+    /// Moves everything queued to the back of `into`; returns the close
+    /// request, if any.
+    pub fn append_to(&self, into: &mut VecDeque<Outbound>) -> Option<CloseReason> {
+        let mut q = self.lock();
+        into.append(&mut q.items);
+        q.uncounted = 0;
+        q.closing
+    }
+}
+
+impl Recipient for Outbox {
+    fn deliver(&self, msg: &Arc<Message>) -> bool {
+        self.push_all(std::iter::once(Outbound::Message(msg.clone())))
+    }
+
+    fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
+        self.push_all(msgs.into_iter().map(Outbound::Message))
+    }
+
+    fn shutdown(&self) {
+        self.close(Some((close::GOING_AWAY, "server shutting down")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::payload_of;
+
+    fn msg() -> Arc<Message> {
+        Arc::new(Message::new("t".into(), None, payload_of(&1)))
+    }
+
+    #[test]
+    fn a_replay_counts_as_one_item_and_the_limit_still_holds() {
+        let outbox = Outbox::new(3, Arc::new(Metrics::new()));
+        assert!(outbox.deliver_batch((0..10).map(|_| msg()).collect()));
+        assert!(outbox.push(Outbound::Frame(Bytes::from_static(b"ack"))));
+        assert!(outbox.deliver(&msg()));
+        // Three counted items: the replay, the reply, the message.
+        assert!(!outbox.deliver(&msg()));
+        assert_eq!(
+            outbox.close_requested(),
+            Some(Some((close::TRY_AGAIN_LATER, "slow consumer")))
+        );
+        let mut taken = VecDeque::new();
+        assert!(outbox.take(&mut taken).is_some());
+        assert_eq!(taken.len(), 12);
+    }
+
+    #[test]
+    fn taking_resets_the_count() {
+        let outbox = Outbox::new(2, Arc::new(Metrics::new()));
+        let mut taken = VecDeque::new();
+        for _ in 0..5 {
+            assert!(outbox.deliver_batch(vec![msg(), msg(), msg()]));
+            assert!(outbox.deliver(&msg()));
+            assert_eq!(outbox.take(&mut taken), None);
+            taken.clear();
+        }
+    }
+}

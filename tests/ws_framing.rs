@@ -1,0 +1,303 @@
+//! `/ws` framing (RFC 6455) against a real server, with a hand-written
+//! client that can send what library clients never do: frames split byte by
+//! byte, a frame in the same packet as the upgrade request, fragments with a
+//! ping in between, and frames a server must refuse.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+const PONG: u8 = 0xA;
+
+/// A masked client frame.
+fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xFA, 0x21, 0x3D];
+    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n @ 126..=0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+fn text(v: &Value) -> Vec<u8> {
+    frame(true, TEXT, v.to_string().as_bytes())
+}
+
+struct Raw {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    /// Connects and upgrades; `early` is sent in the same write as the request.
+    async fn connect(srv: &TestServer, early: &[u8]) -> Raw {
+        Self::connect_as(srv, "assistant", early).await
+    }
+
+    async fn connect_as(srv: &TestServer, role: &str, early: &[u8]) -> Raw {
+        let tcp = TcpStream::connect(srv.addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let mut request = format!(
+            "GET /ws?token={} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            srv.token(role, "raw"),
+            srv.addr
+        )
+        .into_bytes();
+        request.extend_from_slice(early);
+        let mut raw = Raw {
+            tcp,
+            buf: Vec::new(),
+        };
+        raw.tcp.write_all(&request).await.unwrap();
+        let head = raw.until_headers().await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+            "{head}"
+        );
+        raw
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, self.tcp.read(&mut chunk))
+            .await
+            .expect("data in time")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    async fn until_headers(&mut self) -> String {
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                self.buf.drain(..end + 4);
+                return head;
+            }
+            assert!(self.fill().await, "connection closed during the handshake");
+        }
+    }
+
+    /// The next server frame: (opcode, payload); None at end of stream.
+    async fn next(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 2 {
+                let b = &self.buf;
+                assert_eq!(b[1] & 0x80, 0, "server frames are not masked");
+                assert_ne!(b[0] & 0x80, 0, "server frames are whole");
+                let (len, start) = match b[1] & 0x7F {
+                    126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
+                    127 if b.len() >= 10 => (
+                        u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (usize::from(n), 2),
+                };
+                if len != usize::MAX && b.len() >= start + len {
+                    let opcode = b[0] & 0x0F;
+                    let payload = b[start..start + len].to_vec();
+                    self.buf.drain(..start + len);
+                    return Some((opcode, payload));
+                }
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next JSON text message, skipping pings.
+    async fn json(&mut self) -> Value {
+        loop {
+            match self.next().await.expect("a frame") {
+                (PING, _) => continue,
+                (TEXT, payload) => return serde_json::from_slice(&payload).unwrap(),
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+
+    /// The close frame's code, skipping anything before it.
+    async fn close_code(&mut self) -> u16 {
+        loop {
+            match self.next().await.expect("a close frame") {
+                (CLOSE, payload) => return u16::from_be_bytes([payload[0], payload[1]]),
+                _ => continue,
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.tcp.write_all(bytes).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_frame_behind_the_handshake_and_one_sent_byte_by_byte() {
+    let srv = TestServer::start().await;
+    let sub = text(&json!({"type":"sub","topic":"a/b","id":1}));
+    let mut c = Raw::connect(&srv, &sub).await;
+    assert_eq!(c.json().await, json!({"type":"ack","id":1}));
+    for byte in text(&json!({"type":"ping","id":2})) {
+        c.send(&[byte]).await;
+    }
+    let pong = c.json().await;
+    assert_eq!(
+        (pong["type"].as_str(), pong["id"].as_i64()),
+        (Some("pong"), Some(2))
+    );
+    srv.publish("a/b", json!({"v":1})).await;
+    assert_eq!(c.json().await["payload"], json!({"v":1}));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn fragments_with_a_ping_in_between_make_one_message() {
+    let srv = TestServer::start().await;
+    let mut c = Raw::connect(&srv, b"").await;
+    let request = json!({"type":"sub","topic":"x/y","id":"frag"}).to_string();
+    let (a, rest) = request.as_bytes().split_at(5);
+    let (b, d) = rest.split_at(7);
+    let mut wire = frame(false, TEXT, a);
+    wire.extend(frame(false, 0x0, b));
+    wire.extend(frame(true, PING, b"hello"));
+    wire.extend(frame(true, 0x0, d));
+    c.send(&wire).await;
+    // The pong goes out once what was queued before it is written, so it
+    // may follow the ack.
+    let mut frames = [c.next().await.unwrap(), c.next().await.unwrap()];
+    frames.sort();
+    assert_eq!(frames[0], (TEXT, br#"{"type":"ack","id":"frag"}"#.to_vec()));
+    assert_eq!(frames[1], (PONG, b"hello".to_vec()));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn messages_larger_than_the_read_buffer_arrive_whole() {
+    let srv =
+        TestServer::start_toml("[acl.sensor]\npublish = [\"big\"]\nsubscribe = [\"big\"]\n").await;
+    let mut c = Raw::connect_as(&srv, "sensor", b"").await;
+    c.send(&text(&json!({"type":"sub","topic":"big","id":1})))
+        .await;
+    assert_eq!(c.json().await["type"], "ack");
+    // 60 000 bytes: several reads of the server's 16 KiB buffer, under
+    // the 64 KiB message limit; sent in two writes.
+    let pad = "x".repeat(60_000);
+    let wire = text(&json!({"type":"pub","topic":"big","payload":{"pad":pad},"id":2}));
+    let (head, tail) = wire.split_at(wire.len() / 3);
+    c.send(head).await;
+    c.send(tail).await;
+    let mut got = [c.json().await, c.json().await];
+    got.sort_by_key(|v| v["type"].is_string());
+    assert_eq!(
+        got[0]["payload"]["pad"].as_str().map(str::len),
+        Some(60_000)
+    );
+    assert_eq!(got[1], json!({"type":"ack","id":2}));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn frames_a_server_must_refuse_close_with_1002() {
+    let srv = TestServer::start().await;
+    let unmasked = vec![0x81, 0x02, b'{', b'}'];
+    let mut reserved = text(&json!({"type":"ping"}));
+    reserved[0] |= 0x40;
+    let orphan_continuation = frame(true, 0x0, b"{}");
+    let mut interleaved = frame(false, TEXT, b"{");
+    interleaved.extend(frame(true, TEXT, b"{}"));
+    let fragmented_ping = frame(false, PING, b"");
+    for bad in [
+        unmasked,
+        reserved,
+        orphan_continuation,
+        interleaved,
+        fragmented_ping,
+    ] {
+        let mut c = Raw::connect(&srv, b"").await;
+        c.send(&bad).await;
+        assert_eq!(c.close_code().await, 1002, "{bad:?}");
+        assert_eq!(c.next().await, None, "closed after the close frame");
+    }
+    srv.until("tables empty", |gw| gw.hub.stats() == Default::default())
+        .await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_closes_with_1007_and_binary_is_answered() {
+    let srv = TestServer::start().await;
+    let mut c = Raw::connect(&srv, b"").await;
+    c.send(&frame(true, BINARY, &[1, 2, 3])).await;
+    assert_eq!(c.json().await["code"], "unsupported_binary");
+    c.send(&frame(true, TEXT, &[b'"', 0xC3, 0x28, b'"'])).await;
+    assert_eq!(c.close_code().await, 1007);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_close_is_answered_with_its_code() {
+    let srv = TestServer::start().await;
+    let mut c = Raw::connect(&srv, b"").await;
+    let mut payload = 4000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(b"bye");
+    c.send(&frame(true, CLOSE, &payload)).await;
+    assert_eq!(c.close_code().await, 4000);
+    assert_eq!(c.next().await, None);
+    srv.until("tables empty", |gw| gw.hub.stats() == Default::default())
+        .await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_plain_get_is_told_to_upgrade() {
+    let srv = TestServer::start().await;
+    let url = format!("{}?token={}", srv.url("/ws"), srv.token("assistant", "1"));
+    let (status, body) = get_json(&url, None).await;
+    assert_eq!(status, 426);
+    assert_eq!(body["error"]["code"], "upgrade_required");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_even_while_a_write_is_blocked() {
+    let srv = TestServer::start_toml("[ws]\noutbound_queue = 4\n").await;
+    let mut c = Raw::connect(&srv, b"").await;
+    c.send(&text(&json!({"type":"sub","topic":"flood","id":1})))
+        .await;
+    assert_eq!(c.json().await["type"], "ack");
+    // From here the client reads nothing: the kernel's buffers fill, the
+    // server's write blocks with frames in hand, then its outbox fills.
+    let pad = "x".repeat(60_000);
+    for i in 0..400 {
+        let (status, _) = srv.publish("flood", json!({"i": i, "pad": pad})).await;
+        assert_eq!(status, 200);
+        if srv.gw.hub.stats().connections == 0 {
+            break;
+        }
+    }
+    srv.until("slow client closed", |gw| gw.hub.stats().connections == 0)
+        .await;
+    srv.stop().await;
+}
