@@ -152,6 +152,10 @@ impl Server {
             .with_state(gw.clone())
             .layer(sio_layer)
             .layer(axum::middleware::from_fn(crate::sio::detach::detach))
+            .layer(axum::middleware::from_fn_with_state(
+                crate::sio::websocket::Transport::new(gw, crate::sio::PATH),
+                crate::sio::websocket::intercept,
+            ))
             .layer(axum::middleware::from_fn(crate::sio::cors::cors));
         (router, io)
     }

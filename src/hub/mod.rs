@@ -49,6 +49,9 @@ pub struct Message {
     /// The whole `/ws` frame, header included, built by the first recipient
     /// that writes it (see `ws::protocol::wire`) and shared by the rest.
     pub(crate) ws_frame: OnceLock<Bytes>,
+    /// The same for Socket.IO sockets on pulso's own WebSocket transport
+    /// (see `sio::packet::wire`).
+    pub(crate) sio_frame: OnceLock<Bytes>,
 }
 
 impl Message {
@@ -68,6 +71,7 @@ impl Message {
             ts,
             payload,
             ws_frame: OnceLock::new(),
+            sio_frame: OnceLock::new(),
         }
     }
 }

@@ -15,8 +15,10 @@
 
 pub mod cors;
 pub mod detach;
+pub mod packet;
 pub mod request;
 pub mod rooms;
+pub mod websocket;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -40,6 +42,8 @@ use crate::presence::Holder;
 use request::{Failure, Token};
 
 const PROTOCOL: &str = "socketio";
+/// Where Socket.IO is served.
+pub const PATH: &str = "/socket.io/";
 const LABEL: [(&str, &str); 1] = [("protocol", PROTOCOL)];
 
 /// State shared by every Socket.IO handler.
@@ -69,7 +73,7 @@ pub fn layer(gw: &Arc<Gateway>) -> (SocketIoLayer, SocketIo) {
     let cfg = &gw.config;
     let (layer, io) = SocketIo::builder()
         .with_state(st)
-        .req_path("/socket.io/")
+        .req_path(PATH)
         // Inbound payloads are bounded like /ws messages.
         .max_payload(cfg.ws.max_message_size as u64)
         .ws_max_message_size(cfg.ws.max_message_size)
@@ -129,44 +133,53 @@ struct Authed {
     conn: ConnId,
 }
 
-/// One notifications socket.
-struct Session {
-    st: Arc<Sio>,
+/// One notifications-namespace socket, whatever transport carries it: the
+/// virtual requests that authenticate it, and what it then holds.
+pub(crate) struct Notifications {
+    gw: Arc<Gateway>,
     /// The id the client sees as `socket.id`, also its own room's name.
     socket_id: String,
-    auth: Mutex<Option<Authed>>,
-    /// When the current token stops being valid (`None`: never).
-    deadline: watch::Sender<Option<SystemTime>>,
-    /// Cancelled when the socket is gone.
-    done: CancellationToken,
+    auth: Option<Authed>,
 }
 
-impl Session {
-    fn auth(&self) -> std::sync::MutexGuard<'_, Option<Authed>> {
-        self.auth.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn gw(&self) -> &Arc<Gateway> {
-        &self.st.gw
-    }
-
-    /// Handles one virtual request. Returns the ack and whether the socket
-    /// must be disconnected (any failure while not yet authenticated).
-    fn request(&self, s: &SocketRef, v: &Value) -> (Value, bool) {
-        let mut auth = self.auth();
-        if self.done.is_cancelled() {
-            // The socket went away while this request waited: registering it
-            // now would leave a hub entry and a presence row nobody clears
-            // (`finish` cancels `done` before it takes this lock).
-            return (Failure::missing_token().ack(), false);
+impl Notifications {
+    pub(crate) fn new(gw: Arc<Gateway>, socket_id: String) -> Self {
+        Notifications {
+            gw,
+            socket_id,
+            auth: None,
         }
-        let was_authed = auth.is_some();
-        match self.serve(s, v, &mut auth) {
+    }
+
+    pub(crate) fn authed(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    /// When the current token stops being valid (`None`: never, or not
+    /// authenticated).
+    pub(crate) fn deadline(&self) -> Option<SystemTime> {
+        self.gw.verifier.deadline(&self.auth.as_ref()?.identity)
+    }
+
+    pub(crate) fn socket_id(&self) -> &str {
+        &self.socket_id
+    }
+
+    /// Handles one virtual request; `register` puts the socket in the hub
+    /// when it authenticates. Returns the ack and whether the socket must be
+    /// disconnected (any failure while not yet authenticated).
+    pub(crate) fn request(
+        &mut self,
+        v: &Value,
+        register: impl FnOnce() -> ConnId,
+    ) -> (Value, bool) {
+        let was_authed = self.auth.is_some();
+        match self.serve(v, register) {
             Ok(ack) => (ack, false),
             Err(f) => {
-                self.gw().metrics.sio_auth_result(f.code);
+                self.gw.metrics.sio_auth_result(f.code);
                 if !was_authed {
-                    self.gw().metrics.auth_failure(reason_of(f.code));
+                    self.gw.metrics.auth_failure(reason_of(f.code));
                 }
                 tracing::debug!(socket = %self.socket_id, code = f.code, message = %f.message, "socket.io request refused");
                 (f.ack(), !was_authed)
@@ -174,8 +187,8 @@ impl Session {
         }
     }
 
-    fn serve(&self, s: &SocketRef, v: &Value, auth: &mut Option<Authed>) -> Result<Value, Failure> {
-        let gw = self.gw().clone();
+    fn serve(&mut self, v: &Value, register: impl FnOnce() -> ConnId) -> Result<Value, Failure> {
+        let gw = self.gw.clone();
         let req = request::parse(v)?;
         if req.path != gw.config.socketio.namespace {
             return Err(Failure::unknown_url(format!(
@@ -193,14 +206,13 @@ impl Session {
         };
         let mut identity = gw.verifier.verify(token)?;
 
-        if let Some(current) = auth.as_mut() {
+        if let Some(current) = self.auth.as_mut() {
             // A refresh: same identity only; rooms stay as they are.
             if identity.sub != current.identity.sub || identity.role != current.identity.role {
                 return Err(Failure::invalid_token(
                     "the token belongs to another identity",
                 ));
             }
-            self.deadline.send_replace(gw.verifier.deadline(&identity));
             identity.claims = Default::default();
             current.identity = identity;
             gw.metrics.sio_auth_result("refreshed");
@@ -215,30 +227,42 @@ impl Session {
         // Rooms are decided; only role, sub and exp are needed from here on.
         identity.claims = Default::default();
 
-        let conn = gw.hub.register(Arc::new(SioRecipient {
-            socket: s.clone(),
-            gw: gw.clone(),
-            closing: AtomicBool::new(false),
-        }));
+        let conn = register();
         for name in std::iter::once(&self.socket_id).chain(&rooms) {
             if let Ok(filter) = Filter::parse(name) {
                 let _ = gw.hub.subscribe(conn, &filter, usize::MAX);
             }
         }
-        // socketioxide's own rooms mirror the hub's, for anyone inspecting them.
-        s.join(rooms.clone());
-        self.st.authed().insert(s.id);
         gw.presence.set(self.holder(&identity));
-        self.deadline.send_replace(gw.verifier.deadline(&identity));
         tracing::debug!(socket = %self.socket_id, sub = %identity.sub, role = %identity.role, ?rooms, "socket.io authenticated");
         gw.metrics.sio_auth_result("ok");
         let ack = request::success(&self.socket_id, &rooms);
-        *auth = Some(Authed {
+        self.auth = Some(Authed {
             identity,
             rooms,
             conn,
         });
         Ok(ack)
+    }
+
+    /// The rooms of an authenticated socket.
+    fn rooms(&self) -> &[String] {
+        self.auth.as_ref().map_or(&[], |a| &a.rooms)
+    }
+
+    /// The ack to any event other than `get`/`post`: never processed; 401-1
+    /// before authentication and 404-1 after.
+    pub(crate) fn other_event(&self, event: &str) -> Value {
+        let failure = if self.auth.is_some() {
+            Failure::unknown_url(format!(
+                "event `{}` is not served; use get or post",
+                event.chars().take(64).collect::<String>()
+            ))
+        } else {
+            Failure::missing_token()
+        };
+        self.gw.metrics.client_error(failure.code);
+        failure.ack()
     }
 
     fn holder(&self, who: &Identity) -> Holder {
@@ -251,15 +275,67 @@ impl Session {
     }
 
     /// The socket is gone: leave the hub, clear presence if it was ours.
+    /// Returns whether it had authenticated.
+    pub(crate) fn finish(&mut self) -> bool {
+        let Some(a) = self.auth.take() else {
+            return false;
+        };
+        self.gw.hub.unregister(a.conn);
+        self.gw.presence.clear(self.holder(&a.identity));
+        true
+    }
+}
+
+/// A notifications socket served by socketioxide (polling, and WebSocket
+/// after an upgrade from polling).
+struct Session {
+    st: Arc<Sio>,
+    state: Mutex<Notifications>,
+    /// When the current token stops being valid (`None`: never).
+    deadline: watch::Sender<Option<SystemTime>>,
+    /// Cancelled when the socket is gone.
+    done: CancellationToken,
+}
+
+impl Session {
+    fn state(&self) -> std::sync::MutexGuard<'_, Notifications> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Handles one virtual request under the state's lock (it never awaits).
+    fn request(&self, s: &SocketRef, v: &Value) -> (Value, bool) {
+        let mut state = self.state();
+        if self.done.is_cancelled() {
+            // The socket went away while this request waited: registering it
+            // now would leave a hub entry and a presence row nobody clears
+            // (`finish` cancels `done` before it takes this lock).
+            return (Failure::missing_token().ack(), false);
+        }
+        let was_authed = state.authed();
+        let gw = self.st.gw.clone();
+        let reply = state.request(v, || {
+            gw.hub.register(Arc::new(SioRecipient {
+                socket: s.clone(),
+                gw: gw.clone(),
+                closing: AtomicBool::new(false),
+            }))
+        });
+        if state.authed() && !was_authed {
+            // socketioxide's own rooms mirror the hub's, for anyone inspecting them.
+            s.join(state.rooms().to_vec());
+            self.st.authed().insert(s.id);
+        }
+        self.deadline.send_replace(state.deadline());
+        reply
+    }
+
+    /// The socket is gone.
     fn finish(&self, sid: Sid) {
         self.done.cancel();
-        let gw = self.gw();
-        if let Some(a) = self.auth().take() {
-            gw.hub.unregister(a.conn);
-            gw.presence.clear(self.holder(&a.identity));
+        if self.state().finish() {
             self.st.authed().remove(&sid);
         }
-        gw.metrics.connections.get_or_create(&LABEL).dec();
+        self.st.gw.metrics.connections.get_or_create(&LABEL).dec();
     }
 }
 
@@ -338,8 +414,7 @@ async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infa
     let (deadline, mut deadline_rx) = watch::channel(None);
     let sess = Arc::new(Session {
         st: st.clone(),
-        socket_id: client_socket_id(&s),
-        auth: Mutex::new(None),
+        state: Mutex::new(Notifications::new(gw.clone(), client_socket_id(&s))),
         deadline,
         done: CancellationToken::new(),
     });
@@ -363,9 +438,10 @@ async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infa
         loop {
             let expiry = *deadline_rx.borrow_and_update();
             let expiry = expiry.map(crate::auth::instant_of);
-            let until_expiry = tokio::time::sleep_until(
-                expiry.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365)),
-            );
+            let until_expiry =
+                tokio::time::sleep_until(expiry.unwrap_or_else(|| {
+                    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
+                }));
             tokio::select! {
                 biased;
                 _ = sess.done.cancelled() => return,
@@ -375,8 +451,8 @@ async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infa
                 }
                 _ = &mut auth_deadline, if auth_pending => {
                     auth_pending = false;
-                    if sess.auth().is_none() {
-                        tracing::debug!(socket = %sess.socket_id, "auth_timeout reached; disconnecting");
+                    if !sess.state().authed() {
+                        tracing::debug!(sid = %s.id, "auth_timeout reached; disconnecting");
                         gw.metrics.sio_auth_result("timeout");
                         let _ = s.clone().disconnect();
                         return;
@@ -388,7 +464,7 @@ async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infa
                     }
                 }
                 _ = until_expiry, if expiry.is_some() => {
-                    tracing::debug!(socket = %sess.socket_id, "token expired; disconnecting");
+                    tracing::debug!(sid = %s.id, "token expired; disconnecting");
                     let _ = s.clone().disconnect();
                     return;
                 }
@@ -411,20 +487,11 @@ async fn on_request(s: SocketRef, TryData(data): TryData<Value>, ack: AckSender)
     }
 }
 
-/// Any other event: never processed; an ack request gets 401-1 before
-/// authentication and 404-1 after.
+/// Any other event: never processed (see [`Notifications::other_event`]).
 async fn on_other(s: SocketRef, Event(event): Event, ack: AckSender) {
     let Some(sess) = s.extensions.get::<Arc<Session>>() else {
         return;
     };
-    let failure = if sess.auth().is_some() {
-        Failure::unknown_url(format!(
-            "event `{}` is not served; use get or post",
-            event.chars().take(64).collect::<String>()
-        ))
-    } else {
-        Failure::missing_token()
-    };
-    sess.gw().metrics.client_error(failure.code);
-    let _ = ack.send(&failure.ack());
+    let reply = sess.state().other_event(&event);
+    let _ = ack.send(&reply);
 }

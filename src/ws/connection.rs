@@ -1,9 +1,11 @@
-//! One `/ws` connection: a single task that reads client frames, answers
-//! them through hub calls, and writes what its [`Outbox`] holds.
+//! One WebSocket connection: a single task that reads client frames, hands
+//! whole messages to its [`Protocol`] (`/ws`'s JSON, or Socket.IO for
+//! clients that open a WebSocket directly), and writes what its [`Outbox`]
+//! holds.
 //!
 //! Everything happens in one `poll`: the task is woken by the socket (data
 //! in, or room to write), by its outbox (a push), or by its timer
-//! (keepalive, token expiry), and each time it reads all it can, then writes
+//! (keepalive, the protocol's deadlines), and each time it reads all it can, then writes
 //! all it can with one vectored write of shared frames. A client that stops
 //! reading only fills its own outbox, which then closes it with 1013.
 //!
@@ -21,18 +23,12 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::close;
 use super::frame::{self, FrameError, Parsed};
 use super::outbox::{CloseReason, Outbound, Outbox};
-use super::protocol::{self, ClientError, Request};
-use super::rate::{RateLimit, Verdict};
-use crate::auth::Identity;
-use crate::gateway::Gateway;
-use crate::hub::{ConnId, Message, SubscribeError, now_ms};
 
 /// Bytes read at a time into the shared buffer.
 const SCRATCH_SIZE: usize = 16 * 1024;
@@ -49,11 +45,59 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
 }
 
-pub struct Connection<S> {
+/// What a connection speaks inside its WebSocket messages: `/ws`'s JSON
+/// ([`super::session`]) or Engine.IO/Socket.IO (`crate::sio::websocket`).
+/// Handlers run inside the connection's poll and must not block.
+pub trait Protocol {
+    /// A whole text message.
+    fn on_text(&mut self, link: &mut Link<'_>, text: &str);
+    /// A whole binary message.
+    fn on_binary(&mut self, link: &mut Link<'_>, data: &[u8]);
+    /// When [`Protocol::on_deadline`] is due next (token expiry, auth
+    /// timeout), if ever.
+    fn deadline(&self) -> Option<Instant>;
+    fn on_deadline(&mut self, link: &mut Link<'_>);
+}
+
+/// What a protocol handler may do to its connection.
+pub struct Link<'a> {
+    pub outbox: &'a Outbox,
+    ending: &'a mut Option<CloseReason>,
+}
+
+impl Link<'_> {
+    /// Queues a framed reply behind anything queued before it.
+    pub fn send(&self, frame: Bytes) {
+        self.outbox.push(Outbound::Frame(frame));
+    }
+
+    /// Decides how the connection ends; the first decision stands.
+    pub fn end(&mut self, reason: CloseReason) {
+        if self.ending.is_none() {
+            *self.ending = Some(reason);
+        }
+    }
+
+    pub fn ending(&self) -> bool {
+        self.ending.is_some()
+    }
+}
+
+/// The connection's liveness check: every `period`, a peer that sent
+/// nothing since the last check is dropped, and `ping` (if any) is sent.
+#[derive(Clone, Copy)]
+pub struct Keepalive {
+    pub period: Duration,
+    pub ping: Option<&'static [u8]>,
+}
+
+pub struct Connection<S, P> {
     io: S,
-    gw: Arc<Gateway>,
-    id: ConnId,
-    identity: Identity,
+    proto: P,
+    /// For logs.
+    id: u64,
+    max_message: usize,
+    keepalive: Keepalive,
     outbox: Arc<Outbox>,
     /// Taken from the outbox, being written; `written` bytes of the first
     /// item are already out.
@@ -73,81 +117,50 @@ pub struct Connection<S> {
     /// A fragmented message being put together, and its opcode.
     message: Vec<u8>,
     message_opcode: Option<u8>,
-    rate: RateLimit,
-    /// A pong (or any frame) came since the last keepalive ping.
+    /// A frame came since the last keepalive check.
     alive: bool,
     next_ping: Instant,
-    expiry: Option<Instant>,
     /// How the connection ends, once that is decided.
     ending: Option<CloseReason>,
 }
 
-/// Serves one upgraded connection until it ends.
-pub async fn run<S>(gw: Arc<Gateway>, io: S, mut identity: Identity)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let metrics = gw.metrics.clone();
-    let label = [("protocol", "ws")];
-    metrics.connections.get_or_create(&label).inc();
-    metrics.connections_total.get_or_create(&label).inc();
-
-    // Only Socket.IO rooms read other claims; a `/ws` connection keeps
-    // role, sub and exp.
-    identity.claims = Default::default();
-    let outbox = Arc::new(Outbox::new(gw.config.ws.outbound_queue, gw.metrics.clone()));
-    let id = gw.hub.register(outbox.clone());
-    // The server sweeps open connections when it stops; one that registered
-    // after the sweep sees the flag here.
-    if gw.shutdown.is_cancelled() {
-        outbox.close(Some((close::GOING_AWAY, "server shutting down")));
+impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
+    pub fn new(
+        io: S,
+        proto: P,
+        outbox: Arc<Outbox>,
+        keepalive: Keepalive,
+        max_message: usize,
+        id: u64,
+    ) -> Self {
+        Connection {
+            io,
+            proto,
+            id,
+            max_message,
+            keepalive,
+            outbox,
+            sending: VecDeque::new(),
+            written: 0,
+            deferred: false,
+            partial: Vec::new(),
+            filled: 0,
+            need: 0,
+            pong: None,
+            message: Vec::new(),
+            message_opcode: None,
+            alive: true,
+            next_ping: Instant::now() + keepalive.period,
+            ending: None,
+        }
     }
-    let period = gw.config.keepalive_interval;
-    let mut conn = Connection {
-        io,
-        rate: RateLimit::new(gw.config.ws.rate_limit, std::time::Instant::now()),
-        expiry: deadline_of(&gw, &identity),
-        gw: gw.clone(),
-        id,
-        identity,
-        outbox,
-        sending: VecDeque::new(),
-        written: 0,
-        deferred: false,
-        partial: Vec::new(),
-        filled: 0,
-        need: 0,
-        pong: None,
-        message: Vec::new(),
-        message_opcode: None,
-        alive: true,
-        next_ping: Instant::now() + period,
-        ending: None,
-    };
-    tracing::debug!(conn = id, sub = %conn.identity.sub, role = %conn.identity.role, "ws connected");
-    // Presence (SPEC §7): the server assigns /ws socket ids. A refresh keeps
-    // sub and role, so the row written here stays the right one.
-    let holder = crate::presence::Holder {
-        role: conn.identity.role.clone(),
-        sub: conn.identity.sub.clone(),
-        socket_id: format!("ws-{:016x}", rand::random::<u64>()),
-        protocol: "ws",
-    };
-    gw.presence.set(holder.clone());
-    conn.auto_subscribe();
 
-    let reason = conn.serve().await;
-    gw.hub.unregister(id);
-    gw.presence.clear(holder);
-    metrics.connections.get_or_create(&label).dec();
-    tracing::debug!(conn = id, "ws disconnected");
-    // Boxed: the closing handshake's state is needed once, at the end, and
-    // need not make every connection's task larger.
-    let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(conn.finish(reason))).await;
-}
+    pub fn protocol(&mut self) -> &mut P {
+        &mut self.proto
+    }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    async fn serve(&mut self) -> CloseReason {
+    /// Serves the connection until it must end, and says how.
+    pub async fn serve(&mut self) -> CloseReason {
         let mut timer = pin!(tokio::time::sleep_until(self.next_deadline()));
         poll_fn(|cx| self.poll_serve(cx, timer.as_mut())).await
     }
@@ -178,25 +191,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     fn next_deadline(&self) -> Instant {
-        match self.expiry {
-            Some(expiry) => expiry.min(self.next_ping),
+        match self.proto.deadline() {
+            Some(deadline) => deadline.min(self.next_ping),
             None => self.next_ping,
         }
     }
 
     fn on_timer(&mut self) {
         let now = Instant::now();
-        if self.expiry.is_some_and(|e| now >= e) {
-            self.end(Some((close::TOKEN_EXPIRED, "token expired")));
-        } else if now >= self.next_ping {
+        if self.proto.deadline().is_some_and(|d| now >= d) {
+            let mut link = Link {
+                outbox: &self.outbox,
+                ending: &mut self.ending,
+            };
+            self.proto.on_deadline(&mut link);
+        }
+        if self.ending.is_none() && now >= self.next_ping {
             if !self.alive {
-                tracing::debug!(conn = self.id, "no pong since the last ping; terminating");
+                tracing::debug!(
+                    conn = self.id,
+                    "nothing heard since the last ping; terminating"
+                );
                 self.end(None);
                 return;
             }
             self.alive = false;
-            self.sending.push_back(Outbound::Ping);
-            self.next_ping = now + self.gw.config.keepalive_interval;
+            if let Some(ping) = self.keepalive.ping {
+                self.sending.push_back(Outbound::Static(ping));
+            }
+            self.next_ping = now + self.keepalive.period;
         }
     }
 
@@ -282,7 +305,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Handles the whole frames at the front of `data`; returns the bytes used.
     fn consume(&mut self, data: &mut [u8]) -> usize {
-        let max = self.gw.config.ws.max_message_size;
+        let max = self.max_message;
         let mut at = 0;
         while self.ending.is_none() && at < data.len() {
             match frame::parse(&mut data[at..], max) {
@@ -311,9 +334,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     fn on_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        self.alive = true;
         match opcode {
             frame::PING => self.pong = Some(frame::encode(frame::PONG, payload)),
-            frame::PONG => self.alive = true,
+            frame::PONG => {}
             frame::CLOSE => match frame::close_code(payload) {
                 // Answer with the peer's own code (RFC 6455 §5.5.1).
                 Ok(code) => self.end(Some((code.unwrap_or(close::NORMAL), ""))),
@@ -334,7 +358,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let Some(first) = self.message_opcode else {
                     return self.refuse(FrameError::Protocol("continuation without a message"));
                 };
-                if self.message.len() + payload.len() > self.gw.config.ws.max_message_size {
+                if self.message.len() + payload.len() > self.max_message {
                     return self.refuse(FrameError::TooBig);
                 }
                 self.message.extend_from_slice(payload);
@@ -348,171 +372,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     fn on_message(&mut self, opcode: u8, payload: &[u8]) {
+        let mut link = Link {
+            outbox: &self.outbox,
+            ending: &mut self.ending,
+        };
         if opcode == frame::BINARY {
-            if self.admit(None) {
-                self.reply_error(
-                    None,
-                    &ClientError::new(
-                        "unsupported_binary",
-                        "binary frames are not supported; send JSON text",
-                    ),
-                );
-            }
-            return;
+            return self.proto.on_binary(&mut link, payload);
         }
         match std::str::from_utf8(payload) {
-            Ok(text) => self.on_text(text),
-            Err(_) => self.end(Some((close::INVALID_DATA, "text is not UTF-8"))),
-        }
-    }
-
-    // ---- requests ---------------------------------------------------------
-
-    fn auto_subscribe(&mut self) {
-        let gw = self.gw.clone();
-        for topic in &gw.config.auto_subscribe {
-            if let Ok(filter) = crate::hub::Filter::parse(topic) {
-                let _ = gw.hub.subscribe_with_last_values(
-                    self.id,
-                    &filter,
-                    gw.config.ws.max_subscriptions,
-                    || {},
-                );
-            }
-        }
-    }
-
-    /// Applies the rate limit; false when the message must not be processed.
-    fn admit(&mut self, id: Option<&RawValue>) -> bool {
-        match self.rate.check(std::time::Instant::now()) {
-            Verdict::Allow => true,
-            Verdict::Refuse => {
-                self.reply_error(
-                    id,
-                    &ClientError::new("rate_limited", "too many messages; slow down"),
-                );
-                false
-            }
-            Verdict::Close => {
-                self.reply_error(
-                    id,
-                    &ClientError::new("rate_limited", "too many messages; closing"),
-                );
-                self.end(Some((close::POLICY, "rate limit exceeded")));
-                false
-            }
-        }
-    }
-
-    /// Replies go through the outbox, behind anything the hub queued.
-    fn reply(&self, frame: Bytes) {
-        self.outbox.push(Outbound::Frame(frame));
-    }
-
-    fn reply_error(&self, id: Option<&RawValue>, err: &ClientError) {
-        self.gw.metrics.client_error(err.code);
-        self.reply(protocol::error(id, err));
-    }
-
-    fn on_text(&mut self, text: &str) {
-        let parsed = protocol::parse(text);
-        if !self.admit(parsed.id) {
-            return;
-        }
-        let id = parsed.id;
-        match parsed.request.and_then(|request| self.apply(request, id)) {
-            Ok(Reply::Frame(reply)) => self.reply(reply),
-            Ok(Reply::Ack) => {
-                if let Some(id) = id {
-                    self.reply(protocol::ack(id));
-                }
-            }
-            Ok(Reply::Sent) => {}
-            Err(err) => self.reply_error(id, &err),
-        }
-    }
-
-    /// Carries out one request.
-    fn apply(&mut self, request: Request, id: Option<&RawValue>) -> Result<Reply, ClientError> {
-        let gw = self.gw.clone();
-        match request {
-            Request::Sub(filter) => {
-                if !gw.may_subscribe(&self.identity, &filter) {
-                    return Err(ClientError::new(
-                        "forbidden",
-                        format!("role may not subscribe to `{filter}`"),
-                    ));
-                }
-                // A new subscription queues its ack from inside the hub, just
-                // ahead of the topic's last values (see the hub for why).
-                let mut acked = false;
-                let outbox = &self.outbox;
-                let subscribed = gw.hub.subscribe_with_last_values(
-                    self.id,
-                    &filter,
-                    gw.config.ws.max_subscriptions,
-                    || {
-                        if let Some(id) = id {
-                            outbox.push(Outbound::Frame(protocol::ack(id)));
-                        }
-                        acked = true;
-                    },
-                );
-                match subscribed {
-                    Ok(_) if acked => Ok(Reply::Sent),
-                    Ok(_) => Ok(Reply::Ack),
-                    Err(SubscribeError::TooMany) => Err(ClientError::new(
-                        "too_many_subscriptions",
-                        format!(
-                            "at most {} subscriptions per connection",
-                            gw.config.ws.max_subscriptions
-                        ),
-                    )),
-                    Err(SubscribeError::Closed) => Ok(Reply::Ack),
-                }
-            }
-            Request::Unsub(filter) => {
-                gw.hub.unsubscribe(self.id, &filter);
-                Ok(Reply::Ack)
-            }
-            Request::Ping => Ok(Reply::Frame(protocol::pong(id, now_ms()))),
-            Request::Pub {
-                topic,
-                event,
-                payload,
-            } => {
-                if !gw.may_publish(&self.identity, &topic) {
-                    return Err(ClientError::new(
-                        "forbidden",
-                        format!("role may not publish on `{topic}`"),
-                    ));
-                }
-                if let Some(bridge) = gw.mqtt.as_ref().filter(|b| b.forwards(&topic)) {
-                    bridge
-                        .forward(&topic, &payload)
-                        .map_err(|e| ClientError::new(e.code(), e.to_string()))?;
-                    return Ok(Reply::Ack);
-                }
-                gw.metrics.published_from("ws");
-                gw.hub.publish(Message::new(topic, event, payload));
-                Ok(Reply::Ack)
-            }
-            Request::Auth(token) => {
-                let mut refreshed = gw
-                    .verifier
-                    .verify(&token)
-                    .map_err(|e| ClientError::new("invalid_token", e.to_string()))?;
-                if refreshed.sub != self.identity.sub || refreshed.role != self.identity.role {
-                    return Err(ClientError::new(
-                        "invalid_token",
-                        "the token belongs to another identity",
-                    ));
-                }
-                self.expiry = deadline_of(&gw, &refreshed);
-                refreshed.claims = Default::default();
-                self.identity = refreshed;
-                Ok(Reply::Ack)
-            }
+            Ok(text) => self.proto.on_text(&mut link, text),
+            Err(_) => link.end(Some((close::INVALID_DATA, "text is not UTF-8"))),
         }
     }
 
@@ -556,7 +425,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 // a publish still being queued on the other core usually
                 // adds its next message meanwhile, and both share a write
                 // (measured: +4% deliveries/s, lower p99, in fan-out).
-                if self.sending.len() == 1 && matches!(self.sending[0], Outbound::Message(_)) {
+                if self.sending.len() == 1 && self.sending[0].is_message() {
                     self.deferred = true;
                     cx.waker().wake_by_ref();
                     return;
@@ -607,10 +476,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Sends queued replies and the close frame, then waits (bounded by the
-    /// caller) for the peer to close too: dropping a socket with unread
-    /// input would turn the close into a reset that can overtake the frame.
-    async fn finish(mut self, reason: CloseReason) {
+    /// Ends the connection: the close handshake, bounded by `CLOSE_GRACE`.
+    pub async fn finish(self, reason: CloseReason) {
+        // Boxed: the closing handshake's state is needed once, at the end,
+        // and need not make every connection's task larger.
+        let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(self.close_handshake(reason))).await;
+    }
+
+    /// Sends queued replies and the close frame, then waits for the peer to
+    /// close too: dropping a socket with unread input would turn the close
+    /// into a reset that can overtake the frame.
+    async fn close_handshake(mut self, reason: CloseReason) {
         let mut rest = VecDeque::new();
         let _ = self.outbox.take(&mut rest);
         // Keep a frame already partly written (the stream must stay framed),
@@ -621,7 +497,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             .into_iter()
             .chain(rest)
             .enumerate()
-            .filter(|(i, item)| (*i == 0 && partly) || !matches!(item, Outbound::Message(_)))
+            .filter(|(i, item)| (*i == 0 && partly) || !item.is_message())
             .map(|(_, item)| item)
             .collect();
         if let Some((code, why)) = reason {
@@ -658,19 +534,4 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         })
         .await;
     }
-}
-
-/// What answers a request that succeeded.
-enum Reply {
-    /// The plain ack (when the request had an `id`).
-    Ack,
-    /// A reply that replaces the ack (`pong`).
-    Frame(Bytes),
-    /// Already queued (a new subscription's ack, ahead of its last values).
-    Sent,
-}
-
-/// The instant the connection's token stops being valid, on tokio's clock.
-fn deadline_of(gw: &Gateway, identity: &Identity) -> Option<Instant> {
-    Some(crate::auth::instant_of(gw.verifier.deadline(identity)?))
 }

@@ -1,9 +1,11 @@
 //! The plain WebSocket endpoint, `GET /ws`.
 //!
 //! `handshake` checks the upgrade, `frame` is the RFC 6455 wire format,
-//! `protocol` the JSON messages inside it, `connection` the one task that
-//! serves a connection, and `outbox` the queue through which the hub (and
-//! the connection's own replies) reach it.
+//! `protocol` the JSON messages inside it and `session` what answers them,
+//! `connection` the one task that serves a connection, and `outbox` the
+//! queue through which the hub (and the connection's own replies) reach it.
+//! `connection`, `frame` and `outbox` also carry Socket.IO clients that
+//! open a WebSocket directly (`crate::sio::websocket`).
 
 pub mod connection;
 pub mod frame;
@@ -11,6 +13,7 @@ pub mod handshake;
 pub mod outbox;
 pub mod protocol;
 pub mod rate;
+pub mod session;
 
 use std::sync::Arc;
 
@@ -49,7 +52,7 @@ pub fn request_token(headers: &HeaderMap, query: Option<&str>) -> Option<String>
 
 /// `GET /ws`: checks the token (a `401` JSON error before any upgrade),
 /// then the WebSocket handshake, and hands the raw connection to
-/// [`connection::run`].
+/// [`session::run`].
 pub async fn upgrade(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
     let token = request_token(&parts.headers, parts.uri.query()).unwrap_or_default();
@@ -87,7 +90,7 @@ pub async fn upgrade(State(gw): State<Arc<Gateway>>, request: Request) -> Respon
         };
         // hyper hands back bytes the client sent right behind the request
         // before anything newer, so nothing is lost here.
-        connection::run(gw, TokioIo::new(upgraded), identity).await;
+        session::run(gw, TokioIo::new(upgraded), identity).await;
     }));
     response
 }

@@ -15,18 +15,21 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 
 use super::close;
-use super::frame;
 use crate::hub::{Message, Recipient};
 use crate::metrics::Metrics;
 
 /// One item to write.
 pub enum Outbound {
-    /// A published message, framed once and shared (see `protocol::wire`).
+    /// A published message as a `/ws` frame, framed once and shared (see
+    /// `protocol::wire`).
     Message(Arc<Message>),
+    /// A published message as a Socket.IO event in a namespace (see
+    /// `sio::packet::wire`).
+    Event(Arc<Message>, &'static str),
     /// A reply or control frame, already framed.
     Frame(Bytes),
-    /// A keepalive ping.
-    Ping,
+    /// A constant frame (a keepalive ping).
+    Static(&'static [u8]),
 }
 
 impl Outbound {
@@ -34,9 +37,16 @@ impl Outbound {
     pub fn bytes(&self) -> &[u8] {
         match self {
             Outbound::Message(msg) => super::protocol::wire(msg),
+            Outbound::Event(msg, nsp) => crate::sio::packet::wire(msg, nsp),
             Outbound::Frame(bytes) => bytes,
-            Outbound::Ping => frame::PING_FRAME,
+            Outbound::Static(bytes) => bytes,
         }
+    }
+
+    /// A published message (dropped when the connection closes), as
+    /// opposed to a reply.
+    pub fn is_message(&self) -> bool {
+        matches!(self, Outbound::Message(_) | Outbound::Event(..))
     }
 }
 
@@ -57,11 +67,23 @@ pub struct Outbox {
     waker: AtomicWaker,
     /// More queued items than this closes the connection as a slow consumer.
     limit: usize,
+    /// Published messages go out as Socket.IO events in this namespace
+    /// rather than as `/ws` frames.
+    events: Option<&'static str>,
     metrics: Arc<Metrics>,
 }
 
 impl Outbox {
     pub fn new(limit: usize, metrics: Arc<Metrics>) -> Self {
+        Self::with_encoding(limit, metrics, None)
+    }
+
+    /// An outbox whose published messages are Socket.IO events in `nsp`.
+    pub fn for_events(limit: usize, metrics: Arc<Metrics>, nsp: &'static str) -> Self {
+        Self::with_encoding(limit, metrics, Some(nsp))
+    }
+
+    fn with_encoding(limit: usize, metrics: Arc<Metrics>, events: Option<&'static str>) -> Self {
         Outbox {
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
@@ -70,6 +92,7 @@ impl Outbox {
             }),
             waker: AtomicWaker::new(),
             limit,
+            events,
             metrics,
         }
     }
@@ -145,13 +168,22 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    fn outbound(&self, msg: Arc<Message>) -> Outbound {
+        match self.events {
+            Some(nsp) => Outbound::Event(msg, nsp),
+            None => Outbound::Message(msg),
+        }
+    }
+}
+
 impl Recipient for Outbox {
     fn deliver(&self, msg: &Arc<Message>) -> bool {
-        self.push_all(std::iter::once(Outbound::Message(msg.clone())))
+        self.push_all(std::iter::once(self.outbound(msg.clone())))
     }
 
     fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
-        self.push_all(msgs.into_iter().map(Outbound::Message))
+        self.push_all(msgs.into_iter().map(|m| self.outbound(m)))
     }
 
     fn shutdown(&self) {

@@ -1,0 +1,274 @@
+//! The `/ws` protocol (SPEC §3): JSON requests in text messages, answered
+//! through hub calls. The connection it runs on is [`super::connection`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use super::close;
+use super::connection::{Connection, Keepalive, Link, Protocol};
+use super::outbox::{Outbound, Outbox};
+use super::protocol::{self, ClientError, Request};
+use super::rate::{RateLimit, Verdict};
+use crate::auth::Identity;
+use crate::gateway::Gateway;
+use crate::hub::{ConnId, Message, SubscribeError, now_ms};
+
+/// One authenticated `/ws` client.
+struct Session {
+    gw: Arc<Gateway>,
+    id: ConnId,
+    identity: Identity,
+    outbox: Arc<Outbox>,
+    rate: RateLimit,
+    expiry: Option<Instant>,
+}
+
+/// Serves one upgraded connection until it ends.
+pub async fn run<S>(gw: Arc<Gateway>, io: S, mut identity: Identity)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let metrics = gw.metrics.clone();
+    let label = [("protocol", "ws")];
+    metrics.connections.get_or_create(&label).inc();
+    metrics.connections_total.get_or_create(&label).inc();
+
+    // Only Socket.IO rooms read other claims; a `/ws` connection keeps
+    // role, sub and exp.
+    identity.claims = Default::default();
+    let outbox = Arc::new(Outbox::new(gw.config.ws.outbound_queue, gw.metrics.clone()));
+    let id = gw.hub.register(outbox.clone());
+    // The server sweeps open connections when it stops; one that registered
+    // after the sweep sees the flag here.
+    if gw.shutdown.is_cancelled() {
+        outbox.close(Some((close::GOING_AWAY, "server shutting down")));
+    }
+    tracing::debug!(conn = id, sub = %identity.sub, role = %identity.role, "ws connected");
+    // Presence (SPEC §7): the server assigns /ws socket ids. A refresh keeps
+    // sub and role, so the row written here stays the right one.
+    let holder = crate::presence::Holder {
+        role: identity.role.clone(),
+        sub: identity.sub.clone(),
+        socket_id: format!("ws-{:016x}", rand::random::<u64>()),
+        protocol: "ws",
+    };
+    gw.presence.set(holder.clone());
+    let session = Session {
+        rate: RateLimit::new(gw.config.ws.rate_limit, std::time::Instant::now()),
+        expiry: deadline_of(&gw, &identity),
+        gw: gw.clone(),
+        id,
+        identity,
+        outbox: outbox.clone(),
+    };
+    session.auto_subscribe();
+    let keepalive = Keepalive {
+        period: gw.config.keepalive_interval,
+        ping: Some(super::frame::PING_FRAME),
+    };
+    let mut conn = Connection::new(
+        io,
+        session,
+        outbox,
+        keepalive,
+        gw.config.ws.max_message_size,
+        id,
+    );
+    let reason = conn.serve().await;
+    gw.hub.unregister(id);
+    gw.presence.clear(holder);
+    metrics.connections.get_or_create(&label).dec();
+    tracing::debug!(conn = id, "ws disconnected");
+    conn.finish(reason).await;
+}
+
+impl Protocol for Session {
+    fn on_text(&mut self, link: &mut Link<'_>, text: &str) {
+        let parsed = protocol::parse(text);
+        if !self.admit(link, parsed.id) {
+            return;
+        }
+        let id = parsed.id;
+        match parsed.request.and_then(|request| self.apply(request, id)) {
+            Ok(Reply::Frame(reply)) => self.reply(reply),
+            Ok(Reply::Ack) => {
+                if let Some(id) = id {
+                    self.reply(protocol::ack(id));
+                }
+            }
+            Ok(Reply::Sent) => {}
+            Err(err) => self.reply_error(id, &err),
+        }
+    }
+
+    fn on_binary(&mut self, link: &mut Link<'_>, _data: &[u8]) {
+        if self.admit(link, None) {
+            self.reply_error(
+                None,
+                &ClientError::new(
+                    "unsupported_binary",
+                    "binary frames are not supported; send JSON text",
+                ),
+            );
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.expiry
+    }
+
+    fn on_deadline(&mut self, link: &mut Link<'_>) {
+        link.end(Some((close::TOKEN_EXPIRED, "token expired")));
+    }
+}
+
+impl Session {
+    fn auto_subscribe(&self) {
+        let gw = self.gw.clone();
+        for topic in &gw.config.auto_subscribe {
+            if let Ok(filter) = crate::hub::Filter::parse(topic) {
+                let _ = gw.hub.subscribe_with_last_values(
+                    self.id,
+                    &filter,
+                    gw.config.ws.max_subscriptions,
+                    || {},
+                );
+            }
+        }
+    }
+
+    /// Applies the rate limit; false when the message must not be processed.
+    fn admit(&mut self, link: &mut Link<'_>, id: Option<&RawValue>) -> bool {
+        match self.rate.check(std::time::Instant::now()) {
+            Verdict::Allow => true,
+            Verdict::Refuse => {
+                self.reply_error(
+                    id,
+                    &ClientError::new("rate_limited", "too many messages; slow down"),
+                );
+                false
+            }
+            Verdict::Close => {
+                self.reply_error(
+                    id,
+                    &ClientError::new("rate_limited", "too many messages; closing"),
+                );
+                link.end(Some((close::POLICY, "rate limit exceeded")));
+                false
+            }
+        }
+    }
+
+    /// Replies go through the outbox, behind anything the hub queued.
+    fn reply(&self, frame: Bytes) {
+        self.outbox.push(Outbound::Frame(frame));
+    }
+
+    fn reply_error(&self, id: Option<&RawValue>, err: &ClientError) {
+        self.gw.metrics.client_error(err.code);
+        self.reply(protocol::error(id, err));
+    }
+
+    /// Carries out one request.
+    fn apply(&mut self, request: Request, id: Option<&RawValue>) -> Result<Reply, ClientError> {
+        let gw = self.gw.clone();
+        match request {
+            Request::Sub(filter) => {
+                if !gw.may_subscribe(&self.identity, &filter) {
+                    return Err(ClientError::new(
+                        "forbidden",
+                        format!("role may not subscribe to `{filter}`"),
+                    ));
+                }
+                // A new subscription queues its ack from inside the hub, just
+                // ahead of the topic's last values (see the hub for why).
+                let mut acked = false;
+                let outbox = &self.outbox;
+                let subscribed = gw.hub.subscribe_with_last_values(
+                    self.id,
+                    &filter,
+                    gw.config.ws.max_subscriptions,
+                    || {
+                        if let Some(id) = id {
+                            outbox.push(Outbound::Frame(protocol::ack(id)));
+                        }
+                        acked = true;
+                    },
+                );
+                match subscribed {
+                    Ok(_) if acked => Ok(Reply::Sent),
+                    Ok(_) => Ok(Reply::Ack),
+                    Err(SubscribeError::TooMany) => Err(ClientError::new(
+                        "too_many_subscriptions",
+                        format!(
+                            "at most {} subscriptions per connection",
+                            gw.config.ws.max_subscriptions
+                        ),
+                    )),
+                    Err(SubscribeError::Closed) => Ok(Reply::Ack),
+                }
+            }
+            Request::Unsub(filter) => {
+                gw.hub.unsubscribe(self.id, &filter);
+                Ok(Reply::Ack)
+            }
+            Request::Ping => Ok(Reply::Frame(protocol::pong(id, now_ms()))),
+            Request::Pub {
+                topic,
+                event,
+                payload,
+            } => {
+                if !gw.may_publish(&self.identity, &topic) {
+                    return Err(ClientError::new(
+                        "forbidden",
+                        format!("role may not publish on `{topic}`"),
+                    ));
+                }
+                if let Some(bridge) = gw.mqtt.as_ref().filter(|b| b.forwards(&topic)) {
+                    bridge
+                        .forward(&topic, &payload)
+                        .map_err(|e| ClientError::new(e.code(), e.to_string()))?;
+                    return Ok(Reply::Ack);
+                }
+                gw.metrics.published_from("ws");
+                gw.hub.publish(Message::new(topic, event, payload));
+                Ok(Reply::Ack)
+            }
+            Request::Auth(token) => {
+                let mut refreshed = gw
+                    .verifier
+                    .verify(&token)
+                    .map_err(|e| ClientError::new("invalid_token", e.to_string()))?;
+                if refreshed.sub != self.identity.sub || refreshed.role != self.identity.role {
+                    return Err(ClientError::new(
+                        "invalid_token",
+                        "the token belongs to another identity",
+                    ));
+                }
+                self.expiry = deadline_of(&gw, &refreshed);
+                refreshed.claims = Default::default();
+                self.identity = refreshed;
+                Ok(Reply::Ack)
+            }
+        }
+    }
+}
+
+/// What answers a request that succeeded.
+enum Reply {
+    /// The plain ack (when the request had an `id`).
+    Ack,
+    /// A reply that replaces the ack (`pong`).
+    Frame(Bytes),
+    /// Already queued (a new subscription's ack, ahead of its last values).
+    Sent,
+}
+
+/// The instant the connection's token stops being valid, on tokio's clock.
+fn deadline_of(gw: &Gateway, identity: &Identity) -> Option<Instant> {
+    Some(crate::auth::instant_of(gw.verifier.deadline(identity)?))
+}
