@@ -646,3 +646,99 @@ async fn cross_origin_polling_gets_cors_headers() {
         .unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
 }
+
+// ---- pulso's own WebSocket transport (clients that open a WebSocket
+// directly; polling and upgrades stay with socketioxide) -----------------
+
+#[tokio::test]
+async fn unknown_namespaces_are_refused_in_each_protocol_version() {
+    let srv = server("").await;
+    let mut v4 = SioClient::open(srv.addr, 4).await;
+    v4.send_raw("40/nope,").await;
+    assert_eq!(
+        v4.engine_packet().await.as_deref(),
+        Some(r#"44/nope,{"message":"Invalid namespace"}"#)
+    );
+    let mut v3 = SioClient::open(srv.addr, 3).await;
+    v3.send_raw("40/nope?x=1,").await;
+    assert_eq!(
+        v3.engine_packet().await.as_deref(),
+        Some(r#"44/nope,"Invalid namespace""#)
+    );
+    // The connection stays usable for the real namespace.
+    v4.join(NS).await;
+    assert_eq!(
+        v4.auth(&srv.token("timer", "a"), json!({})).await["statusCode"],
+        200
+    );
+}
+
+#[tokio::test]
+async fn engine_io_3_pings_are_answered_and_the_open_packet_matches_the_settings() {
+    let srv = server("[ws]\nmax_message_size = 4096\n").await;
+    let url = format!("ws://{}/socket.io/?EIO=3&transport=websocket", srv.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut next = async || match tokio::time::timeout(sio_client::WAIT, ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
+        other => panic!("{other:?}"),
+    };
+    let open: Value = serde_json::from_str(next().await.strip_prefix('0').unwrap()).unwrap();
+    assert_eq!(open["upgrades"], json!([]));
+    assert_eq!(open["pingInterval"], 25000);
+    assert_eq!(open["pingTimeout"], 20000);
+    assert_eq!(open["maxPayload"], 4096);
+    assert_eq!(next().await, "40");
+    ws.send(Message::text("2probe")).await.unwrap();
+    let pong = tokio::time::timeout(sio_client::WAIT, ws.next()).await;
+    assert!(
+        matches!(pong, Ok(Some(Ok(Message::Text(ref t)))) if t.as_str() == "3probe"),
+        "{pong:?}"
+    );
+}
+
+#[tokio::test]
+async fn binary_events_are_refused_with_an_ack() {
+    let srv = server("").await;
+    let mut c = SioClient::connect(srv.addr, 4, NS).await;
+    let good = srv.token("timer", "bin");
+    // A `get` whose token is a binary attachment: never processed.
+    c.send_raw(&format!(
+        r#"451-{NS},7["get",{{"url":"{NS}","params":{{"jwt-api-key":{{"_placeholder":true,"num":0}}}}}}]"#
+    ))
+    .await;
+    let Packet::Ack(7, args) = c.next().await else {
+        panic!("an ack");
+    };
+    assert_eq!(code_of(&args[0]), "400-1", "{args:?}");
+    assert_eq!(c.next().await, Packet::Disconnect);
+    // Text events on another connection still authenticate.
+    let mut c = SioClient::connect(srv.addr, 4, NS).await;
+    assert_eq!(c.auth(&good, json!({})).await["statusCode"], 200);
+}
+
+#[tokio::test]
+async fn a_client_disconnect_leaves_the_hub_and_presence() {
+    let srv = server("").await;
+    let mut c = SioClient::connect(srv.addr, 3, NS).await;
+    c.auth(&srv.token("timer", "leaver"), json!({})).await;
+    assert!(
+        srv.metrics()
+            .await
+            .contains("pulso_connections{protocol=\"socketio\"} 1")
+    );
+    c.send_raw(&format!("41{NS},")).await;
+    assert_eq!(c.next().await, Packet::Closed);
+    srv.until("hub empty", |gw| gw.hub.stats() == Default::default())
+        .await;
+    assert!(
+        srv.metrics()
+            .await
+            .contains("pulso_connections{protocol=\"socketio\"} 0")
+    );
+    let (_, body) = srv
+        .post("/api/broadcast", json!({"rooms": "timer", "data": 1}))
+        .await;
+    assert_eq!(body, json!({"recipients": 0}));
+}

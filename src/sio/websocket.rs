@@ -276,10 +276,10 @@ impl Socket {
         let reply = if p.kind == kind::BINARY_EVENT {
             // Binary attachments follow as frames of their own; they are
             // ignored (see `on_binary`) and so is the event.
-            Some((
-                super::request::Failure::malformed("binary payloads are not supported").ack(),
-                false,
-            ))
+            // Like any failed request, it disconnects a socket that has not
+            // authenticated.
+            let failure = super::request::Failure::malformed("binary payloads are not supported");
+            Some((failure.ack(), !n.authed()))
         } else {
             match packet::event_args(p.data) {
                 Some((name, args)) if name == "get" || name == "post" => {

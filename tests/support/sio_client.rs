@@ -121,7 +121,7 @@ impl SioClient {
     }
 
     /// The next Engine.IO packet other than ping/pong, whole.
-    async fn engine_packet(&mut self) -> Option<String> {
+    pub async fn engine_packet(&mut self) -> Option<String> {
         loop {
             let msg = tokio::time::timeout(WAIT, self.ws.next())
                 .await
