@@ -742,3 +742,25 @@ async fn a_client_disconnect_leaves_the_hub_and_presence() {
         .await;
     assert_eq!(body, json!({"recipients": 0}));
 }
+
+#[tokio::test]
+async fn packets_over_the_rate_limit_are_refused_with_429() {
+    let srv = server("[ws]\nrate_limit = 5\n").await;
+    let mut c = SioClient::connect(srv.addr, 4, NS).await;
+    for i in 1..=10 {
+        c.send_raw(&format!(r#"42{NS},{i}["other",{{}}]"#)).await;
+    }
+    let mut codes = Vec::new();
+    for _ in 1..=10 {
+        let Packet::Ack(_, args) = c.next().await else {
+            panic!("an ack");
+        };
+        codes.push(code_of(&args[0]).to_string());
+    }
+    // The burst is one second's worth, and the CONNECT packet took one; a
+    // token may refill meanwhile.
+    let refused = codes.iter().filter(|c| *c == "429-1").count();
+    assert!((5..=6).contains(&refused), "{codes:?}");
+    assert!(codes[..4].iter().all(|c| c == "401-1"), "{codes:?}");
+    assert!(srv.metrics().await.contains("429-1"));
+}

@@ -54,6 +54,12 @@ impl Failure {
         Self::new(404, "404-1", message)
     }
 
+    /// More packets than `ws.rate_limit` allows (pulso's own WebSocket
+    /// transport only).
+    pub fn rate_limited() -> Self {
+        Self::new(429, "429-1", "too many messages; slow down")
+    }
+
     pub fn ack(&self) -> Value {
         json!({
             "body": {"error": {"code": self.code, "message": self.message}},

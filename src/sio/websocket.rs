@@ -32,6 +32,7 @@ use crate::ws::close;
 use crate::ws::connection::{Connection, Keepalive, Link, Protocol};
 use crate::ws::handshake;
 use crate::ws::outbox::Outbox;
+use crate::ws::rate::{RateLimit, Verdict};
 
 /// Engine.IO's heartbeat, as socket.io and socketioxide default it.
 const PING_INTERVAL: Duration = Duration::from_secs(25);
@@ -129,6 +130,8 @@ struct Socket {
     auth_deadline: Option<Instant>,
     /// When its token stops being valid.
     expiry: Option<Instant>,
+    /// `ws.rate_limit`, applied to Socket.IO packets.
+    rate: RateLimit,
 }
 
 async fn run<S>(t: Transport, io: S, eio3: bool)
@@ -159,31 +162,38 @@ where
             "/", "", true,
         )));
     }
-    let keepalive = if eio3 {
-        // The client pings; one missing for a whole interval plus timeout
-        // ends the connection.
-        Keepalive {
-            period: PING_INTERVAL + PING_TIMEOUT,
-            ping: None,
-        }
-    } else {
-        Keepalive {
-            period: PING_INTERVAL,
-            ping: Some(packet::PING_FRAME),
-        }
-    };
-    let socket = Socket {
-        gw: gw.clone(),
-        nsp: t.nsp,
-        eio3,
-        engine_id,
+    // Built in place: a named local moved into the connection would still
+    // take room in this task's state.
+    let mut connection = Connection::new(
+        io,
+        Socket {
+            gw: gw.clone(),
+            nsp: t.nsp,
+            eio3,
+            engine_id,
+            conn,
+            notifications: None,
+            auth_deadline: Some(Instant::now() + cfg.socketio.auth_timeout),
+            expiry: None,
+            rate: RateLimit::new(cfg.ws.rate_limit, std::time::Instant::now()),
+        },
+        outbox,
+        if eio3 {
+            // The client pings; one missing for a whole interval plus
+            // timeout ends the connection.
+            Keepalive {
+                period: PING_INTERVAL + PING_TIMEOUT,
+                ping: None,
+            }
+        } else {
+            Keepalive {
+                period: PING_INTERVAL,
+                ping: Some(packet::PING_FRAME),
+            }
+        },
+        cfg.ws.max_message_size,
         conn,
-        notifications: None,
-        auth_deadline: Some(Instant::now() + cfg.socketio.auth_timeout),
-        expiry: None,
-    };
-    let mut connection =
-        Connection::new(io, socket, outbox, keepalive, cfg.ws.max_message_size, conn);
+    );
     let reason = connection.serve().await;
     let socket = connection.protocol();
     socket.leave();
@@ -249,6 +259,22 @@ impl Socket {
             kind::EVENT | kind::BINARY_EVENT if ours => self.on_event(link, &p),
             // The root namespace serves nothing; acks answer nothing of ours.
             _ => {}
+        }
+    }
+
+    /// A packet over the rate limit: not processed; an event that asked for
+    /// an ack gets 429-1, and a client refused in three seconds running is
+    /// closed (1008), as on `/ws`.
+    fn refuse(&mut self, link: &mut Link<'_>, text: &str, verdict: Verdict) {
+        let failure = super::request::Failure::rate_limited();
+        self.gw.metrics.client_error(failure.code);
+        if let Ok(p) = packet::parse(text)
+            && let Some(id) = p.ack.filter(|_| p.kind == kind::EVENT)
+        {
+            link.send(packet::ack(p.nsp, id, &failure.ack()));
+        }
+        if verdict == Verdict::Close {
+            link.end(Some((close::POLICY, "rate limit exceeded")));
         }
     }
 
@@ -318,7 +344,10 @@ impl Protocol for Socket {
             return link.end(Some((close::PROTOCOL_ERROR, "empty Engine.IO packet")));
         };
         match first {
-            engine::MESSAGE => self.on_packet(link, &text[1..]),
+            engine::MESSAGE => match self.rate.check(std::time::Instant::now()) {
+                Verdict::Allow => self.on_packet(link, &text[1..]),
+                verdict => self.refuse(link, &text[1..], verdict),
+            },
             engine::PING => link.send(packet::pong(&text[1..])),
             engine::CLOSE => link.end(Some((close::NORMAL, ""))),
             engine::PONG | engine::UPGRADE | engine::NOOP => {}

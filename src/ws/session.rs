@@ -22,7 +22,6 @@ struct Session {
     gw: Arc<Gateway>,
     id: ConnId,
     identity: Identity,
-    outbox: Arc<Outbox>,
     rate: RateLimit,
     expiry: Option<Instant>,
 }
@@ -32,10 +31,9 @@ pub async fn run<S>(gw: Arc<Gateway>, io: S, mut identity: Identity)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let metrics = gw.metrics.clone();
     let label = [("protocol", "ws")];
-    metrics.connections.get_or_create(&label).inc();
-    metrics.connections_total.get_or_create(&label).inc();
+    gw.metrics.connections.get_or_create(&label).inc();
+    gw.metrics.connections_total.get_or_create(&label).inc();
 
     // Only Socket.IO rooms read other claims; a `/ws` connection keeps
     // role, sub and exp.
@@ -57,31 +55,30 @@ where
         protocol: "ws",
     };
     gw.presence.set(holder.clone());
-    let session = Session {
-        rate: RateLimit::new(gw.config.ws.rate_limit, std::time::Instant::now()),
-        expiry: deadline_of(&gw, &identity),
-        gw: gw.clone(),
-        id,
-        identity,
-        outbox: outbox.clone(),
-    };
-    session.auto_subscribe();
-    let keepalive = Keepalive {
-        period: gw.config.keepalive_interval,
-        ping: Some(super::frame::PING_FRAME),
-    };
+    // Built in place: a named local moved into the connection would still
+    // take room in this task's state.
     let mut conn = Connection::new(
         io,
-        session,
+        Session {
+            rate: RateLimit::new(gw.config.ws.rate_limit, std::time::Instant::now()),
+            expiry: deadline_of(&gw, &identity),
+            gw: gw.clone(),
+            id,
+            identity,
+        },
         outbox,
-        keepalive,
+        Keepalive {
+            period: gw.config.keepalive_interval,
+            ping: Some(super::frame::PING_FRAME),
+        },
         gw.config.ws.max_message_size,
         id,
     );
+    conn.protocol().auto_subscribe();
     let reason = conn.serve().await;
     gw.hub.unregister(id);
     gw.presence.clear(holder);
-    metrics.connections.get_or_create(&label).dec();
+    gw.metrics.connections.get_or_create(&label).dec();
     tracing::debug!(conn = id, "ws disconnected");
     conn.finish(reason).await;
 }
@@ -93,21 +90,25 @@ impl Protocol for Session {
             return;
         }
         let id = parsed.id;
-        match parsed.request.and_then(|request| self.apply(request, id)) {
-            Ok(Reply::Frame(reply)) => self.reply(reply),
+        match parsed
+            .request
+            .and_then(|request| self.apply(link, request, id))
+        {
+            Ok(Reply::Frame(reply)) => link.send(reply),
             Ok(Reply::Ack) => {
                 if let Some(id) = id {
-                    self.reply(protocol::ack(id));
+                    link.send(protocol::ack(id));
                 }
             }
             Ok(Reply::Sent) => {}
-            Err(err) => self.reply_error(id, &err),
+            Err(err) => self.reply_error(link, id, &err),
         }
     }
 
     fn on_binary(&mut self, link: &mut Link<'_>, _data: &[u8]) {
         if self.admit(link, None) {
             self.reply_error(
+                link,
                 None,
                 &ClientError::new(
                     "unsupported_binary",
@@ -147,6 +148,7 @@ impl Session {
             Verdict::Allow => true,
             Verdict::Refuse => {
                 self.reply_error(
+                    link,
                     id,
                     &ClientError::new("rate_limited", "too many messages; slow down"),
                 );
@@ -154,6 +156,7 @@ impl Session {
             }
             Verdict::Close => {
                 self.reply_error(
+                    link,
                     id,
                     &ClientError::new("rate_limited", "too many messages; closing"),
                 );
@@ -164,17 +167,18 @@ impl Session {
     }
 
     /// Replies go through the outbox, behind anything the hub queued.
-    fn reply(&self, frame: Bytes) {
-        self.outbox.push(Outbound::Frame(frame));
-    }
-
-    fn reply_error(&self, id: Option<&RawValue>, err: &ClientError) {
+    fn reply_error(&self, link: &Link<'_>, id: Option<&RawValue>, err: &ClientError) {
         self.gw.metrics.client_error(err.code);
-        self.reply(protocol::error(id, err));
+        link.send(protocol::error(id, err));
     }
 
     /// Carries out one request.
-    fn apply(&mut self, request: Request, id: Option<&RawValue>) -> Result<Reply, ClientError> {
+    fn apply(
+        &mut self,
+        link: &Link<'_>,
+        request: Request,
+        id: Option<&RawValue>,
+    ) -> Result<Reply, ClientError> {
         let gw = self.gw.clone();
         match request {
             Request::Sub(filter) => {
@@ -187,7 +191,7 @@ impl Session {
                 // A new subscription queues its ack from inside the hub, just
                 // ahead of the topic's last values (see the hub for why).
                 let mut acked = false;
-                let outbox = &self.outbox;
+                let outbox = link.outbox;
                 let subscribed = gw.hub.subscribe_with_last_values(
                     self.id,
                     &filter,
