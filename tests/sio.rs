@@ -686,8 +686,8 @@ async fn engine_io_3_pings_are_answered_and_the_open_packet_matches_the_settings
     };
     let open: Value = serde_json::from_str(next().await.strip_prefix('0').unwrap()).unwrap();
     assert_eq!(open["upgrades"], json!([]));
-    assert_eq!(open["pingInterval"], 25000);
-    assert_eq!(open["pingTimeout"], 20000);
+    assert_eq!(open["pingInterval"], 30000);
+    assert_eq!(open["pingTimeout"], 30000);
     assert_eq!(open["maxPayload"], 4096);
     assert_eq!(next().await, "40");
     ws.send(Message::text("2probe")).await.unwrap();
@@ -763,4 +763,41 @@ async fn packets_over_the_rate_limit_are_refused_with_429() {
     assert!((5..=6).contains(&refused), "{codes:?}");
     assert!(codes[..4].iter().all(|c| c == "401-1"), "{codes:?}");
     assert!(srv.metrics().await.contains("429-1"));
+}
+
+#[tokio::test]
+async fn engine_io_4_heartbeat_drops_a_silent_client_and_keeps_one_that_answers() {
+    let srv = server("keepalive_interval = \"200ms\"\n").await;
+    // Answers pings (the client does it while it reads).
+    let mut alive = SioClient::connect(srv.addr, 4, NS).await;
+    alive.auth(&srv.token("timer", "hb"), json!({})).await;
+    // Never answers.
+    let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", srv.addr);
+    let (mut silent, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut pings = 0;
+    let silent_dropped = tokio::time::timeout(sio_client::WAIT, async {
+        loop {
+            match silent.next().await {
+                Some(Ok(Message::Text(t))) if t.as_str() == "2" => pings += 1,
+                Some(Ok(Message::Text(_))) => {}
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    // Meanwhile, and for several intervals, the other client reads (and so
+    // answers pings).
+    let (closed, ()) = tokio::join!(
+        silent_dropped,
+        alive.silent_for(Duration::from_millis(1000))
+    );
+    assert!(closed.is_ok(), "the silent client is dropped");
+    assert_eq!(pings, 1, "dropped at the ping after the unanswered one");
+    let (_, body) = srv
+        .post("/api/broadcast", json!({"rooms": "timer", "data": "hb"}))
+        .await;
+    assert_eq!(body, json!({"recipients": 1}));
+    assert_eq!(alive.event().await.1, vec![json!("hb")]);
 }

@@ -94,7 +94,7 @@ pub const SETTINGS: &[Setting] = &[
         "keepalive_interval",
         Duration,
         Some("30s"),
-        "WebSocket ping interval; a connection that missed the previous ping is closed"
+        "WebSocket ping interval (also Engine.IO's pingInterval and pingTimeout on direct Socket.IO WebSockets); a connection that missed the previous ping is closed"
     ),
     setting!(
         "auto_subscribe",

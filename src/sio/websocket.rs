@@ -13,7 +13,6 @@
 //! else is served, and a socket must authenticate within `auth_timeout`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -33,10 +32,6 @@ use crate::ws::connection::{Connection, Keepalive, Link, Protocol};
 use crate::ws::handshake;
 use crate::ws::outbox::Outbox;
 use crate::ws::rate::{RateLimit, Verdict};
-
-/// Engine.IO's heartbeat, as socket.io and socketioxide default it.
-const PING_INTERVAL: Duration = Duration::from_secs(25);
-const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What the middleware needs, built once per server.
 #[derive(Clone)]
@@ -150,10 +145,13 @@ where
         outbox.close(Some((close::GOING_AWAY, "server shutting down")));
     }
     let engine_id = new_sid();
+    // Engine.IO's heartbeat is `keepalive_interval`, like /ws's pings: the
+    // ping interval, and as long again for the answer.
+    let interval = cfg.keepalive_interval;
     outbox.push(crate::ws::outbox::Outbound::Frame(packet::open(
         &engine_id,
-        PING_INTERVAL.as_millis(),
-        PING_TIMEOUT.as_millis(),
+        interval.as_millis(),
+        interval.as_millis(),
         cfg.ws.max_message_size,
     )));
     if eio3 {
@@ -182,12 +180,14 @@ where
             // The client pings; one missing for a whole interval plus
             // timeout ends the connection.
             Keepalive {
-                period: PING_INTERVAL + PING_TIMEOUT,
+                period: interval * 2,
                 ping: None,
             }
         } else {
+            // The server pings; a client silent since the last ping is
+            // dropped at the next.
             Keepalive {
-                period: PING_INTERVAL,
+                period: interval,
                 ping: Some(packet::PING_FRAME),
             }
         },
