@@ -10,8 +10,10 @@
 #   PULSO_BIN=/path/to/pulso bench/compare.sh sio-load   # another pulso build
 #
 # Scenarios: fanout-max fanout-load fanout-light sio-load idle churn (default
-# set), held (idle with 19 800 connections; pulso and node only) and sio-idle
-# (idle Socket.IO connections; node, and pulso when it serves /socket.io/).
+# set), held (idle with 19 800 connections; pulso and node only), sio-idle
+# (idle Socket.IO connections) and sio-max (Socket.IO fan-out publishing as
+# fast as answers come back); the Socket.IO ones run against node, and
+# against pulso when it serves /socket.io/.
 # Results: one JSON line per run in $OUT (default bench/results/<date>.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,6 +89,7 @@ run() {
     fanout-load)  args=(fanout "${common[@]}" --clients "$(scaled 2000)" --messages "$(scaled 1000)" --rate 50) ;;
     fanout-light) args=(fanout "${common[@]}" --clients "$(scaled 2000)" --messages "$(scaled 150)" --rate 10) ;;
     sio-load)     args=(sio-fanout "${common[@]}" --clients "$(scaled 2000)" --messages "$(scaled 1000)" --rate 50) ;;
+    sio-max)      args=(sio-fanout "${common[@]}" --clients "$(scaled 2000)" --messages "$(scaled 1000)" --max) ;;
     idle)         args=(idle "${common[@]}" --clients "$(scaled 10000)" --pid "$SERVER_PID" --hold 3) ;;
     sio-idle)     args=(idle "${common[@]}" --proto sio --clients "$(scaled 10000)" --pid "$SERVER_PID" --hold 3) ;;
     held)         args=(idle "${common[@]}" --clients 19800 --pid "$SERVER_PID" --hold 3) ;;
@@ -116,7 +119,7 @@ has_sio() { # does pulso serve /socket.io/ on this branch?
 
 for scen in "${scenarios[@]}"; do
   case $scen in
-    sio-load|sio-idle)
+    sio-load|sio-idle|sio-max)
       servers=(node)
       if has_sio; then servers=(pulso node); else echo "(pulso has no /socket.io/ endpoint on this build: node only)" >&2; fi ;;
     churn|held) servers=(pulso node) ;;

@@ -8,6 +8,7 @@ ROWS = {
     "fanout-load": ["deliveries_per_s", "p50_ms", "p99_ms", "p999_ms", "errors"],
     "fanout-light": ["p50_ms", "p99_ms", "p999_ms", "errors"],
     "sio-load": ["deliveries_per_s", "p50_ms", "p99_ms", "errors"],
+    "sio-max": ["deliveries_per_s", "p50_ms", "p99_ms", "max_ms", "errors"],
     "idle": ["connected", "connects_per_s", "rss_per_conn_bytes", "answered_publish", "connect_failures"],
     "sio-idle": ["connected", "connects_per_s", "rss_per_conn_bytes", "answered_publish", "connect_failures"],
     "held": ["connected", "connects_per_s", "rss_per_conn_bytes", "answered_publish", "connect_failures"],
