@@ -17,7 +17,6 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -83,22 +82,11 @@ pub async fn intercept(State(t): State<Transport>, request: Request, next: Next)
         }
         _ => return next.run(request).await,
     };
-    let (mut parts, _body) = request.into_parts();
-    let on_upgrade = parts.extensions.remove::<OnUpgrade>();
-    let response = match handshake::check(
-        &parts.method,
-        parts.version,
-        &parts.headers,
-        on_upgrade.as_ref(),
-    ) {
-        Ok(response) => response,
+    let (parts, _body) = request.into_parts();
+    let (response, on_upgrade) = match handshake::accept(parts) {
+        Ok(accepted) => accepted,
         Err(e) => return e.into_response(),
     };
-    let Some(on_upgrade) = on_upgrade else {
-        return response;
-    };
-    // Nothing of the request is kept (see `ws::upgrade`).
-    drop(parts);
     let tracker = t.gw.connections.clone();
     tokio::spawn(tracker.track_future(async move {
         match on_upgrade.await {

@@ -4,6 +4,7 @@
 use axum::http::header::{
     CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use axum::response::Response;
 use base64::Engine;
@@ -78,6 +79,23 @@ pub fn check(
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(SEC_WEBSOCKET_ACCEPT, accept);
     Ok(response)
+}
+
+/// Checks an upgrade request and takes its pending connection: the `101`
+/// response to send and the connection to await.
+/// The request's parts are dropped here: their header values share hyper's
+/// read buffer, which is freed once nothing refers to it.
+pub fn accept(mut parts: Parts) -> Result<(Response, OnUpgrade), ApiError> {
+    let on_upgrade = parts.extensions.remove::<OnUpgrade>();
+    let response = check(
+        &parts.method,
+        parts.version,
+        &parts.headers,
+        on_upgrade.as_ref(),
+    )?;
+    // `check` refuses a request without one.
+    let on_upgrade = on_upgrade.ok_or_else(|| ApiError::bad_request("no upgrade"))?;
+    Ok((response, on_upgrade))
 }
 
 #[cfg(test)]

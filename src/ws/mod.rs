@@ -20,7 +20,6 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::api::error::ApiError;
@@ -54,7 +53,7 @@ pub fn request_token(headers: &HeaderMap, query: Option<&str>) -> Option<String>
 /// then the WebSocket handshake, and hands the raw connection to
 /// [`session::run`].
 pub async fn upgrade(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
-    let (mut parts, _body) = request.into_parts();
+    let (parts, _body) = request.into_parts();
     let token = request_token(&parts.headers, parts.uri.query()).unwrap_or_default();
     let identity = match gw.verifier.verify(&token) {
         Ok(identity) => identity,
@@ -63,22 +62,10 @@ pub async fn upgrade(State(gw): State<Arc<Gateway>>, request: Request) -> Respon
             return ApiError::from(e).into_response();
         }
     };
-    let on_upgrade = parts.extensions.remove::<OnUpgrade>();
-    let response = match handshake::check(
-        &parts.method,
-        parts.version,
-        &parts.headers,
-        on_upgrade.as_ref(),
-    ) {
-        Ok(response) => response,
+    let (response, on_upgrade) = match handshake::accept(parts) {
+        Ok(accepted) => accepted,
         Err(e) => return e.into_response(),
     };
-    let Some(on_upgrade) = on_upgrade else {
-        return response;
-    };
-    // Nothing of the request is kept: its header values share hyper's read
-    // buffer, which is freed once the connection is handed over.
-    drop(parts);
     let tracker = gw.connections.clone();
     tokio::spawn(tracker.track_future(async move {
         let upgraded = match on_upgrade.await {
