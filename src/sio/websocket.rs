@@ -231,6 +231,14 @@ impl Socket {
             }
         };
         let ours = p.nsp == self.nsp;
+        // Events count against `ws.rate_limit`; CONNECT and DISCONNECT are
+        // state changes that are always answered.
+        if matches!(p.kind, kind::EVENT | kind::BINARY_EVENT) {
+            let verdict = self.rate.check(std::time::Instant::now());
+            if verdict != Verdict::Allow {
+                return self.refuse(link, &p, verdict);
+            }
+        }
         match p.kind {
             kind::CONNECT if ours => self.join(link),
             kind::CONNECT if p.nsp == "/" => {
@@ -250,15 +258,13 @@ impl Socket {
         }
     }
 
-    /// A packet over the rate limit: not processed; an event that asked for
-    /// an ack gets 429-1, and a client refused in three seconds running is
+    /// An event over the rate limit: not processed; one that asked for an
+    /// ack gets 429-1, and a client refused in three seconds running is
     /// closed (1008), as on `/ws`.
-    fn refuse(&mut self, link: &mut Link<'_>, text: &str, verdict: Verdict) {
+    fn refuse(&mut self, link: &mut Link<'_>, p: &packet::Packet<'_>, verdict: Verdict) {
         let failure = super::request::Failure::rate_limited();
         self.gw.metrics.client_error(failure.code);
-        if let Ok(p) = packet::parse(text)
-            && let Some(id) = p.ack.filter(|_| p.kind == kind::EVENT)
-        {
+        if let Some(id) = p.ack {
             link.send(packet::ack(p.nsp, id, &failure.ack()));
         }
         if verdict == Verdict::Close {
@@ -332,11 +338,8 @@ impl Protocol for Socket {
             return link.end(Some((close::PROTOCOL_ERROR, "empty Engine.IO packet")));
         };
         match first {
-            engine::MESSAGE => match self.rate.check(std::time::Instant::now()) {
-                Verdict::Allow => self.on_packet(link, &text[1..]),
-                verdict => self.refuse(link, &text[1..], verdict),
-            },
-            engine::PING => link.send(packet::pong(&text[1..])),
+            engine::MESSAGE => self.on_packet(link, &text[1..]),
+            engine::PING => link.pong(packet::pong(&text[1..])),
             engine::CLOSE => link.end(Some((close::NORMAL, ""))),
             engine::PONG | engine::UPGRADE | engine::NOOP => {}
             _ => link.end(Some((close::PROTOCOL_ERROR, "invalid Engine.IO packet"))),

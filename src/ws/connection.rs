@@ -63,12 +63,20 @@ pub trait Protocol {
 pub struct Link<'a> {
     pub outbox: &'a Outbox,
     ending: &'a mut Option<CloseReason>,
+    pong: &'a mut Option<Bytes>,
 }
 
 impl Link<'_> {
     /// Queues a framed reply behind anything queued before it.
     pub fn send(&self, frame: Bytes) {
         self.outbox.push(Outbound::Frame(frame));
+    }
+
+    /// Answers a protocol-level ping (Engine.IO's `2`) the way WebSocket
+    /// pings are answered: only the latest answer is kept until written, so
+    /// a peer that pings without reading holds one, not one per ping.
+    pub fn pong(&mut self, frame: Bytes) {
+        *self.pong = Some(frame);
     }
 
     /// Decides how the connection ends; the first decision stands.
@@ -203,6 +211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
             let mut link = Link {
                 outbox: &self.outbox,
                 ending: &mut self.ending,
+                pong: &mut self.pong,
             };
             self.proto.on_deadline(&mut link);
         }
@@ -375,6 +384,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
         let mut link = Link {
             outbox: &self.outbox,
             ending: &mut self.ending,
+            pong: &mut self.pong,
         };
         if opcode == frame::BINARY {
             return self.proto.on_binary(&mut link, payload);
