@@ -192,13 +192,15 @@ impl Server {
         background.close();
         let started = tokio::time::Instant::now();
         let limit = gw.config.shutdown_timeout;
-        // Socket.IO sockets disconnect themselves on the shutdown signal (their
-        // watchdogs are in `connections`); then the engine transports close.
-        // A tenth of the limit (at most 1 s) is kept for clearing presence.
+        // socketioxide's engine transports close without a DISCONNECT packet,
+        // so socket.io clients reconnect (as on pulso's own transport, and as
+        // /ws clients do after 1001); their watchdogs, in `connections`,
+        // finish the sessions on the shutdown signal. A tenth of the limit
+        // (at most 1 s) is kept for clearing presence.
         let reserve = (limit / 10).min(std::time::Duration::from_secs(1));
         let drained = tokio::time::timeout(limit - reserve, async {
-            gw.connections.wait().await;
             io.close().await;
+            gw.connections.wait().await;
             background.wait().await;
             let _ = serving.await;
         })

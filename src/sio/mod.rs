@@ -8,10 +8,11 @@
 //! Socket.IO wire format.
 //!
 //! Each namespace socket gets a [`Session`] and one watchdog task (tracked
-//! by the gateway's connection tracker) that enforces `auth_timeout`, token
-//! expiry and shutdown. Request handling itself is synchronous under the
-//! session's lock: it never awaits, so the lock is never held across an
-//! `.await`.
+//! by the gateway's connection tracker) that enforces `auth_timeout` and
+//! token expiry, and finishes the session on shutdown (the server then
+//! closes the engine transports). Request handling itself is synchronous
+//! under the session's lock: it never awaits, so the lock is never held
+//! across an `.await`.
 
 pub mod cors;
 pub mod detach;
@@ -108,13 +109,13 @@ async fn on_root(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infalli
             done.cancel();
         }
     });
-    let gw = st.gw.clone();
-    let timeout = gw.config.socketio.auth_timeout;
-    let tracker = gw.connections.clone();
+    let timeout = st.gw.config.socketio.auth_timeout;
+    let tracker = st.gw.connections.clone();
     tracker.spawn(async move {
         tokio::select! {
             _ = done.cancelled() => {}
-            _ = gw.shutdown.cancelled() => { let _ = s.disconnect(); }
+            // The server closes the transport (see `Server::run`).
+            _ = st.gw.shutdown.cancelled() => {}
             _ = tokio::time::sleep(timeout) => {
                 if !st.authed().contains(&s.id) {
                     tracing::debug!(sid = %s.id, "no authenticated notifications socket in time; disconnecting");
@@ -295,6 +296,7 @@ struct Session {
     deadline: watch::Sender<Option<SystemTime>>,
     /// Cancelled when the socket is gone.
     done: CancellationToken,
+    finished: AtomicBool,
 }
 
 impl Session {
@@ -330,7 +332,12 @@ impl Session {
     }
 
     /// The socket is gone.
+    /// Runs once, from the disconnect handler or on shutdown (socketioxide
+    /// runs no disconnect handler for the transports `SocketIo::close` ends).
     fn finish(&self, sid: Sid) {
+        if self.finished.swap(true, Ordering::AcqRel) {
+            return;
+        }
         self.done.cancel();
         if self.state().finish() {
             self.st.authed().remove(&sid);
@@ -417,6 +424,7 @@ async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infa
         state: Mutex::new(Notifications::new(gw.clone(), client_socket_id(&s))),
         deadline,
         done: CancellationToken::new(),
+        finished: AtomicBool::new(false),
     });
     s.extensions.insert(sess.clone());
     s.on("get", on_request);
@@ -445,8 +453,10 @@ async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infa
             tokio::select! {
                 biased;
                 _ = sess.done.cancelled() => return,
+                // The server closes the transport without a DISCONNECT packet
+                // (see `Server::run`), so clients reconnect.
                 _ = gw.shutdown.cancelled() => {
-                    let _ = s.clone().disconnect();
+                    sess.finish(s.id);
                     return;
                 }
                 _ = &mut auth_deadline, if auth_pending => {

@@ -286,6 +286,33 @@ test('a socket that never authenticates is closed after socketio.auth_timeout', 
   }
 });
 
+test('a server shutdown closes the transport without DISCONNECT, so clients would reconnect', async () => {
+  const own = await startPulso();
+  const opts = { reconnection: false, forceNew: true };
+  const clients = [
+    ['v4-websocket (pulso transport)', io4(own.url + NS, { ...opts, transports: ['websocket'] })],
+    ['v4-polling (socketioxide)', io4(own.url + NS, { ...opts, transports: ['polling'] })],
+    ['v4-upgrade (socketioxide)', io4(own.url + NS, opts)],
+    ['v2-websocket (pulso transport)', io2(own.url + NS, { ...opts, transports: ['websocket'] })],
+    ['v2-polling (socketioxide)', io2(own.url + NS, { ...opts, transports: ['polling'] })],
+  ];
+  try {
+    await Promise.all(clients.map(([, s]) => once(s, 'connect')));
+    for (const [, s] of clients) {
+      assert.equal((await auth(s, token('timer', 'restart'))).statusCode, 200);
+    }
+    const reasons = Promise.all(clients.map(([, s]) => disconnectReason(s)));
+    assert.equal(await own.stop(), 0);
+    for (const [i, reason] of (await reasons).entries()) {
+      // 'io server disconnect' would keep socket.io from reconnecting.
+      assert.ok(['transport close', 'transport error'].includes(reason), `${clients[i][0]}: ${reason}`);
+    }
+  } finally {
+    for (const [, s] of clients) s.close();
+    await own.stop();
+  }
+});
+
 // A real browser on another origin: long-polling needs CORS. Uses the
 // machine's Chromium (skipped when there is none).
 
