@@ -57,6 +57,25 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     encode(CLOSE, &payload)
 }
 
+/// Appends a client frame masked with `mask`: what pulso-bench's clients
+/// and the framing tests send (a server never masks).
+pub fn encode_client(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    out.push(if fin { 0x80 } else { 0 } | opcode);
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n @ 126..=0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+}
+
 /// An empty ping.
 pub const PING_FRAME: &[u8] = &[0x80 | PING, 0];
 
@@ -227,20 +246,8 @@ mod tests {
 
     /// A masked client frame, as a browser would send it.
     fn client(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n @ 0..=125 => out.push(0x80 | n as u8),
-            n @ 126..=0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let mut out = Vec::new();
+        encode_client(&mut out, fin, opcode, payload, mask);
         out
     }
 

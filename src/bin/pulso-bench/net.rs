@@ -161,19 +161,7 @@ pub fn frame_at(buf: &[u8]) -> Option<(u8, usize, usize)> {
 
 /// Encodes a masked client frame (mask key zero: valid, and free to apply).
 pub fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len < 65536 {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
+    pulso::ws::frame::encode_client(out, true, opcode, payload, [0; 4]);
 }
 
 impl WsConn {
