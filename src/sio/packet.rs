@@ -215,6 +215,39 @@ mod tests {
         assert!(parse("5/n,[]").is_err());
     }
 
+    /// Client input: random text built from the characters that matter to
+    /// the parser (and multi-byte ones) never panics, and what parses
+    /// borrows from the input.
+    #[test]
+    fn random_packets_never_panic() {
+        const PIECES: [&str; 14] = [
+            "0",
+            "2",
+            "5",
+            "9",
+            "-",
+            "/",
+            ",",
+            "?",
+            "[",
+            "]",
+            "\"",
+            "é",
+            "€",
+            "notifications",
+        ];
+        for _ in 0..20_000 {
+            let len = rand::random_range(0..12);
+            let text: String = (0..len)
+                .map(|_| PIECES[rand::random_range(0..PIECES.len())])
+                .collect();
+            if let Ok(p) = parse(&text) {
+                assert!(p.nsp.starts_with('/'), "{text:?} -> {p:?}");
+                let _ = event_args(p.data);
+            }
+        }
+    }
+
     #[test]
     fn event_args_split_the_name() {
         let (name, args) = event_args(r#"["get",{"a":1},2]"#).unwrap();
