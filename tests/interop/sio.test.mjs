@@ -6,8 +6,7 @@ import assert from 'node:assert/strict';
 import { io as io4 } from 'socket.io-client';
 import io2 from 'sio2';
 import sailsIOClient from 'sails.io.js';
-import { startPulso, token, once, until, findChromium, dumpDom } from './lib/pulso.mjs';
-import { createServer as createHttpServer } from 'node:http';
+import { startPulso, token, once, until, findChromium, runPage } from './lib/pulso.mjs';
 import { readFileSync } from 'node:fs';
 
 const NS = '/notifications';
@@ -335,25 +334,7 @@ s.on('connect_error', (e) => { out.textContent = 'connect_error ' + e.message; }
 s.on('connect', () => s.emit('get', { url: '${NS}', params: { 'jwt-api-key': '${tok}', tournamentId: 2 } },
   (ack) => { out.textContent = 'ACK ' + JSON.stringify({ ack, id: s.id }); }));
 </script></body></html>`;
-    // The page's origin: another port. `/slow` holds the load event (and so
-    // --dump-dom) until the socket has had time to answer.
-    const site = createHttpServer((req, res) => {
-      if (req.url === '/io.js') { res.setHeader('content-type', 'text/javascript'); return res.end(bundle); }
-      if (req.url === '/slow') return setTimeout(() => res.end(), 3000);
-      res.setHeader('content-type', 'text/html');
-      res.end(page);
-    });
-    await new Promise((r) => site.listen(0, '127.0.0.1', r));
-    try {
-      const { port } = site.address();
-      // Not spawnSync: this process serves the page meanwhile.
-      const run = await dumpDom(chromium, `http://127.0.0.1:${port}/`);
-      const m = /<pre id="out">ACK ([^<]*)<\/pre>/.exec(run.stdout.replaceAll('&quot;', '"'));
-      assert.ok(m, `no ack in the page: ${run.stdout.slice(0, 500)} ${run.stderr.slice(-300)}`);
-      const { ack, id } = JSON.parse(m[1]);
-      assert.deepEqual(ack, { body: { socketId: id, rooms: ['assistant', 'assistant_2'] }, statusCode: 200 });
-    } finally {
-      site.close();
-    }
+    const { ack, id } = await runPage(chromium, page, 'ACK', { '/io.js': ['text/javascript', bundle] });
+    assert.deepEqual(ack, { body: { socketId: id, rooms: ['assistant', 'assistant_2'] }, statusCode: 200 });
   });
 }

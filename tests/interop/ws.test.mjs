@@ -2,8 +2,7 @@
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
-import { startPulso, token, once, findChromium, dumpDom } from './lib/pulso.mjs';
-import { createServer as createHttpServer } from 'node:http';
+import { startPulso, token, once, findChromium, runPage } from './lib/pulso.mjs';
 
 let pulso;
 before(async () => {
@@ -116,22 +115,7 @@ ws.onmessage = (e) => {
 };
 ws.onclose = (e) => { out.textContent = 'DONE ' + JSON.stringify({ ...got, code: e.code, clean: e.wasClean }); };
 </script></body></html>`;
-  // `/slow` holds the load event (and so --dump-dom) until the socket is done.
-  const site = createHttpServer((req, res) => {
-    if (req.url === '/slow') return setTimeout(() => res.end(), 3000);
-    res.setHeader('content-type', 'text/html');
-    res.end(page);
+  assert.deepEqual(await runPage(chromium, page, 'DONE'), {
+    pong: 'pong', big: 'unknown_type', sub: 'ack', demo: 'number', code: 4000, clean: true,
   });
-  await new Promise((r) => site.listen(0, '127.0.0.1', r));
-  try {
-    const { port } = site.address();
-    const run = await dumpDom(chromium, `http://127.0.0.1:${port}/`);
-    const m = /<pre id="out">DONE ([^<]*)<\/pre>/.exec(run.stdout.replaceAll('&quot;', '"'));
-    assert.ok(m, `the page did not finish: ${run.stdout.slice(0, 500)} ${run.stderr.slice(-300)}`);
-    assert.deepEqual(JSON.parse(m[1]), {
-      pong: 'pong', big: 'unknown_type', sub: 'ack', demo: 'number', code: 4000, clean: true,
-    });
-  } finally {
-    site.close();
-  }
 });

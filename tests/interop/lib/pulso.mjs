@@ -3,6 +3,7 @@
 // and stops it. PULSO_BIN names the binary (default: the debug build).
 import { spawn, execFileSync } from 'node:child_process';
 import { createServer } from 'node:net';
+import { createServer as createHttpServer } from 'node:http';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
@@ -143,4 +144,35 @@ export function dumpDom(chromium, url) {
     const kill = setTimeout(() => child.kill('SIGKILL'), 30000);
     child.on('close', () => { clearTimeout(kill); resolve({ stdout, stderr }); });
   });
+}
+
+/**
+ * Serves `page` from another origin (plus `extra`: path -> [content type,
+ * body]), loads it in headless Chromium and returns the JSON the page wrote
+ * after `marker` in its `<pre id="out">`. `/slow` answers after 3 s: a page
+ * that includes `<img src="/slow">` holds its load event (and so
+ * --dump-dom) until its socket has had time to finish.
+ */
+export async function runPage(chromium, page, marker, extra = {}) {
+  const site = createHttpServer((req, res) => {
+    if (extra[req.url]) {
+      const [type, body] = extra[req.url];
+      res.setHeader('content-type', type);
+      return res.end(body);
+    }
+    if (req.url === '/slow') return setTimeout(() => res.end(), 3000);
+    res.setHeader('content-type', 'text/html');
+    res.end(page);
+  });
+  await new Promise((r) => site.listen(0, '127.0.0.1', r));
+  try {
+    const { port } = site.address();
+    // Not spawnSync: this process serves the page meanwhile.
+    const run = await dumpDom(chromium, `http://127.0.0.1:${port}/`);
+    const m = new RegExp(`<pre id="out">${marker} ([^<]*)</pre>`).exec(run.stdout.replaceAll('&quot;', '"'));
+    if (!m) throw new Error(`the page did not finish: ${run.stdout.slice(0, 500)} ${run.stderr.slice(-300)}`);
+    return JSON.parse(m[1]);
+  } finally {
+    site.close();
+  }
 }
