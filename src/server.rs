@@ -153,7 +153,7 @@ impl Server {
             .layer(sio_layer)
             .layer(axum::middleware::from_fn(crate::sio::detach::detach))
             .layer(axum::middleware::from_fn_with_state(
-                crate::sio::websocket::Transport::new(gw, crate::sio::PATH),
+                crate::sio::websocket::Transport::new(gw),
                 crate::sio::websocket::intercept,
             ))
             .layer(axum::middleware::from_fn(crate::sio::cors::cors));

@@ -39,16 +39,14 @@ pub struct Transport {
     /// The notifications namespace, leaked once per server so that every
     /// queued event can name it without a reference count.
     nsp: &'static str,
-    path: &'static str,
 }
 
 impl Transport {
-    pub fn new(gw: &Arc<Gateway>, path: &'static str) -> Self {
+    pub fn new(gw: &Arc<Gateway>) -> Self {
         let nsp: &'static str = Box::leak(gw.config.socketio.namespace.clone().into_boxed_str());
         Transport {
             gw: gw.clone(),
             nsp,
-            path,
         }
     }
 }
@@ -76,7 +74,7 @@ fn direct_websocket(query: Option<&str>) -> Option<bool> {
 pub async fn intercept(State(t): State<Transport>, request: Request, next: Next) -> Response {
     let eio3 = match direct_websocket(request.uri().query()) {
         Some(eio3)
-            if request.uri().path().trim_end_matches('/') == t.path.trim_end_matches('/') =>
+            if request.uri().path().trim_end_matches('/') == super::PATH.trim_end_matches('/') =>
         {
             eio3
         }
