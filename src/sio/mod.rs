@@ -314,7 +314,7 @@ impl Session {
             return (Failure::missing_token().ack(), false);
         }
         let was_authed = state.authed();
-        let gw = self.st.gw.clone();
+        let gw = &self.st.gw;
         let reply = state.request(v, || {
             gw.hub.register(Arc::new(SioRecipient {
                 socket: s.clone(),

@@ -291,13 +291,13 @@ impl Socket {
         let Some(n) = self.notifications.as_mut() else {
             return;
         };
-        let reply = if p.kind == kind::BINARY_EVENT {
+        let (ack, disconnect) = if p.kind == kind::BINARY_EVENT {
             // Binary attachments follow as frames of their own; they are
-            // ignored (see `on_binary`) and so is the event.
-            // Like any failed request, it disconnects a socket that has not
-            // authenticated.
+            // ignored (see `on_binary`) and so is the event. Like any failed
+            // request, it disconnects a socket that has not authenticated.
             let failure = super::request::Failure::malformed("binary payloads are not supported");
-            Some((failure.ack(), !n.authed()))
+            self.gw.metrics.client_error(failure.code);
+            (failure.ack(), !n.authed())
         } else {
             match packet::event_args(p.data) {
                 Some((name, args)) if name == "get" || name == "post" => {
@@ -312,19 +312,19 @@ impl Socket {
                     if n.authed() {
                         self.auth_deadline = None;
                     }
-                    Some(reply)
+                    reply
                 }
-                Some((name, _)) => Some((n.other_event(&name), false)),
+                Some((name, _)) => (n.other_event(&name), false),
                 None => {
                     tracing::debug!("socket.io event without a name");
                     return link.end(Some((close::PROTOCOL_ERROR, "invalid event")));
                 }
             }
         };
-        if let (Some((ack, _)), Some(id)) = (&reply, p.ack) {
-            link.send(packet::ack(self.nsp, id, ack));
+        if let Some(id) = p.ack {
+            link.send(packet::ack(self.nsp, id, &ack));
         }
-        if reply.is_some_and(|(_, disconnect)| disconnect) {
+        if disconnect {
             self.disconnect(link, "");
         }
     }

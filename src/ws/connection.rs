@@ -85,10 +85,6 @@ impl Link<'_> {
             *self.ending = Some(reason);
         }
     }
-
-    pub fn ending(&self) -> bool {
-        self.ending.is_some()
-    }
 }
 
 /// The connection's liveness check: every `period`, a peer that sent
