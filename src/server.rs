@@ -89,11 +89,13 @@ impl Server {
 
         let metrics = Arc::new(Metrics::new());
         let mqtt = crate::mqtt::Bridge::new(&config, metrics.clone())?;
-        let hub = Hub::new(metrics.clone()).with_last_values(
-            config.mqtt.last_value_filters(),
-            config.mqtt.last_value_max_topics,
-            config.mqtt.last_value_max_bytes,
-        );
+        let hub = Hub::new(metrics.clone())
+            .with_ring_capacity(config.ws.outbound_queue)
+            .with_last_values(
+                config.mqtt.last_value_filters(),
+                config.mqtt.last_value_max_topics,
+                config.mqtt.last_value_max_bytes,
+            );
         let presence =
             crate::presence::Presence::start(&config.presence, &config.node_id, metrics.clone())
                 .await;

@@ -168,7 +168,7 @@ pub const SETTINGS: &[Setting] = &[
         "ws.outbound_queue",
         Number,
         Some("1024"),
-        "Messages queued per connection before it is closed as a slow consumer (1013)"
+        "Messages a connection may fall behind (and replies it may leave unread) before it is closed as a slow consumer (1013)"
     ),
     setting!(
         "acl",

@@ -5,18 +5,22 @@
 //! HTTP API, the demo feed, the MQTT bridge, a cluster backplane) calls
 //! [`Hub::publish`] or [`Hub::publish_rooms`].
 //!
-//! Delivery never blocks: a recipient queues the shared `Arc<Message>` or, if
-//! its queue is full, refuses it and closes itself as a slow consumer. The
-//! table lock is a plain `RwLock` held only for lookups and non-blocking
-//! queue pushes, never across an `.await`.
+//! Delivery never blocks. A connection with a [`Reader`] (the WebSocket
+//! front ends) reads each filter's [`ring`] itself, so a publish is one
+//! append per filter; any other recipient is pushed the shared
+//! `Arc<Message>`, and if its queue is full refuses it and closes itself as
+//! a slow consumer. The table lock is a plain `RwLock` held only for
+//! lookups and non-blocking appends and pushes, never across an `.await`.
 
 pub mod last_value;
+pub mod ring;
 pub mod topic;
 mod wild;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::task::Waker;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -25,6 +29,8 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 pub use last_value::LastValues;
+use ring::Ring;
+pub use ring::{Lagged, Reader};
 pub use topic::Filter;
 
 /// Identifies one connection (of any protocol) on this node.
@@ -101,6 +107,17 @@ pub trait Recipient: Send + Sync + 'static {
     /// Front ends that follow the shutdown signal themselves keep the
     /// default, which does nothing.
     fn shutdown(&self) {}
+
+    /// A recipient that reads its subscriptions' rings itself returns its
+    /// reader; published messages then reach it only that way, and
+    /// [`Recipient::deliver`] carries only last-value replays.
+    fn reader(&self) -> Option<&Mutex<Reader>> {
+        None
+    }
+}
+
+fn lock_reader(reader: &Mutex<Reader>) -> std::sync::MutexGuard<'_, Reader> {
+    reader.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A change in which filters have at least one subscriber on this node.
@@ -125,9 +142,55 @@ struct ConnEntry {
     filters: HashSet<Filter>,
 }
 
-/// A filter's subscribers, with their handles, so fan-out needs no second
-/// lookup per recipient.
-type Subscribers = HashMap<ConnId, Arc<dyn Recipient>>;
+/// A filter's subscribers.
+#[derive(Default)]
+struct Subscribers {
+    /// Pushed every message, with their handles, so fan-out needs no second
+    /// lookup per recipient.
+    push: HashMap<ConnId, Arc<dyn Recipient>>,
+    /// Read `ring` themselves.
+    readers: HashSet<ConnId>,
+    /// Present while there are readers.
+    ring: Option<Arc<Ring>>,
+}
+
+impl Subscribers {
+    fn len(&self) -> usize {
+        self.push.len() + self.readers.len()
+    }
+
+    /// Adds a subscriber; true when it is the first.
+    fn add(&mut self, conn: ConnId, recipient: &Arc<dyn Recipient>, capacity: usize) -> bool {
+        match recipient.reader() {
+            Some(reader) => {
+                let ring = self
+                    .ring
+                    .get_or_insert_with(|| Arc::new(Ring::new(capacity)));
+                lock_reader(reader).follow(ring);
+                self.readers.insert(conn);
+            }
+            None => {
+                self.push.insert(conn, recipient.clone());
+            }
+        }
+        self.len() == 1
+    }
+
+    /// Removes a subscriber; true when none is left.
+    fn remove(&mut self, conn: ConnId, recipient: &Arc<dyn Recipient>) -> bool {
+        if self.readers.remove(&conn) {
+            if let (Some(ring), Some(reader)) = (&self.ring, recipient.reader()) {
+                lock_reader(reader).unfollow(ring);
+            }
+            if self.readers.is_empty() {
+                self.ring = None;
+            }
+        } else {
+            self.push.remove(&conn);
+        }
+        self.len() == 0
+    }
+}
 
 #[derive(Default)]
 struct Table {
@@ -149,6 +212,8 @@ pub struct Hub {
     /// The topics the store tracks, readable without its lock, so a publish
     /// on an untracked topic takes no lock for it.
     last_value_filters: Vec<Filter>,
+    /// Messages a ring holds for its slowest reader (`ws.outbound_queue`).
+    ring_capacity: usize,
 }
 
 /// Sizes of the tables, for tests and the churn benchmark.
@@ -168,7 +233,15 @@ impl Hub {
             watchers: Mutex::new(Vec::new()),
             last_values: None,
             last_value_filters: Vec::new(),
+            ring_capacity: 1024,
         }
+    }
+
+    /// How many messages a reader may fall behind before it has lost some
+    /// (and is closed as a slow consumer).
+    pub fn with_ring_capacity(mut self, capacity: usize) -> Self {
+        self.ring_capacity = capacity.max(1);
+        self
     }
 
     /// Keeps the last message of every topic matched by `filters` (at most
@@ -302,13 +375,13 @@ impl Hub {
                     return Err(SubscribeError::TooMany);
                 }
                 entry.filters.insert(filter.clone());
-                let recipient = entry.recipient.clone();
+                let recipient = &entry.recipient;
+                let capacity = self.ring_capacity;
                 let first = if filter.is_wildcard() {
-                    t.wild.insert(filter, conn, recipient)
+                    t.wild.subscribers(filter).add(conn, recipient, capacity)
                 } else {
                     let slot = t.exact.entry(filter.text().clone()).or_default();
-                    slot.insert(conn, recipient);
-                    slot.len() == 1
+                    slot.add(conn, recipient, capacity)
                 };
                 if first {
                     announce.push(Interest {
@@ -371,16 +444,16 @@ impl Hub {
         let removed = t
             .conns
             .get_mut(&conn)
-            .is_some_and(|e| e.filters.remove(filter));
-        if removed {
-            remove_sub(t, conn, filter, &mut announce);
+            .and_then(|e| e.filters.remove(filter).then(|| e.recipient.clone()));
+        if let Some(recipient) = &removed {
+            remove_sub(t, conn, recipient, filter, &mut announce);
             self.metrics.subscriptions.dec();
             self.metrics
                 .topics
                 .set((t.exact.len() + t.wild.len()) as i64);
         }
         self.announce(announce);
-        removed
+        removed.is_some()
     }
 
     /// Removes a connection and all its subscriptions.
@@ -393,7 +466,7 @@ impl Hub {
                 return;
             };
             for filter in &entry.filters {
-                remove_sub(t, conn, filter, &mut announce);
+                remove_sub(t, conn, &entry.recipient, filter, &mut announce);
             }
             self.metrics
                 .subscriptions
@@ -448,7 +521,7 @@ impl Hub {
                 dropped += 1;
             }
         };
-        let reached = {
+        let (reached, appended, wake) = {
             let t = self.read();
             let messages: Vec<Arc<Message>> = rooms
                 .iter()
@@ -476,27 +549,54 @@ impl Hub {
             if let Some(msg) = single_exact {
                 // The common case: one name, no wildcard involved. Every
                 // subscriber is distinct, so no de-duplication is needed.
-                let subs = t.exact.get(&rooms[0]);
-                subs.into_iter()
-                    .flatten()
-                    .for_each(|(_, r)| deliver(r, msg));
-                subs.map_or(0, HashMap::len)
+                match t.exact.get(&rooms[0]) {
+                    None => (0, ring::Appended::default(), Vec::new()),
+                    Some(subs) => {
+                        subs.push.values().for_each(|r| deliver(r, msg));
+                        let (appended, wake) = match &subs.ring {
+                            Some(ring) => ring::append_one(ring, msg.clone()),
+                            None => Default::default(),
+                        };
+                        (subs.len(), appended, wake)
+                    }
+                }
             } else {
+                // Each connection once, under the first name it matches:
+                // pushed recipients are de-duplicated here, readers by
+                // their reader (every copy of one publish shares an id).
                 let mut seen: HashSet<ConnId> = HashSet::new();
-                for (room, msg) in rooms.iter().zip(&messages) {
-                    let exact = t.exact.get(room).into_iter().flatten();
-                    let wild = t.wild.matching(room).flatten();
-                    for (conn, recipient) in exact.chain(wild) {
-                        if seen.insert(*conn) {
-                            deliver(recipient, msg);
+                let mut rings: Vec<(&Arc<Ring>, Arc<Message>, usize)> = Vec::new();
+                let mut readers_reached = 0;
+                for (rank, (room, msg)) in rooms.iter().zip(&messages).enumerate() {
+                    for subs in t.exact.get(room).into_iter().chain(t.wild.matching(room)) {
+                        for (conn, recipient) in &subs.push {
+                            if seen.insert(*conn) {
+                                deliver(recipient, msg);
+                            }
+                        }
+                        for conn in &subs.readers {
+                            if seen.insert(*conn) {
+                                readers_reached += 1;
+                            }
+                        }
+                        if let Some(ring) = &subs.ring
+                            && !rings.iter().any(|(r, ..)| Arc::ptr_eq(r, ring))
+                        {
+                            rings.push((ring, msg.clone(), rank));
                         }
                     }
                 }
-                seen.len()
+                let (mut appended, wake) = ring::append(&mut rings);
+                // Counted per connection, not per copy.
+                appended.queued = readers_reached;
+                (seen.len(), appended, wake)
             }
         };
-        self.metrics.delivered.inc_by(delivered);
-        self.metrics.dropped.inc_by(dropped);
+        // Woken outside every lock: a woken writer may run at once on
+        // another core and take the ring's lock.
+        wake.into_iter().for_each(Waker::wake);
+        self.metrics.delivered.inc_by(delivered + appended.queued);
+        self.metrics.dropped.inc_by(dropped + appended.dropped);
         self.metrics
             .stage_latency(crate::metrics::Stage::Fanout)
             .observe(started.elapsed().as_secs_f64());
@@ -504,15 +604,18 @@ impl Hub {
     }
 }
 
-fn remove_sub(t: &mut Table, conn: ConnId, filter: &Filter, announce: &mut Vec<Interest>) {
+fn remove_sub(
+    t: &mut Table,
+    conn: ConnId,
+    recipient: &Arc<dyn Recipient>,
+    filter: &Filter,
+    announce: &mut Vec<Interest>,
+) {
     let emptied = if filter.is_wildcard() {
-        t.wild.remove(filter, conn)
+        t.wild.remove(filter, conn, recipient)
     } else {
         match t.exact.get_mut(filter.as_str()) {
-            Some(subs) => {
-                subs.remove(&conn);
-                subs.is_empty()
-            }
+            Some(subs) => subs.remove(conn, recipient),
             None => false,
         }
     };
@@ -731,6 +834,131 @@ mod tests {
                 "a gap, a repeat or a step back: {got:?}"
             );
             assert_eq!(*got.last().unwrap(), 2000);
+        }
+    }
+
+    /// A recipient that reads rings, like the WebSocket front ends.
+    #[derive(Default)]
+    struct Pull(Mutex<Reader>, Mutex<Vec<Arc<Message>>>);
+
+    impl Recipient for Pull {
+        fn deliver(&self, msg: &Arc<Message>) -> bool {
+            self.1.lock().unwrap().push(msg.clone());
+            true
+        }
+        fn reader(&self) -> Option<&Mutex<Reader>> {
+            Some(&self.0)
+        }
+    }
+
+    impl Pull {
+        /// Replays, then what the rings hold: `topic=payload` each.
+        fn take(&self, waker: &Waker) -> Vec<String> {
+            let mut got: Vec<Arc<Message>> = std::mem::take(&mut *self.1.lock().unwrap());
+            self.0
+                .lock()
+                .unwrap()
+                .collect(waker, |m| got.push(m))
+                .unwrap();
+            got.iter()
+                .map(|m| format!("{}={}", m.topic, m.payload.get()))
+                .collect()
+        }
+    }
+
+    struct CountWakes(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn readers_get_each_publish_once_under_the_first_name_it_matches() {
+        let hub = hub();
+        let p = Arc::new(Pull::default());
+        let id = hub.register(p.clone());
+        for filter in ["a/b", "a/+", "a/#", "r2", "r3"] {
+            hub.subscribe(id, &f(filter), 10).unwrap();
+        }
+        let push = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let other = hub.register(push.clone());
+        hub.subscribe(other, &f("a/#"), 10).unwrap();
+        assert_eq!(hub.publish(msg("a/b")), 2);
+        assert_eq!(hub.publish(msg("a")), 2);
+        assert_eq!(hub.publish(msg("b")), 0);
+        let rooms = ["r1".into(), "r3".into(), "r2".into()];
+        assert_eq!(hub.publish_rooms(&rooms, None, payload_of(&7), 1), 1);
+        assert_eq!(p.take(Waker::noop()), ["a/b=1", "a=1", "r3=7"]);
+        assert_eq!(push.0.lock().unwrap().len(), 2);
+        assert_eq!(hub.metrics().delivered.get(), 5);
+    }
+
+    #[test]
+    fn an_idle_reader_is_woken_once_per_batch_and_unread_messages_survive_an_unsubscribe() {
+        let hub = hub();
+        let p = Arc::new(Pull::default());
+        let id = hub.register(p.clone());
+        hub.subscribe(id, &f("s/1"), 10).unwrap();
+        hub.subscribe(id, &f("s/+"), 10).unwrap();
+        let wakes = Arc::new(CountWakes(0.into()));
+        let waker = Waker::from(wakes.clone());
+        assert!(p.take(&waker).is_empty(), "parks");
+        hub.publish(msg("s/1"));
+        hub.publish(msg("s/1"));
+        // Once per ring it parked on, by the first publish only.
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+        // Leaving the exact filter does not lose what the wildcard also got.
+        hub.unsubscribe(id, &f("s/1"));
+        hub.publish(msg("s/1"));
+        assert_eq!(p.take(&waker), ["s/1=1", "s/1=1", "s/1=1"]);
+        hub.unregister(id);
+        assert_eq!(hub.stats(), HubStats::default());
+        hub.publish(msg("s/1"));
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            2,
+            "left the rings' waiters"
+        );
+        assert!(p.take(&waker).is_empty());
+    }
+
+    #[test]
+    fn readers_get_last_value_then_live_without_repeats_under_races() {
+        let hub = Arc::new(
+            Hub::new(Arc::new(Metrics::new()))
+                .with_ring_capacity(4096)
+                .with_last_values(vec![f("t")], 10, 1 << 20),
+        );
+        hub.publish(Message::new("t".into(), None, payload_of(&0)));
+        let publisher = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                for n in 1..=2000 {
+                    hub.publish(Message::new("t".into(), None, payload_of(&n)));
+                }
+            })
+        };
+        let mut clients = vec![];
+        for _ in 0..50 {
+            let p = Arc::new(Pull::default());
+            let id = hub.register(p.clone());
+            hub.subscribe_with_last_values(id, &f("t"), 10, || {})
+                .unwrap();
+            clients.push(p);
+        }
+        publisher.join().unwrap();
+        for p in clients {
+            let got: Vec<i64> = p
+                .take(Waker::noop())
+                .iter()
+                .map(|s| s.trim_start_matches("t=").parse().unwrap())
+                .collect();
+            assert!(
+                got.windows(2).all(|w| w[1] == w[0] + 1),
+                "a gap, a repeat or a step back: {got:?}"
+            );
+            assert_eq!(got.last(), Some(&2000));
         }
     }
 

@@ -32,14 +32,9 @@ impl WildTable {
         self.filters.values().map(|(f, _)| f)
     }
 
-    /// Adds a subscriber; true when the filter had none before.
-    pub(super) fn insert(
-        &mut self,
-        filter: &Filter,
-        conn: ConnId,
-        recipient: Arc<dyn Recipient>,
-    ) -> bool {
-        let slot = self
+    /// The subscribers of `filter`, added to the index if it is new.
+    pub(super) fn subscribers(&mut self, filter: &Filter) -> &mut Subscribers {
+        &mut self
             .filters
             .entry(filter.text().clone())
             .or_insert_with(|| {
@@ -52,19 +47,22 @@ impl WildTable {
                         .or_default()
                         .push(filter.text().clone());
                 }
-                (filter.clone(), HashMap::new())
-            });
-        slot.1.insert(conn, recipient);
-        slot.1.len() == 1
+                (filter.clone(), Subscribers::default())
+            })
+            .1
     }
 
     /// Removes a subscriber; true when the filter has none left (and is gone).
-    pub(super) fn remove(&mut self, filter: &Filter, conn: ConnId) -> bool {
+    pub(super) fn remove(
+        &mut self,
+        filter: &Filter,
+        conn: ConnId,
+        recipient: &Arc<dyn Recipient>,
+    ) -> bool {
         let Some((_, subs)) = self.filters.get_mut(filter.as_str()) else {
             return false;
         };
-        subs.remove(&conn);
-        if !subs.is_empty() {
+        if !subs.remove(conn, recipient) {
             return false;
         }
         self.filters.remove(filter.as_str());
@@ -113,7 +111,10 @@ mod tests {
     }
 
     fn matches(t: &WildTable, topic: &str) -> Vec<ConnId> {
-        let mut v: Vec<ConnId> = t.matching(topic).flat_map(|s| s.keys().copied()).collect();
+        let mut v: Vec<ConnId> = t
+            .matching(topic)
+            .flat_map(|s| s.push.keys().copied())
+            .collect();
         v.sort();
         v
     }
@@ -122,22 +123,23 @@ mod tests {
     fn only_filters_that_can_match_are_tested_and_the_index_empties() {
         let mut t = WildTable::default();
         let filters = ["a/#", "a/+/c", "b/+", "+/c", "#"];
+        let nobody: Arc<dyn Recipient> = Arc::new(Nobody);
         for (i, s) in filters.iter().enumerate() {
-            assert!(t.insert(&f(s), i as ConnId, Arc::new(Nobody)));
+            assert!(t.subscribers(&f(s)).add(i as ConnId, &nobody, 8));
         }
         assert!(
-            !t.insert(&f("a/#"), 9, Arc::new(Nobody)),
+            !t.subscribers(&f("a/#")).add(9, &nobody, 8),
             "not the first subscriber"
         );
         assert_eq!(matches(&t, "a"), vec![0, 4, 9]);
         assert_eq!(matches(&t, "a/b/c"), vec![0, 1, 4, 9]);
         assert_eq!(matches(&t, "x/c"), vec![3, 4]);
         assert_eq!(matches(&t, "b/c"), vec![2, 3, 4]);
-        assert!(!t.remove(&f("a/#"), 0), "9 still holds it");
+        assert!(!t.remove(&f("a/#"), 0, &nobody), "9 still holds it");
         for (i, s) in filters.iter().enumerate() {
-            assert!(t.remove(&f(s), i as ConnId) || *s == "a/#");
+            assert!(t.remove(&f(s), i as ConnId, &nobody) || *s == "a/#");
         }
-        assert!(t.remove(&f("a/#"), 9));
+        assert!(t.remove(&f("a/#"), 9, &nobody));
         assert_eq!(t.len(), 0);
         assert!(t.by_first.is_empty() && t.any_first.is_empty());
         assert!(matches(&t, "a/b/c").is_empty());

@@ -398,7 +398,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
         self.outbox.register(cx.waker());
         if !self.sending.is_empty() && !self.deferred {
             // Writing is under way (perhaps blocked by a peer that does not
-            // read): a close request must not wait for it.
+            // read): a close request, or falling a ring behind, must not
+            // wait for it.
             if let Some(reason) = self.outbox.close_requested() {
                 self.end(reason);
                 return;
@@ -407,7 +408,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
         if self.deferred {
             // What was published meanwhile joins the deferred frame.
             self.deferred = false;
-            if let Some(reason) = self.outbox.append_to(&mut self.sending) {
+            if let Some(reason) = self.outbox.take(&mut self.sending, cx.waker()) {
                 self.end(reason);
                 return;
             }
@@ -417,7 +418,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
                 if self.sending.capacity() > KEEP_CAPACITY {
                     self.sending = VecDeque::new();
                 }
-                if let Some(reason) = self.outbox.take(&mut self.sending) {
+                if let Some(reason) = self.outbox.take(&mut self.sending, cx.waker()) {
                     self.end(reason);
                     return;
                 }
@@ -438,7 +439,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
                 }
             }
             match self.poll_write_some(cx) {
-                Poll::Pending => return,
+                Poll::Pending => {
+                    if let Some(reason) = self.outbox.park(cx.waker()) {
+                        self.end(reason);
+                    }
+                    return;
+                }
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(conn = self.id, error = %e, "ws write failed");
@@ -500,7 +506,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
     /// into a reset that can overtake the frame.
     async fn close_handshake(mut self, reason: CloseReason) {
         let mut rest = VecDeque::new();
-        let _ = self.outbox.take(&mut rest);
+        let _ = self.outbox.take(&mut rest, std::task::Waker::noop());
         // Keep a frame already partly written (the stream must stay framed),
         // and replies; drop undelivered messages.
         let partly = self.written > 0;

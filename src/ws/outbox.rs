@@ -1,21 +1,24 @@
-//! A connection's outbound queue: what the hub and the connection itself
-//! have handed over and the socket has not taken yet.
+//! A connection's outbound queue: replies and control frames it has handed
+//! over and the socket has not taken yet, and its [`Reader`] into the
+//! rings of its subscriptions, where published messages wait.
 //!
-//! It is a `VecDeque` behind a mutex plus one waker, not a channel, because
-//! a channel allocates its first block of slots for every connection up
-//! front; an empty `VecDeque` allocates nothing, and an idle connection is
-//! the common case. A push wakes the connection's task at most once until
-//! the task next polls, so a burst of publishes costs one wake-up and the
-//! task writes everything queued with one vectored write.
+//! The queue is a `VecDeque` behind a mutex plus one waker, not a channel,
+//! because a channel allocates its first block of slots for every
+//! connection up front; an empty `VecDeque` allocates nothing, and an idle
+//! connection is the common case. A push wakes the connection's task at
+//! most once until the task next polls. [`Outbox::take`] hands the writer
+//! the replies first, then every message published since, for one
+//! vectored write.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 
 use super::close;
-use crate::hub::{Message, Recipient};
+use crate::hub::{Message, Reader, Recipient};
 use crate::metrics::Metrics;
 
 /// One item to write.
@@ -65,6 +68,9 @@ struct Queue {
 pub struct Outbox {
     queue: Mutex<Queue>,
     waker: AtomicWaker,
+    /// The connection's cursors into its subscriptions' rings (the hub
+    /// adds and removes them). Never locked together with `queue`.
+    reader: Mutex<Reader>,
     /// More queued items than this closes the connection as a slow consumer.
     limit: usize,
     /// Published messages go out as Socket.IO events in this namespace
@@ -91,6 +97,7 @@ impl Outbox {
                 closing: None,
             }),
             waker: AtomicWaker::new(),
+            reader: Mutex::new(Reader::new()),
             limit,
             events,
             metrics,
@@ -143,28 +150,65 @@ impl Outbox {
         self.waker.register(waker);
     }
 
-    /// Moves everything queued into `into` (which must be empty) and returns
-    /// the close request, if any. Swapping keeps both deques' capacity, so a
-    /// busy connection does not allocate per batch.
-    pub fn take(&self, into: &mut VecDeque<Outbound>) -> Option<CloseReason> {
-        let mut q = self.lock();
-        std::mem::swap(&mut q.items, into);
-        q.uncounted = 0;
-        q.closing
+    fn reader(&self) -> MutexGuard<'_, Reader> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The close request, if any, without taking anything.
+    /// Moves to the back of `into` everything queued, then every message
+    /// published since the last call; returns the close request, if any.
+    /// With nothing new, `waker` is woken by the next publish. Swapping
+    /// into an empty `into` keeps both deques' capacity, so a busy
+    /// connection does not allocate per batch.
+    pub fn take(&self, into: &mut VecDeque<Outbound>, waker: &Waker) -> Option<CloseReason> {
+        {
+            let mut q = self.lock();
+            if into.is_empty() {
+                std::mem::swap(&mut q.items, into);
+            } else {
+                into.append(&mut q.items);
+            }
+            q.uncounted = 0;
+            if q.closing.is_some() {
+                return q.closing;
+            }
+        }
+        let events = self.events;
+        let collected = self.reader().collect(waker, |msg| {
+            into.push_back(match events {
+                Some(nsp) => Outbound::Event(msg, nsp),
+                None => Outbound::Message(msg),
+            })
+        });
+        collected.err().map(|_| self.lagged())
+    }
+
+    /// The close request, if any, without taking anything; a connection
+    /// whose rings dropped messages it had not read is closed as a slow
+    /// consumer.
     pub fn close_requested(&self) -> Option<CloseReason> {
-        self.lock().closing
+        let closing = self.lock().closing;
+        if closing.is_none() && self.reader().lagged() {
+            return Some(self.lagged());
+        }
+        closing
     }
 
-    /// Moves everything queued to the back of `into`; returns the close
-    /// request, if any.
-    pub fn append_to(&self, into: &mut VecDeque<Outbound>) -> Option<CloseReason> {
+    /// For a writer whose socket is full: the next publish wakes `waker`,
+    /// so the connection learns if it falls too far behind. Returns the
+    /// close request, if it already has.
+    pub fn park(&self, waker: &Waker) -> Option<CloseReason> {
+        let parked = self.reader().park(waker);
+        parked.err().map(|_| self.lagged())
+    }
+
+    fn lagged(&self) -> CloseReason {
+        let reason = Some((close::TRY_AGAIN_LATER, "slow consumer"));
         let mut q = self.lock();
-        into.append(&mut q.items);
-        q.uncounted = 0;
-        q.closing
+        if q.closing.is_none() {
+            q.closing = Some(reason);
+            self.metrics.slow_consumer_closes.inc();
+        }
+        q.closing.unwrap_or(reason)
     }
 }
 
@@ -188,6 +232,10 @@ impl Recipient for Outbox {
 
     fn shutdown(&self) {
         self.close(Some((close::GOING_AWAY, "server shutting down")));
+    }
+
+    fn reader(&self) -> Option<&Mutex<Reader>> {
+        Some(&self.reader)
     }
 }
 
@@ -213,7 +261,7 @@ mod tests {
             Some(Some((close::TRY_AGAIN_LATER, "slow consumer")))
         );
         let mut taken = VecDeque::new();
-        assert!(outbox.take(&mut taken).is_some());
+        assert!(outbox.take(&mut taken, Waker::noop()).is_some());
         assert_eq!(taken.len(), 12);
     }
 
@@ -224,7 +272,7 @@ mod tests {
         for _ in 0..5 {
             assert!(outbox.deliver_batch(vec![msg(), msg(), msg()]));
             assert!(outbox.deliver(&msg()));
-            assert_eq!(outbox.take(&mut taken), None);
+            assert_eq!(outbox.take(&mut taken, Waker::noop()), None);
             taken.clear();
         }
     }
