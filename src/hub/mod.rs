@@ -114,6 +114,11 @@ pub trait Recipient: Send + Sync + 'static {
     fn reader(&self) -> Option<&Mutex<Reader>> {
         None
     }
+
+    /// For a reader: moves what its rings hold for it to its own queue, in
+    /// order (it is about to leave a ring, and what it has not read there
+    /// may have reached it only that way).
+    fn flush(&self) {}
 }
 
 fn lock_reader(reader: &Mutex<Reader>) -> std::sync::MutexGuard<'_, Reader> {
@@ -176,9 +181,14 @@ impl Subscribers {
         self.len() == 1
     }
 
-    /// Removes a subscriber; true when none is left.
-    fn remove(&mut self, conn: ConnId, recipient: &Arc<dyn Recipient>) -> bool {
+    /// Removes a subscriber; true when none is left. A reader that stays
+    /// connected (`flush`) keeps what was published before: a message it
+    /// has not read may have reached it through this subscription only.
+    fn remove(&mut self, conn: ConnId, recipient: &Arc<dyn Recipient>, flush: bool) -> bool {
         if self.readers.remove(&conn) {
+            if flush {
+                recipient.flush();
+            }
             if let (Some(ring), Some(reader)) = (&self.ring, recipient.reader()) {
                 lock_reader(reader).unfollow(ring);
             }
@@ -446,7 +456,7 @@ impl Hub {
             .get_mut(&conn)
             .and_then(|e| e.filters.remove(filter).then(|| e.recipient.clone()));
         if let Some(recipient) = &removed {
-            remove_sub(t, conn, recipient, filter, &mut announce);
+            remove_sub(t, conn, recipient, filter, true, &mut announce);
             self.metrics.subscriptions.dec();
             self.metrics
                 .topics
@@ -466,7 +476,7 @@ impl Hub {
                 return;
             };
             for filter in &entry.filters {
-                remove_sub(t, conn, &entry.recipient, filter, &mut announce);
+                remove_sub(t, conn, &entry.recipient, filter, false, &mut announce);
             }
             self.metrics
                 .subscriptions
@@ -609,13 +619,14 @@ fn remove_sub(
     conn: ConnId,
     recipient: &Arc<dyn Recipient>,
     filter: &Filter,
+    flush: bool,
     announce: &mut Vec<Interest>,
 ) {
     let emptied = if filter.is_wildcard() {
-        t.wild.remove(filter, conn, recipient)
+        t.wild.remove(filter, conn, recipient, flush)
     } else {
         match t.exact.get_mut(filter.as_str()) {
-            Some(subs) => subs.remove(conn, recipient),
+            Some(subs) => subs.remove(conn, recipient, flush),
             None => false,
         }
     };
@@ -858,7 +869,7 @@ mod tests {
             self.0
                 .lock()
                 .unwrap()
-                .collect(waker, |m| got.push(m))
+                .collect(Some(waker), |m| got.push(m))
                 .unwrap();
             got.iter()
                 .map(|m| format!("{}={}", m.topic, m.payload.get()))

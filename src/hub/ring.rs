@@ -31,8 +31,6 @@ use super::Message;
 
 /// Publish ids, shared by the copies of one publish.
 static NEXT_PUBLISH: AtomicU64 = AtomicU64::new(1);
-/// Reader keys, to find a reader's entry among a ring's waiters.
-static NEXT_READER: AtomicU64 = AtomicU64::new(1);
 
 pub(crate) struct Ring {
     state: Mutex<State>,
@@ -45,8 +43,9 @@ struct State {
     slots: VecDeque<Slot>,
     readers: usize,
     /// Readers to wake at the next append: idle ones, and ones whose socket
-    /// is full (so they notice when they fall behind).
-    waiters: Vec<(u64, Waker)>,
+    /// is full (so they notice when they fall behind). A reader that leaves
+    /// empties its own entry, found by index, so leaving costs O(1).
+    waiters: Vec<Option<Waker>>,
     /// Counts appends that woke the waiters: a reader parked in the current
     /// epoch is still in `waiters`.
     epoch: u64,
@@ -145,10 +144,14 @@ impl State {
         self.slots.get(next.checked_sub(self.start)? as usize)
     }
 
-    fn park(&mut self, key: u64, cursor: &Cursor, waker: &Waker) {
-        if cursor.parked.get() != Some(self.epoch) {
-            self.waiters.push((key, waker.clone()));
-            cursor.parked.set(Some(self.epoch));
+    fn park(&mut self, cursor: &Cursor, waker: &Waker) {
+        if cursor
+            .parked
+            .get()
+            .is_none_or(|(epoch, _)| epoch != self.epoch)
+        {
+            cursor.parked.set(Some((self.epoch, self.waiters.len())));
+            self.waiters.push(Some(waker.clone()));
         }
     }
 
@@ -156,8 +159,18 @@ impl State {
     fn take_waiters(&mut self, into: &mut Vec<Waker>) {
         if !self.waiters.is_empty() {
             self.epoch += 1;
-            into.extend(self.waiters.drain(..).map(|(_, w)| w));
+            into.extend(self.waiters.drain(..).flatten());
+            // Sized for the readers there are, not for a crowd that left.
+            if self.waiters.capacity() > 4 * self.readers.max(16) {
+                self.waiters = Vec::new();
+            }
         }
+    }
+
+    /// How far behind `cursor` is, or `None` if it lost messages.
+    fn behind(&self, cursor: &Cursor) -> Option<u64> {
+        let next = cursor.next.get();
+        (next >= self.start).then(|| self.end() - next)
     }
 }
 
@@ -195,31 +208,51 @@ struct Cursor {
     ring: Arc<Ring>,
     /// Position of the next message to read.
     next: Cell<u64>,
-    /// The ring epoch in which this reader last parked there.
-    parked: Cell<Option<u64>>,
+    /// The ring epoch in which this reader last parked there, and its
+    /// place among the ring's waiters.
+    parked: Cell<Option<(u64, usize)>>,
 }
 
 /// One connection's cursors into the rings of its subscriptions. The hub
 /// adds and removes cursors as the connection subscribes; the connection's
 /// writer calls [`Reader::collect`].
 pub struct Reader {
-    key: u64,
     /// In ring address order, the order locks are taken in.
     cursors: Vec<Cursor>,
+    /// Unread messages, summed over its rings, beyond which the reader
+    /// counts as lagging: one ring's capacity bounds one subscription, this
+    /// bounds the connection.
+    limit: u64,
 }
 
 impl Default for Reader {
     fn default() -> Self {
-        Self::new()
+        Self::new(usize::MAX)
     }
 }
 
 impl Reader {
-    pub fn new() -> Self {
+    pub fn new(limit: usize) -> Self {
         Reader {
-            key: NEXT_READER.fetch_add(1, Ordering::Relaxed),
             cursors: Vec::new(),
+            limit: limit as u64,
         }
+    }
+
+    /// Checks that no ring dropped a message this reader had not read and
+    /// that it is at most `limit` messages behind in all.
+    fn check_backlog<'a>(
+        &self,
+        rings: impl Iterator<Item = (&'a Cursor, &'a State)>,
+    ) -> Result<(), Lagged> {
+        let mut total = 0u64;
+        for (c, st) in rings {
+            total = total.saturating_add(st.behind(c).ok_or(Lagged)?);
+        }
+        if total > self.limit {
+            return Err(Lagged);
+        }
+        Ok(())
     }
 
     /// Starts reading `ring` from its next message.
@@ -261,29 +294,29 @@ impl Reader {
             slot.rem = slot.rem.saturating_sub(1);
         }
         st.readers = st.readers.saturating_sub(1);
-        if cursor.parked.get() == Some(st.epoch) {
-            let key = self.key;
-            st.waiters.retain(|(k, _)| *k != key);
+        if let Some((epoch, at)) = cursor.parked.get()
+            && epoch == st.epoch
+            && let Some(entry) = st.waiters.get_mut(at)
+        {
+            *entry = None;
         }
         st.trim();
     }
 
     /// Hands `out` every message published to its rings since the last
     /// call, in order, each publish once; returns how many. With nothing
-    /// new, the reader parks: the next append wakes `waker`.
+    /// new and a `waker`, the reader parks: the next append wakes it.
     pub fn collect(
         &mut self,
-        waker: &Waker,
+        waker: Option<&Waker>,
         mut out: impl FnMut(Arc<Message>),
     ) -> Result<usize, Lagged> {
         match self.cursors.as_slice() {
             [] => Ok(0),
             [one] => {
                 let mut st = one.ring.lock();
+                self.check_backlog(std::iter::once((one, &*st)))?;
                 let next = one.next.get();
-                if next < st.start {
-                    return Err(Lagged);
-                }
                 let from = (next - st.start) as usize;
                 let n = st.slots.len() - from;
                 for slot in st.slots.range_mut(from..) {
@@ -292,21 +325,17 @@ impl Reader {
                 }
                 one.next.set(next + n as u64);
                 st.trim();
-                if n == 0 {
-                    st.park(self.key, one, waker);
+                if n == 0
+                    && let Some(waker) = waker
+                {
+                    st.park(one, waker);
                 }
                 Ok(n)
             }
             many => {
                 let mut guards: Vec<MutexGuard<'_, State>> =
                     many.iter().map(|c| c.ring.lock()).collect();
-                if many
-                    .iter()
-                    .zip(&guards)
-                    .any(|(c, st)| c.next.get() < st.start)
-                {
-                    return Err(Lagged);
-                }
+                self.check_backlog(many.iter().zip(guards.iter().map(|g| &**g)))?;
                 let mut n = 0;
                 // Every ring's ids grow in ring order, so the smallest head
                 // is the next publish, and all its copies are at the heads.
@@ -337,8 +366,10 @@ impl Reader {
                 }
                 for (c, st) in many.iter().zip(guards.iter_mut()) {
                     st.trim();
-                    if n == 0 {
-                        st.park(self.key, c, waker);
+                    if n == 0
+                        && let Some(waker) = waker
+                    {
+                        st.park(c, waker);
                     }
                 }
                 Ok(n)
@@ -350,21 +381,29 @@ impl Reader {
     /// full, so that it still learns when it falls behind. Reports a lag
     /// already there.
     pub fn park(&self, waker: &Waker) -> Result<(), Lagged> {
+        let mut total = 0u64;
         for c in &self.cursors {
             let mut st = c.ring.lock();
-            if c.next.get() < st.start {
-                return Err(Lagged);
-            }
-            st.park(self.key, c, waker);
+            total = total.saturating_add(st.behind(c).ok_or(Lagged)?);
+            st.park(c, waker);
+        }
+        if total > self.limit {
+            return Err(Lagged);
         }
         Ok(())
     }
 
-    /// Whether a ring dropped a message this reader had not read.
+    /// Whether a ring dropped a message this reader had not read, or it is
+    /// more than its limit behind in all.
     pub fn lagged(&self) -> bool {
-        self.cursors
-            .iter()
-            .any(|c| c.next.get() < c.ring.lock().start)
+        let mut total = 0u64;
+        for c in &self.cursors {
+            match c.ring.lock().behind(c) {
+                Some(n) => total = total.saturating_add(n),
+                None => return true,
+            }
+        }
+        total > self.limit
     }
 }
 
@@ -387,7 +426,7 @@ mod tests {
 
     fn read(r: &mut Reader) -> Result<Vec<i64>, Lagged> {
         let mut got = vec![];
-        r.collect(Waker::noop(), |m| {
+        r.collect(Some(Waker::noop()), |m| {
             got.push(m.payload.get().parse().unwrap())
         })?;
         Ok(got)
@@ -400,7 +439,7 @@ mod tests {
     #[test]
     fn every_reader_gets_each_message_and_read_slots_are_freed() {
         let ring = Arc::new(Ring::new(8));
-        let (mut a, mut b) = (Reader::new(), Reader::new());
+        let (mut a, mut b) = (Reader::default(), Reader::default());
         a.follow(&ring);
         b.follow(&ring);
         assert_eq!(read(&mut a), Ok(vec![]), "parks");
@@ -414,7 +453,7 @@ mod tests {
         assert_eq!(ring.held(), 0);
         // A late reader starts at the end; one that leaves releases its share.
         append_one(&ring, msg(3));
-        let mut c = Reader::new();
+        let mut c = Reader::default();
         c.follow(&ring);
         append_one(&ring, msg(4));
         assert_eq!(read(&mut c), Ok(vec![4]));
@@ -426,7 +465,7 @@ mod tests {
     #[test]
     fn a_reader_that_falls_a_ring_behind_lags() {
         let ring = Arc::new(Ring::new(3));
-        let (mut slow, mut fast) = (Reader::new(), Reader::new());
+        let (mut slow, mut fast) = (Reader::default(), Reader::default());
         slow.follow(&ring);
         fast.follow(&ring);
         let mut dropped = 0;
@@ -445,10 +484,10 @@ mod tests {
     #[test]
     fn copies_of_one_publish_in_several_rings_are_read_once_first_rank_first() {
         let (x, y) = (Arc::new(Ring::new(8)), Arc::new(Ring::new(8)));
-        let mut both = Reader::new();
+        let mut both = Reader::default();
         both.follow(&x);
         both.follow(&y);
-        let mut only_y = Reader::new();
+        let mut only_y = Reader::default();
         only_y.follow(&y);
         let copy = |topic: &str, n: i64| Arc::new(Message::new(topic.into(), None, payload_of(&n)));
         append(&mut [(&x, copy("x", 1), 0), (&y, copy("y", 1), 1)]);
@@ -456,7 +495,7 @@ mod tests {
         append(&mut [(&y, copy("y", 3), 0), (&x, copy("x", 3), 1)]);
         append_one(&x, copy("x", 4));
         let mut got = vec![];
-        both.collect(Waker::noop(), |m| {
+        both.collect(Some(Waker::noop()), |m| {
             got.push(format!("{}{}", m.topic, m.payload.get()))
         })
         .unwrap();

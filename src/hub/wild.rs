@@ -58,11 +58,12 @@ impl WildTable {
         filter: &Filter,
         conn: ConnId,
         recipient: &Arc<dyn Recipient>,
+        flush: bool,
     ) -> bool {
         let Some((_, subs)) = self.filters.get_mut(filter.as_str()) else {
             return false;
         };
-        if !subs.remove(conn, recipient) {
+        if !subs.remove(conn, recipient, flush) {
             return false;
         }
         self.filters.remove(filter.as_str());
@@ -135,11 +136,11 @@ mod tests {
         assert_eq!(matches(&t, "a/b/c"), vec![0, 1, 4, 9]);
         assert_eq!(matches(&t, "x/c"), vec![3, 4]);
         assert_eq!(matches(&t, "b/c"), vec![2, 3, 4]);
-        assert!(!t.remove(&f("a/#"), 0, &nobody), "9 still holds it");
+        assert!(!t.remove(&f("a/#"), 0, &nobody, false), "9 still holds it");
         for (i, s) in filters.iter().enumerate() {
-            assert!(t.remove(&f(s), i as ConnId, &nobody) || *s == "a/#");
+            assert!(t.remove(&f(s), i as ConnId, &nobody, false) || *s == "a/#");
         }
-        assert!(t.remove(&f("a/#"), 9, &nobody));
+        assert!(t.remove(&f("a/#"), 9, &nobody, false));
         assert_eq!(t.len(), 0);
         assert!(t.by_first.is_empty() && t.any_first.is_empty());
         assert!(matches(&t, "a/b/c").is_empty());

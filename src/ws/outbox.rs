@@ -97,7 +97,7 @@ impl Outbox {
                 closing: None,
             }),
             waker: AtomicWaker::new(),
-            reader: Mutex::new(Reader::new()),
+            reader: Mutex::new(Reader::new(limit)),
             limit,
             events,
             metrics,
@@ -110,8 +110,26 @@ impl Outbox {
     }
 
     /// Queues a reply or control frame; false once the connection is closing.
+    /// Messages published before it are moved to the queue first, so the
+    /// reply does not overtake them (a `pub` echo comes before its ack).
     pub fn push(&self, item: Outbound) -> bool {
+        self.flush_rings();
         self.push_all(std::iter::once(item))
+    }
+
+    /// Moves what the rings hold for this connection to the queue, in
+    /// order: before a reply, and before a subscription it came through is
+    /// dropped (see `hub::Subscribers::remove`).
+    fn flush_rings(&self) {
+        let mut moved = Vec::new();
+        let collected = self
+            .reader()
+            .collect(None, |msg| moved.push(self.outbound(msg)));
+        if collected.is_err() {
+            self.lagged();
+        } else if !moved.is_empty() {
+            self.push_all(moved.into_iter());
+        }
     }
 
     /// Queues items in order, counted as one item against the limit.
@@ -173,7 +191,7 @@ impl Outbox {
             }
         }
         let events = self.events;
-        let collected = self.reader().collect(waker, |msg| {
+        let collected = self.reader().collect(Some(waker), |msg| {
             into.push_back(match events {
                 Some(nsp) => Outbound::Event(msg, nsp),
                 None => Outbound::Message(msg),
@@ -237,6 +255,10 @@ impl Recipient for Outbox {
     fn reader(&self) -> Option<&Mutex<Reader>> {
         Some(&self.reader)
     }
+
+    fn flush(&self) {
+        self.flush_rings();
+    }
 }
 
 #[cfg(test)]
@@ -275,5 +297,83 @@ mod tests {
             assert_eq!(outbox.take(&mut taken, Waker::noop()), None);
             taken.clear();
         }
+    }
+
+    use crate::hub::{Filter, Hub};
+
+    fn hub(metrics: &Arc<Metrics>) -> Hub {
+        Hub::new(metrics.clone())
+            .with_ring_capacity(100)
+            .with_last_values(vec![Filter::parse("a/#").unwrap()], 10, 1 << 20)
+    }
+
+    fn publish(hub: &Hub, topic: &str, n: i64) {
+        hub.publish(Message::new(topic.into(), None, payload_of(&n)));
+    }
+
+    /// `topic=payload` of each published message taken, `reply` for others.
+    fn taken(outbox: &Outbox) -> (Vec<String>, Option<CloseReason>) {
+        let mut items = VecDeque::new();
+        let closing = outbox.take(&mut items, Waker::noop());
+        let names = items
+            .iter()
+            .map(|item| match item {
+                Outbound::Message(m) => format!("{}={}", m.topic, m.payload.get()),
+                _ => "reply".to_string(),
+            })
+            .collect();
+        (names, closing)
+    }
+
+    #[test]
+    fn the_limit_bounds_what_a_connection_is_behind_over_all_its_subscriptions() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = hub(&metrics);
+        let outbox = Arc::new(Outbox::new(4, metrics.clone()));
+        let id = hub.register(outbox.clone());
+        for t in ["x", "y", "z"] {
+            hub.subscribe(id, &Filter::parse(t).unwrap(), 10).unwrap();
+        }
+        for t in ["x", "y"] {
+            publish(&hub, t, 1);
+            publish(&hub, t, 2);
+        }
+        assert_eq!(outbox.close_requested(), None, "4 behind: at the limit");
+        publish(&hub, "z", 1);
+        // No ring is anywhere near its capacity of 100.
+        let slow = Some(Some((close::TRY_AGAIN_LATER, "slow consumer")));
+        assert_eq!(outbox.close_requested(), slow);
+        assert_eq!(taken(&outbox).1, slow);
+        assert_eq!(metrics.slow_consumer_closes.get(), 1);
+    }
+
+    #[test]
+    fn replies_do_not_overtake_messages_published_before_them() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = hub(&metrics);
+        let outbox = Arc::new(Outbox::new(16, metrics));
+        let id = hub.register(outbox.clone());
+        hub.subscribe(id, &Filter::parse("t").unwrap(), 10).unwrap();
+        publish(&hub, "t", 1);
+        outbox.push(Outbound::Frame(Bytes::from_static(b"ack")));
+        publish(&hub, "t", 2);
+        assert_eq!(taken(&outbox).0, ["t=1", "reply", "t=2"]);
+    }
+
+    #[test]
+    fn leaving_a_wildcard_keeps_a_kept_value_it_alone_had_delivered() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = hub(&metrics);
+        let outbox = Arc::new(Outbox::new(16, metrics));
+        let id = hub.register(outbox.clone());
+        let (wild, exact) = (Filter::parse("a/+").unwrap(), Filter::parse("a/x").unwrap());
+        hub.subscribe(id, &wild, 10).unwrap();
+        publish(&hub, "a/x", 7);
+        // Not replayed: the wildcard already got it (still unread).
+        hub.subscribe_with_last_values(id, &exact, 10, || {})
+            .unwrap();
+        hub.unsubscribe(id, &wild);
+        publish(&hub, "a/x", 8);
+        assert_eq!(taken(&outbox).0, ["a/x=7", "a/x=8"]);
     }
 }
