@@ -809,11 +809,11 @@ mod tests {
 
     #[test]
     fn last_value_then_live_never_repeats_or_goes_back_under_races() {
-        let hub = Arc::new(Hub::new(Arc::new(Metrics::new())).with_last_values(
-            vec![f("t")],
-            10,
-            1 << 20,
-        ));
+        let hub = Arc::new(
+            Hub::new(Arc::new(Metrics::new()))
+                .with_ring_capacity(4096)
+                .with_last_values(vec![f("t")], 10, 1 << 20),
+        );
         hub.publish(Message::new("t".into(), None, payload_of(&0)));
         let publisher = {
             let hub = hub.clone();
@@ -823,28 +823,41 @@ mod tests {
                 }
             })
         };
-        let mut clients = vec![];
-        for _ in 0..50 {
-            let c = Arc::new(Collect(Mutex::new(vec![]), 10_000));
-            let id = hub.register(c.clone());
+        // Pushed recipients and ring readers, subscribing while it publishes.
+        let (mut pushed, mut readers) = (vec![], vec![]);
+        for i in 0..50 {
+            let id = if i % 2 == 0 {
+                let c = Arc::new(Collect(Mutex::new(vec![]), 10_000));
+                pushed.push(c.clone());
+                hub.register(c)
+            } else {
+                let p = Arc::new(Pull::default());
+                readers.push(p.clone());
+                hub.register(p)
+            };
             hub.subscribe_with_last_values(id, &f("t"), 10, || {})
                 .unwrap();
-            clients.push(c);
         }
         publisher.join().unwrap();
-        for c in clients {
-            let got: Vec<i64> =
-                c.0.lock()
-                    .unwrap()
-                    .iter()
-                    .map(|m| m.payload.get().parse().unwrap())
-                    .collect();
-            assert!(!got.is_empty());
+        let pushed = pushed.iter().map(|c| {
+            c.0.lock()
+                .unwrap()
+                .iter()
+                .map(|m| m.payload.get().parse().unwrap())
+                .collect::<Vec<i64>>()
+        });
+        let read = readers.iter().map(|p| {
+            p.take(Waker::noop())
+                .iter()
+                .map(|s| s.trim_start_matches("t=").parse().unwrap())
+                .collect()
+        });
+        for got in pushed.chain(read) {
             assert!(
                 got.windows(2).all(|w| w[1] == w[0] + 1),
                 "a gap, a repeat or a step back: {got:?}"
             );
-            assert_eq!(*got.last().unwrap(), 2000);
+            assert_eq!(got.last(), Some(&2000));
         }
     }
 
@@ -932,45 +945,6 @@ mod tests {
             "left the rings' waiters"
         );
         assert!(p.take(&waker).is_empty());
-    }
-
-    #[test]
-    fn readers_get_last_value_then_live_without_repeats_under_races() {
-        let hub = Arc::new(
-            Hub::new(Arc::new(Metrics::new()))
-                .with_ring_capacity(4096)
-                .with_last_values(vec![f("t")], 10, 1 << 20),
-        );
-        hub.publish(Message::new("t".into(), None, payload_of(&0)));
-        let publisher = {
-            let hub = hub.clone();
-            std::thread::spawn(move || {
-                for n in 1..=2000 {
-                    hub.publish(Message::new("t".into(), None, payload_of(&n)));
-                }
-            })
-        };
-        let mut clients = vec![];
-        for _ in 0..50 {
-            let p = Arc::new(Pull::default());
-            let id = hub.register(p.clone());
-            hub.subscribe_with_last_values(id, &f("t"), 10, || {})
-                .unwrap();
-            clients.push(p);
-        }
-        publisher.join().unwrap();
-        for p in clients {
-            let got: Vec<i64> = p
-                .take(Waker::noop())
-                .iter()
-                .map(|s| s.trim_start_matches("t=").parse().unwrap())
-                .collect();
-            assert!(
-                got.windows(2).all(|w| w[1] == w[0] + 1),
-                "a gap, a repeat or a step back: {got:?}"
-            );
-            assert_eq!(got.last(), Some(&2000));
-        }
     }
 
     #[test]
