@@ -32,8 +32,14 @@ use super::outbox::{CloseReason, Outbound, Outbox};
 
 /// Bytes read at a time into the shared buffer.
 const SCRATCH_SIZE: usize = 16 * 1024;
-/// Frames written by one `writev`.
+/// Frames written by one `writev`, when they are not copied together.
 const MAX_SLICES: usize = 64;
+/// Frames up to this size in all are copied into one buffer and sent with
+/// one `send` rather than a `writev` of many small pieces: the kernel copies
+/// one contiguous buffer much faster than many ~200-byte iovec segments
+/// (`_copy_from_iter` was 5 % of CPU in fan-out) and `send` skips the VFS
+/// layer `writev` goes through.
+const COALESCE_MAX: usize = 16 * 1024;
 /// How long the close handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// A `sending` deque larger than this is freed once drained, so a burst
@@ -43,6 +49,8 @@ const KEEP_CAPACITY: usize = 32;
 thread_local! {
     /// The read buffer of every connection polled on this worker thread.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+    /// Where small queued frames are copied together before one write.
+    static COALESCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// What a connection speaks inside its WebSocket messages: `/ws`'s JSON
@@ -454,20 +462,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
         }
     }
 
-    /// One vectored write of the front of `sending`.
+    /// One write of the front of `sending`: small frames copied together
+    /// into one buffer, a lone frame as it is, otherwise one vectored write.
     fn poll_write_some(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let mut count = 0;
-        for (slot, item) in slices.iter_mut().zip(&self.sending) {
-            let bytes = item.bytes();
-            *slot = IoSlice::new(if count == 0 {
-                &bytes[self.written..]
-            } else {
-                bytes
-            });
-            count += 1;
-        }
-        let mut n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
+        let io = Pin::new(&mut self.io);
+        let (sending, written) = (&self.sending, self.written);
+        let pieces = || {
+            sending.iter().enumerate().map(move |(i, item)| {
+                let bytes = item.bytes();
+                if i == 0 { &bytes[written..] } else { bytes }
+            })
+        };
+        let coalesced = COALESCE.with(|cell| {
+            let mut buf = cell.try_borrow_mut().ok()?;
+            let mut pieces = pieces().peekable();
+            let first = pieces.next()?;
+            if pieces
+                .peek()
+                .is_none_or(|next| first.len() + next.len() > COALESCE_MAX)
+            {
+                return None;
+            }
+            buf.clear();
+            buf.extend_from_slice(first);
+            for piece in pieces {
+                if buf.len() + piece.len() > COALESCE_MAX {
+                    break;
+                }
+                buf.extend_from_slice(piece);
+            }
+            Some(io.poll_write(cx, &buf))
+        });
+        let mut n = match coalesced {
+            Some(poll) => ready!(poll)?,
+            None => {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let mut count = 0;
+                for (slot, piece) in slices.iter_mut().zip(pieces()) {
+                    *slot = IoSlice::new(piece);
+                    count += 1;
+                }
+                let io = Pin::new(&mut self.io);
+                match &slices[..count] {
+                    [one] => ready!(io.poll_write(cx, one))?,
+                    many => ready!(io.poll_write_vectored(cx, many))?,
+                }
+            }
+        };
         if n == 0 {
             return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
         }
@@ -551,5 +592,63 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
             })
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use tokio::io::AsyncReadExt;
+
+    struct Quiet;
+
+    impl Protocol for Quiet {
+        fn on_text(&mut self, _: &mut Link<'_>, _: &str) {}
+        fn on_binary(&mut self, _: &mut Link<'_>, _: &[u8]) {}
+        fn deadline(&self) -> Option<Instant> {
+            None
+        }
+        fn on_deadline(&mut self, _: &mut Link<'_>) {}
+    }
+
+    /// Frames of every size around the coalescing limit, through a pipe
+    /// that takes 100 bytes at a time: every write is partial, and the
+    /// peer must still read each frame once, whole and in order.
+    #[tokio::test]
+    async fn partial_writes_keep_frames_whole_and_in_order() {
+        let (server, mut client) = tokio::io::duplex(100);
+        let outbox = Arc::new(Outbox::new(10_000, Arc::new(Metrics::new())));
+        let sizes = [
+            1,
+            7,
+            200,
+            5000,
+            COALESCE_MAX - 3,
+            300,
+            COALESCE_MAX + 9,
+            2,
+            999,
+        ];
+        let mut expected = Vec::new();
+        for (i, size) in sizes.iter().cycle().take(60).enumerate() {
+            let frame = frame::encode(frame::TEXT, &vec![b'a' + (i % 26) as u8; *size]);
+            expected.extend_from_slice(&frame);
+            outbox.push(Outbound::Frame(frame));
+        }
+        let keepalive = Keepalive {
+            period: Duration::from_secs(60),
+            ping: None,
+        };
+        let mut conn = Connection::new(server, Quiet, outbox, keepalive, 1 << 20, 1);
+        let serving = tokio::spawn(async move { conn.serve().await });
+        let mut got = vec![0; expected.len()];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("every frame arrives")
+            .unwrap();
+        assert!(got == expected, "frames arrived cut, repeated or reordered");
+        drop(client);
+        assert_eq!(serving.await.unwrap(), None, "the peer went away");
     }
 }
