@@ -46,6 +46,8 @@ struct State {
     /// is full (so they notice when they fall behind). A reader that leaves
     /// empties its own entry, found by index, so leaving costs O(1).
     waiters: Vec<Option<Waker>>,
+    /// Entries of `waiters` emptied by readers that left.
+    vacant: usize,
     /// Counts appends that woke the waiters: a reader parked in the current
     /// epoch is still in `waiters`.
     epoch: u64,
@@ -73,6 +75,7 @@ impl Ring {
                 slots: VecDeque::new(),
                 readers: 0,
                 waiters: Vec::new(),
+                vacant: 0,
                 epoch: 0,
             }),
             capacity: capacity.max(1),
@@ -159,6 +162,7 @@ impl State {
     fn take_waiters(&mut self, into: &mut Vec<Waker>) {
         if !self.waiters.is_empty() {
             self.epoch += 1;
+            self.vacant = 0;
             into.extend(self.waiters.drain(..).flatten());
             // Sized for the readers there are, not for a crowd that left.
             if self.waiters.capacity() > 4 * self.readers.max(16) {
@@ -204,6 +208,30 @@ pub(crate) fn append_one(ring: &Ring, msg: Arc<Message>) -> (Appended, Vec<Waker
     (done, wake)
 }
 
+/// Distinct publishes unread over `rings`, counted up to `limit + 1`.
+fn distinct(rings: &[(&Cursor, &State)], limit: u64) -> u64 {
+    let mut at: Vec<u64> = rings.iter().map(|(c, _)| c.next.get()).collect();
+    let mut n = 0;
+    while n <= limit {
+        let next = rings
+            .iter()
+            .zip(&at)
+            .filter_map(|((_, st), pos)| st.head(*pos))
+            .map(|slot| slot.id)
+            .min();
+        let Some(id) = next else {
+            break;
+        };
+        n += 1;
+        for ((_, st), pos) in rings.iter().zip(at.iter_mut()) {
+            if st.head(*pos).is_some_and(|slot| slot.id == id) {
+                *pos += 1;
+            }
+        }
+    }
+    n
+}
+
 struct Cursor {
     ring: Arc<Ring>,
     /// Position of the next message to read.
@@ -240,19 +268,23 @@ impl Reader {
     }
 
     /// Checks that no ring dropped a message this reader had not read and
-    /// that it is at most `limit` messages behind in all.
-    fn check_backlog<'a>(
-        &self,
-        rings: impl Iterator<Item = (&'a Cursor, &'a State)>,
-    ) -> Result<(), Lagged> {
+    /// that it is at most `limit` publishes behind. One publish can wait in
+    /// several of its rings; the cheap sum over rings counts it once per
+    /// ring, so only over the limit are distinct publishes counted.
+    fn check_backlog(&self, rings: &[(&Cursor, &State)]) -> Result<(), Lagged> {
         let mut total = 0u64;
         for (c, st) in rings {
             total = total.saturating_add(st.behind(c).ok_or(Lagged)?);
         }
-        if total > self.limit {
-            return Err(Lagged);
+        if total <= self.limit || (rings.len() > 1 && distinct(rings, self.limit) <= self.limit) {
+            return Ok(());
         }
-        Ok(())
+        Err(Lagged)
+    }
+
+    /// Locks every ring, in address order.
+    fn lock_all(&self) -> Vec<MutexGuard<'_, State>> {
+        self.cursors.iter().map(|c| c.ring.lock()).collect()
     }
 
     /// Starts reading `ring` from its next message.
@@ -287,6 +319,7 @@ impl Reader {
     }
 
     fn release(&self, cursor: &Cursor) {
+        let mut wake = Vec::new();
         let mut st = cursor.ring.lock();
         let from = cursor.next.get().max(st.start);
         let skip = (from - st.start) as usize;
@@ -299,8 +332,17 @@ impl Reader {
             && let Some(entry) = st.waiters.get_mut(at)
         {
             *entry = None;
+            st.vacant += 1;
+            // Readers come and go on a quiet ring: rather than let emptied
+            // entries pile up until the next append, wake the rest (they
+            // find nothing and park again, in a new epoch).
+            if st.waiters.len() > 16 && st.vacant * 2 > st.waiters.len() {
+                st.take_waiters(&mut wake);
+            }
         }
         st.trim();
+        drop(st);
+        wake.into_iter().for_each(Waker::wake);
     }
 
     /// Hands `out` every message published to its rings since the last
@@ -315,7 +357,7 @@ impl Reader {
             [] => Ok(0),
             [one] => {
                 let mut st = one.ring.lock();
-                self.check_backlog(std::iter::once((one, &*st)))?;
+                self.check_backlog(&[(one, &*st)])?;
                 let next = one.next.get();
                 let from = (next - st.start) as usize;
                 let n = st.slots.len() - from;
@@ -335,7 +377,10 @@ impl Reader {
             many => {
                 let mut guards: Vec<MutexGuard<'_, State>> =
                     many.iter().map(|c| c.ring.lock()).collect();
-                self.check_backlog(many.iter().zip(guards.iter().map(|g| &**g)))?;
+                let rings: Vec<(&Cursor, &State)> =
+                    many.iter().zip(guards.iter().map(|g| &**g)).collect();
+                self.check_backlog(&rings)?;
+                drop(rings);
                 let mut n = 0;
                 // Every ring's ids grow in ring order, so the smallest head
                 // is the next publish, and all its copies are at the heads.
@@ -381,14 +426,16 @@ impl Reader {
     /// full, so that it still learns when it falls behind. Reports a lag
     /// already there.
     pub fn park(&self, waker: &Waker) -> Result<(), Lagged> {
-        let mut total = 0u64;
-        for c in &self.cursors {
-            let mut st = c.ring.lock();
-            total = total.saturating_add(st.behind(c).ok_or(Lagged)?);
+        let mut guards = self.lock_all();
+        let rings: Vec<(&Cursor, &State)> = self
+            .cursors
+            .iter()
+            .zip(guards.iter().map(|g| &**g))
+            .collect();
+        self.check_backlog(&rings)?;
+        drop(rings);
+        for (c, st) in self.cursors.iter().zip(guards.iter_mut()) {
             st.park(c, waker);
-        }
-        if total > self.limit {
-            return Err(Lagged);
         }
         Ok(())
     }
@@ -396,14 +443,13 @@ impl Reader {
     /// Whether a ring dropped a message this reader had not read, or it is
     /// more than its limit behind in all.
     pub fn lagged(&self) -> bool {
-        let mut total = 0u64;
-        for c in &self.cursors {
-            match c.ring.lock().behind(c) {
-                Some(n) => total = total.saturating_add(n),
-                None => return true,
-            }
-        }
-        total > self.limit
+        let guards = self.lock_all();
+        let rings: Vec<(&Cursor, &State)> = self
+            .cursors
+            .iter()
+            .zip(guards.iter().map(|g| &**g))
+            .collect();
+        self.check_backlog(&rings).is_err()
     }
 }
 
@@ -502,5 +548,29 @@ mod tests {
         assert_eq!(got, ["x1", "y2", "y3", "x4"]);
         assert_eq!(read(&mut only_y), Ok(vec![1, 2, 3]));
         assert_eq!((x.held(), y.held()), (0, 0));
+    }
+
+    #[test]
+    fn readers_leaving_a_quiet_ring_do_not_pile_up_in_its_waiters() {
+        let ring = Arc::new(Ring::new(8));
+        let mut readers: Vec<Reader> = (0..40).map(|_| Reader::default()).collect();
+        for r in &mut readers {
+            r.follow(&ring);
+            assert_eq!(read(r), Ok(vec![]), "parks");
+        }
+        assert_eq!(ring.lock().waiters.len(), 40);
+        readers.truncate(10);
+        assert!(
+            ring.lock().waiters.len() <= 20,
+            "emptied entries were dropped"
+        );
+        // Those still there are woken by the next append, or already were.
+        for r in &mut readers {
+            assert_eq!(read(r), Ok(vec![]));
+        }
+        append_one(&ring, msg(1));
+        for r in &mut readers {
+            assert_eq!(read(r), Ok(vec![1]));
+        }
     }
 }

@@ -113,27 +113,39 @@ impl Outbox {
     /// Messages published before it are moved to the queue first, so the
     /// reply does not overtake them (a `pub` echo comes before its ack).
     pub fn push(&self, item: Outbound) -> bool {
-        self.flush_rings();
-        self.push_all(std::iter::once(item))
+        let Some(mut items) = self.pending() else {
+            return false;
+        };
+        if items.is_empty() {
+            return self.push_all(std::iter::once(item), 1);
+        }
+        items.push(item);
+        let counted = items.len();
+        self.push_all(items.into_iter(), counted)
     }
 
-    /// Moves what the rings hold for this connection to the queue, in
-    /// order: before a reply, and before a subscription it came through is
-    /// dropped (see `hub::Subscribers::remove`).
-    fn flush_rings(&self) {
-        let mut moved = Vec::new();
+    /// What the rings hold for this connection, taken out of them, so that
+    /// it goes into the queue ahead of what is queued next: a reply, a
+    /// last-value replay, or nothing when a subscription it came through
+    /// is dropped (see `hub::Subscribers::remove`). `None` if the
+    /// connection fell too far behind (it is then closing).
+    fn pending(&self) -> Option<Vec<Outbound>> {
+        let mut items = Vec::new();
         let collected = self
             .reader()
-            .collect(None, |msg| moved.push(self.outbound(msg)));
-        if collected.is_err() {
-            self.lagged();
-        } else if !moved.is_empty() {
-            self.push_all(moved.into_iter());
+            .collect(None, |msg| items.push(self.outbound(msg)));
+        match collected {
+            Ok(_) => Some(items),
+            Err(_) => {
+                self.lagged();
+                None
+            }
         }
     }
 
-    /// Queues items in order, counted as one item against the limit.
-    fn push_all(&self, items: impl ExactSizeIterator<Item = Outbound>) -> bool {
+    /// Queues items in order, `counted` of them against the limit (a
+    /// last-value replay counts as one item, as it is one answer).
+    fn push_all(&self, items: impl ExactSizeIterator<Item = Outbound>, counted: usize) -> bool {
         {
             let mut q = self.lock();
             if q.closing.is_some() {
@@ -146,7 +158,7 @@ impl Outbox {
                 self.waker.wake();
                 return false;
             }
-            q.uncounted += items.len().saturating_sub(1);
+            q.uncounted += items.len().saturating_sub(counted);
             q.items.extend(items);
         }
         self.waker.wake();
@@ -241,11 +253,18 @@ impl Outbox {
 
 impl Recipient for Outbox {
     fn deliver(&self, msg: &Arc<Message>) -> bool {
-        self.push_all(std::iter::once(self.outbound(msg.clone())))
+        self.push_all(std::iter::once(self.outbound(msg.clone())), 1)
     }
 
+    /// A last-value replay: behind what the rings already hold for this
+    /// connection, counted as one item.
     fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
-        self.push_all(msgs.into_iter().map(|m| self.outbound(m)))
+        let Some(mut items) = self.pending() else {
+            return false;
+        };
+        let counted = items.len() + 1;
+        items.extend(msgs.into_iter().map(|m| self.outbound(m)));
+        self.push_all(items.into_iter(), counted)
     }
 
     fn shutdown(&self) {
@@ -257,7 +276,12 @@ impl Recipient for Outbox {
     }
 
     fn flush(&self) {
-        self.flush_rings();
+        if let Some(items) = self.pending()
+            && !items.is_empty()
+        {
+            let counted = items.len();
+            self.push_all(items.into_iter(), counted);
+        }
     }
 }
 
@@ -375,5 +399,62 @@ mod tests {
         hub.unsubscribe(id, &wild);
         publish(&hub, "a/x", 8);
         assert_eq!(taken(&outbox).0, ["a/x=7", "a/x=8"]);
+    }
+
+    #[test]
+    fn messages_moved_ahead_of_replies_count_against_the_limit() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = hub(&metrics);
+        let outbox = Arc::new(Outbox::new(4, metrics));
+        let id = hub.register(outbox.clone());
+        hub.subscribe(id, &Filter::parse("t").unwrap(), 10).unwrap();
+        let reply = || Outbound::Frame(Bytes::from_static(b"ack"));
+        for n in 0..3 {
+            publish(&hub, "t", n);
+        }
+        // A client that does not read but keeps asking: three messages and
+        // a reply are four items, the limit.
+        assert!(outbox.push(reply()));
+        publish(&hub, "t", 3);
+        assert!(!outbox.push(reply()));
+        assert_eq!(
+            outbox.close_requested(),
+            Some(Some((close::TRY_AGAIN_LATER, "slow consumer")))
+        );
+    }
+
+    #[test]
+    fn one_publish_through_several_subscriptions_counts_once_against_the_limit() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = hub(&metrics);
+        let outbox = Arc::new(Outbox::new(4, metrics));
+        let id = hub.register(outbox.clone());
+        for f in ["a/x", "a/+", "a/#"] {
+            hub.subscribe(id, &Filter::parse(f).unwrap(), 10).unwrap();
+        }
+        for n in 0..4 {
+            publish(&hub, "a/x", n);
+        }
+        // Twelve copies in three rings, four publishes: at the limit.
+        assert_eq!(outbox.close_requested(), None);
+        assert_eq!(taken(&outbox).0, ["a/x=0", "a/x=1", "a/x=2", "a/x=3"]);
+        for n in 0..5 {
+            publish(&hub, "a/x", n);
+        }
+        assert!(outbox.close_requested().is_some(), "five publishes behind");
+    }
+
+    #[test]
+    fn a_last_value_replay_comes_after_messages_published_before_it() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = hub(&metrics);
+        let outbox = Arc::new(Outbox::new(16, metrics));
+        let id = hub.register(outbox.clone());
+        hub.subscribe(id, &Filter::parse("b").unwrap(), 10).unwrap();
+        publish(&hub, "b", 1);
+        publish(&hub, "a/x", 2);
+        hub.subscribe_with_last_values(id, &Filter::parse("a/x").unwrap(), 10, || {})
+            .unwrap();
+        assert_eq!(taken(&outbox).0, ["b=1", "a/x=2"]);
     }
 }
