@@ -323,7 +323,7 @@ mod tests {
         }
     }
 
-    use crate::hub::{Filter, Hub};
+    use crate::hub::{ConnId, Filter, Hub};
 
     fn hub(metrics: &Arc<Metrics>) -> Hub {
         Hub::new(metrics.clone())
@@ -333,6 +333,18 @@ mod tests {
 
     fn publish(hub: &Hub, topic: &str, n: i64) {
         hub.publish(Message::new(topic.into(), None, payload_of(&n)));
+    }
+
+    /// A hub and one registered outbox of `limit`, subscribed to `filters`.
+    fn connected(limit: usize, filters: &[&str]) -> (Hub, Arc<Outbox>, ConnId, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let hub = hub(&metrics);
+        let outbox = Arc::new(Outbox::new(limit, metrics.clone()));
+        let id = hub.register(outbox.clone());
+        for f in filters {
+            hub.subscribe(id, &Filter::parse(f).unwrap(), 10).unwrap();
+        }
+        (hub, outbox, id, metrics)
     }
 
     /// `topic=payload` of each published message taken, `reply` for others.
@@ -351,13 +363,7 @@ mod tests {
 
     #[test]
     fn the_limit_bounds_what_a_connection_is_behind_over_all_its_subscriptions() {
-        let metrics = Arc::new(Metrics::new());
-        let hub = hub(&metrics);
-        let outbox = Arc::new(Outbox::new(4, metrics.clone()));
-        let id = hub.register(outbox.clone());
-        for t in ["x", "y", "z"] {
-            hub.subscribe(id, &Filter::parse(t).unwrap(), 10).unwrap();
-        }
+        let (hub, outbox, _, metrics) = connected(4, &["x", "y", "z"]);
         for t in ["x", "y"] {
             publish(&hub, t, 1);
             publish(&hub, t, 2);
@@ -373,11 +379,7 @@ mod tests {
 
     #[test]
     fn replies_do_not_overtake_messages_published_before_them() {
-        let metrics = Arc::new(Metrics::new());
-        let hub = hub(&metrics);
-        let outbox = Arc::new(Outbox::new(16, metrics));
-        let id = hub.register(outbox.clone());
-        hub.subscribe(id, &Filter::parse("t").unwrap(), 10).unwrap();
+        let (hub, outbox, _, _) = connected(16, &["t"]);
         publish(&hub, "t", 1);
         outbox.push(Outbound::Frame(Bytes::from_static(b"ack")));
         publish(&hub, "t", 2);
@@ -386,10 +388,7 @@ mod tests {
 
     #[test]
     fn leaving_a_wildcard_keeps_a_kept_value_it_alone_had_delivered() {
-        let metrics = Arc::new(Metrics::new());
-        let hub = hub(&metrics);
-        let outbox = Arc::new(Outbox::new(16, metrics));
-        let id = hub.register(outbox.clone());
+        let (hub, outbox, id, _) = connected(16, &[]);
         let (wild, exact) = (Filter::parse("a/+").unwrap(), Filter::parse("a/x").unwrap());
         hub.subscribe(id, &wild, 10).unwrap();
         publish(&hub, "a/x", 7);
@@ -403,11 +402,7 @@ mod tests {
 
     #[test]
     fn messages_moved_ahead_of_replies_count_against_the_limit() {
-        let metrics = Arc::new(Metrics::new());
-        let hub = hub(&metrics);
-        let outbox = Arc::new(Outbox::new(4, metrics));
-        let id = hub.register(outbox.clone());
-        hub.subscribe(id, &Filter::parse("t").unwrap(), 10).unwrap();
+        let (hub, outbox, _, _) = connected(4, &["t"]);
         let reply = || Outbound::Frame(Bytes::from_static(b"ack"));
         for n in 0..3 {
             publish(&hub, "t", n);
@@ -425,13 +420,7 @@ mod tests {
 
     #[test]
     fn one_publish_through_several_subscriptions_counts_once_against_the_limit() {
-        let metrics = Arc::new(Metrics::new());
-        let hub = hub(&metrics);
-        let outbox = Arc::new(Outbox::new(4, metrics));
-        let id = hub.register(outbox.clone());
-        for f in ["a/x", "a/+", "a/#"] {
-            hub.subscribe(id, &Filter::parse(f).unwrap(), 10).unwrap();
-        }
+        let (hub, outbox, _, _) = connected(4, &["a/x", "a/+", "a/#"]);
         for n in 0..4 {
             publish(&hub, "a/x", n);
         }
@@ -446,11 +435,7 @@ mod tests {
 
     #[test]
     fn a_last_value_replay_comes_after_messages_published_before_it() {
-        let metrics = Arc::new(Metrics::new());
-        let hub = hub(&metrics);
-        let outbox = Arc::new(Outbox::new(16, metrics));
-        let id = hub.register(outbox.clone());
-        hub.subscribe(id, &Filter::parse("b").unwrap(), 10).unwrap();
+        let (hub, outbox, id, _) = connected(16, &["b"]);
         publish(&hub, "b", 1);
         publish(&hub, "a/x", 2);
         hub.subscribe_with_last_values(id, &Filter::parse("a/x").unwrap(), 10, || {})
