@@ -282,11 +282,6 @@ impl Reader {
         Err(Lagged)
     }
 
-    /// Locks every ring, in address order.
-    fn lock_all(&self) -> Vec<MutexGuard<'_, State>> {
-        self.cursors.iter().map(|c| c.ring.lock()).collect()
-    }
-
     /// Starts reading `ring` from its next message.
     pub(crate) fn follow(&mut self, ring: &Arc<Ring>) {
         let at = self
@@ -426,30 +421,44 @@ impl Reader {
     /// full, so that it still learns when it falls behind. Reports a lag
     /// already there.
     pub fn park(&self, waker: &Waker) -> Result<(), Lagged> {
-        let mut guards = self.lock_all();
-        let rings: Vec<(&Cursor, &State)> = self
-            .cursors
-            .iter()
-            .zip(guards.iter().map(|g| &**g))
-            .collect();
-        self.check_backlog(&rings)?;
-        drop(rings);
-        for (c, st) in self.cursors.iter().zip(guards.iter_mut()) {
-            st.park(c, waker);
-        }
-        Ok(())
+        self.with_rings(|rings| {
+            for (c, st) in rings {
+                st.park(c, waker);
+            }
+        })
     }
 
     /// Whether a ring dropped a message this reader had not read, or it is
     /// more than its limit behind in all.
     pub fn lagged(&self) -> bool {
-        let guards = self.lock_all();
-        let rings: Vec<(&Cursor, &State)> = self
-            .cursors
-            .iter()
-            .zip(guards.iter().map(|g| &**g))
-            .collect();
-        self.check_backlog(&rings).is_err()
+        self.with_rings(|_| ()).is_err()
+    }
+
+    /// Runs `then` with every ring locked, if the reader has not lagged.
+    /// A single subscription, the common case, allocates nothing.
+    fn with_rings(
+        &self,
+        then: impl FnOnce(&mut [(&Cursor, MutexGuard<'_, State>)]),
+    ) -> Result<(), Lagged> {
+        match self.cursors.as_slice() {
+            [] => Ok(()),
+            [one] => {
+                let st = one.ring.lock();
+                self.check_backlog(&[(one, &*st)])?;
+                then(&mut [(one, st)]);
+                Ok(())
+            }
+            many => {
+                let mut locked: Vec<(&Cursor, MutexGuard<'_, State>)> =
+                    many.iter().map(|c| (c, c.ring.lock())).collect();
+                let rings: Vec<(&Cursor, &State)> =
+                    locked.iter().map(|(c, st)| (*c, &**st)).collect();
+                self.check_backlog(&rings)?;
+                drop(rings);
+                then(&mut locked);
+                Ok(())
+            }
+        }
     }
 }
 
