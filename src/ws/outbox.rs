@@ -202,13 +202,9 @@ impl Outbox {
                 return q.closing;
             }
         }
-        let events = self.events;
-        let collected = self.reader().collect(Some(waker), |msg| {
-            into.push_back(match events {
-                Some(nsp) => Outbound::Event(msg, nsp),
-                None => Outbound::Message(msg),
-            })
-        });
+        let collected = self
+            .reader()
+            .collect(Some(waker), |msg| into.push_back(self.outbound(msg)));
         collected.err().map(|_| self.lagged())
     }
 
