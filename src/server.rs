@@ -144,22 +144,18 @@ impl Server {
     }
 
     /// The HTTP routes plus Socket.IO on `/socket.io/`, all on one port.
-    pub fn router(gw: &Arc<Gateway>) -> (Router, socketioxide::SocketIo) {
-        let (sio_layer, io) = crate::sio::layer(gw);
-        let router = Router::new()
+    pub fn router(gw: &Arc<Gateway>) -> Router {
+        Router::new()
             .route("/ws", get(crate::ws::upgrade))
             .merge(crate::api::router())
             .fallback(crate::api::not_found)
             .method_not_allowed_fallback(crate::api::method_not_allowed)
             .with_state(gw.clone())
-            .layer(sio_layer)
-            .layer(axum::middleware::from_fn(crate::sio::detach::detach))
             .layer(axum::middleware::from_fn_with_state(
-                crate::sio::websocket::Transport::new(gw),
-                crate::sio::websocket::intercept,
+                crate::sio::Transport::new(gw),
+                crate::sio::serve,
             ))
-            .layer(axum::middleware::from_fn(crate::sio::cors::cors));
-        (router, io)
+            .layer(axum::middleware::from_fn(crate::sio::cors::cors))
     }
 
     /// Serves until the shutdown token is cancelled, then closes every
@@ -173,7 +169,7 @@ impl Server {
         if let Some(bridge) = gw.mqtt.clone() {
             background.spawn(bridge.run(gw.clone()));
         }
-        let (app, io) = Self::router(&gw);
+        let app = Self::router(&gw);
         let stop = gw.shutdown.clone();
         // Small frames go out at once: without TCP_NODELAY a frame written
         // while an earlier one is unacknowledged waits for the peer's delayed
@@ -194,14 +190,12 @@ impl Server {
         background.close();
         let started = tokio::time::Instant::now();
         let limit = gw.config.shutdown_timeout;
-        // socketioxide's engine transports close without a DISCONNECT packet,
-        // so socket.io clients reconnect (as on pulso's own transport, and as
-        // /ws clients do after 1001); their watchdogs, in `connections`,
-        // finish the sessions on the shutdown signal. A tenth of the limit
-        // (at most 1 s) is kept for clearing presence.
+        // Connection tasks (and polling sessions' tasks) end on the shutdown
+        // signal: WebSockets with 1001, Socket.IO transports without a
+        // DISCONNECT packet so that socket.io clients reconnect. A tenth of
+        // the limit (at most 1 s) is kept for clearing presence.
         let reserve = (limit / 10).min(std::time::Duration::from_secs(1));
         let drained = tokio::time::timeout(limit - reserve, async {
-            io.close().await;
             gw.connections.wait().await;
             background.wait().await;
             let _ = serving.await;

@@ -147,14 +147,22 @@ impl State {
         self.slots.get(next.checked_sub(self.start)? as usize)
     }
 
+    /// Registers `waker` for the next append. A reader parked already keeps
+    /// its place; its waker is replaced if another task now waits (a
+    /// polling session's GET and its session task take turns).
     fn park(&mut self, cursor: &Cursor, waker: &Waker) {
-        if cursor
-            .parked
-            .get()
-            .is_none_or(|(epoch, _)| epoch != self.epoch)
-        {
-            cursor.parked.set(Some((self.epoch, self.waiters.len())));
-            self.waiters.push(Some(waker.clone()));
+        match cursor.parked.get() {
+            Some((epoch, at)) if epoch == self.epoch => {
+                if let Some(Some(parked)) = self.waiters.get_mut(at)
+                    && !parked.will_wake(waker)
+                {
+                    parked.clone_from(waker);
+                }
+            }
+            _ => {
+                cursor.parked.set(Some((self.epoch, self.waiters.len())));
+                self.waiters.push(Some(waker.clone()));
+            }
         }
     }
 
@@ -553,6 +561,37 @@ mod tests {
         assert_eq!(got, ["x1", "y2", "y3", "x4"]);
         assert_eq!(read(&mut only_y), Ok(vec![1, 2, 3]));
         assert_eq!((x.held(), y.held()), (0, 0));
+    }
+
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A polling session's GET and its session task take turns waiting on
+    /// one reader: the append wakes whichever parked last.
+    #[test]
+    fn a_reader_parked_again_by_another_task_wakes_that_task() {
+        let ring = Arc::new(Ring::new(8));
+        let mut r = Reader::default();
+        r.follow(&ring);
+        let (first, second) = (
+            Arc::new(Count(Default::default())),
+            Arc::new(Count(Default::default())),
+        );
+        let count = |c: &Arc<Count>| c.0.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(r.park(&Waker::from(first.clone())), Ok(()));
+        let mut got = vec![];
+        r.collect(Some(&Waker::from(second.clone())), |m| got.push(m))
+            .unwrap();
+        assert!(got.is_empty());
+        let (_, wake) = append_one(&ring, msg(1));
+        assert_eq!(wake.len(), 1, "one place per reader");
+        wake.into_iter().for_each(Waker::wake);
+        assert_eq!((count(&first), count(&second)), (0, 1));
     }
 
     #[test]

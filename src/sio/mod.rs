@@ -1,44 +1,37 @@
 //! The Socket.IO "notifications" endpoint (SPEC §4), Sails-compatible.
 //!
-//! socketioxide does the framing (Engine.IO 3 and 4, WebSocket and
-//! polling); this module only translates: a socket that authenticates with a
-//! virtual `get`/`post` request is registered in the [`Hub`](crate::hub::Hub)
-//! under its own-id room and its template rooms, so `POST /api/broadcast`
-//! and `/ws` topics share one namespace and nothing else in pulso knows the
-//! Socket.IO wire format.
-//!
-//! Each namespace socket gets a [`Session`] and one watchdog task (tracked
-//! by the gateway's connection tracker) that enforces `auth_timeout` and
-//! token expiry, and finishes the session on shutdown (the server then
-//! closes the engine transports). Request handling itself is synchronous
-//! under the session's lock: it never awaits, so the lock is never held
-//! across an `.await`.
+//! pulso speaks Engine.IO 3 and 4 itself, as socket.io's own servers do:
+//! [`websocket`] and [`polling`] are the transports, [`socket`] is one
+//! Engine.IO session and the Socket.IO packets on it, [`packet`] and
+//! [`payload`] are the wire format. A socket that authenticates with a
+//! virtual `get`/`post` request ([`Notifications`]) is registered in the
+//! [`Hub`](crate::hub::Hub) under its own-id room and its template rooms,
+//! so `POST /api/broadcast` and `/ws` topics share one namespace and nothing
+//! else in pulso knows the Socket.IO wire format. A published message is
+//! encoded once as a Socket.IO event and those bytes go to every Socket.IO
+//! recipient, whatever its transport.
 
 pub mod cors;
-pub mod detach;
 pub mod packet;
+pub mod payload;
+pub mod polling;
 pub mod request;
 pub mod rooms;
+pub mod socket;
 pub mod websocket;
 
-use std::collections::HashSet;
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use serde_json::Value;
-use socketioxide::extract::{AckSender, Event, SocketRef, State, TryData};
-use socketioxide::handler::ConnectHandler;
-use socketioxide::layer::SocketIoLayer;
-use socketioxide::socket::Sid;
-use socketioxide::{ProtocolVersion, SocketIo};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
 use crate::gateway::Gateway;
-use crate::hub::{ConnId, Filter, Message, Recipient};
+use crate::hub::{ConnId, Filter};
 use crate::presence::Holder;
 use request::{Failure, Token};
 
@@ -47,84 +40,118 @@ const PROTOCOL: &str = "socketio";
 pub const PATH: &str = "/socket.io/";
 const LABEL: [(&str, &str); 1] = [("protocol", PROTOCOL)];
 
-/// State shared by every Socket.IO handler.
-pub struct Sio {
+/// What the Socket.IO endpoint needs, built once per server.
+#[derive(Clone)]
+pub struct Transport {
     gw: Arc<Gateway>,
-    /// Engine connections with an authenticated notifications socket, so the
-    /// root namespace's watchdog knows the connection is in use.
-    authed: Mutex<HashSet<Sid>>,
+    /// The notifications namespace, leaked once per server so that every
+    /// queued event can name it without a reference count.
+    nsp: &'static str,
+    sessions: Arc<polling::Sessions>,
 }
 
-impl Sio {
-    fn authed(&self) -> std::sync::MutexGuard<'_, HashSet<Sid>> {
-        self.authed.lock().unwrap_or_else(|e| e.into_inner())
+impl Transport {
+    pub fn new(gw: &Arc<Gateway>) -> Self {
+        let nsp: &'static str = Box::leak(gw.config.socketio.namespace.clone().into_boxed_str());
+        Transport {
+            gw: gw.clone(),
+            nsp,
+            sessions: Arc::default(),
+        }
+    }
+
+    /// The sessions that currently poll.
+    pub fn sessions(&self) -> &polling::Sessions {
+        &self.sessions
     }
 }
 
-/// Builds the socketioxide layer for the router (path `/socket.io/`).
-///
-/// The root namespace `/` is registered first: Engine.IO 3 clients
-/// (socket.io-client 2.x, sails.io.js) always join it, and socketioxide
-/// closes their connection if it does not exist. It carries nothing.
-pub fn layer(gw: &Arc<Gateway>) -> (SocketIoLayer, SocketIo) {
-    let st = Arc::new(Sio {
-        gw: gw.clone(),
-        authed: Mutex::new(HashSet::new()),
-    });
-    let cfg = &gw.config;
-    let (layer, io) = SocketIo::builder()
-        .with_state(st)
-        .req_path(PATH)
-        // Inbound payloads are bounded like /ws messages.
-        .max_payload(cfg.ws.max_message_size as u64)
-        .ws_max_message_size(cfg.ws.max_message_size)
-        .ws_max_frame_size(cfg.ws.max_message_size)
-        // Small reads suit small messages, as on /ws (the default is 4 KiB).
-        .ws_read_buffer_size(1024)
-        // Outbound queue per connection; a full one means a slow consumer.
-        .max_buffer_size(cfg.ws.outbound_queue)
-        // An Engine.IO 4 connection that never opens a namespace is closed
-        // after the same time an unauthenticated one would be.
-        .connect_timeout(cfg.socketio.auth_timeout)
-        .build_layer();
-    // Everything is set up in connect *middlewares*: socketioxide awaits
-    // them before it sends the CONNECT packet, whereas the connect handler
-    // runs after it, so a fast client could otherwise emit its `get` before
-    // the event handlers exist (and never get an ack).
-    io.ns("/", connected.with(on_root));
-    io.ns(cfg.socketio.namespace.clone(), connected.with(on_connect));
-    (layer, io)
+/// An Engine.IO request's query: `EIO`, `transport` and `sid`.
+#[derive(Debug, PartialEq)]
+struct EngineQuery<'a> {
+    eio3: bool,
+    websocket: bool,
+    sid: Option<&'a str>,
 }
 
-/// The connect handler proper; all the work happened in the middleware.
-async fn connected(_s: SocketRef) {}
+/// Engine.IO's error answer: 400 with `{"code":n,"message":...}`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct EngineError(u8, &'static str);
 
-/// Root namespace: nothing is served; the connection must authenticate on
-/// the notifications namespace within `auth_timeout`.
-async fn on_root(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infallible> {
-    let done = CancellationToken::new();
-    s.extensions.insert(done.clone());
-    s.on_disconnect(async |s: SocketRef| {
-        if let Some(done) = s.extensions.get::<CancellationToken>() {
-            done.cancel();
-        }
-    });
-    let timeout = st.gw.config.socketio.auth_timeout;
-    let tracker = st.gw.connections.clone();
-    tracker.spawn(async move {
-        tokio::select! {
-            _ = done.cancelled() => {}
-            // The server closes the transport (see `Server::run`).
-            _ = st.gw.shutdown.cancelled() => {}
-            _ = tokio::time::sleep(timeout) => {
-                if !st.authed().contains(&s.id) {
-                    tracing::debug!(sid = %s.id, "no authenticated notifications socket in time; disconnecting");
-                    let _ = s.disconnect();
-                }
+const TRANSPORT_UNKNOWN: EngineError = EngineError(0, "Transport unknown");
+const SESSION_UNKNOWN: EngineError = EngineError(1, "Session ID unknown");
+const BAD_HANDSHAKE_METHOD: EngineError = EngineError(2, "Bad handshake method");
+const BAD_REQUEST: EngineError = EngineError(3, "Bad request");
+const UNSUPPORTED_VERSION: EngineError = EngineError(5, "Unsupported protocol version");
+
+impl IntoResponse for EngineError {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({"code": self.0, "message": self.1})),
+        )
+            .into_response()
+    }
+}
+
+impl<'a> EngineQuery<'a> {
+    fn parse(query: Option<&'a str>) -> Result<Self, EngineError> {
+        let (mut eio, mut transport, mut sid) = (None, None, None);
+        for pair in query.unwrap_or("").split('&') {
+            match pair.split_once('=').unwrap_or((pair, "")) {
+                ("EIO", v) => eio = Some(v),
+                ("transport", v) => transport = Some(v),
+                ("sid", v) => sid = Some(v),
+                // JSONP (Engine.IO 3's `j`) is not served.
+                ("j", _) => return Err(TRANSPORT_UNKNOWN),
+                _ => {}
             }
         }
-    });
-    Ok(())
+        let websocket = match transport {
+            Some("websocket") => true,
+            Some("polling") => false,
+            _ => return Err(TRANSPORT_UNKNOWN),
+        };
+        let eio3 = match eio {
+            Some("3") => true,
+            Some("4") => false,
+            _ => return Err(UNSUPPORTED_VERSION),
+        };
+        Ok(EngineQuery {
+            eio3,
+            websocket,
+            sid,
+        })
+    }
+}
+
+/// Middleware that serves `/socket.io/` and passes everything else on.
+pub async fn serve(State(t): State<Transport>, request: Request, next: Next) -> Response {
+    if request.uri().path().trim_end_matches('/') != PATH.trim_end_matches('/') {
+        return next.run(request).await;
+    }
+    let query = match EngineQuery::parse(request.uri().query()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    let (eio3, websocket) = (query.eio3, query.websocket);
+    let session = match query.sid {
+        None => None,
+        Some(sid) => match t.sessions.get(sid) {
+            Some(session) => Some(session),
+            None => return SESSION_UNKNOWN.into_response(),
+        },
+    };
+    match (websocket, session) {
+        (true, None) => websocket::direct(&t, request, eio3),
+        (true, Some(session)) => websocket::upgrade(&t, request, session),
+        (false, None) if request.method() == Method::GET => polling::open(&t, eio3),
+        (false, None) => BAD_HANDSHAKE_METHOD.into_response(),
+        (false, Some(session)) => {
+            let (parts, body) = request.into_parts();
+            polling::serve(&t, session, &parts.method, body).await
+        }
+    }
 }
 
 /// What an authenticated socket holds.
@@ -246,11 +273,6 @@ impl Notifications {
         Ok(ack)
     }
 
-    /// The rooms of an authenticated socket.
-    fn rooms(&self) -> &[String] {
-        self.auth.as_ref().map_or(&[], |a| &a.rooms)
-    }
-
     /// The ack to any event other than `get`/`post`: never processed; 401-1
     /// before authentication and 404-1 after.
     pub(crate) fn other_event(&self, event: &str) -> Value {
@@ -287,65 +309,6 @@ impl Notifications {
     }
 }
 
-/// A notifications socket served by socketioxide (polling, and WebSocket
-/// after an upgrade from polling).
-struct Session {
-    st: Arc<Sio>,
-    state: Mutex<Notifications>,
-    /// When the current token stops being valid (`None`: never).
-    deadline: watch::Sender<Option<SystemTime>>,
-    /// Cancelled when the socket is gone.
-    done: CancellationToken,
-    finished: AtomicBool,
-}
-
-impl Session {
-    fn state(&self) -> std::sync::MutexGuard<'_, Notifications> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Handles one virtual request under the state's lock (it never awaits).
-    fn request(&self, s: &SocketRef, v: &Value) -> (Value, bool) {
-        let mut state = self.state();
-        if self.done.is_cancelled() {
-            // The socket went away while this request waited: registering it
-            // now would leave a hub entry and a presence row nobody clears
-            // (`finish` cancels `done` before it takes this lock).
-            return (Failure::missing_token().ack(), false);
-        }
-        let was_authed = state.authed();
-        let gw = &self.st.gw;
-        let reply = state.request(v, || {
-            gw.hub.register(Arc::new(SioRecipient {
-                socket: s.clone(),
-                gw: gw.clone(),
-                closing: AtomicBool::new(false),
-            }))
-        });
-        if state.authed() && !was_authed {
-            // socketioxide's own rooms mirror the hub's, for anyone inspecting them.
-            s.join(state.rooms().to_vec());
-            self.st.authed().insert(s.id);
-        }
-        self.deadline.send_replace(state.deadline());
-        reply
-    }
-
-    /// The socket is gone.
-    /// Runs once, from the disconnect handler or on shutdown (socketioxide
-    /// runs no disconnect handler for the transports `SocketIo::close` ends).
-    fn finish(&self, sid: Sid) {
-        if self.finished.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.done.cancel();
-        if self.state().finish() {
-            self.st.authed().remove(&sid);
-        }
-        self.st.gw.metrics.connections.get_or_create(&LABEL).dec();
-    }
-}
-
 /// The auth-failure metric's reason for an error code.
 fn reason_of(code: &str) -> &'static str {
     match code {
@@ -356,152 +319,4 @@ fn reason_of(code: &str) -> &'static str {
         "404-1" => "unknown_url",
         _ => "malformed",
     }
-}
-
-/// The hub's handle on a Socket.IO socket: a plain `emit(event, data)`.
-struct SioRecipient {
-    socket: SocketRef,
-    gw: Arc<Gateway>,
-    closing: AtomicBool,
-}
-
-impl Recipient for SioRecipient {
-    fn deliver(&self, msg: &Arc<Message>) -> bool {
-        let event = msg.event.as_deref().unwrap_or("message");
-        // A one-element tuple is one event argument, whatever the payload
-        // (an array payload stays one array argument).
-        match self.socket.emit(event, &(&*msg.payload,)) {
-            Ok(()) => true,
-            Err(socketioxide::SendError::Socket(
-                socketioxide::SocketError::InternalChannelFull,
-            )) => {
-                if !self.closing.swap(true, Ordering::Relaxed) {
-                    self.gw.metrics.slow_consumer_closes.inc();
-                    tracing::debug!(sid = %self.socket.id, "socket.io slow consumer; disconnecting");
-                    // socketioxide queues the DISCONNECT packet on the same
-                    // full channel, so `disconnect()` fails until there is
-                    // room: keep trying on a task (never here, under the
-                    // hub's lock). A peer that never reads again is closed
-                    // by Engine.IO's heartbeat timeout instead.
-                    let socket = self.socket.clone();
-                    let shutdown = self.gw.shutdown.clone();
-                    self.gw.connections.spawn(async move {
-                        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
-                        while socket.connected() && tokio::time::Instant::now() < give_up {
-                            if socket.clone().disconnect().is_ok() {
-                                return;
-                            }
-                            tokio::select! {
-                                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                                // The shutdown closes every transport anyway.
-                                _ = shutdown.cancelled() => return,
-                            }
-                        }
-                    });
-                }
-                false
-            }
-            Err(_) => false,
-        }
-    }
-}
-
-/// The client-visible socket id: Engine.IO 3 clients see `<nsp>#<engine id>`.
-fn client_socket_id(s: &SocketRef) -> String {
-    match s.protocol() {
-        ProtocolVersion::V4 => format!("{}#{}", s.ns(), s.id),
-        _ => s.id.to_string(),
-    }
-}
-
-async fn on_connect(s: SocketRef, State(st): State<Arc<Sio>>) -> Result<(), Infallible> {
-    let gw = st.gw.clone();
-    gw.metrics.connections.get_or_create(&LABEL).inc();
-    gw.metrics.connections_total.get_or_create(&LABEL).inc();
-    let (deadline, mut deadline_rx) = watch::channel(None);
-    let sess = Arc::new(Session {
-        st: st.clone(),
-        state: Mutex::new(Notifications::new(gw.clone(), client_socket_id(&s))),
-        deadline,
-        done: CancellationToken::new(),
-        finished: AtomicBool::new(false),
-    });
-    s.extensions.insert(sess.clone());
-    s.on("get", on_request);
-    s.on("post", on_request);
-    s.on_fallback(on_other);
-    s.on_disconnect(async |s: SocketRef| {
-        if let Some(sess) = s.extensions.get::<Arc<Session>>() {
-            sess.finish(s.id);
-        }
-    });
-
-    // The watchdog: auth timeout, token expiry, shutdown.
-    let timeout = gw.config.socketio.auth_timeout;
-    let tracker = gw.connections.clone();
-    tracker.spawn(async move {
-        let auth_deadline = tokio::time::sleep(timeout);
-        tokio::pin!(auth_deadline);
-        let mut auth_pending = true;
-        loop {
-            let expiry = *deadline_rx.borrow_and_update();
-            let expiry = expiry.map(crate::auth::instant_of);
-            let until_expiry =
-                tokio::time::sleep_until(expiry.unwrap_or_else(|| {
-                    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
-                }));
-            tokio::select! {
-                biased;
-                _ = sess.done.cancelled() => return,
-                // The server closes the transport without a DISCONNECT packet
-                // (see `Server::run`), so clients reconnect.
-                _ = gw.shutdown.cancelled() => {
-                    sess.finish(s.id);
-                    return;
-                }
-                _ = &mut auth_deadline, if auth_pending => {
-                    auth_pending = false;
-                    if !sess.state().authed() {
-                        tracing::debug!(sid = %s.id, "auth_timeout reached; disconnecting");
-                        gw.metrics.sio_auth_result("timeout");
-                        let _ = s.clone().disconnect();
-                        return;
-                    }
-                }
-                changed = deadline_rx.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                _ = until_expiry, if expiry.is_some() => {
-                    tracing::debug!(sid = %s.id, "token expired; disconnecting");
-                    let _ = s.clone().disconnect();
-                    return;
-                }
-            }
-        }
-    });
-    Ok(())
-}
-
-async fn on_request(s: SocketRef, TryData(data): TryData<Value>, ack: AckSender) {
-    let Some(sess) = s.extensions.get::<Arc<Session>>() else {
-        return;
-    };
-    // Arguments that are not one JSON value read as no request at all.
-    let v = data.unwrap_or(Value::Null);
-    let (reply, disconnect) = sess.request(&s, &v);
-    let _ = ack.send(&reply);
-    if disconnect {
-        let _ = s.disconnect();
-    }
-}
-
-/// Any other event: never processed (see [`Notifications::other_event`]).
-async fn on_other(s: SocketRef, Event(event): Event, ack: AckSender) {
-    let Some(sess) = s.extensions.get::<Arc<Session>>() else {
-        return;
-    };
-    let reply = sess.state().other_event(&event);
-    let _ = ack.send(&reply);
 }

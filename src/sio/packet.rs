@@ -101,10 +101,17 @@ fn head(out: &mut Vec<u8>, kind: u8, nsp: &str) {
     }
 }
 
-/// Engine.IO's OPEN packet.
-pub fn open(sid: &str, ping_interval_ms: u128, ping_timeout_ms: u128, max_payload: usize) -> Bytes {
+/// Engine.IO's OPEN packet; `upgrades` offers WebSocket to a polling client.
+pub fn open(
+    sid: &str,
+    upgrades: bool,
+    ping_interval_ms: u128,
+    ping_timeout_ms: u128,
+    max_payload: usize,
+) -> Bytes {
+    let upgrades = if upgrades { "[\"websocket\"]" } else { "[]" };
     let text = format!(
-        "0{{\"sid\":\"{sid}\",\"upgrades\":[],\"pingInterval\":{ping_interval_ms},\"pingTimeout\":{ping_timeout_ms},\"maxPayload\":{max_payload}}}"
+        "0{{\"sid\":\"{sid}\",\"upgrades\":{upgrades},\"pingInterval\":{ping_interval_ms},\"pingTimeout\":{ping_timeout_ms},\"maxPayload\":{max_payload}}}"
     );
     encode_text_with(text.len(), |out| out.extend_from_slice(text.as_bytes()))
 }

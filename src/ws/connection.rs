@@ -72,9 +72,31 @@ pub struct Link<'a> {
     pub outbox: &'a Outbox,
     ending: &'a mut Option<CloseReason>,
     pong: &'a mut Option<Bytes>,
+    held: &'a mut bool,
 }
 
-impl Link<'_> {
+impl<'a> Link<'a> {
+    /// A link for a transport other than [`Connection`] (Engine.IO's
+    /// long-polling), with its own end and pong slots.
+    pub fn new(
+        outbox: &'a Outbox,
+        ending: &'a mut Option<CloseReason>,
+        pong: &'a mut Option<Bytes>,
+        held: &'a mut bool,
+    ) -> Self {
+        Link {
+            outbox,
+            ending,
+            pong,
+            held,
+        }
+    }
+
+    /// Lets a connection built with [`Connection::hold`] write its outbox.
+    pub fn release(&mut self) {
+        *self.held = false;
+    }
+
     /// Queues a framed reply behind anything queued before it.
     pub fn send(&self, frame: Bytes) {
         self.outbox.push(Outbound::Frame(frame));
@@ -134,6 +156,9 @@ pub struct Connection<S, P> {
     next_ping: Instant,
     /// How the connection ends, once that is decided.
     ending: Option<CloseReason>,
+    /// The outbox belongs to another transport for now: only pongs are
+    /// written, and no pings (an Engine.IO upgrade being probed).
+    held: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
@@ -164,7 +189,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
             alive: true,
             next_ping: Instant::now() + keepalive.period,
             ending: None,
+            held: false,
         }
+    }
+
+    /// Leaves the outbox alone until the protocol calls [`Link::release`].
+    pub fn hold(mut self) -> Self {
+        self.held = true;
+        self
     }
 
     pub fn protocol(&mut self) -> &mut P {
@@ -216,6 +248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
                 outbox: &self.outbox,
                 ending: &mut self.ending,
                 pong: &mut self.pong,
+                held: &mut self.held,
             };
             self.proto.on_deadline(&mut link);
         }
@@ -229,7 +262,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
                 return;
             }
             self.alive = false;
-            if let Some(ping) = self.keepalive.ping {
+            if let Some(ping) = self.keepalive.ping
+                && !self.held
+            {
                 self.sending.push_back(Outbound::Static(ping));
             }
             self.next_ping = now + self.keepalive.period;
@@ -389,6 +424,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
             outbox: &self.outbox,
             ending: &mut self.ending,
             pong: &mut self.pong,
+            held: &mut self.held,
         };
         if opcode == frame::BINARY {
             return self.proto.on_binary(&mut link, payload);
@@ -403,6 +439,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
 
     /// Writes what is queued until the socket would block or nothing is left.
     fn poll_write(&mut self, cx: &mut Context<'_>) {
+        if self.held {
+            return self.poll_write_held(cx);
+        }
         self.outbox.register(cx.waker());
         if !self.sending.is_empty() && !self.deferred {
             // Writing is under way (perhaps blocked by a peer that does not
@@ -453,6 +492,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
                     }
                     return;
                 }
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(conn = self.id, error = %e, "ws write failed");
+                    self.end(None);
+                }
+            }
+        }
+    }
+
+    /// Writes pongs only: the outbox is another transport's for now.
+    fn poll_write_held(&mut self, cx: &mut Context<'_>) {
+        while self.ending.is_none() {
+            if self.sending.is_empty() {
+                match self.pong.take() {
+                    Some(pong) => self.sending.push_back(Outbound::Frame(pong)),
+                    None => return,
+                }
+            }
+            match self.poll_write_some(cx) {
+                Poll::Pending => return,
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(conn = self.id, error = %e, "ws write failed");
@@ -547,7 +606,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
     /// into a reset that can overtake the frame.
     async fn close_handshake(mut self, reason: CloseReason) {
         let mut rest = VecDeque::new();
-        let _ = self.outbox.take(&mut rest, std::task::Waker::noop());
+        if !self.held {
+            let _ = self.outbox.take(&mut rest, std::task::Waker::noop());
+        }
         // Keep a frame already partly written (the stream must stay framed),
         // and replies; drop undelivered messages.
         let partly = self.written > 0;

@@ -30,6 +30,18 @@ pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// The payload of a frame this server encoded (unmasked, one frame), for
+/// a transport that carries the same packets without WebSocket framing.
+pub fn server_payload(frame: &[u8]) -> &[u8] {
+    let start = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => frame.len(),
+    };
+    frame.get(start..).unwrap_or_default()
+}
+
 /// A text frame whose payload `write` appends to the buffer, sized with
 /// `hint`; the header is written once the length is known.
 pub fn encode_text_with(hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {

@@ -54,6 +54,9 @@ async function connect(kind) {
     case 'v2-polling':
       socket = io2(pulso.url + NS, { transports: ['polling'], reconnection: false, forceNew: true });
       break;
+    case 'v2-upgrade':
+      socket = io2(pulso.url + NS, { reconnection: false, forceNew: true });
+      break;
     default:
       throw new Error(kind);
   }
@@ -114,7 +117,7 @@ async function presenceOf(sub) {
   return body.sockets;
 }
 
-for (const kind of ['v4-websocket', 'v4-polling', 'v4-upgrade', 'v2-websocket', 'v2-polling']) {
+for (const kind of ['v4-websocket', 'v4-polling', 'v4-upgrade', 'v2-websocket', 'v2-polling', 'v2-upgrade']) {
   test(`${kind}: authenticates, joins its rooms, presence set and cleared`, async () => {
     const sub = `${kind}-assistant`;
     const socket = await connect(kind);
@@ -129,6 +132,10 @@ for (const kind of ['v4-websocket', 'v4-polling', 'v4-upgrade', 'v2-websocket', 
     assert.equal(rows[0].socket_id, socket.id);
     assert.equal(rows[0].protocol, 'socketio');
     assert.equal(rows[0].role, 'assistant');
+
+    if (kind.endsWith('-upgrade')) {
+      await until('upgraded to WebSocket', () => socket.io.engine.transport.name === 'websocket');
+    }
 
     // Own-id room.
     const next = inbox(socket, 'direct');
@@ -289,11 +296,12 @@ test('a server shutdown closes the transport without DISCONNECT, so clients woul
   const own = await startPulso();
   const opts = { reconnection: false, forceNew: true };
   const clients = [
-    ['v4-websocket (pulso transport)', io4(own.url + NS, { ...opts, transports: ['websocket'] })],
-    ['v4-polling (socketioxide)', io4(own.url + NS, { ...opts, transports: ['polling'] })],
-    ['v4-upgrade (socketioxide)', io4(own.url + NS, opts)],
-    ['v2-websocket (pulso transport)', io2(own.url + NS, { ...opts, transports: ['websocket'] })],
-    ['v2-polling (socketioxide)', io2(own.url + NS, { ...opts, transports: ['polling'] })],
+    ['v4-websocket', io4(own.url + NS, { ...opts, transports: ['websocket'] })],
+    ['v4-polling', io4(own.url + NS, { ...opts, transports: ['polling'] })],
+    ['v4-upgrade', io4(own.url + NS, opts)],
+    ['v2-websocket', io2(own.url + NS, { ...opts, transports: ['websocket'] })],
+    ['v2-polling', io2(own.url + NS, { ...opts, transports: ['polling'] })],
+    ['v2-upgrade', io2(own.url + NS, opts)],
   ];
   try {
     await Promise.all(clients.map(([, s]) => once(s, 'connect')));
