@@ -257,7 +257,8 @@ async fn poll(sess: &Session) -> Response {
     let mut last = None;
     poll_fn(|cx| {
         let mut st = sess.state();
-        if st.ending.is_none() {
+        // Once the session moved to WebSocket, its outbox is not ours.
+        if st.ending.is_none() && st.socket.is_some() {
             sess.outbox.register(cx.waker());
             if let Some(reason) = sess.outbox.take(&mut items, cx.waker()) {
                 st.end(reason);
@@ -391,8 +392,11 @@ async fn run(gw: Arc<Gateway>, sessions: Arc<Sessions>, sess: Arc<Session>) {
             }
             // Nobody polls: the next publish wakes this task, which then
             // learns whether the client fell too far behind.
+            // Under the state's lock, so that it never takes the rings'
+            // wake-up from a GET or from the WebSocket the session moved to.
             _ = poll_fn(|cx| {
-                if sess.state().polling {
+                let st = sess.state();
+                if st.polling || st.socket.is_none() {
                     return Poll::Pending;
                 }
                 match sess.outbox.park(cx.waker()) {
