@@ -11,9 +11,11 @@
 #
 # Scenarios: fanout-max fanout-load fanout-light sio-load idle churn (default
 # set), held (idle with 19 800 connections; pulso and node only), sio-idle
-# (idle Socket.IO connections) and sio-max (Socket.IO fan-out publishing as
-# fast as answers come back); the Socket.IO ones run against node, and
-# against pulso when it serves /socket.io/.
+# (idle Socket.IO connections), sio-max (Socket.IO fan-out publishing as
+# fast as answers come back), and sio-upgrade-idle/-load/-max (the same
+# with clients that poll first and upgrade, as socket.io-client does by
+# default); the Socket.IO ones run against node, and against pulso when it
+# serves /socket.io/.
 # Results: one JSON line per run in $OUT (default bench/results/<date>.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -92,6 +94,9 @@ run() {
     sio-max)      args=(sio-fanout "${common[@]}" --clients "$(scaled 2000)" --messages "$(scaled 1000)" --max) ;;
     idle)         args=(idle "${common[@]}" --clients "$(scaled 10000)" --pid "$SERVER_PID" --hold 3) ;;
     sio-idle)     args=(idle "${common[@]}" --proto sio --clients "$(scaled 10000)" --pid "$SERVER_PID" --hold 3) ;;
+    sio-upgrade-idle) args=(idle "${common[@]}" --proto sio --sio-upgrade --clients "$(scaled 10000)" --pid "$SERVER_PID" --hold 3) ;;
+    sio-upgrade-load) args=(sio-fanout "${common[@]}" --sio-upgrade --clients "$(scaled 2000)" --messages "$(scaled 1000)" --rate 50) ;;
+    sio-upgrade-max)  args=(sio-fanout "${common[@]}" --sio-upgrade --clients "$(scaled 2000)" --messages "$(scaled 1000)" --max) ;;
     held)         args=(idle "${common[@]}" --clients 19800 --pid "$SERVER_PID" --hold 3) ;;
     churn)        args=(churn "${common[@]}" --duration "$(scaled 10)" --rounds 2 --pid "$SERVER_PID") ;;
   esac
@@ -119,7 +124,7 @@ has_sio() { # does pulso serve /socket.io/ on this branch?
 
 for scen in "${scenarios[@]}"; do
   case $scen in
-    sio-load|sio-idle|sio-max)
+    sio-load|sio-idle|sio-max|sio-upgrade-idle|sio-upgrade-load|sio-upgrade-max)
       servers=(node)
       if has_sio; then servers=(pulso node); else echo "(pulso has no /socket.io/ endpoint on this build: node only)" >&2; fi ;;
     churn|held) servers=(pulso node) ;;

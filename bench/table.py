@@ -11,6 +11,9 @@ ROWS = {
     "sio-max": ["deliveries_per_s", "p50_ms", "p99_ms", "max_ms", "errors"],
     "idle": ["connected", "connects_per_s", "rss_per_conn_bytes", "answered_publish", "connect_failures"],
     "sio-idle": ["connected", "connects_per_s", "rss_per_conn_bytes", "answered_publish", "connect_failures"],
+    "sio-upgrade-load": ["deliveries_per_s", "p50_ms", "p99_ms", "errors"],
+    "sio-upgrade-max": ["deliveries_per_s", "p50_ms", "p99_ms", "max_ms", "errors"],
+    "sio-upgrade-idle": ["connected", "connects_per_s", "rss_per_conn_bytes", "answered_publish", "connect_failures"],
     "held": ["connected", "connects_per_s", "rss_per_conn_bytes", "answered_publish", "connect_failures"],
     "churn": ["cycles_per_s", "errors", "tables_returned", "rss_growth_first_round_pct", "rss_growth_pct"],
 }

@@ -8,9 +8,13 @@ use common::{SECRET, TestServer};
 use serde_json::Value;
 
 async fn bench(server: &TestServer, extra: &[&str]) -> Value {
+    run(server, "fanout", extra).await
+}
+
+async fn run(server: &TestServer, scenario: &str, extra: &[&str]) -> Value {
     let url = server.addr.to_string();
     let mut args = vec![
-        "fanout",
+        scenario,
         "--url",
         &url,
         "--secret",
@@ -70,5 +74,15 @@ async fn fanout_max_delivers_every_message_once() {
     let server = TestServer::start().await;
     let v = bench(&server, &["--max", "--window", "4"]).await;
     check(&v);
+    server.stop().await;
+}
+
+/// Socket.IO clients that poll first and upgrade, as socket.io-client does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sio_fanout_over_upgraded_sessions_delivers_every_message_once() {
+    let server = TestServer::start().await;
+    let v = run(&server, "sio-fanout", &["--sio-upgrade", "--rate", "200"]).await;
+    check(&v);
+    assert_eq!(v["transport"], "polling+upgrade", "{v}");
     server.stop().await;
 }

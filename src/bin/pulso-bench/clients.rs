@@ -50,6 +50,18 @@ pub struct Target {
     pub proto: Proto,
     pub token: String,
     pub per_ip: usize,
+    /// Socket.IO clients poll first, then upgrade (see [`sio_upgrade`]).
+    pub sio_upgrade: bool,
+}
+
+impl Target {
+    /// How Socket.IO clients reach the WebSocket, for the output.
+    pub fn transport(&self) -> &'static str {
+        match (self.proto, self.sio_upgrade) {
+            (Proto::Sio, true) => "polling+upgrade",
+            _ => "websocket",
+        }
+    }
 }
 
 const SETUP_WAIT: Duration = Duration::from_secs(20);
@@ -80,13 +92,18 @@ pub async fn connect(t: &Target, idx: usize, k: u32) -> Result<Client> {
             }
         }
         Proto::Sio => {
-            let mut ws =
-                WsConn::connect(t.addr, src, "/socket.io/?EIO=4&transport=websocket").await?;
-            let open = ws.next_text(SETUP_WAIT).await?;
-            if !open.starts_with(b"0") {
-                return Err(err("no Engine.IO open packet"));
-            }
-            ws.send(OP_TEXT, b"40/notifications,").await?;
+            let mut ws = if t.sio_upgrade {
+                sio_upgrade(t, src).await?
+            } else {
+                let mut ws =
+                    WsConn::connect(t.addr, src, "/socket.io/?EIO=4&transport=websocket").await?;
+                let open = ws.next_text(SETUP_WAIT).await?;
+                if !open.starts_with(b"0") {
+                    return Err(err("no Engine.IO open packet"));
+                }
+                ws.send(OP_TEXT, b"40/notifications,").await?;
+                ws
+            };
             sio_wait(&mut ws, b"40/notifications", "namespace connect").await?;
             let get = format!(
                 r#"42/notifications,1["get",{{"url":"/notifications","params":{{"jwt-api-key":"{}","tournamentId":{k}}}}}]"#,
@@ -109,6 +126,39 @@ pub async fn connect(t: &Target, idx: usize, k: u32) -> Result<Client> {
         k,
         seen: Vec::new(),
     })
+}
+
+/// What socket.io-client does by default: the Engine.IO handshake and the
+/// namespace CONNECT over long-polling, then the upgrade to WebSocket
+/// (`2probe`, `3probe`, `5`). The CONNECT's answer arrives on the WebSocket.
+async fn sio_upgrade(t: &Target, src: Option<std::net::IpAddr>) -> Result<WsConn> {
+    let mut http = net::Http::connect(t.addr).await?;
+    let (status, open) = http
+        .request("GET", "/socket.io/?EIO=4&transport=polling", None, b"")
+        .await?;
+    let sid = net::find(&open, b"\"sid\":\"")
+        .map(|at| &open[at + 7..])
+        .and_then(|rest| Some(&rest[..net::find(rest, b"\"")?]))
+        .filter(|_| status == 200 && open.starts_with(b"0"))
+        .ok_or_else(|| err("no Engine.IO open packet over polling"))?;
+    let sid = String::from_utf8_lossy(sid).into_owned();
+    let polling = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let (status, _) = http
+        .request("POST", &polling, None, b"40/notifications,")
+        .await?;
+    if status != 200 {
+        return Err(err(format!(
+            "namespace CONNECT over polling: HTTP {status}"
+        )));
+    }
+    let upgrade = format!("/socket.io/?EIO=4&transport=websocket&sid={sid}");
+    let mut ws = WsConn::connect(t.addr, src, &upgrade).await?;
+    ws.send(OP_TEXT, b"2probe").await?;
+    if ws.next_text(SETUP_WAIT).await? != b"3probe" {
+        return Err(err("no answer to the upgrade probe"));
+    }
+    ws.send(OP_TEXT, b"5").await?;
+    Ok(ws)
 }
 
 async fn sio_wait(ws: &mut WsConn, prefix: &[u8], what: &str) -> Result<Vec<u8>> {

@@ -95,6 +95,7 @@ pub async fn run(t: &Target, a: &FanoutArgs, common: &crate::Common) -> Result<V
     let mut out = json!({
         "scenario": if t.proto == Proto::Sio { "sio-fanout" } else { "fanout" },
         "server": common.label,
+        "transport": t.transport(),
         "mode": if a.max { "max".to_string() } else { format!("rate {}/s", a.rate) },
         "clients": connected,
         "connect_failures": failures,

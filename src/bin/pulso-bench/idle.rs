@@ -89,6 +89,7 @@ pub async fn run(t: &Target, a: &IdleArgs, common: &crate::Common) -> Result<Val
         "scenario": "idle",
         "server": common.label,
         "proto": format!("{:?}", t.proto).to_lowercase(),
+        "transport": t.transport(),
         "requested": a.clients,
         "connected": connected,
         "connect_failures": failures,

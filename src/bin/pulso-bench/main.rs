@@ -53,6 +53,11 @@ struct TargetArgs {
     /// Connections per source address (127.0.0.1, .2, …).
     #[arg(long, default_value_t = 20_000)]
     per_ip: usize,
+    /// Socket.IO clients start with long-polling and upgrade to WebSocket,
+    /// as socket.io-client does by default, instead of opening a WebSocket
+    /// at once.
+    #[arg(long)]
+    sio_upgrade: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,6 +144,7 @@ fn setup(t: &TargetArgs, proto: Proto) -> net::Result<(Target, Common)> {
             proto,
             token: client,
             per_ip: t.per_ip,
+            sio_upgrade: t.sio_upgrade,
         },
         Common {
             label: t.label.clone(),
