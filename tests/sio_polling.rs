@@ -392,3 +392,120 @@ async fn an_abandoned_probe_leaves_the_session_polling() {
     broadcast(&srv, "assistant", json!("hello")).await;
     assert_eq!(waiting.await.unwrap(), vec![event(json!("hello"))]);
 }
+
+async fn probe(srv: &TestServer, p: &Poller) -> Ws {
+    let ws_url = format!(
+        "ws://{}/socket.io/?EIO=4&transport=websocket&sid={}",
+        srv.addr, p.sid
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    ws.send(Message::text("2probe")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "3probe");
+    ws
+}
+
+/// The close frame's code, once the server closes the WebSocket.
+async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return frame.map_or(1005, |f| u16::from(f.code));
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+}
+
+/// A server shutdown closes a WebSocket that is probing a session (1001)
+/// instead of waiting for its upgrade deadline.
+#[tokio::test]
+async fn a_shutdown_closes_a_probing_websocket_at_once() {
+    let srv = TestServer::start().await;
+    let (p, _) = Poller::open(&srv, 4).await;
+    let mut ws = probe(&srv, &p).await;
+    let stopping = tokio::spawn(srv.stop());
+    assert_eq!(close_code(&mut ws).await, 1001);
+    stopping.await.unwrap();
+}
+
+/// A session that ends while it is probed (here: no authentication in
+/// time) still says goodbye: its waiting GET gets DISCONNECT and CLOSE, or,
+/// for a client that already paused polling, its WebSocket does once the
+/// client sends `5`; a probe that never sends `5` is then closed.
+#[tokio::test]
+async fn a_session_that_ends_during_a_probe_still_says_goodbye() {
+    let srv = TestServer::start_toml("[socketio]\nauth_timeout = \"300ms\"\n").await;
+    let joined = async || {
+        let (p, _) = Poller::open(&srv, 4).await;
+        assert_eq!(p.post(&[&format!("40{NS},")]).await, 200);
+        assert!(p.get().await[0].starts_with(&format!("40{NS},")));
+        p
+    };
+    let goodbye = vec![format!("41{NS},"), "1".to_string()];
+
+    // The probe never sends `5`: closed soon after the session ended, the
+    // session's last GET says goodbye.
+    let p = joined().await;
+    let mut ws = probe(&srv, &p).await;
+    assert_eq!(p.get().await, vec!["6"], "NOOP while upgrading");
+    assert_eq!(close_code(&mut ws).await, 1000);
+    assert_eq!(p.get().await, goodbye);
+
+    // The client paused polling and sends `5` after the session ended.
+    let p = joined().await;
+    let mut ws = probe(&srv, &p).await;
+    assert_eq!(p.get().await, vec!["6"], "NOOP while upgrading");
+    srv.until("the session ended", |gw| gw.hub.stats().connections == 0)
+        .await;
+    ws.send(Message::text("5")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, goodbye[0]);
+    assert_eq!(close_code(&mut ws).await, 1000);
+}
+
+/// A POST may batch many packets and more than one message's worth of
+/// bytes (socket.io-client 2.x does not split batches); one packet over
+/// `ws.max_message_size` ends the session.
+#[tokio::test]
+async fn posts_batch_freely_but_each_packet_is_bounded() {
+    let srv = TestServer::start_toml("[ws]\nmax_message_size = 1024\n").await;
+    let (p, _) = Poller::open(&srv, 3).await;
+    let pings: Vec<String> = (0..2000).map(|i| format!("2{i:0>900}")).collect();
+    let pings: Vec<&str> = pings.iter().map(String::as_str).take(10).collect();
+    assert_eq!(p.post(&pings).await, 200, "10 packets of 900 bytes");
+    assert_eq!(p.get().await, vec![format!("3{:0>900}", 9)]);
+    let noops = vec!["6"; 1000];
+    assert_eq!(p.post(&noops).await, 200, "1000 packets");
+    let big = format!("2{}", "x".repeat(1100));
+    assert_eq!(p.post(&[&big]).await, 413);
+    assert_eq!(p.get().await, vec!["1"]);
+}
+
+/// Authenticating without an ack while a GET waits moves the token expiry
+/// the session's task sleeps to: the expiry is enforced on time.
+#[tokio::test]
+async fn a_token_expiry_set_by_a_post_is_enforced_on_time() {
+    let srv = TestServer::start().await;
+    let (p, _) = Poller::open(&srv, 4).await;
+    assert_eq!(p.post(&[&format!("40{NS},")]).await, 200);
+    assert!(p.get().await[0].starts_with(&format!("40{NS},")));
+    let http = p.http.clone();
+    let url = p.url.clone();
+    let waiting = tokio::spawn(async move {
+        let body = http.get(&url).send().await.unwrap().text().await.unwrap();
+        decode(&body, false)
+    });
+    // No ack id: nothing answers the waiting GET until the token expires.
+    let short = common::token(
+        "assistant",
+        "short",
+        Some(std::time::Duration::from_secs(1)),
+    );
+    let request = json!(["get", {"url": NS, "params": {"jwt-api-key": short}}]);
+    assert_eq!(p.post(&[&format!("42{NS},{request}")]).await, 200);
+    let got = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the expiry ends the session within a few seconds")
+        .unwrap();
+    assert_eq!(got, vec![format!("41{NS},"), "1".to_string()]);
+}

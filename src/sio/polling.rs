@@ -38,8 +38,9 @@ use crate::ws::outbox::{CloseReason, Outbound, Outbox};
 /// How long an ended session waits for the client's next GET to collect
 /// its last packets and the CLOSE packet.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// Packets in one POST, at most.
-const MAX_PACKETS: usize = 256;
+/// A POST may carry this many of the largest messages: socket.io-client
+/// 2.x does not split its batches at `maxPayload` (4.x does).
+const POST_MESSAGES: usize = 16;
 
 /// The sessions that poll, by engine id.
 #[derive(Default)]
@@ -99,6 +100,8 @@ struct State {
     alive: bool,
     /// The CLOSE packet went out.
     closed: bool,
+    /// A WebSocket probing this session, woken when the session ends.
+    prober: Option<Waker>,
 }
 
 impl State {
@@ -108,11 +111,25 @@ impl State {
         }
     }
 
+    /// Ends the session, unless it moved to WebSocket (a late request for
+    /// it must not end the WebSocket's socket).
     fn end(&mut self, reason: CloseReason) {
+        if self.socket.is_none() {
+            return;
+        }
         if self.ending.is_none() {
             self.ending = Some(reason);
         }
+        self.wake_ended();
+    }
+
+    /// The session has ended (here or through a [`Link`]): the waiting GET
+    /// and a probing WebSocket learn it.
+    fn wake_ended(&mut self) {
         self.wake_poller();
+        if let Some(waker) = self.prober.take() {
+            waker.wake();
+        }
     }
 }
 
@@ -134,23 +151,46 @@ impl Session {
 
     /// The probe's WebSocket went away before the upgrade.
     pub(crate) fn abandon_probe(&self) {
-        self.state().upgrading = false;
+        let mut st = self.state();
+        st.upgrading = false;
+        st.prober = None;
+    }
+
+    /// How the session ended, if it has; otherwise `waker` (a probing
+    /// WebSocket's) is woken when it does.
+    pub(crate) fn ended(&self, waker: Option<&Waker>) -> Option<CloseReason> {
+        let mut st = self.state();
+        if st.ending.is_none()
+            && let Some(waker) = waker
+            && !st.prober.as_ref().is_some_and(|w| w.will_wake(waker))
+        {
+            st.prober = Some(waker.clone());
+        }
+        st.ending
     }
 
     /// The client finished the upgrade (`5`): the socket leaves the
-    /// session, with the pong it was still owed.
-    pub(crate) fn upgrade(&self) -> Option<(Socket, Option<Bytes>)> {
+    /// session, with the pong it was still owed. If the session has ended
+    /// meanwhile, says how: the WebSocket then delivers its last replies
+    /// (a DISCONNECT) in place of the GET the client no longer makes.
+    pub(crate) fn upgrade(&self) -> Result<(Socket, Option<Bytes>), CloseReason> {
         let mut st = self.state();
-        if st.ending.is_some() {
-            return None;
+        if let Some(reason) = st.ending {
+            st.closed = true;
+            drop(st);
+            self.changed.notify_one();
+            return Err(reason);
         }
-        let socket = st.socket.take()?;
+        let Some(socket) = st.socket.take() else {
+            return Err(None);
+        };
         st.upgrading = false;
+        st.prober = None;
         let pong = st.pong.take();
         st.wake_poller();
         drop(st);
         self.changed.notify_one();
-        Some((socket, pong))
+        Ok((socket, pong))
     }
 
     pub(crate) fn outbox(&self) -> &Arc<Outbox> {
@@ -188,6 +228,7 @@ pub(crate) fn open(t: &super::Transport, eio3: bool) -> Response {
             upgrading: false,
             alive: true,
             closed: false,
+            prober: None,
         }),
         changed: Notify::new(),
     });
@@ -207,12 +248,12 @@ pub(crate) async fn serve(
     match *method {
         Method::GET => poll(&sess).await,
         Method::POST => {
-            let limit = t.gw.config.ws.max_message_size;
-            match axum::body::to_bytes(body, limit).await {
-                Ok(bytes) => post(&sess, &bytes),
+            let max_message = t.gw.config.ws.max_message_size;
+            match axum::body::to_bytes(body, max_message.saturating_mul(POST_MESSAGES)).await {
+                Ok(bytes) => post(&sess, &bytes, max_message),
                 Err(_) => {
-                    // Over `ws.max_message_size` (or cut short): like an
-                    // oversized WebSocket message, it ends the session.
+                    // Too large (or cut short): like an oversized WebSocket
+                    // message, it ends the session.
                     sess.state()
                         .end(Some((close::TOO_BIG, "payload too large")));
                     sess.changed.notify_one();
@@ -299,16 +340,22 @@ async fn poll(sess: &Session) -> Response {
 const CLOSE: &[u8] = b"1";
 const NOOP: &[u8] = b"6";
 
-/// A POST: each packet goes to the socket, in order.
-fn post(sess: &Session, body: &[u8]) -> Response {
+/// A POST: each packet goes to the socket, in order; each is at most
+/// `max_message` bytes, as a WebSocket message would be.
+fn post(sess: &Session, body: &[u8], max_message: usize) -> Response {
     let Ok(body) = std::str::from_utf8(body) else {
         // Engine.IO 3's binary payloads land here too.
         return refuse(sess, "payload is not UTF-8 text");
     };
-    let packets = match payload::split(body, sess.eio3, MAX_PACKETS) {
+    let packets = match payload::split(body, sess.eio3) {
         Ok(packets) => packets,
         Err(why) => return refuse(sess, why),
     };
+    if packets.iter().any(|p| p.len() > max_message) {
+        sess.state().end(Some((close::TOO_BIG, "message too big")));
+        sess.changed.notify_one();
+        return (StatusCode::PAYLOAD_TOO_LARGE, "message too big").into_response();
+    }
     let mut st = sess.state();
     let State {
         socket,
@@ -321,6 +368,7 @@ fn post(sess: &Session, body: &[u8]) -> Response {
         return SESSION_UNKNOWN.into_response();
     };
     *alive = true;
+    let deadline = socket.deadline();
     let mut held = false;
     for packet in packets {
         let mut link = Link::new(&sess.outbox, ending, pong, &mut held);
@@ -335,11 +383,15 @@ fn post(sess: &Session, body: &[u8]) -> Response {
         }
     }
     let ended = ending.is_some();
-    if ended || pong.is_some() {
+    // An authentication or a refresh moves the deadline the task sleeps to.
+    let moved = socket.deadline() != deadline;
+    if ended {
+        st.wake_ended();
+    } else if pong.is_some() {
         st.wake_poller();
     }
     drop(st);
-    if ended {
+    if ended || moved {
         sess.changed.notify_one();
     }
     text(b"ok".to_vec())
@@ -437,21 +489,19 @@ async fn run(gw: Arc<Gateway>, sessions: Arc<Sessions>, sess: Arc<Session>) {
             }
         }
         if st.ending.is_some() {
-            st.wake_poller();
+            st.wake_ended();
         }
     }
-    // Moved to WebSocket: the session is no longer this task's.
     let mut socket = {
         let mut st = sess.state();
-        if st.ending.is_none() {
+        // Moved to WebSocket: the session is no longer this task's.
+        let (Some(_), Some(socket)) = (st.ending, st.socket.take()) else {
             return;
-        }
-        st.wake_poller();
-        st.socket.take()
+        };
+        st.wake_ended();
+        socket
     };
-    if let Some(socket) = socket.as_mut() {
-        socket.close();
-    }
+    socket.close();
     // Wait for the client to collect the CLOSE packet, briefly.
     let grace = tokio::time::sleep(CLOSE_GRACE);
     tokio::pin!(grace);

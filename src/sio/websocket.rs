@@ -11,6 +11,7 @@
 //! nothing but the probe's answer.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
@@ -26,7 +27,11 @@ use crate::ws::connection::{Connection, Link, Protocol};
 use crate::ws::handshake;
 
 /// How long a probing WebSocket may take to send `5`.
-const UPGRADE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a probe waits for `5` once its session has ended: a client
+/// that already paused polling reads the session's last packets (a
+/// DISCONNECT) only on the WebSocket, and only after sending `5`.
+const ENDED_GRACE: Duration = Duration::from_secs(1);
 
 /// Accepts the WebSocket handshake and serves the connection on a task.
 fn accept<F>(
@@ -95,6 +100,7 @@ where
         sess: sess.clone(),
         socket: None,
         probe_deadline: Instant::now() + UPGRADE_TIMEOUT,
+        ended_at: None,
     };
     // The session's heartbeat; until the upgrade it only checks that the
     // probe is alive (no pings are written while the WebSocket is held).
@@ -124,6 +130,8 @@ struct Upgrade {
     /// The session's socket, once the client sent `5`.
     socket: Option<Socket>,
     probe_deadline: Instant,
+    /// When the probe learned that its session ended.
+    ended_at: Option<Instant>,
 }
 
 impl Protocol for Upgrade {
@@ -134,7 +142,7 @@ impl Protocol for Upgrade {
         match text {
             "2probe" if self.sess.probe() => link.pong(packet::pong("probe")),
             "5" => match self.sess.upgrade() {
-                Some((socket, pong)) => {
+                Ok((socket, pong)) => {
                     self.sessions.remove(self.sess.id());
                     if let Some(pong) = pong {
                         link.pong(pong);
@@ -142,7 +150,12 @@ impl Protocol for Upgrade {
                     self.socket = Some(socket);
                     link.release();
                 }
-                None => link.end(None),
+                // The session ended during the probe: its last replies (a
+                // DISCONNECT) go out here, then the close.
+                Err(reason) => {
+                    link.release();
+                    link.end(reason.or(Some((crate::ws::close::NORMAL, ""))));
+                }
             },
             // Anything else before the upgrade breaks the protocol.
             _ => link.end(Some((crate::ws::close::PROTOCOL_ERROR, "upgrade expected"))),
@@ -159,17 +172,34 @@ impl Protocol for Upgrade {
     fn deadline(&self) -> Option<Instant> {
         match &self.socket {
             Some(socket) => socket.deadline(),
-            None => Some(self.probe_deadline),
+            // A session that ended (or a server shutting down) ends the
+            // probe soon.
+            None => Some(match self.ended_at {
+                Some(at) => self.probe_deadline.min(at + ENDED_GRACE),
+                None => self.probe_deadline,
+            }),
         }
     }
 
     fn on_deadline(&mut self, link: &mut Link<'_>) {
-        match self.socket.as_mut() {
-            Some(socket) => socket.on_deadline(link),
+        if let Some(socket) = self.socket.as_mut() {
+            return socket.on_deadline(link);
+        }
+        match self.sess.ended(None) {
+            Some(reason) => link.end(reason.or(Some((crate::ws::close::NORMAL, "")))),
             None => {
                 tracing::debug!(engine = %self.sess.id(), "no upgrade in time");
                 link.end(None);
             }
+        }
+    }
+
+    fn register(&mut self, waker: &std::task::Waker) {
+        if self.socket.is_none()
+            && self.ended_at.is_none()
+            && self.sess.ended(Some(waker)).is_some()
+        {
+            self.ended_at = Some(Instant::now());
         }
     }
 }

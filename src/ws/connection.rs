@@ -65,6 +65,9 @@ pub trait Protocol {
     /// timeout), if ever.
     fn deadline(&self) -> Option<Instant>;
     fn on_deadline(&mut self, link: &mut Link<'_>);
+    /// Called on every poll of the connection, for a protocol that may move
+    /// its deadline on its own (an upgrade probe whose session ends).
+    fn register(&mut self, _waker: &std::task::Waker) {}
 }
 
 /// What a protocol handler may do to its connection.
@@ -214,6 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
         cx: &mut Context<'_>,
         mut timer: Pin<&mut Sleep>,
     ) -> Poll<CloseReason> {
+        self.proto.register(cx.waker());
         self.poll_read(cx);
         self.poll_write(cx);
         loop {
