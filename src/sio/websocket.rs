@@ -67,18 +67,21 @@ async fn run<S>(t: Transport, io: S, eio3: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (socket, outbox) = Socket::open(&t.gw, t.nsp, eio3, false);
-    let (keepalive, conn) = (socket.keepalive(), socket.conn());
-    // Built in place: a named local moved into the connection would still
-    // take room in this task's state.
-    let mut connection = Connection::new(
-        io,
-        socket,
-        outbox,
-        keepalive,
-        t.gw.config.ws.max_message_size,
-        conn,
-    );
+    // Built in a block: a named local moved into the connection would
+    // otherwise still take room in this task's state (its storage lives
+    // until the end of its scope, across the awaits below).
+    let mut connection = {
+        let (socket, outbox) = Socket::open(&t.gw, t.nsp, eio3, false);
+        let (keepalive, conn) = (socket.keepalive(), socket.conn());
+        Connection::new(
+            io,
+            socket,
+            outbox,
+            keepalive,
+            t.gw.config.ws.max_message_size,
+            conn,
+        )
+    };
     let reason = connection.serve().await;
     connection.protocol().close();
     connection.finish(reason).await;
@@ -94,31 +97,24 @@ async fn run_upgrade<S>(t: Transport, io: S, sess: Arc<Session>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let outbox = sess.outbox().clone();
-    let probe = Upgrade {
-        sessions: t.sessions.clone(),
-        sess: sess.clone(),
-        socket: None,
-        probe_deadline: Instant::now() + UPGRADE_TIMEOUT,
-        ended_at: None,
-    };
     // The session's heartbeat; until the upgrade it only checks that the
     // probe is alive (no pings are written while the WebSocket is held).
-    let keepalive = sess.keepalive();
-    let mut connection = Connection::new(
-        io,
-        probe,
-        outbox,
-        keepalive,
-        t.gw.config.ws.max_message_size,
-        0,
-    )
-    .hold();
+    // Built in a block, as in `run`.
+    let mut connection = {
+        let (outbox, keepalive) = (sess.outbox().clone(), sess.keepalive());
+        let probe = Upgrade {
+            sessions: t.sessions.clone(),
+            stage: Stage::Probing(sess),
+            probe_deadline: Instant::now() + UPGRADE_TIMEOUT,
+            ended_at: None,
+        };
+        let max_message = t.gw.config.ws.max_message_size;
+        Connection::new(io, probe, outbox, keepalive, max_message, 0).hold()
+    };
     let reason = connection.serve().await;
-    let upgrade = connection.protocol();
-    match upgrade.socket.as_mut() {
-        Some(socket) => socket.close(),
-        None => sess.abandon_probe(),
+    match &mut connection.protocol().stage {
+        Stage::Upgraded(socket) => socket.close(),
+        Stage::Probing(sess) => sess.abandon_probe(),
     }
     connection.finish(reason).await;
 }
@@ -126,28 +122,40 @@ where
 /// A WebSocket probing a polling session, then serving it.
 struct Upgrade {
     sessions: Arc<Sessions>,
-    sess: Arc<Session>,
-    /// The session's socket, once the client sent `5`.
-    socket: Option<Socket>,
+    stage: Stage,
     probe_deadline: Instant,
     /// When the probe learned that its session ended.
     ended_at: Option<Instant>,
 }
 
+// The large variant is the one a connection lives in; boxing it would add
+// an allocation per connection and save nothing.
+#[allow(clippy::large_enum_variant)]
+enum Stage {
+    /// Until the client sends `5`.
+    Probing(Arc<Session>),
+    /// The session's socket, now served here; the polling session is gone.
+    Upgraded(Socket),
+}
+
+const UPGRADE_EXPECTED: crate::ws::outbox::CloseReason =
+    Some((crate::ws::close::PROTOCOL_ERROR, "upgrade expected"));
+
 impl Protocol for Upgrade {
     fn on_text(&mut self, link: &mut Link<'_>, text: &str) {
-        if let Some(socket) = self.socket.as_mut() {
-            return socket.on_text(link, text);
-        }
+        let sess = match &mut self.stage {
+            Stage::Upgraded(socket) => return socket.on_text(link, text),
+            Stage::Probing(sess) => sess,
+        };
         match text {
-            "2probe" if self.sess.probe() => link.pong(packet::pong("probe")),
-            "5" => match self.sess.upgrade() {
+            "2probe" if sess.probe() => link.pong(packet::pong("probe")),
+            "5" => match sess.upgrade() {
                 Ok((socket, pong)) => {
-                    self.sessions.remove(self.sess.id());
+                    self.sessions.remove(sess.id());
                     if let Some(pong) = pong {
                         link.pong(pong);
                     }
-                    self.socket = Some(socket);
+                    self.stage = Stage::Upgraded(socket);
                     link.release();
                 }
                 // The session ended during the probe: its last replies (a
@@ -158,23 +166,23 @@ impl Protocol for Upgrade {
                 }
             },
             // Anything else before the upgrade breaks the protocol.
-            _ => link.end(Some((crate::ws::close::PROTOCOL_ERROR, "upgrade expected"))),
+            _ => link.end(UPGRADE_EXPECTED),
         }
     }
 
     fn on_binary(&mut self, link: &mut Link<'_>, data: &[u8]) {
-        match self.socket.as_mut() {
-            Some(socket) => socket.on_binary(link, data),
-            None => link.end(Some((crate::ws::close::PROTOCOL_ERROR, "upgrade expected"))),
+        match &mut self.stage {
+            Stage::Upgraded(socket) => socket.on_binary(link, data),
+            Stage::Probing(_) => link.end(UPGRADE_EXPECTED),
         }
     }
 
     fn deadline(&self) -> Option<Instant> {
-        match &self.socket {
-            Some(socket) => socket.deadline(),
+        match &self.stage {
+            Stage::Upgraded(socket) => socket.deadline(),
             // A session that ended (or a server shutting down) ends the
             // probe soon.
-            None => Some(match self.ended_at {
+            Stage::Probing(_) => Some(match self.ended_at {
                 Some(at) => self.probe_deadline.min(at + ENDED_GRACE),
                 None => self.probe_deadline,
             }),
@@ -182,22 +190,23 @@ impl Protocol for Upgrade {
     }
 
     fn on_deadline(&mut self, link: &mut Link<'_>) {
-        if let Some(socket) = self.socket.as_mut() {
-            return socket.on_deadline(link);
-        }
-        match self.sess.ended(None) {
+        let sess = match &mut self.stage {
+            Stage::Upgraded(socket) => return socket.on_deadline(link),
+            Stage::Probing(sess) => sess,
+        };
+        match sess.ended(None) {
             Some(reason) => link.end(reason.or(Some((crate::ws::close::NORMAL, "")))),
             None => {
-                tracing::debug!(engine = %self.sess.id(), "no upgrade in time");
+                tracing::debug!(engine = %sess.id(), "no upgrade in time");
                 link.end(None);
             }
         }
     }
 
     fn register(&mut self, waker: &std::task::Waker) {
-        if self.socket.is_none()
+        if let Stage::Probing(sess) = &self.stage
             && self.ended_at.is_none()
-            && self.sess.ended(Some(waker)).is_some()
+            && sess.ended(Some(waker)).is_some()
         {
             self.ended_at = Some(Instant::now());
         }
