@@ -417,10 +417,10 @@ async fn close_code(ws: &mut Ws) -> u16 {
     }
 }
 
-/// A server shutdown closes a WebSocket that is probing a session (1001)
-/// instead of waiting for its upgrade deadline.
+/// A server shutdown closes a WebSocket that is probing a session (1001,
+/// within a second) instead of waiting for its 10 s upgrade deadline.
 #[tokio::test]
-async fn a_shutdown_closes_a_probing_websocket_at_once() {
+async fn a_shutdown_closes_a_probing_websocket_promptly() {
     let srv = TestServer::start().await;
     let (p, _) = Poller::open(&srv, 4).await;
     let mut ws = probe(&srv, &p).await;
@@ -508,4 +508,31 @@ async fn a_token_expiry_set_by_a_post_is_enforced_on_time() {
         .expect("the expiry ends the session within a few seconds")
         .unwrap();
     assert_eq!(got, vec![format!("41{NS},"), "1".to_string()]);
+}
+
+/// One WebSocket at a time may upgrade a session: a second one is closed
+/// without touching the session, which the first then takes over intact;
+/// once it has, the session id no longer opens anything.
+#[tokio::test]
+async fn a_second_upgrade_attempt_is_closed_and_harms_nothing() {
+    let srv = TestServer::start().await;
+    let (mut p, _) = Poller::open(&srv, 4).await;
+    p.authenticate(&srv, "assistant", "two-probes").await;
+    let mut first = probe(&srv, &p).await;
+    let url = format!(
+        "ws://{}/socket.io/?EIO=4&transport=websocket&sid={}",
+        srv.addr, p.sid
+    );
+    let (mut second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let _ = second.send(Message::text("2probe")).await;
+    let _ = second.send(Message::text("5")).await;
+    match tokio::time::timeout(WAIT, second.next()).await {
+        Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => {}
+        other => panic!("the second attempt was served: {other:?}"),
+    }
+    assert_eq!(p.get().await, vec!["6"]);
+    first.send(Message::text("5")).await.unwrap();
+    broadcast(&srv, "assistant", json!("after")).await;
+    assert_eq!(next_text(&mut first).await, event(json!("after")));
+    assert!(tokio_tungstenite::connect_async(&url).await.is_err());
 }

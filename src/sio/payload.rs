@@ -60,48 +60,90 @@ fn utf16_len(text: &[u8]) -> usize {
         .sum()
 }
 
-/// Splits a POSTed payload into its packets (the body's size bounds
-/// their number).
-pub fn split(body: &str, eio3: bool) -> Result<Vec<&str>, &'static str> {
-    let mut packets = Vec::new();
-    if !eio3 {
-        for packet in body.split(SEPARATOR as char) {
+/// The packets of a POSTed payload, in order, read as they are handled
+/// (nothing is collected: a body of many tiny packets costs no memory).
+pub fn packets(body: &str, eio3: bool) -> Packets<'_> {
+    Packets {
+        rest: body,
+        eio3,
+        first: true,
+    }
+}
+
+pub struct Packets<'a> {
+    rest: &'a str,
+    eio3: bool,
+    /// An empty Engine.IO 4 body is one empty packet, which is refused.
+    first: bool,
+}
+
+impl<'a> Iterator for Packets<'a> {
+    type Item = Result<&'a str, &'static str>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // An empty Engine.IO 4 body still yields its one (empty) packet.
+        if self.rest.is_empty() && (self.eio3 || !self.first) {
+            return None;
+        }
+        self.first = false;
+        let next = if self.eio3 {
+            next_v3(self.rest)
+        } else {
+            let (packet, rest) = match self.rest.split_once(SEPARATOR as char) {
+                // A trailing separator leaves an empty packet behind it.
+                Some((packet, "")) => (packet, "\u{1e}"),
+                Some((packet, rest)) => (packet, rest),
+                None => (self.rest, ""),
+            };
             if packet.is_empty() {
-                return Err("empty packet");
+                Err("empty packet")
+            } else {
+                Ok((packet, rest))
             }
-            packets.push(packet);
-        }
-        return Ok(packets);
-    }
-    let mut rest = body;
-    while !rest.is_empty() {
-        let (len, after) = rest.split_once(':').ok_or("packet without a length")?;
-        if len.is_empty() || len.len() > 9 || !len.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("invalid packet length");
-        }
-        let want: usize = len.parse().map_err(|_| "invalid packet length")?;
-        // The byte offset where `want` UTF-16 units end.
-        let mut units = 0;
-        let mut end = after.len();
-        for (i, c) in after.char_indices() {
-            if units == want {
-                end = i;
-                break;
+        };
+        match next {
+            Ok((packet, rest)) => {
+                self.rest = rest;
+                Some(Ok(packet))
             }
-            units += c.len_utf16();
+            Err(why) => {
+                self.rest = "";
+                Some(Err(why))
+            }
         }
-        if units != want || want == 0 {
-            return Err("packet length does not match");
-        }
-        packets.push(&after[..end]);
-        rest = &after[end..];
     }
-    Ok(packets)
+}
+
+/// One `<length>:<packet>`, the length in UTF-16 units.
+fn next_v3(rest: &str) -> Result<(&str, &str), &'static str> {
+    let (len, after) = rest.split_once(':').ok_or("packet without a length")?;
+    if len.is_empty() || len.len() > 9 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("invalid packet length");
+    }
+    let want: usize = len.parse().map_err(|_| "invalid packet length")?;
+    // The byte offset where `want` UTF-16 units end.
+    let mut units = 0;
+    let mut end = after.len();
+    for (i, c) in after.char_indices() {
+        if units == want {
+            end = i;
+            break;
+        }
+        units += c.len_utf16();
+    }
+    if units != want || want == 0 {
+        return Err("packet length does not match");
+    }
+    Ok((&after[..end], &after[end..]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split(body: &str, eio3: bool) -> Result<Vec<&str>, &'static str> {
+        packets(body, eio3).collect()
+    }
 
     fn payload(packets: &[&str], eio3: bool) -> String {
         let mut out = Vec::new();

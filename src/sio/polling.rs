@@ -78,7 +78,8 @@ pub(crate) struct Session {
     keepalive: Keepalive,
     outbox: Arc<Outbox>,
     state: Mutex<State>,
-    /// Wakes the session's task: the session ended, moved, or a GET ended.
+    /// Wakes the session's task: the session ended or moved, a GET ended,
+    /// or a POST moved the socket's deadline.
     changed: Notify,
 }
 
@@ -100,7 +101,9 @@ struct State {
     alive: bool,
     /// The CLOSE packet went out.
     closed: bool,
-    /// A WebSocket probing this session, woken when the session ends.
+    /// A WebSocket holds the session's one upgrade attempt, and is woken
+    /// when the session ends.
+    probing: bool,
     prober: Option<Waker>,
 }
 
@@ -138,6 +141,18 @@ impl Session {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A WebSocket for this session's upgrade opened; false if another one
+    /// is already trying, or the session is over (as in engine.io, the
+    /// newcomer is closed).
+    pub(crate) fn claim_probe(&self) -> bool {
+        let mut st = self.state();
+        if st.probing || st.ending.is_some() || st.socket.is_none() {
+            return false;
+        }
+        st.probing = true;
+        true
+    }
+
     /// A WebSocket probe (`2probe`) arrived; false if the session is over.
     pub(crate) fn probe(&self) -> bool {
         let mut st = self.state();
@@ -153,6 +168,7 @@ impl Session {
     pub(crate) fn abandon_probe(&self) {
         let mut st = self.state();
         st.upgrading = false;
+        st.probing = false;
         st.prober = None;
     }
 
@@ -169,10 +185,11 @@ impl Session {
         st.ending
     }
 
-    /// The client finished the upgrade (`5`): the socket leaves the
-    /// session, with the pong it was still owed. If the session has ended
-    /// meanwhile, says how: the WebSocket then delivers its last replies
-    /// (a DISCONNECT) in place of the GET the client no longer makes.
+    /// The client finished the upgrade (`5`) on the WebSocket that holds
+    /// the claim: the socket leaves the session, with the pong it was still
+    /// owed. If the session has ended meanwhile, says how: the WebSocket
+    /// then delivers its last replies (a DISCONNECT, unless the server is
+    /// shutting down) in place of the GET the client no longer makes.
     pub(crate) fn upgrade(&self) -> Result<(Socket, Option<Bytes>), CloseReason> {
         let mut st = self.state();
         if let Some(reason) = st.ending {
@@ -228,6 +245,7 @@ pub(crate) fn open(t: &super::Transport, eio3: bool) -> Response {
             upgrading: false,
             alive: true,
             closed: false,
+            probing: false,
             prober: None,
         }),
         changed: Notify::new(),
@@ -347,15 +365,6 @@ fn post(sess: &Session, body: &[u8], max_message: usize) -> Response {
         // Engine.IO 3's binary payloads land here too.
         return refuse(sess, "payload is not UTF-8 text");
     };
-    let packets = match payload::split(body, sess.eio3) {
-        Ok(packets) => packets,
-        Err(why) => return refuse(sess, why),
-    };
-    if packets.iter().any(|p| p.len() > max_message) {
-        sess.state().end(Some((close::TOO_BIG, "message too big")));
-        sess.changed.notify_one();
-        return (StatusCode::PAYLOAD_TOO_LARGE, "message too big").into_response();
-    }
     let mut st = sess.state();
     let State {
         socket,
@@ -370,13 +379,23 @@ fn post(sess: &Session, body: &[u8], max_message: usize) -> Response {
     *alive = true;
     let deadline = socket.deadline();
     let mut held = false;
-    for packet in packets {
+    let mut answer = text(b"ok".to_vec());
+    for packet in payload::packets(body, sess.eio3) {
         let mut link = Link::new(&sess.outbox, ending, pong, &mut held);
-        match packet.strip_prefix('b') {
+        match packet {
+            Err(why) => {
+                tracing::debug!(engine = %sess.id, why, "invalid polling payload");
+                link.end(Some((close::PROTOCOL_ERROR, why)));
+                answer = BAD_REQUEST.into_response();
+            }
+            Ok(packet) if packet.len() > max_message => {
+                link.end(Some((close::TOO_BIG, "message too big")));
+                answer = (StatusCode::PAYLOAD_TOO_LARGE, "message too big").into_response();
+            }
             // Engine.IO 4's base64 binary packet: an attachment, refused
             // with its event.
-            Some(_) => socket.on_binary(&mut link, &[]),
-            None => socket.on_text(&mut link, packet),
+            Ok(packet) if packet.starts_with('b') => socket.on_binary(&mut link, &[]),
+            Ok(packet) => socket.on_text(&mut link, packet),
         }
         if ending.is_some() {
             break;
@@ -394,7 +413,7 @@ fn post(sess: &Session, body: &[u8], max_message: usize) -> Response {
     if ended || moved {
         sess.changed.notify_one();
     }
-    text(b"ok".to_vec())
+    answer
 }
 
 fn refuse(sess: &Session, why: &'static str) -> Response {

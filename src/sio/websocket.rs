@@ -8,7 +8,8 @@
 //! `3probe` while its session still polls; a waiting GET is then answered
 //! with NOOP so the client can pause polling; its `5` moves the session's
 //! socket and outbox onto the WebSocket. Until then the WebSocket writes
-//! nothing but the probe's answer.
+//! only the probe's answer, WebSocket pongs and its close; one WebSocket at
+//! a time may try to upgrade a session.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,6 +98,10 @@ async fn run_upgrade<S>(t: Transport, io: S, sess: Arc<Session>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    if !sess.claim_probe() {
+        tracing::debug!(engine = %sess.id(), "a second upgrade attempt; closed");
+        return;
+    }
     // The session's heartbeat; until the upgrade it only checks that the
     // probe is alive (no pings are written while the WebSocket is held).
     // Built in a block, as in `run`.
