@@ -59,11 +59,6 @@ impl Transport {
             sessions: Arc::default(),
         }
     }
-
-    /// The sessions that currently poll.
-    pub fn sessions(&self) -> &polling::Sessions {
-        &self.sessions
-    }
 }
 
 /// An Engine.IO request's query: `EIO`, `transport` and `sid`.

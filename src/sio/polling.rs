@@ -60,15 +60,6 @@ impl Sessions {
     pub(crate) fn remove(&self, id: &str) {
         self.map().remove(id);
     }
-
-    /// How many sessions poll (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.map().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 pub(crate) struct Session {
