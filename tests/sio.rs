@@ -647,8 +647,8 @@ async fn cross_origin_polling_gets_cors_headers() {
     assert!(other.headers().get("access-control-allow-origin").is_none());
 }
 
-// ---- pulso's own WebSocket transport (clients that open a WebSocket
-// directly; polling and upgrades stay with socketioxide) -----------------
+// ---- Engine.IO over WebSocket (clients that open a WebSocket directly;
+// polling and upgrades: tests/sio_polling.rs) ------------------------------
 
 #[tokio::test]
 async fn unknown_namespaces_are_refused_in_each_protocol_version() {
