@@ -13,39 +13,13 @@ const SEPARATOR: u8 = 0x1e;
 /// Appends one text packet to a payload being built.
 pub fn push(out: &mut Vec<u8>, packet: &[u8], eio3: bool) {
     if eio3 {
-        out.extend_from_slice(digits(utf16_len(packet)).as_bytes());
-        out.push(b':');
+        use std::io::Write;
+        // Writing to a `Vec` cannot fail.
+        let _ = write!(out, "{}:", utf16_len(packet));
     } else if !out.is_empty() {
         out.push(SEPARATOR);
     }
     out.extend_from_slice(packet);
-}
-
-/// A number as decimal digits, without allocating.
-struct Digits {
-    buf: [u8; 20],
-    start: usize,
-}
-
-impl Digits {
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-}
-
-fn digits(mut n: usize) -> Digits {
-    let mut d = Digits {
-        buf: [0; 20],
-        start: 20,
-    };
-    loop {
-        d.start -= 1;
-        d.buf[d.start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return d;
-        }
-    }
 }
 
 /// The UTF-16 length of UTF-8 text: one unit per character, two for a

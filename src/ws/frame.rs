@@ -256,6 +256,18 @@ pub fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
 mod tests {
     use super::*;
 
+    /// `server_payload` undoes `encode` for each header length (7-bit,
+    /// 16-bit and 64-bit lengths).
+    #[test]
+    fn server_payload_strips_each_header_length() {
+        for len in [0, 1, 125, 126, 65_535, 65_536, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let frame = encode(TEXT, &payload);
+            assert_eq!(server_payload(&frame), &payload[..], "length {len}");
+        }
+        assert_eq!(server_payload(&[]), &[] as &[u8]);
+    }
+
     /// A masked client frame, as a browser would send it.
     fn client(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut out = Vec::new();
