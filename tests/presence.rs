@@ -752,7 +752,7 @@ async fn a_hung_store_fills_the_bounded_queue_and_delivery_goes_on() {
     // database that never answers: the surplus is dropped, never waited for.
     let started = std::time::Instant::now();
     for i in 0..(pulso::presence::QUEUE + 1000) {
-        srv.gw.presence.set(pulso::presence::Holder {
+        let _ = srv.gw.presence.set(pulso::presence::Holder {
             role: "load".into(),
             sub: format!("{i}"),
             socket_id: format!("s{i}"),
@@ -777,4 +777,91 @@ async fn a_hung_store_fills_the_bounded_queue_and_delivery_goes_on() {
     // Stopping gives up on the stuck store within shutdown_timeout.
     let took = srv.stop().await;
     assert!(took < Duration::from_secs(15), "{took:?}");
+}
+
+/// Read your writes (SPEC §7): a client told "authenticated" (the Socket.IO
+/// success ack, a `/ws` connection's first reply) finds its row at once, in
+/// `GET /api/presence` and in the application's table. Many clients connect
+/// together and each reads presence once, the instant its answer arrives:
+/// no polling, so a row written after the answer fails the test.
+async fn read_your_writes(url: &str) {
+    let table = unique("app_timers");
+    let probe = Probe::open(url).await;
+    probe
+        .exec(&format!(
+            "CREATE TABLE {table} (id TEXT PRIMARY KEY, socket_id TEXT)"
+        ))
+        .await;
+    let node = unique("node");
+    let srv = start(
+        url,
+        &node,
+        &format!("[presence.entities.timer]\ntable = \"{table}\"\nid_column = \"id\"\nsocket_column = \"socket_id\"\n"),
+    )
+    .await;
+    srv.until("presence ready", |gw| gw.presence.status().is_ok())
+        .await;
+    let admin = srv.token("admin", "ryw-admin");
+    let subs: Vec<String> = (0..48).map(|_| unique("ryw")).collect();
+    for sub in &subs {
+        probe
+            .exec(&format!("INSERT INTO {table} (id) VALUES ('{sub}')"))
+            .await;
+    }
+    let clients = subs.iter().enumerate().map(|(i, sub)| {
+        let (srv, admin, probe, table) = (&srv, &admin, &probe, &table);
+        async move {
+            let token = srv.token("timer", sub);
+            // Each client stays connected until its row has been checked.
+            let (socket_id, _ws, _sio) = match i % 4 {
+                // /ws: the first reply comes once the row is committed.
+                0 => {
+                    let mut ws = common::WsClient::connect(&srv.ws_url(&token)).await;
+                    let pong = ws.request(json!({"type": "ping"}), 1).await;
+                    assert_eq!(pong["type"], "pong");
+                    (None, Some(ws), None)
+                }
+                // Socket.IO, both engine versions, both namespaces.
+                n => {
+                    let (eio, ns) = [(4, NS), (3, NS), (4, "/")][n - 1];
+                    let mut c = SioClient::connect(srv.addr, eio, ns).await;
+                    let ack = c.auth(&token, json!({})).await;
+                    assert_eq!(ack["statusCode"], 200, "{ack}");
+                    (Some(c.socket_id()), None, Some(c))
+                }
+            };
+            let (status, body) =
+                get_json(srv, &format!("/api/presence?sub={sub}"), Some(admin)).await;
+            assert_eq!(status, 200, "{body}");
+            let rows = body["sockets"].as_array().cloned().unwrap_or_default();
+            assert_eq!(
+                rows.len(),
+                1,
+                "{sub}: the row is there when the answer is: {body}"
+            );
+            let cell = probe
+                .text(&format!("SELECT socket_id FROM {table} WHERE id = '{sub}'"))
+                .await;
+            assert_eq!(cell.as_deref(), rows[0]["socket_id"].as_str(), "{sub}");
+            if let Some(id) = socket_id {
+                assert_eq!(rows[0]["socket_id"], json!(id));
+            }
+        }
+    });
+    futures_util::future::join_all(clients).await;
+    srv.stop().await;
+    probe.exec(&format!("DROP TABLE {table}")).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_client_reads_its_presence_row_when_answered() {
+    read_your_writes(&sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn postgres_a_client_reads_its_presence_row_when_answered() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    read_your_writes(&url).await;
 }

@@ -818,3 +818,169 @@ async fn engine_io_4_heartbeat_drops_a_silent_client_and_keeps_one_that_answers(
     assert_eq!(body, json!({"recipients": 1}));
     assert_eq!(alive.event().await.1, vec![json!("hb")]);
 }
+
+// The root namespace serves the same virtual requests, rooms and events as
+// the notifications namespace (SPEC §4): the seed's own client connects to
+// the server's root and sends `get` with `url: '/notifications'`.
+
+#[tokio::test]
+async fn the_root_namespace_authenticates_joins_rooms_and_gets_broadcasts() {
+    let srv = server("").await;
+    // Engine.IO 4: the client connects to `/` and is told its id.
+    let mut v4 = SioClient::connect(srv.addr, 4, "/").await;
+    // Engine.IO 3: the server puts the client in `/` itself; its socket id
+    // is the engine id.
+    let mut v3 = SioClient::open(srv.addr, 3).await;
+    // A notifications-namespace socket on another connection, in the same
+    // room: the frame of one message is right for each namespace.
+    let mut ns = SioClient::connect(srv.addr, 4, NS).await;
+
+    let ack = v4
+        .auth(&srv.token("assistant", "r4"), json!({"tournamentId": 2}))
+        .await;
+    assert_eq!(
+        ack,
+        json!({"body":{"socketId": v4.socket_id(), "rooms":["assistant","assistant_2"]},"statusCode":200})
+    );
+    assert!(v4.sid.as_deref().is_some_and(|s| !s.is_empty()));
+    let ack = v3.auth(&srv.token("timer", "r3"), json!({})).await;
+    assert_eq!(ack["statusCode"], 200, "{ack}");
+    assert_eq!(ack["body"]["socketId"], json!(v3.engine_id));
+    assert_eq!(
+        ns.auth(&srv.token("assistant", "n4"), json!({})).await["statusCode"],
+        200
+    );
+
+    let (status, body) = srv
+        .post(
+            "/api/broadcast",
+            json!({"rooms": ["assistant", "timer"], "event": "check_in", "data": {"id": 4}}),
+        )
+        .await;
+    assert_eq!((status, body), (200, json!({"recipients": 3})));
+    assert_eq!(
+        v4.event().await,
+        ("check_in".into(), vec![json!({"id": 4})])
+    );
+    assert_eq!(
+        v3.event().await,
+        ("check_in".into(), vec![json!({"id": 4})])
+    );
+    assert_eq!(
+        ns.event().await,
+        ("check_in".into(), vec![json!({"id": 4})])
+    );
+
+    // Rooms named by a root socket's id reach it.
+    let (id4, id3) = (v4.socket_id(), v3.engine_id.clone());
+    for (c, id) in [(&mut v4, id4), (&mut v3, id3)] {
+        let (_, body) = srv
+            .post(
+                "/api/broadcast",
+                json!({"rooms": id, "event": "own", "data": 1}),
+            )
+            .await;
+        assert_eq!(body, json!({"recipients": 1}));
+        assert_eq!(c.event().await, ("own".into(), vec![json!(1)]));
+    }
+
+    // Presence holds the root sockets' ids.
+    let (_, rows) = common::get_json(
+        &format!("http://{}/api/presence?sub=r3", srv.addr),
+        Some(&srv.token("admin", "ops")),
+    )
+    .await;
+    assert_eq!(rows["sockets"][0]["socket_id"], json!(v3.engine_id));
+}
+
+#[tokio::test]
+async fn a_connection_with_a_socket_in_both_namespaces_gets_each_event_on_each() {
+    let srv = server("").await;
+    let mut c = SioClient::connect(srv.addr, 4, "/").await;
+    let root_id = c.socket_id();
+    c.join(NS).await;
+    let ns_id = c.socket_id();
+    assert_ne!(root_id, ns_id);
+    let token = srv.token("assistant", "both");
+    assert_eq!(
+        c.auth(&token, json!({})).await["body"]["socketId"],
+        json!(ns_id)
+    );
+    c.use_ns("/");
+    assert_eq!(
+        c.auth(&token, json!({})).await["body"]["socketId"],
+        json!(root_id)
+    );
+
+    let (_, body) = srv
+        .post(
+            "/api/broadcast",
+            json!({"rooms": "assistant", "event": "e", "data": 1}),
+        )
+        .await;
+    assert_eq!(body, json!({"recipients": 2}));
+    // One event per namespace socket, each framed for its namespace.
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let t = c.raw_message().await;
+        seen.push(t);
+    }
+    seen.sort();
+    assert_eq!(seen, [r#"2/notifications,["e",1]"#, r#"2["e",1]"#]);
+
+    // A room named by one socket's id reaches that socket only.
+    let (_, body) = srv
+        .post(
+            "/api/broadcast",
+            json!({"rooms": [&ns_id], "event": "own", "data": 2}),
+        )
+        .await;
+    assert_eq!(body, json!({"recipients": 1}));
+    assert_eq!(c.raw_message().await, r#"2/notifications,["own",2]"#);
+
+    // Leaving one namespace keeps the other (and the connection).
+    c.send_raw(&format!("41{NS},")).await;
+    let (_, body) = srv
+        .post(
+            "/api/broadcast",
+            json!({"rooms": "assistant", "event": "e", "data": 3}),
+        )
+        .await;
+    assert_eq!(body, json!({"recipients": 1}));
+    assert_eq!(c.raw_message().await, r#"2["e",3]"#);
+}
+
+#[tokio::test]
+async fn an_authenticated_root_socket_outlives_the_auth_timeout_and_a_failed_one_is_disconnected() {
+    let srv = server("[socketio]\nauth_timeout = \"300ms\"\n").await;
+    let mut authed = SioClient::connect(srv.addr, 4, "/").await;
+    authed.auth(&srv.token("timer", "t1"), json!({})).await;
+    let mut v3 = SioClient::open(srv.addr, 3).await;
+    v3.auth(&srv.token("timer", "t2"), json!({})).await;
+    let mut idle = SioClient::connect(srv.addr, 4, "/").await;
+    idle.disconnected().await;
+    // Past the timeout, both authenticated root sockets still get events.
+    let (_, body) = srv
+        .post("/api/broadcast", json!({"rooms": "timer", "data": 1}))
+        .await;
+    assert_eq!(body, json!({"recipients": 2}));
+    assert_eq!(authed.event().await.0, "message");
+    assert_eq!(v3.event().await.0, "message");
+
+    // A failed request on the root: the error ack, then DISCONNECT.
+    for eio in [3, 4] {
+        let mut bad = if eio == 3 {
+            SioClient::open(srv.addr, 3).await
+        } else {
+            SioClient::connect(srv.addr, 4, "/").await
+        };
+        let ack = bad
+            .request(
+                "get",
+                &[json!({"url": NS, "params": {"jwt-api-key": "nope"}})],
+            )
+            .await;
+        assert_eq!(code_of(&ack), "401-2");
+        assert_eq!(bad.next().await, Packet::Disconnect);
+    }
+}

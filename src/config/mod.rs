@@ -301,6 +301,8 @@ pub struct PresenceConfig {
     pub database_url: String,
     /// Role → application table.
     pub entities: HashMap<String, EntityTable>,
+    /// How long a client's answer waits for its row (read your writes).
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -430,6 +432,7 @@ impl Config {
         let presence = PresenceConfig {
             database_url: parse_database_url(&l.req("database_url", value::parse_string)?)?,
             entities: parse_entities(&l.req("presence.entities", value::parse_table)?)?,
+            write_timeout: l.req("presence.write_timeout", value::parse_duration)?,
         };
 
         Ok(Config {

@@ -318,6 +318,12 @@ pub const SETTINGS: &[Setting] = &[
         "Roles allowed to authenticate on Socket.IO (empty: any)"
     ),
     setting!(
+        "presence.write_timeout",
+        Duration,
+        Some("1s"),
+        "How long an authentication waits for its presence row to be committed before the client is answered anyway"
+    ),
+    setting!(
         "presence.entities",
         Table,
         Some(""),

@@ -55,9 +55,9 @@ pub struct Message {
     /// The whole `/ws` frame, header included, built by the first recipient
     /// that writes it (see `ws::protocol::wire`) and shared by the rest.
     pub(crate) ws_frame: OnceLock<Bytes>,
-    /// The same for Socket.IO sockets on pulso's own WebSocket transport
-    /// (see `sio::packet::wire`).
-    pub(crate) sio_frame: OnceLock<Bytes>,
+    /// The same for Socket.IO sockets, one per namespace: the root
+    /// namespace and the notifications namespace (see `sio::packet::wire`).
+    pub(crate) sio_frames: [OnceLock<Bytes>; 2],
 }
 
 impl Message {
@@ -77,7 +77,7 @@ impl Message {
             ts,
             payload,
             ws_frame: OnceLock::new(),
-            sio_frame: OnceLock::new(),
+            sio_frames: [OnceLock::new(), OnceLock::new()],
         }
     }
 }

@@ -1,11 +1,18 @@
 //! The presence store: which socket each (role, sub) holds right now
 //! (SPEC §7), in SQLite or PostgreSQL through sqlx.
 //!
-//! Front ends never wait for the database. [`Presence::set`] and
+//! Front ends never block on the database. [`Presence::set`] and
 //! [`Presence::clear`] only push onto a bounded queue; one background
-//! writer task applies the operations in order, retrying a failed one a few
-//! times. A slow or stopped database therefore costs queued writes (counted
-//! and logged when they are dropped or fail), never message delivery.
+//! writer task applies the operations in order, everything queued meanwhile
+//! in one transaction (group commit), retrying a failed one a few times. A
+//! slow or stopped database therefore costs queued writes (counted and
+//! logged when they are dropped or fail), never message delivery.
+//!
+//! Clients read their writes: `set` hands back a [`Committed`] that the
+//! front end waits on (at most `presence.write_timeout`) before it answers
+//! the client, so a backend the client tells "I am connected" finds the
+//! row. A failed or dropped write ends the wait at once: authentication
+//! never fails, nor waits long, because the store is down.
 //!
 //! The writer also owns the connection: it (re)connects, creates or migrates
 //! the schema, and clears the rows this node left behind after a crash
@@ -45,7 +52,8 @@ pub struct Holder {
 }
 
 enum Op {
-    Set(Holder, u64),
+    /// The sender is dropped once the write is committed or given up.
+    Set(Holder, u64, Option<oneshot::Sender<()>>),
     /// Clear the row only if it still holds this socket id.
     Clear(Holder),
     /// Clear every row this node holds, then stop (graceful shutdown).
@@ -89,6 +97,34 @@ impl Shared {
 pub struct Presence {
     tx: mpsc::Sender<Op>,
     shared: Arc<Shared>,
+    write_timeout: Duration,
+}
+
+/// The end of one `set`'s write: committed, given up, or
+/// `presence.write_timeout` passed, whichever comes first.
+#[must_use = "the client is answered once the row is committed"]
+pub struct Committed {
+    done: Option<oneshot::Receiver<()>>,
+    timeout: Duration,
+}
+
+impl Committed {
+    /// Waits for the write (bounded by `presence.write_timeout`).
+    pub async fn wait(self) {
+        if let Some(done) = self.done {
+            // A closed channel (committed or given up) and the timeout
+            // both end the wait; the write itself goes on either way.
+            let _ = tokio::time::timeout(self.timeout, done).await;
+        }
+    }
+
+    /// A write that is already over (tests, and writes that were dropped).
+    pub fn done() -> Committed {
+        Committed {
+            done: None,
+            timeout: Duration::ZERO,
+        }
+    }
 }
 
 /// Why a presence read failed.
@@ -124,7 +160,11 @@ impl Presence {
             first,
         ));
         let _ = tokio::time::timeout(DB_TIMEOUT * 2, first_rx).await;
-        Presence { tx, shared }
+        Presence {
+            tx,
+            shared,
+            write_timeout: config.write_timeout,
+        }
     }
 
     /// `Ok` when the store is connected and the last write succeeded.
@@ -136,14 +176,20 @@ impl Presence {
             .clone()
     }
 
-    /// Records that `holder` authenticated now. Never waits.
-    pub fn set(&self, holder: Holder) {
+    /// Records that `holder` authenticated now. Never waits; the client
+    /// is answered once the returned [`Committed`] is.
+    pub fn set(&self, holder: Holder) -> Committed {
         let at = crate::hub::now_ms();
         self.shared.live().insert(
             (holder.role.clone(), holder.sub.clone()),
             (holder.clone(), at),
         );
-        self.push(Op::Set(holder, at));
+        let (done, wait) = oneshot::channel();
+        self.push(Op::Set(holder, at, Some(done)));
+        Committed {
+            done: Some(wait),
+            timeout: self.write_timeout,
+        }
     }
 
     /// Records that `holder` disconnected. Never waits.
@@ -291,6 +337,13 @@ async fn writer(
         if !batch.is_empty() {
             apply(&mut link, &batch).await;
         }
+        // Committed or given up: the clients waiting on these rows are
+        // answered now.
+        for op in batch {
+            if let Op::Set(_, _, Some(done)) = op {
+                let _ = done.send(());
+            }
+        }
 
         if let Some(Op::Stop(done)) = stop {
             if let Some(db) = &link.db {
@@ -318,7 +371,7 @@ async fn apply(link: &mut Link, batch: &[Op]) {
     let writes: Vec<Write<'_>> = batch
         .iter()
         .filter_map(|op| match op {
-            Op::Set(h, at) => Some(Write::Set(h, *at)),
+            Op::Set(h, at, _) => Some(Write::Set(h, *at)),
             Op::Clear(h) => Some(Write::Clear(h)),
             Op::Stop(_) => None,
         })

@@ -32,7 +32,7 @@ use serde_json::Value;
 use crate::auth::Identity;
 use crate::gateway::Gateway;
 use crate::hub::{ConnId, Filter};
-use crate::presence::Holder;
+use crate::presence::{Committed, Holder};
 use request::{Failure, Token};
 
 const PROTOCOL: &str = "socketio";
@@ -149,27 +149,40 @@ pub async fn serve(State(t): State<Transport>, request: Request, next: Next) -> 
     }
 }
 
+/// The answer to a virtual request.
+pub(crate) struct Answer {
+    pub ack: Value,
+    /// Any failure while not yet authenticated disconnects the socket.
+    pub disconnect: bool,
+    /// An authentication's presence write: the ack goes out once it is
+    /// committed (read your writes, SPEC §7).
+    pub committed: Option<Committed>,
+}
+
 /// What an authenticated socket holds.
 struct Authed {
     identity: Identity,
     rooms: Vec<String>,
-    conn: ConnId,
 }
 
-/// One notifications-namespace socket, whatever transport carries it: the
-/// virtual requests that authenticate it, and what it then holds.
+/// One namespace socket (the notifications namespace's or the root's: both
+/// serve the same requests), whatever transport carries it: the virtual
+/// requests that authenticate it, and what it then holds.
 pub(crate) struct Notifications {
     gw: Arc<Gateway>,
     /// The id the client sees as `socket.id`, also its own room's name.
     socket_id: String,
+    /// Its handle in the hub, subscribed to its rooms once it authenticates.
+    conn: ConnId,
     auth: Option<Authed>,
 }
 
 impl Notifications {
-    pub(crate) fn new(gw: Arc<Gateway>, socket_id: String) -> Self {
+    pub(crate) fn new(gw: Arc<Gateway>, socket_id: String, conn: ConnId) -> Self {
         Notifications {
             gw,
             socket_id,
+            conn,
             auth: None,
         }
     }
@@ -188,29 +201,34 @@ impl Notifications {
         &self.socket_id
     }
 
-    /// Handles one virtual request; `register` puts the socket in the hub
-    /// when it authenticates. Returns the ack and whether the socket must be
-    /// disconnected (any failure while not yet authenticated).
-    pub(crate) fn request(
-        &mut self,
-        v: &Value,
-        register: impl FnOnce() -> ConnId,
-    ) -> (Value, bool) {
+    /// Handles one virtual request.
+    pub(crate) fn request(&mut self, v: &Value) -> Answer {
         let was_authed = self.auth.is_some();
-        match self.serve(v, register) {
-            Ok(ack) => (ack, false),
+        let mut committed = None;
+        match self.serve(v, &mut committed) {
+            Ok(ack) => Answer {
+                ack,
+                disconnect: false,
+                committed,
+            },
             Err(f) => {
                 self.gw.metrics.sio_auth_result(f.code);
                 if !was_authed {
                     self.gw.metrics.auth_failure(reason_of(f.code));
                 }
                 tracing::debug!(socket = %self.socket_id, code = f.code, message = %f.message, "socket.io request refused");
-                (f.ack(), !was_authed)
+                Answer {
+                    ack: f.ack(),
+                    disconnect: !was_authed,
+                    committed: None,
+                }
             }
         }
     }
 
-    fn serve(&mut self, v: &Value, register: impl FnOnce() -> ConnId) -> Result<Value, Failure> {
+    /// Serves a request; an authentication sets `committed` to its
+    /// presence write.
+    fn serve(&mut self, v: &Value, committed: &mut Option<Committed>) -> Result<Value, Failure> {
         let gw = self.gw.clone();
         let req = request::parse(v)?;
         if req.path != gw.config.socketio.namespace {
@@ -250,21 +268,16 @@ impl Notifications {
         // Rooms are decided; only role, sub and exp are needed from here on.
         identity.claims = Default::default();
 
-        let conn = register();
         for name in std::iter::once(&self.socket_id).chain(&rooms) {
             if let Ok(filter) = Filter::parse(name) {
-                let _ = gw.hub.subscribe(conn, &filter, usize::MAX);
+                let _ = gw.hub.subscribe(self.conn, &filter, usize::MAX);
             }
         }
-        gw.presence.set(self.holder(&identity));
+        *committed = Some(gw.presence.set(self.holder(&identity)));
         tracing::debug!(socket = %self.socket_id, sub = %identity.sub, role = %identity.role, ?rooms, "socket.io authenticated");
         gw.metrics.sio_auth_result("ok");
         let ack = request::success(&self.socket_id, &rooms);
-        self.auth = Some(Authed {
-            identity,
-            rooms,
-            conn,
-        });
+        self.auth = Some(Authed { identity, rooms });
         Ok(ack)
     }
 
@@ -292,15 +305,19 @@ impl Notifications {
         }
     }
 
-    /// The socket is gone: leave the hub, clear presence if it was ours.
-    /// Returns whether it had authenticated.
-    pub(crate) fn finish(&mut self) -> bool {
+    /// The socket is gone: leave its rooms, clear presence if it was ours.
+    /// Its hub handle stays with the connection, which may still have a
+    /// socket in the other namespace.
+    pub(crate) fn finish(&mut self) {
         let Some(a) = self.auth.take() else {
-            return false;
+            return;
         };
-        self.gw.hub.unregister(a.conn);
+        for name in std::iter::once(&self.socket_id).chain(&a.rooms) {
+            if let Ok(filter) = Filter::parse(name) {
+                self.gw.hub.unsubscribe(self.conn, &filter);
+            }
+        }
         self.gw.presence.clear(self.holder(&a.identity));
-        true
     }
 }
 

@@ -169,10 +169,11 @@ pub fn pong(data: &str) -> Bytes {
 
 /// The whole frame of a published message as the event
 /// `42/nsp,["event",payload]` (event `message` when it has none). Built
-/// once per message by the first Socket.IO recipient that writes it; every
-/// Socket.IO socket of one server is in the same namespace.
+/// once per message and namespace by the first Socket.IO recipient that
+/// writes it: a server serves two namespaces, the root and the
+/// notifications namespace, so a message keeps one frame for each.
 pub fn wire<'m>(msg: &'m Message, nsp: &str) -> &'m [u8] {
-    msg.sio_frame.get_or_init(|| {
+    msg.sio_frames[usize::from(nsp != "/")].get_or_init(|| {
         let payload = msg.payload.get();
         let event = msg.event.as_deref().unwrap_or("message");
         encode_text_with(payload.len() + event.len() + nsp.len() + 16, |out| {
@@ -300,6 +301,9 @@ mod tests {
         ));
         assert_eq!(text(wire(&msg, "/n")), r#"42/n,["ev\"",[1,2]]"#);
         let msg = Message::new("t".into(), None, payload_of(&"x"));
+        assert_eq!(text(wire(&msg, "/")), r#"42["message","x"]"#);
+        // One message, two namespaces: each gets its own frame.
+        assert_eq!(text(wire(&msg, "/n")), r#"42/n,["message","x"]"#);
         assert_eq!(text(wire(&msg, "/")), r#"42["message","x"]"#);
     }
 }

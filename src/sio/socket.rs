@@ -14,12 +14,13 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::packet::{self, engine, kind};
-use super::{LABEL, Notifications};
+use super::{Answer, LABEL, Notifications};
 use crate::gateway::Gateway;
 use crate::hub::ConnId;
 use crate::ws::close;
 use crate::ws::connection::{Keepalive, Link, Protocol};
 use crate::ws::outbox::{Outbound, Outbox};
+
 use crate::ws::rate::{RateLimit, Verdict};
 
 /// One Engine.IO session.
@@ -29,18 +30,29 @@ pub(crate) struct Socket {
     eio3: bool,
     engine_id: Box<str>,
     /// The hub handle (the outbox): registered from the start so that a
-    /// server shutdown reaches unauthenticated sockets too; subscribed to
-    /// rooms once the socket authenticates.
+    /// server shutdown reaches unauthenticated sockets too; the
+    /// notifications namespace's socket subscribes it to its rooms.
     conn: ConnId,
-    /// The notifications namespace, once the client has joined it.
-    notifications: Option<Notifications>,
-    /// The socket must authenticate before this (cleared once it has).
+    outbox: Arc<Outbox>,
+    /// The namespace sockets the client opened: [`NSP`] (the notifications
+    /// namespace, on `conn`) and [`ROOT`] (the root namespace, which serves
+    /// the same requests, on the outbox's lane). A client may have both.
+    sockets: [Option<Notifications>; 2],
+    /// The root namespace's hub handle, registered with its first socket.
+    root_conn: Option<ConnId>,
+    /// No socket has authenticated yet: the connection ends at this instant.
     auth_deadline: Option<Instant>,
-    /// When its token stops being valid.
+    /// When the first authenticated socket's token stops being valid.
     expiry: Option<Instant>,
     /// `ws.rate_limit`, applied to Socket.IO packets.
     rate: RateLimit,
+    closed: bool,
 }
+
+/// The notifications namespace's slot in [`Socket::sockets`].
+const NSP: usize = 0;
+/// The root namespace's slot.
+const ROOT: usize = 1;
 
 impl Socket {
     /// Opens a session: its outbox is in the hub, and holds the OPEN packet
@@ -59,6 +71,8 @@ impl Socket {
             nsp,
         ));
         let conn = gw.hub.register(outbox.clone());
+        gw.metrics.connections.get_or_create(&LABEL).inc();
+        gw.metrics.connections_total.get_or_create(&LABEL).inc();
         if gw.shutdown.is_cancelled() {
             outbox.close(Some((close::GOING_AWAY, "server shutting down")));
         }
@@ -83,10 +97,13 @@ impl Socket {
             eio3,
             engine_id: engine_id.into_boxed_str(),
             conn,
-            notifications: None,
+            outbox: outbox.clone(),
+            sockets: [None, None],
+            root_conn: None,
             auth_deadline: Some(Instant::now() + cfg.socketio.auth_timeout),
             expiry: None,
             rate: RateLimit::new(cfg.ws.rate_limit, std::time::Instant::now()),
+            closed: false,
         };
         (socket, outbox)
     }
@@ -119,10 +136,18 @@ impl Socket {
         }
     }
 
-    /// The session is over: leaves the namespace and the hub.
+    /// The session is over: leaves its namespaces and the hub.
     pub(crate) fn close(&mut self) {
-        self.leave();
+        if std::mem::replace(&mut self.closed, true) {
+            return;
+        }
+        self.leave(NSP);
+        self.leave(ROOT);
         self.gw.hub.unregister(self.conn);
+        if let Some(root) = self.root_conn {
+            self.gw.hub.unregister(root);
+        }
+        self.gw.metrics.connections.get_or_create(&LABEL).dec();
     }
 }
 
@@ -140,23 +165,80 @@ pub(crate) fn new_sid() -> String {
 }
 
 impl Socket {
-    /// Leaves the notifications namespace, if joined.
-    fn leave(&mut self) {
-        if let Some(mut n) = self.notifications.take() {
-            n.finish();
-            self.gw.metrics.connections.get_or_create(&LABEL).dec();
+    /// The slot of namespace `nsp`, if it is one of the two served.
+    fn slot(&self, nsp: &str) -> Option<usize> {
+        if nsp == self.nsp {
+            Some(NSP)
+        } else if nsp == "/" {
+            Some(ROOT)
+        } else {
+            None
         }
     }
 
-    /// Ends the connection with DISCONNECT in the namespace: the client
-    /// takes it as final and does not reconnect (a failed or lapsed
-    /// authentication). Every other end is a plain close, after which
-    /// socket.io clients reconnect (shutdown, slow consumer, bad input).
-    fn disconnect(&mut self, link: &mut Link<'_>, reason: &'static str) {
-        if self.notifications.is_some() {
-            link.send(packet::disconnect(self.nsp));
+    fn name(&self, slot: usize) -> &'static str {
+        if slot == NSP { self.nsp } else { "/" }
+    }
+
+    /// The namespace socket in `slot`, opened if it is not yet.
+    fn open_socket(&mut self, slot: usize) -> &mut Notifications {
+        let socket = match self.sockets[slot].take() {
+            Some(open) => open,
+            None => {
+                // What the client sees as `socket.id`: Engine.IO 3 clients
+                // derive it from the engine id, Engine.IO 4 clients are told.
+                let socket_id = match (self.eio3, self.name(slot)) {
+                    (true, "/") => self.engine_id.to_string(),
+                    (true, nsp) => format!("{nsp}#{}", self.engine_id),
+                    (false, _) => new_sid(),
+                };
+                let conn = if slot == NSP {
+                    self.conn
+                } else {
+                    *self.root_conn.get_or_insert_with(|| {
+                        self.outbox.add_lane(&self.gw.hub, "/").unwrap_or(self.conn)
+                    })
+                };
+                Notifications::new(self.gw.clone(), socket_id, conn)
+            }
+        };
+        self.sockets[slot].insert(socket)
+    }
+
+    /// Leaves the namespace in `slot`, if joined.
+    fn leave(&mut self, slot: usize) {
+        if let Some(mut n) = self.sockets[slot].take() {
+            n.finish();
         }
-        link.end(Some((close::NORMAL, reason)));
+        self.update_deadlines();
+    }
+
+    /// The connection's deadlines after a socket authenticated, refreshed
+    /// its token, or left.
+    fn update_deadlines(&mut self) {
+        let authed = self.sockets.iter().flatten().filter(|n| n.authed());
+        self.expiry = authed
+            .filter_map(Notifications::deadline)
+            .map(crate::auth::instant_of)
+            .min();
+        if self.sockets.iter().flatten().any(Notifications::authed) {
+            self.auth_deadline = None;
+        }
+    }
+
+    /// Disconnects the socket in `slot` (a DISCONNECT the client takes as
+    /// final: a failed or lapsed authentication); the connection ends
+    /// with its last socket. Every other end is a plain close, after
+    /// which socket.io clients reconnect (shutdown, slow consumer, bad
+    /// input).
+    fn disconnect(&mut self, link: &mut Link<'_>, slot: usize, reason: &'static str) {
+        if self.sockets[slot].is_some() {
+            link.send(packet::disconnect(self.name(slot)));
+            self.leave(slot);
+        }
+        if self.sockets.iter().all(Option::is_none) {
+            link.end(Some((close::NORMAL, reason)));
+        }
     }
 
     fn on_packet(&mut self, link: &mut Link<'_>, text: &str) {
@@ -167,7 +249,6 @@ impl Socket {
                 return link.end(Some((close::PROTOCOL_ERROR, why)));
             }
         };
-        let ours = p.nsp == self.nsp;
         // Events count against `ws.rate_limit`; CONNECT and DISCONNECT are
         // state changes that are always answered.
         if matches!(p.kind, kind::EVENT | kind::BINARY_EVENT) {
@@ -176,21 +257,23 @@ impl Socket {
                 return self.refuse(link, &p, verdict);
             }
         }
-        match p.kind {
-            kind::CONNECT if ours => self.join(link),
-            kind::CONNECT if p.nsp == "/" => {
-                link.send(packet::connected("/", &new_sid(), self.eio3));
-            }
-            kind::CONNECT => {
+        let Some(slot) = self.slot(p.nsp) else {
+            if p.kind == kind::CONNECT {
                 link.send(packet::connect_error(p.nsp, "Invalid namespace", self.eio3));
             }
-            kind::DISCONNECT if ours => {
-                // Its only namespace is gone: so is the connection.
-                self.leave();
-                link.end(Some((close::NORMAL, "")));
+            return;
+        };
+        match p.kind {
+            kind::CONNECT => self.join(link, slot),
+            kind::DISCONNECT => {
+                self.leave(slot);
+                // Its last namespace is gone: so is the connection.
+                if self.sockets.iter().all(Option::is_none) {
+                    link.end(Some((close::NORMAL, "")));
+                }
             }
-            kind::EVENT | kind::BINARY_EVENT if ours => self.on_event(link, &p),
-            // The root namespace serves nothing; acks answer nothing of ours.
+            kind::EVENT | kind::BINARY_EVENT => self.on_event(link, &p, slot),
+            // Acks answer nothing of ours.
             _ => {}
         }
     }
@@ -209,34 +292,32 @@ impl Socket {
         }
     }
 
-    fn join(&mut self, link: &mut Link<'_>) {
-        let (gw, eio3, engine_id, nsp) = (&self.gw, self.eio3, &self.engine_id, self.nsp);
-        let n = self.notifications.get_or_insert_with(|| {
-            gw.metrics.connections.get_or_create(&LABEL).inc();
-            gw.metrics.connections_total.get_or_create(&LABEL).inc();
-            // What the client sees as `socket.id`.
-            let socket_id = if eio3 {
-                format!("{nsp}#{engine_id}")
-            } else {
-                new_sid()
-            };
-            Notifications::new(gw.clone(), socket_id)
-        });
+    fn join(&mut self, link: &mut Link<'_>, slot: usize) {
+        let (eio3, name) = (self.eio3, self.name(slot));
+        let n = self.open_socket(slot);
         let sid = if eio3 { "" } else { n.socket_id() };
-        link.send(packet::connected(nsp, sid, eio3));
+        link.send(packet::connected(name, sid, eio3));
     }
 
-    fn on_event(&mut self, link: &mut Link<'_>, p: &packet::Packet<'_>) {
-        let Some(n) = self.notifications.as_mut() else {
+    fn on_event(&mut self, link: &mut Link<'_>, p: &packet::Packet<'_>, slot: usize) {
+        if slot == ROOT && self.eio3 {
+            // Engine.IO 3 clients are in the root namespace without asking.
+            self.open_socket(ROOT);
+        }
+        let Some(n) = self.sockets[slot].as_mut() else {
             return;
         };
-        let (ack, disconnect) = if p.kind == kind::BINARY_EVENT {
+        let answer = if p.kind == kind::BINARY_EVENT {
             // Binary attachments follow as frames of their own; they are
             // ignored (see `on_binary`) and so is the event. Like any failed
             // request, it disconnects a socket that has not authenticated.
             let failure = super::request::Failure::malformed("binary payloads are not supported");
             self.gw.metrics.client_error(failure.code);
-            (failure.ack(), !n.authed())
+            Answer {
+                ack: failure.ack(),
+                disconnect: !n.authed(),
+                committed: None,
+            }
         } else {
             match packet::event_args(p.data) {
                 Some((name, args)) if name == "get" || name == "post" => {
@@ -245,15 +326,15 @@ impl Socket {
                         .first()
                         .and_then(|a| serde_json::from_str(a.get()).ok())
                         .unwrap_or(Value::Null);
-                    let conn = self.conn;
-                    let reply = n.request(&v, || conn);
-                    self.expiry = n.deadline().map(crate::auth::instant_of);
-                    if n.authed() {
-                        self.auth_deadline = None;
-                    }
-                    reply
+                    let answer = n.request(&v);
+                    self.update_deadlines();
+                    answer
                 }
-                Some((name, _)) => (n.other_event(&name), false),
+                Some((name, _)) => Answer {
+                    ack: n.other_event(&name),
+                    disconnect: false,
+                    committed: None,
+                },
                 None => {
                     tracing::debug!("socket.io event without a name");
                     return link.end(Some((close::PROTOCOL_ERROR, "invalid event")));
@@ -261,10 +342,22 @@ impl Socket {
             }
         };
         if let Some(id) = p.ack {
-            link.send(packet::ack(self.nsp, id, &ack));
+            let ack = packet::ack(self.name(slot), id, &answer.ack);
+            match answer.committed {
+                // Read your writes: the ack waits for the presence row, on
+                // a task of its own so that the connection goes on.
+                Some(committed) => {
+                    let outbox = self.outbox.clone();
+                    tokio::spawn(async move {
+                        committed.wait().await;
+                        outbox.push(Outbound::Frame(ack));
+                    });
+                }
+                None => link.send(ack),
+            }
         }
-        if disconnect {
-            self.disconnect(link, "");
+        if answer.disconnect {
+            self.disconnect(link, slot, "");
         }
     }
 }
@@ -297,14 +390,28 @@ impl Protocol for Socket {
     fn on_deadline(&mut self, link: &mut Link<'_>) {
         let now = Instant::now();
         if self.auth_deadline.is_some_and(|d| now >= d) {
-            if self.notifications.is_some() {
+            if self.sockets.iter().any(Option::is_some) {
                 tracing::debug!(engine = %self.engine_id, "auth_timeout reached; disconnecting");
                 self.gw.metrics.sio_auth_result("timeout");
             }
-            self.disconnect(link, "auth timeout");
+            for slot in [NSP, ROOT] {
+                if self.sockets[slot].is_some() {
+                    link.send(packet::disconnect(self.name(slot)));
+                    self.leave(slot);
+                }
+            }
+            link.end(Some((close::NORMAL, "auth timeout")));
         } else if self.expiry.is_some_and(|e| now >= e) {
-            tracing::debug!(engine = %self.engine_id, "token expired; disconnecting");
-            self.disconnect(link, "token expired");
+            for slot in [NSP, ROOT] {
+                let expired = self.sockets[slot]
+                    .as_ref()
+                    .and_then(Notifications::deadline)
+                    .is_some_and(|d| d <= std::time::SystemTime::now());
+                if expired {
+                    tracing::debug!(engine = %self.engine_id, nsp = self.name(slot), "token expired; disconnecting");
+                    self.disconnect(link, slot, "token expired");
+                }
+            }
         }
     }
 }

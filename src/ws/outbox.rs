@@ -11,7 +11,7 @@
 //! vectored write.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::Waker;
 
 use bytes::Bytes;
@@ -76,8 +76,25 @@ pub struct Outbox {
     /// Published messages go out as Socket.IO events in this namespace
     /// rather than as `/ws` frames.
     events: Option<&'static str>,
+    /// A second reader, for an Engine.IO connection that has a socket in a
+    /// second namespace (see [`Lane`]).
+    lane: OnceLock<Box<Lane>>,
     metrics: Arc<Metrics>,
 }
+
+/// The cursors of a second socket on the same connection: a Socket.IO
+/// client may have a socket in the root namespace and one in the
+/// notifications namespace over one Engine.IO connection. Each is its own
+/// hub connection (its own rooms, each publish once per socket), but both
+/// are written by the connection's one task, in their own namespace, so
+/// the lane shares the outbox's queue, waker and limit.
+struct Lane {
+    reader: Mutex<Reader>,
+    events: &'static str,
+}
+
+/// The hub's handle on an outbox's [`Lane`].
+struct LaneRecipient(Arc<Outbox>);
 
 impl Outbox {
     pub fn new(limit: usize, metrics: Arc<Metrics>) -> Self {
@@ -100,8 +117,34 @@ impl Outbox {
             reader: Mutex::new(Reader::new(limit)),
             limit,
             events,
+            lane: OnceLock::new(),
             metrics,
         }
+    }
+
+    /// Registers this outbox's second lane in the hub, its published
+    /// messages encoded as Socket.IO events in `nsp`; returns its hub id.
+    /// An outbox has at most one lane: a second call registers nothing and
+    /// returns `None`.
+    pub fn add_lane(
+        self: &Arc<Self>,
+        hub: &crate::hub::Hub,
+        nsp: &'static str,
+    ) -> Option<crate::hub::ConnId> {
+        let lane = Box::new(Lane {
+            reader: Mutex::new(Reader::new(self.limit)),
+            events: nsp,
+        });
+        self.lane.set(lane).ok()?;
+        Some(hub.register(Arc::new(LaneRecipient(self.clone()))))
+    }
+
+    fn lane_reader(&self) -> Option<(MutexGuard<'_, Reader>, &'static str)> {
+        let lane = self.lane.get()?;
+        Some((
+            lane.reader.lock().unwrap_or_else(|e| e.into_inner()),
+            lane.events,
+        ))
     }
 
     // Nothing panics while holding the lock, so a poisoned queue is intact.
@@ -131,9 +174,12 @@ impl Outbox {
     /// connection fell too far behind (it is then closing).
     fn pending(&self) -> Option<Vec<Outbound>> {
         let mut items = Vec::new();
-        let collected = self
+        let mut collected = self
             .reader()
             .collect(None, |msg| items.push(self.outbound(msg)));
+        if let (Ok(_), Some((mut lane, nsp))) = (&collected, self.lane_reader()) {
+            collected = lane.collect(None, |msg| items.push(Outbound::Event(msg, nsp)));
+        }
         match collected {
             Ok(_) => Some(items),
             Err(_) => {
@@ -202,9 +248,12 @@ impl Outbox {
                 return q.closing;
             }
         }
-        let collected = self
+        let mut collected = self
             .reader()
             .collect(Some(waker), |msg| into.push_back(self.outbound(msg)));
+        if let (Ok(_), Some((mut lane, nsp))) = (&collected, self.lane_reader()) {
+            collected = lane.collect(Some(waker), |msg| into.push_back(Outbound::Event(msg, nsp)));
+        }
         collected.err().map(|_| self.lagged())
     }
 
@@ -213,7 +262,9 @@ impl Outbox {
     /// consumer.
     pub fn close_requested(&self) -> Option<CloseReason> {
         let closing = self.lock().closing;
-        if closing.is_none() && self.reader().lagged() {
+        if closing.is_none()
+            && (self.reader().lagged() || self.lane_reader().is_some_and(|(r, _)| r.lagged()))
+        {
             return Some(self.lagged());
         }
         closing
@@ -223,7 +274,10 @@ impl Outbox {
     /// so the connection learns if it falls too far behind. Returns the
     /// close request, if it already has.
     pub fn park(&self, waker: &Waker) -> Option<CloseReason> {
-        let parked = self.reader().park(waker);
+        let mut parked = self.reader().park(waker);
+        if let (Ok(()), Some((lane, _))) = (&parked, self.lane_reader()) {
+            parked = lane.park(waker);
+        }
         parked.err().map(|_| self.lagged())
     }
 
@@ -278,6 +332,37 @@ impl Recipient for Outbox {
             let counted = items.len();
             self.push_all(items.into_iter(), counted);
         }
+    }
+}
+
+impl Recipient for LaneRecipient {
+    fn deliver(&self, msg: &Arc<Message>) -> bool {
+        let Some(lane) = self.0.lane.get() else {
+            return false;
+        };
+        self.0.push_all(
+            std::iter::once(Outbound::Event(msg.clone(), lane.events)),
+            1,
+        )
+    }
+
+    fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
+        let (Some(lane), Some(mut items)) = (self.0.lane.get(), self.0.pending()) else {
+            return false;
+        };
+        let counted = items.len() + 1;
+        items.extend(msgs.into_iter().map(|m| Outbound::Event(m, lane.events)));
+        self.0.push_all(items.into_iter(), counted)
+    }
+
+    // The outbox's own registration carries the shutdown.
+
+    fn reader(&self) -> Option<&Mutex<Reader>> {
+        self.0.lane.get().map(|lane| &lane.reader)
+    }
+
+    fn flush(&self) {
+        self.0.flush();
     }
 }
 

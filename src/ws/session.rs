@@ -54,7 +54,7 @@ where
         socket_id: format!("ws-{:016x}", rand::random::<u64>()),
         protocol: "ws",
     };
-    gw.presence.set(holder.clone());
+    let committed = gw.presence.set(holder.clone());
     // Built in place: a named local moved into the connection would still
     // take room in this task's state.
     let mut conn = Connection::new(
@@ -75,6 +75,10 @@ where
         id,
     );
     conn.protocol().auto_subscribe();
+    // Read your writes (SPEC §7): nothing is answered before the row is
+    // committed (or `presence.write_timeout` passed); what is published
+    // meanwhile waits in the connection's rings.
+    committed.wait().await;
     let reason = conn.serve().await;
     gw.hub.unregister(id);
     gw.presence.clear(holder);

@@ -75,7 +75,11 @@ impl SioClient {
     }
 
     pub async fn join(&mut self, ns: &str) {
-        self.join_as(ns, &format!("40{ns},")).await;
+        if ns == "/" {
+            self.join_as(ns, "40").await;
+        } else {
+            self.join_as(ns, &format!("40{ns},")).await;
+        }
     }
 
     /// Joins `ns` by sending `packet` as the CONNECT packet (e.g. with the
@@ -84,9 +88,15 @@ impl SioClient {
         self.ns = ns.to_string();
         self.send_raw(packet).await;
         let t = self.text().await.expect("namespace connect");
-        let prefix = format!("0{ns}");
+        let (prefix, body) = if ns == "/" {
+            ("0".to_string(), t.strip_prefix('0'))
+        } else {
+            let prefix = format!("0{ns}");
+            let body = t.strip_prefix(&format!("{prefix},"));
+            (prefix, body)
+        };
         assert!(t.starts_with(&prefix), "namespace connect: {t}");
-        if let Some(rest) = t.strip_prefix(&format!("{prefix},"))
+        if let Some(rest) = body
             && !rest.is_empty()
         {
             let v: Value = serde_json::from_str(rest).expect("connect json");
@@ -97,6 +107,7 @@ impl SioClient {
     /// The id the client sees as `socket.id`.
     pub fn socket_id(&self) -> String {
         match self.eio {
+            3 if self.ns == "/" => self.engine_id.clone(),
             3 => format!("{}#{}", self.ns, self.engine_id),
             _ => self.sid.clone().unwrap_or_default(),
         }
@@ -118,6 +129,11 @@ impl SioClient {
                 return Some(rest.to_string());
             }
         }
+    }
+
+    /// The next Socket.IO packet's text, whatever its namespace.
+    pub async fn raw_message(&mut self) -> String {
+        self.text().await.expect("a socket.io packet")
     }
 
     /// The next Engine.IO packet other than ping/pong, whole.
@@ -148,7 +164,8 @@ impl SioClient {
     fn body<'a>(&self, t: &'a str, kind: char) -> Option<&'a str> {
         let rest = t.strip_prefix(kind)?;
         if self.ns == "/" {
-            return Some(rest);
+            // Root packets name no namespace; others are not ours.
+            return (!rest.starts_with('/')).then_some(rest);
         }
         rest.strip_prefix(self.ns.as_str())
             .map(|r| r.strip_prefix(',').unwrap_or(r))
@@ -223,13 +240,23 @@ impl SioClient {
         }
     }
 
-    /// `get /notifications` with the token under `params`.
+    /// `get /notifications` with the token under `params` (in the
+    /// client's current namespace, the root one included).
     pub async fn auth(&mut self, token: &str, params: Value) -> Value {
         let mut p = params;
         p["jwt-api-key"] = json!(token);
-        let url = self.ns.clone();
+        let url = match self.ns.as_str() {
+            "/" => "/notifications".to_string(),
+            ns => ns.to_string(),
+        };
         self.request("get", &[json!({"url": url, "params": p})])
             .await
+    }
+
+    /// Switches the namespace that `next`, `emit` and `request` use, on
+    /// the same connection (after `join`ing both).
+    pub fn use_ns(&mut self, ns: &str) {
+        self.ns = ns.to_string();
     }
 
     /// The next event (skipping acks).
