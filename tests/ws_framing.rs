@@ -27,6 +27,26 @@ fn text(v: &Value) -> Vec<u8> {
     frame(true, TEXT, v.to_string().as_bytes())
 }
 
+/// A key RFC 6455 accepts (its own example), and its `Sec-WebSocket-Accept`.
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const ACCEPT: &str = "s3pplmbitxaq9kygzzhzrbk+xoo=";
+
+/// An upgrade request for `target` (path and query) with these
+/// `Sec-WebSocket-Version` and `Sec-WebSocket-Key` values.
+fn upgrade_request(srv: &TestServer, target: &str, version: &str, key: &str) -> Vec<u8> {
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: {version}\r\nSec-WebSocket-Key: {key}\r\n\r\n",
+        srv.addr
+    )
+    .into_bytes()
+}
+
+/// Socket.IO's WebSocket transport, without a session.
+fn sio_target(eio: u8) -> String {
+    format!("/socket.io/?EIO={eio}&transport=websocket")
+}
+
 struct Raw {
     tcp: TcpStream,
     buf: Vec<u8>,
@@ -39,29 +59,36 @@ impl Raw {
     }
 
     async fn connect_as(srv: &TestServer, role: &str, early: &[u8]) -> Raw {
+        let target = format!("/ws?token={}", srv.token(role, "raw"));
+        Self::upgrade(srv, &target, early).await
+    }
+
+    /// Upgrades to `target` with a valid handshake, `early` in the same write.
+    async fn upgrade(srv: &TestServer, target: &str, early: &[u8]) -> Raw {
+        let mut request = upgrade_request(srv, target, "13", KEY);
+        request.extend_from_slice(early);
+        let (raw, head) = Self::request(srv, &request).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("sec-websocket-accept: {ACCEPT}")),
+            "{head}"
+        );
+        raw
+    }
+
+    /// Sends `request` on a new connection; the response head (status line
+    /// and headers) and the connection, positioned after it.
+    async fn request(srv: &TestServer, request: &[u8]) -> (Raw, String) {
         let tcp = TcpStream::connect(srv.addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
-        let mut request = format!(
-            "GET /ws?token={} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            srv.token(role, "raw"),
-            srv.addr
-        )
-        .into_bytes();
-        request.extend_from_slice(early);
         let mut raw = Raw {
             tcp,
             buf: Vec::new(),
         };
-        raw.tcp.write_all(&request).await.unwrap();
+        raw.tcp.write_all(request).await.unwrap();
         let head = raw.until_headers().await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        assert!(
-            head.to_ascii_lowercase()
-                .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-            "{head}"
-        );
-        raw
+        (raw, head)
     }
 
     async fn fill(&mut self) -> bool {
@@ -286,5 +313,45 @@ async fn a_client_that_stops_reading_is_closed_even_while_a_write_is_blocked() {
     }
     srv.until("slow client closed", |gw| gw.hub.stats().connections == 0)
         .await;
+    srv.stop().await;
+}
+
+/// The handshake's own checks (RFC 6455 §4.2.1, §4.4), the same on `/ws`
+/// and on Socket.IO's WebSocket transport: a key that is not base64 of
+/// exactly 16 bytes is 400; a version other than 13 is 426 naming 13.
+#[tokio::test]
+async fn a_bad_key_is_400_and_another_version_is_426_naming_13() {
+    use base64::Engine;
+    let srv = TestServer::start().await;
+    let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![0xA5u8; n]);
+    let targets = [
+        format!("/ws?token={}", srv.token("assistant", "raw")),
+        sio_target(4),
+        sio_target(3),
+    ];
+    for target in &targets {
+        for key in ["abc".to_string(), String::new(), b64(15), b64(17)] {
+            let (_, head) = Raw::request(&srv, &upgrade_request(&srv, target, "13", &key)).await;
+            assert!(
+                head.starts_with("HTTP/1.1 400"),
+                "{target} key {key:?}: {head}"
+            );
+        }
+        let (_, head) = Raw::request(&srv, &upgrade_request(&srv, target, "8", KEY)).await;
+        assert!(head.starts_with("HTTP/1.1 426"), "{target}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("\r\nsec-websocket-version: 13"),
+            "{target}: {head}"
+        );
+        // The same request with version 13 and a 16-byte key is accepted.
+        Raw::upgrade(&srv, target, b"").await;
+        let mut good = Raw::request(&srv, &upgrade_request(&srv, target, "13", &b64(16))).await;
+        assert!(good.1.starts_with("HTTP/1.1 101"), "{target}: {}", good.1);
+        good.0
+            .send(&frame(true, CLOSE, &1000u16.to_be_bytes()))
+            .await;
+        assert_eq!(good.0.close_code().await, 1000);
+    }
     srv.stop().await;
 }
