@@ -270,6 +270,30 @@ async fn invalid_utf8_closes_with_1007_and_binary_is_answered() {
     srv.stop().await;
 }
 
+/// A close frame whose reason is not UTF-8 is answered with 1007, as a
+/// text message would be (RFC 6455 §8.1), on `/ws` and on Socket.IO.
+#[tokio::test]
+async fn a_close_reason_that_is_not_utf8_is_answered_with_1007() {
+    let srv = TestServer::start().await;
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(&[0xFF, 0xFE]);
+    let bad_close = frame(true, CLOSE, &payload);
+    let mut ws = Raw::connect(&srv, &bad_close).await;
+    assert_eq!(ws.close_code().await, 1007);
+    assert_eq!(ws.next().await, None, "closed after the close frame");
+    for eio in [3, 4] {
+        let mut sio = Raw::upgrade(&srv, &sio_target(eio), b"").await;
+        sio.send(&bad_close).await;
+        assert_eq!(sio.close_code().await, 1007, "EIO={eio}");
+        assert_eq!(
+            sio.next().await,
+            None,
+            "EIO={eio}: closed after the close frame"
+        );
+    }
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn a_client_close_is_answered_with_its_code() {
     let srv = TestServer::start().await;

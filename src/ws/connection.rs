@@ -382,6 +382,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
                 tracing::debug!(conn = self.id, why, "ws protocol error");
                 self.end(Some((close::PROTOCOL_ERROR, why)));
             }
+            FrameError::InvalidData(why) => {
+                tracing::debug!(conn = self.id, why, "ws invalid data");
+                self.end(Some((close::INVALID_DATA, why)));
+            }
         }
     }
 
