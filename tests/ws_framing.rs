@@ -1,7 +1,9 @@
-//! `/ws` framing (RFC 6455) against a real server, with a hand-written
-//! client that can send what library clients never do: frames split byte by
-//! byte, a frame in the same packet as the upgrade request, fragments with a
-//! ping in between, and frames a server must refuse.
+//! RFC 6455 against a real server, on `/ws` and on Socket.IO's WebSocket
+//! transport, with a hand-written client that can send what library
+//! clients never do: frames split byte by byte, a frame in the same packet
+//! as the upgrade request, fragments with a ping in between, pings of both
+//! kinds in one write, frames a server must refuse, and handshakes it must
+//! refuse.
 
 mod common;
 
@@ -141,6 +143,30 @@ impl Raw {
         }
     }
 
+    /// The next frame that is not a server ping (a keepalive, or an
+    /// Engine.IO 4 heartbeat `2`): an answer, a message or the close.
+    async fn answer(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            match self.next().await.expect("a frame") {
+                (PING, _) => continue,
+                (TEXT, p) if p == b"2" => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// A Socket.IO WebSocket (no session) after its opening packets: OPEN,
+    /// and for Engine.IO 3 the root namespace's CONNECT.
+    async fn sio(srv: &TestServer, eio: u8) -> Raw {
+        let mut c = Raw::upgrade(srv, &sio_target(eio), b"").await;
+        let (opcode, open) = c.answer().await;
+        assert_eq!((opcode, open.first()), (TEXT, Some(&b'0')), "OPEN");
+        if eio == 3 {
+            assert_eq!(c.answer().await, (TEXT, b"40".to_vec()));
+        }
+        c
+    }
+
     /// The next JSON text message, skipping pings.
     async fn json(&mut self) -> Value {
         loop {
@@ -198,12 +224,12 @@ async fn fragments_with_a_ping_in_between_make_one_message() {
     wire.extend(frame(true, PING, b"hello"));
     wire.extend(frame(true, 0x0, d));
     c.send(&wire).await;
-    // The pong goes out once what was queued before it is written, so it
-    // may follow the ack.
-    let mut frames = [c.next().await.unwrap(), c.next().await.unwrap()];
-    frames.sort();
-    assert_eq!(frames[0], (TEXT, br#"{"type":"ack","id":"frag"}"#.to_vec()));
-    assert_eq!(frames[1], (PONG, b"hello".to_vec()));
+    // The ping came before the message ended: its pong comes first.
+    assert_eq!(c.answer().await, (PONG, b"hello".to_vec()));
+    assert_eq!(
+        c.answer().await,
+        (TEXT, br#"{"type":"ack","id":"frag"}"#.to_vec())
+    );
     srv.stop().await;
 }
 
@@ -303,6 +329,13 @@ async fn a_client_close_is_answered_with_its_code() {
     c.send(&frame(true, CLOSE, &payload)).await;
     assert_eq!(c.close_code().await, 4000);
     assert_eq!(c.next().await, None);
+    // A ping right before the close is still owed its pong (RFC 6455
+    // §5.5.2), ahead of the close frame.
+    let mut wire = frame(true, PING, b"last");
+    wire.extend(frame(true, CLOSE, &1000u16.to_be_bytes()));
+    let mut c = Raw::connect(&srv, &wire).await;
+    assert_eq!(c.answer().await, (PONG, b"last".to_vec()));
+    assert_eq!(c.close_code().await, 1000);
     srv.until("tables empty", |gw| gw.hub.stats() == Default::default())
         .await;
     srv.stop().await;
@@ -377,5 +410,160 @@ async fn a_bad_key_is_400_and_another_version_is_426_naming_13() {
             .await;
         assert_eq!(good.0.close_code().await, 1000);
     }
+    srv.stop().await;
+}
+
+/// A ping frame and a JSON `ping` in one write: both answered, in the order
+/// they came (the RFC pong carries the ping's payload), either way round.
+#[tokio::test]
+async fn a_ping_frame_and_a_json_ping_together_are_both_answered_in_order() {
+    let srv = TestServer::start().await;
+    let mut c = Raw::connect(&srv, b"").await;
+    let mut wire = frame(true, PING, b"rfc");
+    wire.extend(text(&json!({"type":"ping","id":1})));
+    c.send(&wire).await;
+    assert_eq!(c.answer().await, (PONG, b"rfc".to_vec()));
+    let pong = c.json().await;
+    assert_eq!(
+        (pong["type"].as_str(), pong["id"].as_i64()),
+        (Some("pong"), Some(1))
+    );
+
+    let mut wire = text(&json!({"type":"ping","id":2}));
+    wire.extend(frame(true, PING, b"rfc2"));
+    c.send(&wire).await;
+    let pong = c.json().await;
+    assert_eq!(
+        (pong["type"].as_str(), pong["id"].as_i64()),
+        (Some("pong"), Some(2))
+    );
+    assert_eq!(c.answer().await, (PONG, b"rfc2".to_vec()));
+    srv.stop().await;
+}
+
+/// The same on Socket.IO's WebSocket with Engine.IO's own ping `2` (sent by
+/// Engine.IO 3 clients; answered on Engine.IO 4 too): the RFC pong and the
+/// `3` never displace each other.
+#[tokio::test]
+async fn a_ping_frame_and_an_engine_io_ping_together_are_both_answered_in_order() {
+    let srv = TestServer::start().await;
+    for eio in [3, 4] {
+        let mut c = Raw::sio(&srv, eio).await;
+        let mut wire = frame(true, PING, b"rfc");
+        wire.extend(frame(true, TEXT, b"2"));
+        c.send(&wire).await;
+        assert_eq!(c.answer().await, (PONG, b"rfc".to_vec()), "EIO={eio}");
+        assert_eq!(c.answer().await, (TEXT, b"3".to_vec()), "EIO={eio}");
+
+        let mut wire = frame(true, TEXT, b"2x");
+        wire.extend(frame(true, PING, b"rfc2"));
+        c.send(&wire).await;
+        assert_eq!(c.answer().await, (TEXT, b"3x".to_vec()), "EIO={eio}");
+        assert_eq!(c.answer().await, (PONG, b"rfc2".to_vec()), "EIO={eio}");
+    }
+    srv.stop().await;
+}
+
+/// While a polling session is being upgraded, the probe's `3probe` and the
+/// RFC pong do not displace each other either; after the upgrade, a ping
+/// frame and a `2` are both answered as on a direct WebSocket.
+#[tokio::test]
+async fn a_ping_frame_and_a_probe_together_are_both_answered() {
+    let srv = TestServer::start().await;
+    let open = reqwest::get(srv.url("/socket.io/?EIO=4&transport=polling"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let open: Value = serde_json::from_str(open.strip_prefix('0').expect("OPEN")).unwrap();
+    let sid = open["sid"].as_str().unwrap();
+    let target = format!("{}&sid={sid}", sio_target(4));
+    let mut wire = frame(true, PING, b"rfc");
+    wire.extend(frame(true, TEXT, b"2probe"));
+    let mut c = Raw::upgrade(&srv, &target, &wire).await;
+    assert_eq!(c.answer().await, (PONG, b"rfc".to_vec()));
+    assert_eq!(c.answer().await, (TEXT, b"3probe".to_vec()));
+    let mut wire = frame(true, TEXT, b"5");
+    wire.extend(frame(true, PING, b"rfc2"));
+    wire.extend(frame(true, TEXT, b"2"));
+    c.send(&wire).await;
+    assert_eq!(c.answer().await, (PONG, b"rfc2".to_vec()));
+    assert_eq!(c.answer().await, (TEXT, b"3".to_vec()));
+    srv.stop().await;
+}
+
+/// Many pings in one write. Ping frames with nothing between them share one
+/// pong (the latest, as RFC 6455 allows), so thousands cost one; each
+/// Engine.IO `2` gets its `3`, and a ping frame before each keeps its own
+/// pong ahead of it.
+#[tokio::test]
+async fn many_pings_in_one_write_are_answered_sensibly() {
+    let srv = TestServer::start().await;
+    let mut c = Raw::connect(&srv, b"").await;
+    let n = 5000;
+    let mut wire = Vec::new();
+    for i in 0..n {
+        wire.extend(frame(true, PING, i.to_string().as_bytes()));
+    }
+    wire.extend(text(&json!({"type":"ping","id":"after"})));
+    c.send(&wire).await;
+    let mut pongs = Vec::new();
+    let json = loop {
+        match c.answer().await {
+            (PONG, p) => pongs.push(String::from_utf8(p).unwrap().parse::<u32>().unwrap()),
+            (TEXT, p) => break serde_json::from_slice::<Value>(&p).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(json["id"], "after");
+    assert_eq!(pongs.last(), Some(&(n - 1)), "the latest ping is answered");
+    assert!(pongs.is_sorted(), "{pongs:?}");
+    // One per read of the server's at most; far fewer than the pings.
+    assert!(pongs.len() < 100, "{} pongs for {n} pings", pongs.len());
+
+    for eio in [3, 4] {
+        let mut c = Raw::sio(&srv, eio).await;
+        let n = 300;
+        let mut wire = Vec::new();
+        for i in 0..n {
+            wire.extend(frame(true, PING, format!("p{i}").as_bytes()));
+            wire.extend(frame(true, TEXT, format!("2{i}").as_bytes()));
+        }
+        c.send(&wire).await;
+        for i in 0..n {
+            let ping = format!("p{i}").into_bytes();
+            assert_eq!(c.answer().await, (PONG, ping), "EIO={eio}");
+            let heartbeat = format!("3{i}").into_bytes();
+            assert_eq!(c.answer().await, (TEXT, heartbeat), "EIO={eio}");
+        }
+    }
+    srv.stop().await;
+}
+
+/// Engine.IO pings are replies like any other: a flood from a client that
+/// does not read them fills its outbound queue, and the connection is closed
+/// as a slow consumer (1013) rather than buffered without bound.
+#[tokio::test]
+async fn an_engine_io_ping_flood_is_bounded_by_the_outbound_queue() {
+    let srv = TestServer::start_toml("[ws]\noutbound_queue = 8\n").await;
+    let mut c = Raw::sio(&srv, 3).await;
+    let mut wire = Vec::new();
+    for _ in 0..2000 {
+        wire.extend(frame(true, TEXT, b"2"));
+    }
+    c.send(&wire).await;
+    let mut answered = 0;
+    loop {
+        match c.answer().await {
+            (TEXT, p) if p == b"3" => answered += 1,
+            (CLOSE, p) => {
+                assert_eq!(u16::from_be_bytes([p[0], p[1]]), 1013);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(answered <= 8, "{answered} answers queued past the limit");
     srv.stop().await;
 }
