@@ -202,9 +202,9 @@ async fn engine_io_3_polling_counts_lengths_as_javascript_does() {
     broadcast(&srv, &own, data.clone()).await;
     broadcast(&srv, &own, json!("2")).await;
     assert_eq!(p.get().await, vec![event(data), event(json!("2"))]);
-    // Packets of one POST are handled in order: two pings, one pong kept.
+    // Packets of one POST are handled in order: two pings, each answered.
     assert_eq!(p.post(&["2a", "6", "2b"]).await, 200);
-    assert_eq!(p.get().await, vec!["3b"]);
+    assert_eq!(p.get().await, vec!["3a", "3b"]);
     // A packet that is not Socket.IO ends the session.
     assert_eq!(p.post(&["4ignored"]).await, 200);
     assert_eq!(p.get().await, vec!["1"]);
@@ -476,12 +476,26 @@ async fn posts_batch_freely_but_each_packet_is_bounded() {
     let pings: Vec<String> = (0..2000).map(|i| format!("2{i:0>900}")).collect();
     let pings: Vec<&str> = pings.iter().map(String::as_str).take(10).collect();
     assert_eq!(p.post(&pings).await, 200, "10 packets of 900 bytes");
-    assert_eq!(p.get().await, vec![format!("3{:0>900}", 9)]);
+    let pongs: Vec<String> = (0..10).map(|i| format!("3{i:0>900}")).collect();
+    assert_eq!(p.get().await, pongs, "each ping answered, in order");
     let noops = vec!["6"; 1000];
     assert_eq!(p.post(&noops).await, 200, "1000 packets");
     let big = format!("2{}", "x".repeat(1100));
     assert_eq!(p.post(&[&big]).await, 413);
     assert_eq!(p.get().await, vec!["1"]);
+}
+
+/// Engine.IO 3 pings over polling are replies like any other: each gets
+/// its `3`, and a POST of more than `ws.outbound_queue` of them ends the
+/// session as a slow consumer instead of queueing without bound.
+#[tokio::test]
+async fn a_polling_ping_flood_is_bounded_by_the_outbound_queue() {
+    let srv = TestServer::start_toml("[ws]\noutbound_queue = 8\n").await;
+    let (p, _) = Poller::open(&srv, 3).await;
+    assert_eq!(p.post(&["2"; 100]).await, 200);
+    let mut expected = vec!["3"; 8];
+    expected.push("1");
+    assert_eq!(p.get().await, expected);
 }
 
 /// Authenticating without an ack while a GET waits moves the token expiry

@@ -22,7 +22,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -79,9 +78,6 @@ struct State {
     socket: Option<Socket>,
     /// How the session ends, once decided.
     ending: Option<CloseReason>,
-    /// The answer to an Engine.IO 3 client's latest ping (a WebSocket
-    /// frame: only its payload is sent).
-    pong: Option<Bytes>,
     /// A GET is waiting, and what wakes it.
     polling: bool,
     poller: Option<Waker>,
@@ -177,11 +173,12 @@ impl Session {
     }
 
     /// The client finished the upgrade (`5`) on the WebSocket that holds
-    /// the claim: the socket leaves the session, with the pong it was still
-    /// owed. If the session has ended meanwhile, says how: the WebSocket
-    /// then delivers its last replies (a DISCONNECT, unless the server is
-    /// shutting down) in place of the GET the client no longer makes.
-    pub(crate) fn upgrade(&self) -> Result<(Socket, Option<Bytes>), CloseReason> {
+    /// the claim: the socket leaves the session (what it is still owed,
+    /// pongs included, is in the outbox that moves with it). If the
+    /// session has ended meanwhile, says how: the WebSocket then delivers
+    /// its last replies (a DISCONNECT, unless the server is shutting down)
+    /// in place of the GET the client no longer makes.
+    pub(crate) fn upgrade(&self) -> Result<Socket, CloseReason> {
         let mut st = self.state();
         if let Some(reason) = st.ending {
             st.closed = true;
@@ -194,11 +191,10 @@ impl Session {
         };
         st.upgrading = false;
         st.prober = None;
-        let pong = st.pong.take();
         st.wake_poller();
         drop(st);
         self.changed.notify_one();
-        Ok((socket, pong))
+        Ok(socket)
     }
 
     pub(crate) fn outbox(&self) -> &Arc<Outbox> {
@@ -230,7 +226,6 @@ pub(crate) fn open(t: &super::Transport, eio3: bool) -> Response {
         state: Mutex::new(State {
             socket: Some(socket),
             ending: None,
-            pong: None,
             polling: false,
             poller: None,
             upgrading: false,
@@ -325,9 +320,6 @@ async fn poll(sess: &Session) -> Response {
             sess.changed.notify_one();
             return Poll::Ready(());
         }
-        if let Some(pong) = st.pong.take() {
-            items.push_back(Outbound::Frame(pong));
-        }
         if !items.is_empty() {
             return Poll::Ready(());
         }
@@ -360,7 +352,6 @@ fn post(sess: &Session, body: &[u8], max_message: usize) -> Response {
     let State {
         socket,
         ending,
-        pong,
         alive,
         ..
     } = &mut *st;
@@ -369,10 +360,9 @@ fn post(sess: &Session, body: &[u8], max_message: usize) -> Response {
     };
     *alive = true;
     let deadline = socket.deadline();
-    let mut held = false;
     let mut answer = text(b"ok".to_vec());
     for packet in payload::packets(body, sess.eio3) {
-        let mut link = Link::new(&sess.outbox, ending, pong, &mut held);
+        let mut link = Link::new(&sess.outbox, ending);
         match packet {
             Err(why) => {
                 tracing::debug!(engine = %sess.id, why, "invalid polling payload");
@@ -397,8 +387,6 @@ fn post(sess: &Session, body: &[u8], max_message: usize) -> Response {
     let moved = socket.deadline() != deadline;
     if ended {
         st.wake_ended();
-    } else if pong.is_some() {
-        st.wake_poller();
     }
     drop(st);
     if ended || moved {
@@ -482,8 +470,7 @@ async fn run(gw: Arc<Gateway>, sessions: Arc<Sessions>, sess: Arc<Session>) {
             && st.ending.is_none()
             && socket.deadline().is_some_and(|d| now >= d)
         {
-            let mut held = false;
-            let mut link = Link::new(&sess.outbox, &mut st.ending, &mut st.pong, &mut held);
+            let mut link = Link::new(&sess.outbox, &mut st.ending);
             socket.on_deadline(&mut link);
         }
         if st.ending.is_none() && now >= next_ping {

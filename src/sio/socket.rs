@@ -369,7 +369,9 @@ impl Protocol for Socket {
         };
         match first {
             engine::MESSAGE => self.on_packet(link, &text[1..]),
-            engine::PING => link.pong(packet::pong(&text[1..])),
+            // Every ping gets its own answer, in order with other replies
+            // and counted against the outbox's limit like them.
+            engine::PING => link.send(packet::pong(&text[1..])),
             engine::CLOSE => link.end(Some((close::NORMAL, ""))),
             engine::PONG | engine::UPGRADE | engine::NOOP => {}
             _ => link.end(Some((close::PROTOCOL_ERROR, "invalid Engine.IO packet"))),

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -112,6 +113,7 @@ where
             stage: Stage::Probing(sess),
             probe_deadline: Instant::now() + UPGRADE_TIMEOUT,
             ended_at: None,
+            probe_answer: None,
         };
         let max_message = t.gw.config.ws.max_message_size;
         Connection::new(io, probe, outbox, keepalive, max_message, 0).hold()
@@ -131,6 +133,10 @@ struct Upgrade {
     probe_deadline: Instant,
     /// When the probe learned that its session ended.
     ended_at: Option<Instant>,
+    /// `3probe`, until the connection writes it: while the session still
+    /// polls, the outbox is not this WebSocket's (see
+    /// [`Protocol::take_held_reply`]).
+    probe_answer: Option<Bytes>,
 }
 
 // The large variant is the one a connection lives in; boxing it would add
@@ -153,13 +159,12 @@ impl Protocol for Upgrade {
             Stage::Probing(sess) => sess,
         };
         match text {
-            "2probe" if sess.probe() => link.pong(packet::pong("probe")),
+            // Only the latest answer is kept until written: a peer that
+            // probes without reading holds one.
+            "2probe" if sess.probe() => self.probe_answer = Some(packet::pong("probe")),
             "5" => match sess.upgrade() {
-                Ok((socket, pong)) => {
+                Ok(socket) => {
                     self.sessions.remove(sess.id());
-                    if let Some(pong) = pong {
-                        link.pong(pong);
-                    }
                     self.stage = Stage::Upgraded(socket);
                     link.release();
                 }
@@ -206,6 +211,10 @@ impl Protocol for Upgrade {
                 link.end(None);
             }
         }
+    }
+
+    fn take_held_reply(&mut self) -> Option<Bytes> {
+        self.probe_answer.take()
     }
 
     fn register(&mut self, waker: &std::task::Waker) {

@@ -68,48 +68,47 @@ pub trait Protocol {
     /// Called on every poll of the connection, for a protocol that may move
     /// its deadline on its own (an upgrade probe whose session ends).
     fn register(&mut self, _waker: &std::task::Waker) {}
+    /// While the outbox is held ([`Connection::hold`]): the protocol's own
+    /// reply to write (an upgrade probe's `3probe`), taken when the
+    /// connection can write. Kept by the protocol, which holds one at
+    /// most, so that connections that never hold pay nothing for it.
+    fn take_held_reply(&mut self) -> Option<Bytes> {
+        None
+    }
 }
 
 /// What a protocol handler may do to its connection.
 pub struct Link<'a> {
     pub outbox: &'a Outbox,
     ending: &'a mut Option<CloseReason>,
-    pong: &'a mut Option<Bytes>,
-    held: &'a mut bool,
+    /// On a [`Connection`]: whether another transport owns its outbox (see
+    /// [`Connection::hold`]). `None` on a transport that never holds one.
+    held: Option<&'a mut bool>,
 }
 
 impl<'a> Link<'a> {
     /// A link for a transport other than [`Connection`] (Engine.IO's
-    /// long-polling), with its own end and pong slots.
-    pub fn new(
-        outbox: &'a Outbox,
-        ending: &'a mut Option<CloseReason>,
-        pong: &'a mut Option<Bytes>,
-        held: &'a mut bool,
-    ) -> Self {
+    /// long-polling), with its own end slot.
+    pub fn new(outbox: &'a Outbox, ending: &'a mut Option<CloseReason>) -> Self {
         Link {
             outbox,
             ending,
-            pong,
-            held,
+            held: None,
         }
     }
 
     /// Lets a connection built with [`Connection::hold`] write its outbox.
     pub fn release(&mut self) {
-        *self.held = false;
+        if let Some(held) = &mut self.held {
+            **held = false;
+        }
     }
 
-    /// Queues a framed reply behind anything queued before it.
+    /// Queues a framed reply behind anything queued before it. Replies
+    /// count against the outbox's limit, so a peer that keeps asking
+    /// without reading is closed as a slow consumer rather than buffered.
     pub fn send(&self, frame: Bytes) {
         self.outbox.push(Outbound::Frame(frame));
-    }
-
-    /// Answers a protocol-level ping (Engine.IO's `2`) the way WebSocket
-    /// pings are answered: only the latest answer is kept until written, so
-    /// a peer that pings without reading holds one, not one per ping.
-    pub fn pong(&mut self, frame: Bytes) {
-        *self.pong = Some(frame);
     }
 
     /// Decides how the connection ends; the first decision stands.
@@ -147,9 +146,12 @@ pub struct Connection<S, P> {
     partial: Vec<u8>,
     filled: usize,
     need: usize,
-    /// The answer to the client's latest ping, sent once everything queued
-    /// before it is out: a ping flood from a peer that does not read keeps
-    /// one pong, not one per ping.
+    /// The answer to the client's latest ping frame, not yet queued. Pings
+    /// with no data message between them share it (RFC 6455 §5.5.3 allows
+    /// answering only the latest), so a ping flood holds one pong, not one
+    /// per ping. A data message moves it to the outbox first (see
+    /// `on_message`), so answers keep the order of what they answer; left
+    /// here, it is written after whatever was queued before it.
     pong: Option<Bytes>,
     /// A fragmented message being put together, and its opcode.
     message: Vec<u8>,
@@ -248,13 +250,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
     fn on_timer(&mut self) {
         let now = Instant::now();
         if self.proto.deadline().is_some_and(|d| now >= d) {
+            let was_held = self.held;
             let mut link = Link {
                 outbox: &self.outbox,
                 ending: &mut self.ending,
-                pong: &mut self.pong,
-                held: &mut self.held,
+                held: Some(&mut self.held),
             };
             self.proto.on_deadline(&mut link);
+            self.on_released(was_held);
         }
         if self.ending.is_none() && now >= self.next_ping {
             if !self.alive {
@@ -382,6 +385,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
                 tracing::debug!(conn = self.id, why, "ws protocol error");
                 self.end(Some((close::PROTOCOL_ERROR, why)));
             }
+            FrameError::InvalidData(why) => {
+                tracing::debug!(conn = self.id, why, "ws invalid data");
+                self.end(Some((close::INVALID_DATA, why)));
+            }
         }
     }
 
@@ -424,19 +431,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
     }
 
     fn on_message(&mut self, opcode: u8, payload: &[u8]) {
+        // A pong still in its slot answers a ping that came before this
+        // message: it goes to the outbox ahead of this message's replies
+        // (a `/ws` pong, an Engine.IO `3`), and neither displaces the other.
+        // A held outbox is not ours; the slot is then written first.
+        if !self.held
+            && let Some(pong) = self.pong.take()
+        {
+            self.outbox.push(Outbound::Frame(pong));
+        }
+        let was_held = self.held;
         let mut link = Link {
             outbox: &self.outbox,
             ending: &mut self.ending,
-            pong: &mut self.pong,
-            held: &mut self.held,
+            held: Some(&mut self.held),
         };
         if opcode == frame::BINARY {
-            return self.proto.on_binary(&mut link, payload);
+            self.proto.on_binary(&mut link, payload);
+        } else {
+            match std::str::from_utf8(payload) {
+                Ok(text) => self.proto.on_text(&mut link, text),
+                Err(_) => link.end(Some((close::INVALID_DATA, "text is not UTF-8"))),
+            }
         }
-        match std::str::from_utf8(payload) {
-            Ok(text) => self.proto.on_text(&mut link, text),
-            Err(_) => link.end(Some((close::INVALID_DATA, "text is not UTF-8"))),
+        self.on_released(was_held);
+    }
+
+    /// After a handler: if it released the outbox, what the connection
+    /// answered on its own meanwhile goes out before anything the outbox
+    /// holds. Only `sending` is written before the outbox is taken.
+    fn on_released(&mut self, was_held: bool) {
+        if was_held && !self.held {
+            self.queue_own();
         }
+    }
+
+    /// Moves the pong and the protocol's held reply, in that order, to the
+    /// back of `sending`. While held, the pong goes first even when the
+    /// ping came after the message the held reply answers: a pong may be
+    /// sent at any point between messages, and keeping one of each bounds
+    /// what a peer that does not read can make the connection hold.
+    fn queue_own(&mut self) {
+        let own = [self.pong.take(), self.proto.take_held_reply()];
+        self.sending
+            .extend(own.into_iter().flatten().map(Outbound::Frame));
     }
 
     // ---- writing ----------------------------------------------------------
@@ -505,13 +543,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
         }
     }
 
-    /// Writes pongs only: the outbox is another transport's for now.
+    /// Writes the connection's own answers only (its pong, then the
+    /// protocol's held reply): the outbox is another transport's for now.
     fn poll_write_held(&mut self, cx: &mut Context<'_>) {
         while self.ending.is_none() {
             if self.sending.is_empty() {
-                match self.pong.take() {
-                    Some(pong) => self.sending.push_back(Outbound::Frame(pong)),
-                    None => return,
+                self.queue_own();
+                if self.sending.is_empty() {
+                    return;
                 }
             }
             match self.poll_write_some(cx) {
@@ -609,9 +648,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
     /// close too: dropping a socket with unread input would turn the close
     /// into a reset that can overtake the frame.
     async fn close_handshake(mut self, reason: CloseReason) {
+        // The answer to a ping that came before the end is owed too (RFC
+        // 6455 §5.5.2): in the order the write path would have sent it.
         let mut rest = VecDeque::new();
-        if !self.held {
+        if self.held {
+            self.queue_own();
+        } else {
             let _ = self.outbox.take(&mut rest, std::task::Waker::noop());
+            rest.extend(self.pong.take().map(Outbound::Frame));
         }
         // Keep a frame already partly written (the stream must stay framed),
         // and replies; drop undelivered messages.
@@ -664,7 +708,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     struct Quiet;
 
@@ -715,5 +759,168 @@ mod tests {
         assert!(got == expected, "frames arrived cut, repeated or reordered");
         drop(client);
         assert_eq!(serving.await.unwrap(), None, "the peer went away");
+    }
+
+    /// Answers to whatever a test sends while held: `probe` gets a held
+    /// reply (the latest kept), `release` releases the outbox.
+    #[derive(Default)]
+    struct Probe(Option<Bytes>);
+
+    impl Protocol for Probe {
+        fn on_text(&mut self, link: &mut Link<'_>, text: &str) {
+            match text {
+                "probe" => self.0 = Some(frame::encode(frame::TEXT, b"answer")),
+                "release" => link.release(),
+                _ => {}
+            }
+        }
+        fn on_binary(&mut self, _: &mut Link<'_>, _: &[u8]) {}
+        fn deadline(&self) -> Option<Instant> {
+            None
+        }
+        fn on_deadline(&mut self, _: &mut Link<'_>) {}
+        fn take_held_reply(&mut self) -> Option<Bytes> {
+            self.0.take()
+        }
+    }
+
+    fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+        frame::encode_client(out, true, opcode, payload, [1, 2, 3, 4]);
+    }
+
+    /// Splits what a server wrote into (opcode, payload) frames.
+    fn server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while !bytes.is_empty() {
+            let (len, start) = match bytes[1] & 0x7F {
+                126 => (usize::from(u16::from_be_bytes([bytes[2], bytes[3]])), 4),
+                127 => panic!("no test frame is that long"),
+                n => (usize::from(n), 2),
+            };
+            frames.push((bytes[0] & 0x0F, bytes[start..start + len].to_vec()));
+            bytes = &bytes[start + len..];
+        }
+        frames
+    }
+
+    /// Serves `proto` on one end of a pipe of `capacity` bytes with
+    /// `queued` in its outbox; writes `wire` without reading, then reads
+    /// everything until the server closes.
+    async fn exchange<P: Protocol + Send + 'static>(
+        proto: P,
+        held: bool,
+        capacity: usize,
+        wire: &[u8],
+    ) -> Vec<(u8, Vec<u8>)> {
+        let (server, mut client) = tokio::io::duplex(capacity);
+        let outbox = Arc::new(Outbox::new(16, Arc::new(Metrics::new())));
+        outbox.push(Outbound::Frame(frame::encode(frame::TEXT, b"queued")));
+        let keepalive = Keepalive {
+            period: Duration::from_secs(60),
+            ping: None,
+        };
+        let mut conn = Connection::new(server, proto, outbox, keepalive, 1 << 20, 1);
+        if held {
+            conn = conn.hold();
+        }
+        let serving = tokio::spawn(async move {
+            let reason = conn.serve().await;
+            conn.finish(reason).await;
+        });
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            client.write_all(wire).await.unwrap();
+            client.read_to_end(&mut got).await.unwrap();
+        })
+        .await
+        .expect("the server answers and closes");
+        drop(client);
+        serving.await.unwrap();
+        server_frames(&got)
+    }
+
+    fn close_1000() -> Vec<u8> {
+        let mut wire = Vec::new();
+        client_frame(&mut wire, frame::CLOSE, &1000u16.to_be_bytes());
+        wire
+    }
+
+    /// Thousands of pings from a peer that does not read: the server's
+    /// writes block, and while they do every new ping replaces the pong
+    /// waiting in the slot, so the pongs sent are bounded by what the pipe
+    /// holds, not by the pings; the latest is answered, before the close.
+    #[tokio::test]
+    async fn a_ping_flood_from_a_peer_that_does_not_read_holds_one_pong() {
+        let n = 5000u32;
+        let mut wire = Vec::new();
+        for i in 0..n {
+            client_frame(&mut wire, frame::PING, &i.to_be_bytes());
+        }
+        wire.extend(close_1000());
+        let frames = exchange(Quiet, false, 256, &wire).await;
+        let pongs: Vec<u32> = frames
+            .iter()
+            .filter(|(op, _)| *op == frame::PONG)
+            .map(|(_, p)| u32::from_be_bytes(p[..].try_into().unwrap()))
+            .collect();
+        assert!(pongs.len() < 100, "{} pongs for {n} pings", pongs.len());
+        assert!(pongs.is_sorted());
+        assert_eq!(pongs.last(), Some(&(n - 1)), "the latest ping is answered");
+        // What was queued before, then only pongs, then the close.
+        assert_eq!(frames[0], (frame::TEXT, b"queued".to_vec()));
+        assert_eq!(frames.len(), 1 + pongs.len() + 1, "{frames:?}");
+        assert_eq!(
+            frames.last(),
+            Some(&(frame::CLOSE, 1000u16.to_be_bytes().to_vec()))
+        );
+    }
+
+    /// While the outbox is held, the pong and the held reply each keep a
+    /// slot: a ping and a probe together are both answered, and nothing
+    /// from the outbox goes out until the release.
+    #[tokio::test]
+    async fn a_held_connection_answers_both_a_ping_and_a_probe() {
+        let mut wire = Vec::new();
+        client_frame(&mut wire, frame::PING, b"a");
+        client_frame(&mut wire, frame::TEXT, b"probe");
+        client_frame(&mut wire, frame::TEXT, b"release");
+        wire.extend(close_1000());
+        let frames = exchange(Probe::default(), true, 1 << 16, &wire).await;
+        let expected = [
+            (frame::PONG, b"a".to_vec()),
+            (frame::TEXT, b"answer".to_vec()),
+            (frame::TEXT, b"queued".to_vec()),
+            (frame::CLOSE, 1000u16.to_be_bytes().to_vec()),
+        ];
+        assert_eq!(frames, expected);
+    }
+
+    /// A flood of pings and probes while held, from a peer that does not
+    /// read: bounded by what the pipe holds; the latest of each is answered
+    /// and the outbox follows the release.
+    #[tokio::test]
+    async fn a_ping_and_probe_flood_while_held_is_bounded() {
+        let n = 3000u32;
+        let mut wire = Vec::new();
+        for i in 0..n {
+            client_frame(&mut wire, frame::PING, &i.to_be_bytes());
+            client_frame(&mut wire, frame::TEXT, b"probe");
+        }
+        client_frame(&mut wire, frame::TEXT, b"release");
+        wire.extend(close_1000());
+        let frames = exchange(Probe::default(), true, 256, &wire).await;
+        assert!(frames.len() < 100, "{} frames for {n} pings", frames.len());
+        let queued = frames
+            .iter()
+            .position(|f| f == &(frame::TEXT, b"queued".to_vec()))
+            .expect("the outbox after the release");
+        let own = &frames[..queued];
+        let last_pong = own.iter().rev().find(|(op, _)| *op == frame::PONG);
+        assert_eq!(
+            last_pong,
+            Some(&(frame::PONG, (n - 1).to_be_bytes().to_vec()))
+        );
+        assert_eq!(own.last(), Some(&(frame::TEXT, b"answer".to_vec())));
+        assert_eq!(frames.len(), queued + 2, "then only the close: {frames:?}");
     }
 }

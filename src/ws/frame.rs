@@ -147,6 +147,9 @@ pub enum Parsed<'a> {
 pub enum FrameError {
     /// Not valid RFC 6455 from a client (close 1002).
     Protocol(&'static str),
+    /// Well framed, but text that must be UTF-8 is not: a close frame's
+    /// reason (close 1007, as for a text message, RFC 6455 §8.1).
+    InvalidData(&'static str),
     /// Larger than the message size limit (close 1009).
     TooBig,
 }
@@ -245,7 +248,7 @@ pub fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
                 return Err(FrameError::Protocol("invalid close code"));
             }
             if std::str::from_utf8(reason).is_err() {
-                return Err(FrameError::Protocol("close reason is not UTF-8"));
+                return Err(FrameError::InvalidData("close reason is not UTF-8"));
             }
             Ok(Some(code))
         }
@@ -398,6 +401,14 @@ mod tests {
         assert!(close_code(&[0x03, 0xEC]).is_err()); // 1004 is reserved
         assert_eq!(close_code(&[0x03, 0xF5]), Ok(Some(1013)));
         assert!(close_code(&[0x03, 0xF7]).is_err()); // 1015 is reserved
-        assert!(close_code(&[0x03, 0xE8, 0xFF]).is_err());
+        assert_eq!(
+            close_code(&[0x03, 0xE8, 0xFF, 0xFE]),
+            Err(FrameError::InvalidData("close reason is not UTF-8"))
+        );
+        // An invalid code is a protocol error whatever the reason.
+        assert!(matches!(
+            close_code(&[0x03, 0xEC, 0xFF]),
+            Err(FrameError::Protocol(_))
+        ));
     }
 }
