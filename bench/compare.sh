@@ -12,10 +12,12 @@
 # Scenarios: fanout-max fanout-load fanout-light sio-load idle churn (default
 # set), held (idle with 19 800 connections; pulso and node only), sio-idle
 # (idle Socket.IO connections), sio-max (Socket.IO fan-out publishing as
-# fast as answers come back), and sio-upgrade-idle/-load/-max (the same
+# fast as answers come back), sio-upgrade-idle/-load/-max (the same
 # with clients that poll first and upgrade, as socket.io-client does by
-# default); the Socket.IO ones run against node, and against pulso when it
-# serves /socket.io/.
+# default), and connect / sio-connect (19 000 clients connecting at once, as
+# after a deploy: each counts once it is answered, which for pulso means its
+# presence row is committed); the Socket.IO ones run against node, and
+# against pulso when it serves /socket.io/.
 # Results: one JSON line per run in $OUT (default bench/results/<date>.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,6 +100,8 @@ run() {
     sio-upgrade-load) args=(sio-fanout "${common[@]}" --sio-upgrade --clients "$(scaled 2000)" --messages "$(scaled 1000)" --rate 50) ;;
     sio-upgrade-max)  args=(sio-fanout "${common[@]}" --sio-upgrade --clients "$(scaled 2000)" --messages "$(scaled 1000)" --max) ;;
     held)         args=(idle "${common[@]}" --clients 19800 --pid "$SERVER_PID" --hold 3) ;;
+    connect)      args=(idle "${common[@]}" --clients "$(scaled 19000)" --pid "$SERVER_PID" --hold 1) ;;
+    sio-connect)  args=(idle "${common[@]}" --proto sio --clients "$(scaled 19000)" --pid "$SERVER_PID" --hold 1) ;;
     churn)        args=(churn "${common[@]}" --duration "$(scaled 10)" --rounds 2 --pid "$SERVER_PID") ;;
   esac
   echo "==> $scen against $server (port $port, pid $SERVER_PID)" >&2
@@ -124,11 +128,11 @@ has_sio() { # does pulso serve /socket.io/ on this branch?
 
 for scen in "${scenarios[@]}"; do
   case $scen in
-    sio-load|sio-idle|sio-max|sio-upgrade-idle|sio-upgrade-load|sio-upgrade-max)
+    sio-load|sio-idle|sio-max|sio-upgrade-idle|sio-upgrade-load|sio-upgrade-max|sio-connect)
       servers=(node)
       if has_sio; then servers=(pulso node); else echo "(pulso has no /socket.io/ endpoint on this build: node only)" >&2; fi ;;
     churn|held) servers=(pulso node) ;;
-    fanout-max|fanout-load|fanout-light|idle) servers=(pulso node limit) ;;
+    fanout-max|fanout-load|fanout-light|idle|connect) servers=(pulso node limit) ;;
     *) echo "unknown scenario $scen" >&2; failed=1; continue ;;
   esac
   for server in "${servers[@]}"; do run "$scen" "$server"; done

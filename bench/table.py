@@ -15,6 +15,8 @@ ROWS = {
     "sio-upgrade-max": ["deliveries_per_s", "p50_ms", "p99_ms", "max_ms", "errors"],
     "sio-upgrade-idle": ["connected", "connects_per_s", "rss_per_conn_bytes", "answered_publish", "connect_failures"],
     "held": ["connected", "connects_per_s", "rss_per_conn_bytes", "answered_publish", "connect_failures"],
+    "connect": ["connected", "connect_s", "connects_per_s", "answered_publish", "connect_failures"],
+    "sio-connect": ["connected", "connect_s", "connects_per_s", "answered_publish", "connect_failures"],
     "churn": ["cycles_per_s", "errors", "tables_returned", "rss_growth_first_round_pct", "rss_growth_pct"],
 }
 
