@@ -116,7 +116,9 @@ impl<T: DeserializeOwned> FromRequest<Arc<Gateway>> for JsonBody<T> {
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|e| {
-                if e.to_string().contains("length limit") {
+                if crate::http::is_body_timeout(&e) {
+                    ApiError::request_timeout()
+                } else if e.to_string().contains("length limit") {
                     ApiError::too_large(limit)
                 } else {
                     ApiError::bad_request(format!("could not read the request body: {e}"))
