@@ -1,5 +1,5 @@
 //! HTTP/1.1 connections: pulso's own accept loop around hyper, for the
-//! clocks `axum::serve` does not have.
+//! clocks `axum::serve` does not have, and a lingering close.
 //!
 //! Without clocks, a client that connects and sends nothing, or sends a
 //! header byte now and then, or stops halfway through a body, holds a file
@@ -22,13 +22,22 @@
 //! for a head, so it also bounds the idle time between requests, and one
 //! duration cannot serve both (a kept-alive connection should outlive a load
 //! balancer's idle timeout; a head should take seconds).
+//!
+//! Lingering close: when a request's body is refused unread (413, 401, a
+//! timeout), hyper answers and closes the connection. Closing a socket
+//! whose receive buffer still holds data makes the kernel send a reset,
+//! and a client still writing its body (Node's `http` writes all of it
+//! before it reads) then gets EPIPE or ECONNRESET instead of the answer.
+//! So, as nginx does, the write side is shut down after the answer and
+//! whatever the client still sends is read and discarded, for at most
+//! [`LINGER`], before the socket is closed.
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -47,6 +56,11 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::config::HttpConfig;
+
+/// Longest lingering close: enough for a client to finish sending a body
+/// of a few MiB it wrote before reading, short enough that a client that
+/// keeps sending cannot hold the connection.
+pub const LINGER: Duration = Duration::from_secs(5);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -131,6 +145,12 @@ struct ConnState {
     phase: AtomicU8,
     /// When the current phase started, in µs after `accepted`.
     since: AtomicU64,
+    /// The last request's body was dropped before its end: its rest may
+    /// still arrive, so a close should linger.
+    unread_body: AtomicBool,
+    /// The server is stopping: a close does not linger (the process is
+    /// about to go, and `shutdown_timeout` is better spent elsewhere).
+    stopping: AtomicBool,
 }
 
 impl ConnState {
@@ -139,6 +159,8 @@ impl ConnState {
             accepted: Instant::now(),
             phase: AtomicU8::new(Phase::Head as u8),
             since: AtomicU64::new(0),
+            unread_body: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -170,6 +192,7 @@ impl ConnState {
     /// hyper parsed a request head and calls the service.
     fn request_started(&self) {
         self.phase.store(Phase::Busy as u8, Ordering::Relaxed);
+        self.unread_body.store(false, Ordering::Relaxed);
     }
 
     /// The response's last byte went to hyper: the connection idles until
@@ -187,6 +210,11 @@ impl ConnState {
         {
             self.since.store(self.now(), Ordering::Relaxed);
         }
+    }
+
+    /// Whether a close should linger now.
+    fn should_linger(&self) -> bool {
+        self.unread_body.load(Ordering::Relaxed) && !self.stopping.load(Ordering::Relaxed)
     }
 
     fn upgrading(&self) {
@@ -212,6 +240,7 @@ async fn connection(tcp: TcpStream, app: Router, config: HttpConfig, stop: Cance
     let io = TokioIo::new(Watched {
         tcp,
         state: Some(state.clone()),
+        linger: None,
     });
     let service = Service {
         app,
@@ -233,6 +262,7 @@ async fn connection(tcp: TcpStream, app: Router, config: HttpConfig, stop: Cance
     let missed = poll_fn(|cx| {
         if !stopped && stopping.as_mut().poll(cx).is_ready() {
             stopped = true;
+            state.stopping.store(true, Ordering::Relaxed);
             // Finishes the request in progress, then closes; an idle
             // connection closes at once.
             conn.as_mut().graceful_shutdown();
@@ -290,6 +320,8 @@ impl hyper::service::Service<Request<Incoming>> for Service {
                     timeout: self.body_timeout,
                     clock: None,
                     waiting: false,
+                    ended: false,
+                    state: self.state.clone(),
                 })
             }
         });
@@ -353,6 +385,8 @@ struct RequestBody {
     clock: Option<Pin<Box<Sleep>>>,
     /// The clock runs for the wait in progress.
     waiting: bool,
+    ended: bool,
+    state: Arc<ConnState>,
 }
 
 /// The error a request body yields when the client stopped sending it.
@@ -384,6 +418,9 @@ impl hyper::body::Body for RequestBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.waiting = false;
+                if frame.is_none() || this.inner.is_end_stream() {
+                    this.ended = true;
+                }
                 Poll::Ready(frame.map(|r| r.map_err(BoxError::from)))
             }
             Poll::Pending => {
@@ -413,13 +450,23 @@ impl hyper::body::Body for RequestBody {
     }
 }
 
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if !self.ended && !self.inner.is_end_stream() {
+            self.state.unread_body.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The TCP stream as hyper sees it: reads start the head clock of an idle
-/// connection.
+/// connection, and a shutdown after an unread body lingers.
 struct Watched {
     tcp: TcpStream,
     /// Let go once the connection is upgraded: a WebSocket has no use for
     /// it, and its allocation is freed with the connection's task.
     state: Option<Arc<ConnState>>,
+    /// Running while a close lingers.
+    linger: Option<Pin<Box<Sleep>>>,
 }
 
 impl Watched {
@@ -485,7 +532,39 @@ impl AsyncWrite for Watched {
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
+    /// Shuts the write side down (the client reads the answer and then the
+    /// end of the stream) and, after an unread body, lingers: reads and
+    /// discards until the client closes too, [`LINGER`] passes or the
+    /// server stops.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.tcp).poll_shutdown(cx))?;
+            if !this.state().is_some_and(ConnState::should_linger) {
+                return Poll::Ready(Ok(()));
+            }
+            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        } else if !this.state().is_some_and(ConnState::should_linger) {
+            // The server started to stop (the connection task, woken by
+            // it, polls the connection and so this again).
+            return Poll::Ready(Ok(()));
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.tcp).poll_read(cx, &mut buf) {
+                // The client closed its side: nothing more can arrive.
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                // tokio's cooperative budget also ends up here, so a client
+                // that sends without pause cannot keep this loop spinning.
+                Poll::Pending => break,
+            }
+        }
+        match this.linger.as_mut().map(|l| l.as_mut().poll(cx)) {
+            Some(Poll::Pending) => Poll::Pending,
+            _ => Poll::Ready(Ok(())),
+        }
     }
 }

@@ -1,10 +1,11 @@
 //! HTTP connection edges over raw TCP, so that every byte (and every close)
 //! is the server's: the clocks `http.header_timeout`, `http.idle_timeout`
-//! and `http.body_timeout`, and the connections they must leave alone (an
-//! upgraded WebSocket, a Socket.IO long-poll GET). Clocks are short here
-//! (1 s, 3 s, 1.5 s, all different so each test shows which clock closed
-//! the connection); waits are for the event (the server closing the
-//! socket), with a bound.
+//! and `http.body_timeout`, the connections they must leave alone (an
+//! upgraded WebSocket, a Socket.IO long-poll GET), and the lingering close
+//! that lets a client which writes its whole body before reading get the
+//! 413. Clocks are short here (1 s, 3 s, 1.5 s, all different so each test
+//! shows which clock closed the connection); waits are for the event (the
+//! server closing the socket), with a bound.
 
 mod common;
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 use common::TestServer;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 const HEADER: Duration = Duration::from_secs(1);
@@ -135,6 +136,80 @@ fn split(response: &[u8]) -> (String, Vec<u8>) {
         String::from_utf8_lossy(&response[..at]).into_owned(),
         response[at + 4..].to_vec(),
     )
+}
+
+/// A client whose kernel cannot hold a 1 MiB body in its send buffer
+/// (loopback's grow to 4 MiB): the body is written only as fast as the
+/// server reads it, as over a real network.
+async fn small_sndbuf_client(srv: &TestServer) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(64 * 1024).unwrap();
+    socket.connect(srv.addr).await.unwrap()
+}
+
+#[tokio::test]
+async fn over_limit_body_written_whole_before_reading_gets_the_413() {
+    // The default `api.max_body` (1 MiB).
+    let srv = TestServer::start().await;
+    let admin = srv.token("admin", "a");
+    for size in [1024 * 1024 + 1, 8 * 1024 * 1024] {
+        // 8 MiB is more than both kernels hold, even with default buffers.
+        let mut tcp = if size < 2 * 1024 * 1024 {
+            small_sndbuf_client(&srv).await
+        } else {
+            connect(&srv).await
+        };
+        let mut request = format!(
+            "POST /api/broadcast HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\n\
+             content-type: application/json\r\ncontent-length: {size}\r\n\r\n"
+        )
+        .into_bytes();
+        request.resize(request.len() + size, b'x');
+        // Like Node's `http`: all of it, then read. Without the lingering
+        // close this write fails with EPIPE (or the read with a reset).
+        tokio::time::timeout(Duration::from_secs(10), tcp.write_all(&request))
+            .await
+            .expect("the body is taken in time")
+            .expect("the whole body is written");
+        let mut response = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut response))
+            .await
+            .expect("the answer in time")
+            .expect("the answer, then the end of the stream (no reset)");
+        let (head, body) = split(&response);
+        assert!(head.starts_with("HTTP/1.1 413"), "{size}: {head}");
+        assert_eq!(error_code(&body), "payload_too_large", "{size}");
+        // Closing our side ends the server's lingering close.
+        drop(tcp);
+    }
+
+    // Chunked, with no declared length: refused once 1 MiB has been read.
+    let mut tcp = small_sndbuf_client(&srv).await;
+    let size = 1024 * 1024 + 1;
+    let mut request = format!(
+        "POST /api/broadcast HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{size:x}\r\n"
+    )
+    .into_bytes();
+    request.resize(request.len() + size, b'x');
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    tokio::time::timeout(Duration::from_secs(10), tcp.write_all(&request))
+        .await
+        .expect("the body is taken in time")
+        .expect("the whole body is written");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut response))
+        .await
+        .expect("the answer in time")
+        .expect("the answer, then the end of the stream (no reset)");
+    let (head, body) = split(&response);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(error_code(&body), "payload_too_large");
+    // The server still lingers on this connection (we have not closed it),
+    // but stopping does not wait for that.
+    let stopped = srv.stop().await;
+    assert!(stopped < Duration::from_secs(2), "stop took {stopped:?}");
+    drop(tcp);
 }
 
 #[tokio::test]

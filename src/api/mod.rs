@@ -110,6 +110,10 @@ impl<T: DeserializeOwned> FromRequest<Arc<Gateway>> for JsonBody<T> {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        // A refused body is not read to its end (not at all when its
+        // declared length is over): the connection's lingering close
+        // (`crate::http`) discards the rest, so a client that writes its
+        // whole body before reading still gets the 413.
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(ApiError::too_large(limit));
         }
