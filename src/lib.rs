@@ -4,7 +4,8 @@
 //! Front ends translate their wire format into hub calls: [`ws`] for the plain
 //! WebSocket protocol, [`sio`] for Socket.IO and [`api`] for HTTP publishing;
 //! [`presence`] records which socket each user holds. [`server`] composes
-//! them; `main.rs` only calls [`cli::main`].
+//! them and [`http`] serves their HTTP connections; `main.rs` only calls
+//! [`cli::main`].
 
 pub mod api;
 pub mod auth;
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod mqtt;

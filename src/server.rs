@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -171,17 +170,16 @@ impl Server {
         }
         let app = Self::router(&gw);
         let stop = gw.shutdown.clone();
-        // Small frames go out at once: without TCP_NODELAY a frame written
-        // while an earlier one is unacknowledged waits for the peer's delayed
-        // ACK (about 40 ms on Linux), which showed as a 40 ms p99 in fan-out.
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let serve =
-            axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
-        let serving = tokio::spawn(async move { serve.await });
+        // HTTP connections (not the upgraded ones, which `gw.connections`
+        // tracks) finish their request in progress once `stop` is cancelled.
+        let http = TaskTracker::new();
+        let serving = tokio::spawn(crate::http::serve(
+            self.listener,
+            app,
+            gw.config.http,
+            stop.clone(),
+            http.clone(),
+        ));
 
         stop.cancelled().await;
         tracing::info!("stopping: closing connections");
@@ -196,9 +194,13 @@ impl Server {
         // the limit (at most 1 s) is kept for clearing presence.
         let reserve = (limit / 10).min(std::time::Duration::from_secs(1));
         let drained = tokio::time::timeout(limit - reserve, async {
+            // HTTP connections first: once they are gone no upgrade can
+            // add a connection task.
+            let _ = serving.await;
+            http.close();
+            http.wait().await;
             gw.connections.wait().await;
             background.wait().await;
-            let _ = serving.await;
         })
         .await;
         // Every client is gone: clear this node's presence rows (SPEC §1).

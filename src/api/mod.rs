@@ -110,13 +110,19 @@ impl<T: DeserializeOwned> FromRequest<Arc<Gateway>> for JsonBody<T> {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        // A refused body is not read to its end (not at all when its
+        // declared length is over): the connection's lingering close
+        // (`crate::http`) discards the rest, so a client that writes its
+        // whole body before reading still gets the 413.
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(ApiError::too_large(limit));
         }
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|e| {
-                if e.to_string().contains("length limit") {
+                if crate::http::is_body_timeout(&e) {
+                    ApiError::request_timeout()
+                } else if e.to_string().contains("length limit") {
                     ApiError::too_large(limit)
                 } else {
                     ApiError::bad_request(format!("could not read the request body: {e}"))

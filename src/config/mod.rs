@@ -182,6 +182,16 @@ impl Layered {
         T::try_from(n).map_err(|_| ConfigError::setting(name, "too large"))
     }
 
+    /// A duration that must be more than zero (a zero timeout would close
+    /// every connection at once; a setting cannot turn a clock off).
+    fn positive_duration(&self, name: &str) -> Result<Duration, ConfigError> {
+        let d = self.req(name, value::parse_duration)?;
+        if d.is_zero() {
+            return Err(ConfigError::setting(name, "must be more than 0"));
+        }
+        Ok(d)
+    }
+
     /// The effective configuration as `name = value  # source` lines, secrets masked.
     pub fn describe(&self) -> String {
         let mut out = String::new();
@@ -267,6 +277,20 @@ pub struct JwtConfig {
     pub require_exp: bool,
 }
 
+/// Clocks on HTTP/1.1 connections (see [`crate::http`]): without them a
+/// client that connects and sends nothing, or a header byte now and then,
+/// holds a file descriptor and a connection's buffers forever.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpConfig {
+    /// From accept (or the first byte of a later request) to the end of
+    /// the request's head.
+    pub header_timeout: Duration,
+    /// Between two requests on a kept-alive connection.
+    pub idle_timeout: Duration,
+    /// Between two reads of a request body.
+    pub body_timeout: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct WsConfig {
     pub max_message_size: usize,
@@ -325,6 +349,7 @@ pub struct Config {
     pub publisher_roles: Vec<String>,
     pub api_key: Option<String>,
     pub api_max_body: usize,
+    pub http: HttpConfig,
     pub jwt: JwtConfig,
     pub ws: WsConfig,
     pub acl: HashMap<String, RoleAcl>,
@@ -446,6 +471,11 @@ impl Config {
             publisher_roles: l.req("publisher_roles", value::parse_list)?,
             api_key: l.opt_text("api_key")?,
             api_max_body: to_usize("api.max_body", l.req("api.max_body", value::parse_size)?, 1)?,
+            http: HttpConfig {
+                header_timeout: l.positive_duration("http.header_timeout")?,
+                idle_timeout: l.positive_duration("http.idle_timeout")?,
+                body_timeout: l.positive_duration("http.body_timeout")?,
+            },
             jwt,
             ws,
             acl: parse_acl(&l.req("acl", value::parse_table)?)?,
@@ -624,6 +654,23 @@ mod tests {
         assert_eq!(c.auto_subscribe, vec!["temperature"]);
         assert_eq!(c.ws.max_message_size, 64 * 1024);
         assert!(c.demo.enabled);
+        assert_eq!(c.http.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(75));
+        assert_eq!(c.http.body_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn http_timeouts_must_be_positive() {
+        let mut l = Layered::defaults();
+        l.apply_toml("[http]\nidle_timeout = \"500ms\"\n").unwrap();
+        assert_eq!(
+            Config::from_layered(&l).unwrap().http.idle_timeout,
+            Duration::from_millis(500)
+        );
+        l.set_text("http.body_timeout", "0".into(), Source::Env)
+            .unwrap();
+        let e = Config::from_layered(&l).unwrap_err();
+        assert!(e.0.contains("`http.body_timeout`"), "{e}");
     }
 
     #[test]

@@ -121,6 +121,24 @@ pub const SETTINGS: &[Setting] = &[
         "Largest HTTP API request body (413 above)"
     ),
     setting!(
+        "http.header_timeout",
+        Duration,
+        Some("10s"),
+        "Time a client has to send a request's headers: from connecting, or on a kept-alive connection from the next request's first byte; then the connection is closed"
+    ),
+    setting!(
+        "http.idle_timeout",
+        Duration,
+        Some("75s"),
+        "How long a kept-alive HTTP connection may wait for its next request before it is closed (keep it above a load balancer's idle timeout, 60 s on AWS ALB)"
+    ),
+    setting!(
+        "http.body_timeout",
+        Duration,
+        Some("30s"),
+        "Longest pause while a request body arrives; a stalled body is answered 408 and the connection closed. No http.* timeout applies while a request is answered (a held Socket.IO long-poll GET) or to an upgraded WebSocket"
+    ),
+    setting!(
         "jwt.secret",
         Secret,
         None,

@@ -255,6 +255,13 @@ pub(crate) async fn serve(
             let max_message = t.gw.config.ws.max_message_size;
             match axum::body::to_bytes(body, max_message.saturating_mul(POST_MESSAGES)).await {
                 Ok(bytes) => post(&sess, &bytes, max_message),
+                Err(e) if crate::http::is_body_timeout(&e) => {
+                    // The client stopped sending: its packets are lost, so
+                    // the session cannot go on (as when its transport fails).
+                    sess.state().end(None);
+                    sess.changed.notify_one();
+                    (StatusCode::REQUEST_TIMEOUT, "request timeout").into_response()
+                }
                 Err(_) => {
                     // Too large (or cut short): like an oversized WebSocket
                     // message, it ends the session.
