@@ -1,8 +1,9 @@
 //! pulso: a real-time gateway.
 //!
 //! The [`hub`] is the protocol-agnostic core (topics, subscriptions, fan-out).
-//! Front ends translate their wire format into hub calls: [`ws`] for the plain
-//! WebSocket protocol, [`sio`] for Socket.IO and [`api`] for HTTP publishing;
+//! [`transport`] is the WebSocket runtime above it. Front ends translate
+//! their wire format into hub calls: [`ws`] for the plain WebSocket
+//! protocol, [`sio`] for Socket.IO and [`api`] for HTTP publishing;
 //! [`presence`] records which socket each user holds. [`server`] composes
 //! them and [`http`] serves their HTTP connections; `main.rs` only calls
 //! [`cli::main`].
@@ -20,4 +21,5 @@ pub mod mqtt;
 pub mod presence;
 pub mod server;
 pub mod sio;
+pub mod transport;
 pub mod ws;

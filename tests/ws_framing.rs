@@ -21,7 +21,13 @@ const PONG: u8 = 0xA;
 /// A masked client frame.
 fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    pulso::ws::frame::encode_client(&mut out, fin, opcode, payload, [0x37, 0xFA, 0x21, 0x3D]);
+    pulso::transport::frame::encode_client(
+        &mut out,
+        fin,
+        opcode,
+        payload,
+        [0x37, 0xFA, 0x21, 0x3D],
+    );
     out
 }
 

@@ -4,7 +4,6 @@
 //! publish, [`JsonBody`] reads a bounded body and turns every failure into an
 //! [`ApiError`].
 
-pub mod error;
 pub mod health;
 pub mod presence;
 pub mod publish;
@@ -13,14 +12,15 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use axum::http::header::CONTENT_LENGTH;
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 
 use crate::auth::AuthError;
 use crate::gateway::Gateway;
-pub use error::ApiError;
+pub use crate::http::bearer_token;
+pub use crate::http::error::ApiError;
 
 pub fn router() -> Router<Arc<Gateway>> {
     Router::new()
@@ -79,18 +79,6 @@ impl FromRequestParts<Arc<Gateway>> for Publisher {
         }
         Ok(Publisher)
     }
-}
-
-/// The token of an `Authorization: Bearer …` header.
-pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -5,12 +5,12 @@
 //! HTTP API, the demo feed, the MQTT bridge, a cluster backplane) calls
 //! [`Hub::publish`] or [`Hub::publish_rooms`].
 //!
-//! Delivery never blocks. A connection with a [`Reader`] (the WebSocket
-//! front ends) reads each filter's [`ring`] itself, so a publish is one
-//! append per filter; any other recipient is pushed the shared
-//! `Arc<Message>`, and if its queue is full refuses it and closes itself as
-//! a slow consumer. The table lock is a plain `RwLock` held only for
-//! lookups and non-blocking appends and pushes, never across an `.await`.
+//! Delivery never blocks. Every connection has a [`Reader`] and reads each
+//! subscribed filter's [`ring`] itself, so a publish is one append of the
+//! shared `Arc<Message>` per filter; a reader that falls too far behind
+//! finds it has lagged and closes itself as a slow consumer. The table lock
+//! is a plain `RwLock` held only for lookups and non-blocking appends,
+//! never across an `.await`.
 
 pub mod last_value;
 pub mod ring;
@@ -45,19 +45,15 @@ pub fn now_ms() -> u64 {
 }
 
 /// A published message. Shared by every recipient; each wire encoding is
-/// produced at most once per message, on first use.
+/// produced at most once per message, on first use, and kept in `frames`.
 pub struct Message {
     pub topic: Arc<str>,
     pub event: Option<Arc<str>>,
     pub ts: u64,
     /// The payload as JSON text.
     pub payload: Arc<RawValue>,
-    /// The whole `/ws` frame, header included, built by the first recipient
-    /// that writes it (see `ws::protocol::wire`) and shared by the rest.
-    pub(crate) ws_frame: OnceLock<Bytes>,
-    /// The same for Socket.IO sockets, one per namespace: the root
-    /// namespace and the notifications namespace (see `sio::packet::wire`).
-    pub(crate) sio_frames: [OnceLock<Bytes>; 2],
+    /// The message's encoded copies, for the transports.
+    pub frames: Frames,
 }
 
 impl Message {
@@ -76,9 +72,39 @@ impl Message {
             event,
             ts,
             payload,
-            ws_frame: OnceLock::new(),
-            sio_frames: [OnceLock::new(), OnceLock::new()],
+            frames: Frames::default(),
         }
+    }
+}
+
+/// Which of a message's [`Frames`] an encoding is kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSlot(usize);
+
+impl FrameSlot {
+    /// Slot `n`; a slot past [`Frames::SLOTS`] does not compile where it
+    /// is a constant, and panics at once otherwise.
+    pub const fn nth(n: usize) -> FrameSlot {
+        assert!(n < Frames::SLOTS, "no such frame slot");
+        FrameSlot(n)
+    }
+}
+
+/// Encoded copies of a message, each written once by the transport that
+/// needs it and then shared by every recipient of that encoding, so a
+/// message is encoded once per wire format however many sockets it
+/// reaches. The hub only keeps them with the message: it never fills or
+/// reads one and knows nothing of what they hold (see
+/// `transport::encoding`, which assigns the slots).
+#[derive(Default)]
+pub struct Frames([OnceLock<Bytes>; Frames::SLOTS]);
+
+impl Frames {
+    pub const SLOTS: usize = 3;
+
+    /// The bytes in `slot`, made by `encode` on first use.
+    pub fn get_or_init(&self, slot: FrameSlot, encode: impl FnOnce() -> Bytes) -> &[u8] {
+        self.0[slot.0].get_or_init(encode)
     }
 }
 
@@ -91,34 +117,29 @@ pub fn payload_of<T: serde::Serialize + ?Sized>(value: &T) -> Arc<RawValue> {
     }
 }
 
-/// A connection as the hub sees it.
+/// A connection as the hub sees it: its cursors into the rings of its
+/// subscriptions, which its writer reads itself, so that a publish is one
+/// append per subscribed filter whatever the number of subscribers.
 pub trait Recipient: Send + Sync + 'static {
-    /// Queues the message without waiting. Returns false when it could not
-    /// (a full queue: the recipient then closes itself as a slow consumer).
-    fn deliver(&self, msg: &Arc<Message>) -> bool;
+    /// The connection's cursors. Published messages reach it only through
+    /// them.
+    fn reader(&self) -> &Mutex<Reader>;
 
-    /// Queues several messages, in order, as one unit (the last values
-    /// replayed to a new subscription). The default delivers one by one.
-    fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
-        msgs.iter().all(|m| self.deliver(m))
-    }
+    /// Queues the kept last values replayed to a new subscription, in
+    /// order, as one unit, behind what its rings already hold for it.
+    /// Returns false when it could not (a full queue: the recipient then
+    /// closes itself as a slow consumer).
+    fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool;
+
+    /// Moves what its rings hold for it to its own queue, in order (it is
+    /// about to leave a ring, and what it has not read there may have
+    /// reached it only that way).
+    fn flush(&self);
 
     /// The server is stopping: end the connection (without waiting).
     /// Front ends that follow the shutdown signal themselves keep the
     /// default, which does nothing.
     fn shutdown(&self) {}
-
-    /// A recipient that reads its subscriptions' rings itself returns its
-    /// reader; published messages then reach it only that way, and
-    /// [`Recipient::deliver`] carries only last-value replays.
-    fn reader(&self) -> Option<&Mutex<Reader>> {
-        None
-    }
-
-    /// For a reader: moves what its rings hold for it to its own queue, in
-    /// order (it is about to leave a ring, and what it has not read there
-    /// may have reached it only that way).
-    fn flush(&self) {}
 }
 
 fn lock_reader(reader: &Mutex<Reader>) -> std::sync::MutexGuard<'_, Reader> {
@@ -147,13 +168,9 @@ struct ConnEntry {
     filters: HashSet<Filter>,
 }
 
-/// A filter's subscribers.
+/// A filter's subscribers, and the ring they read.
 #[derive(Default)]
 struct Subscribers {
-    /// Pushed every message, with their handles, so fan-out needs no second
-    /// lookup per recipient.
-    push: HashMap<ConnId, Arc<dyn Recipient>>,
-    /// Read `ring` themselves.
     readers: HashSet<ConnId>,
     /// Present while there are readers.
     ring: Option<Arc<Ring>>,
@@ -161,23 +178,16 @@ struct Subscribers {
 
 impl Subscribers {
     fn len(&self) -> usize {
-        self.push.len() + self.readers.len()
+        self.readers.len()
     }
 
     /// Adds a subscriber; true when it is the first.
     fn add(&mut self, conn: ConnId, recipient: &Arc<dyn Recipient>, capacity: usize) -> bool {
-        match recipient.reader() {
-            Some(reader) => {
-                let ring = self
-                    .ring
-                    .get_or_insert_with(|| Arc::new(Ring::new(capacity)));
-                lock_reader(reader).follow(ring);
-                self.readers.insert(conn);
-            }
-            None => {
-                self.push.insert(conn, recipient.clone());
-            }
-        }
+        let ring = self
+            .ring
+            .get_or_insert_with(|| Arc::new(Ring::new(capacity)));
+        lock_reader(recipient.reader()).follow(ring);
+        self.readers.insert(conn);
         self.len() == 1
     }
 
@@ -189,14 +199,12 @@ impl Subscribers {
             if flush {
                 recipient.flush();
             }
-            if let (Some(ring), Some(reader)) = (&self.ring, recipient.reader()) {
-                lock_reader(reader).unfollow(ring);
+            if let Some(ring) = &self.ring {
+                lock_reader(recipient.reader()).unfollow(ring);
             }
             if self.readers.is_empty() {
                 self.ring = None;
             }
-        } else {
-            self.push.remove(&conn);
         }
         self.len() == 0
     }
@@ -523,14 +531,6 @@ impl Hub {
         ts: u64,
     ) -> usize {
         let started = Instant::now();
-        let (mut delivered, mut dropped) = (0u64, 0u64);
-        let mut deliver = |recipient: &Arc<dyn Recipient>, msg: &Arc<Message>| {
-            if recipient.deliver(msg) {
-                delivered += 1;
-            } else {
-                dropped += 1;
-            }
-        };
         let (reached, appended, wake) = {
             let t = self.read();
             let messages: Vec<Arc<Message>> = rooms
@@ -562,7 +562,6 @@ impl Hub {
                 match t.exact.get(&rooms[0]) {
                     None => (0, ring::Appended::default(), Vec::new()),
                     Some(subs) => {
-                        subs.push.values().for_each(|r| deliver(r, msg));
                         let (appended, wake) = match &subs.ring {
                             Some(ring) => ring::append_one(ring, msg.clone()),
                             None => Default::default(),
@@ -571,24 +570,14 @@ impl Hub {
                     }
                 }
             } else {
-                // Each connection once, under the first name it matches:
-                // pushed recipients are de-duplicated here, readers by
-                // their reader (every copy of one publish shares an id).
+                // Each connection once, under the first name it matches: a
+                // reader merges the copies of one publish in its rings by
+                // their shared id; here they are only counted once.
                 let mut seen: HashSet<ConnId> = HashSet::new();
                 let mut rings: Vec<(&Arc<Ring>, Arc<Message>, usize)> = Vec::new();
-                let mut readers_reached = 0;
                 for (rank, (room, msg)) in rooms.iter().zip(&messages).enumerate() {
                     for subs in t.exact.get(room).into_iter().chain(t.wild.matching(room)) {
-                        for (conn, recipient) in &subs.push {
-                            if seen.insert(*conn) {
-                                deliver(recipient, msg);
-                            }
-                        }
-                        for conn in &subs.readers {
-                            if seen.insert(*conn) {
-                                readers_reached += 1;
-                            }
-                        }
+                        seen.extend(subs.readers.iter().copied());
                         if let Some(ring) = &subs.ring
                             && !rings.iter().any(|(r, ..)| Arc::ptr_eq(r, ring))
                         {
@@ -598,15 +587,15 @@ impl Hub {
                 }
                 let (mut appended, wake) = ring::append(&mut rings);
                 // Counted per connection, not per copy.
-                appended.queued = readers_reached;
+                appended.queued = seen.len() as u64;
                 (seen.len(), appended, wake)
             }
         };
         // Woken outside every lock: a woken writer may run at once on
         // another core and take the ring's lock.
         wake.into_iter().for_each(Waker::wake);
-        self.metrics.delivered.inc_by(delivered + appended.queued);
-        self.metrics.dropped.inc_by(dropped + appended.dropped);
+        self.metrics.delivered.inc_by(appended.queued);
+        self.metrics.dropped.inc_by(appended.dropped);
         self.metrics
             .stage_latency(crate::metrics::Stage::Fanout)
             .observe(started.elapsed().as_secs_f64());
@@ -645,16 +634,55 @@ fn remove_sub(
 mod tests {
     use super::*;
 
-    struct Collect(Mutex<Vec<Arc<Message>>>, usize);
+    /// A recipient that reads its rings, like the WebSocket front ends,
+    /// and keeps everything it got (replays included) until taken.
+    #[derive(Default)]
+    struct Pull(Mutex<Reader>, Mutex<Vec<Arc<Message>>>);
 
-    impl Recipient for Collect {
-        fn deliver(&self, msg: &Arc<Message>) -> bool {
-            let mut v = self.0.lock().unwrap();
-            if v.len() >= self.1 {
-                return false;
-            }
-            v.push(msg.clone());
+    impl Recipient for Pull {
+        fn reader(&self) -> &Mutex<Reader> {
+            &self.0
+        }
+        fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
+            self.drain();
+            self.1.lock().unwrap().extend(msgs);
             true
+        }
+        fn flush(&self) {
+            self.drain();
+        }
+    }
+
+    impl Pull {
+        /// Moves what the rings hold into the kept list.
+        fn drain(&self) {
+            let mut got = Vec::new();
+            self.0
+                .lock()
+                .unwrap()
+                .collect(None, |m| got.push(m))
+                .unwrap();
+            self.1.lock().unwrap().extend(got);
+        }
+
+        /// Everything received so far (kept).
+        fn all(&self) -> Vec<Arc<Message>> {
+            self.drain();
+            self.1.lock().unwrap().clone()
+        }
+
+        /// Takes everything received: `topic=payload` each; parks on the
+        /// rings with `waker` when nothing is new.
+        fn take(&self, waker: &Waker) -> Vec<String> {
+            let mut got: Vec<Arc<Message>> = std::mem::take(&mut *self.1.lock().unwrap());
+            self.0
+                .lock()
+                .unwrap()
+                .collect(Some(waker), |m| got.push(m))
+                .unwrap();
+            got.iter()
+                .map(|m| format!("{}={}", m.topic, m.payload.get()))
+                .collect()
         }
     }
 
@@ -673,7 +701,7 @@ mod tests {
     #[test]
     fn delivers_once_with_published_name() {
         let hub = hub();
-        let c = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let c = Arc::new(Pull::default());
         let id = hub.register(c.clone());
         hub.subscribe(id, &f("a/b"), 10).unwrap();
         hub.subscribe(id, &f("a/+"), 10).unwrap();
@@ -681,7 +709,7 @@ mod tests {
         assert_eq!(hub.publish(msg("a/b")), 1);
         assert_eq!(hub.publish(msg("a")), 1);
         assert_eq!(hub.publish(msg("b")), 0);
-        let got = c.0.lock().unwrap();
+        let got = c.all();
         assert_eq!(got.len(), 2);
         assert_eq!(&*got[0].topic, "a/b");
         assert_eq!(&*got[1].topic, "a");
@@ -690,7 +718,7 @@ mod tests {
     #[test]
     fn rooms_use_first_matching_name() {
         let hub = hub();
-        let c = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let c = Arc::new(Pull::default());
         let id = hub.register(c.clone());
         hub.subscribe(id, &f("r2"), 10).unwrap();
         hub.subscribe(id, &f("r3"), 10).unwrap();
@@ -701,7 +729,7 @@ mod tests {
             1,
         );
         assert_eq!(n, 1);
-        assert_eq!(&*c.0.lock().unwrap()[0].topic, "r3");
+        assert_eq!(&*c.all()[0].topic, "r3");
     }
 
     #[test]
@@ -709,7 +737,7 @@ mod tests {
         let hub = hub();
         let mut watch = hub.watch_interest();
         let ids: Vec<_> = (0..3)
-            .map(|_| hub.register(Arc::new(Collect(Mutex::new(vec![]), 1))))
+            .map(|_| hub.register(Arc::new(Pull::default())))
             .collect();
         for id in &ids {
             hub.subscribe(*id, &f("t"), 10).unwrap();
@@ -755,24 +783,23 @@ mod tests {
         assert_eq!(hub.last_values(&f("temp/#")).len(), 2);
         assert_eq!(hub.metrics().last_value_topics.get(), 2);
 
-        let c = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let c = Arc::new(Pull::default());
         let id = hub.register(c.clone());
         let mut calls = 0;
         let new = hub
             .subscribe_with_last_values(id, &f("temp/+"), 10, || {
                 // Runs before the last values are queued.
-                assert!(c.0.lock().unwrap().is_empty());
+                assert!(c.all().is_empty());
                 calls += 1;
             })
             .unwrap();
         assert!(new);
         assert_eq!(calls, 1);
-        let got: Vec<(String, u64)> =
-            c.0.lock()
-                .unwrap()
-                .iter()
-                .map(|m| (m.topic.to_string(), m.ts))
-                .collect();
+        let got: Vec<(String, u64)> = c
+            .all()
+            .iter()
+            .map(|m| (m.topic.to_string(), m.ts))
+            .collect();
         assert_eq!(got, vec![("temp/b".into(), 12), ("temp/a".into(), 13)]);
 
         // A repeated subscribe sends nothing again; an exact one gets its topic.
@@ -781,29 +808,23 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(calls, 1);
-        assert_eq!(c.0.lock().unwrap().len(), 2);
+        assert_eq!(c.all().len(), 2);
         // A filter whose topics another subscription already covers: nothing again.
         hub.subscribe_with_last_values(id, &f("temp/a"), 10, || {})
             .unwrap();
-        assert_eq!(c.0.lock().unwrap().len(), 2);
+        assert_eq!(c.all().len(), 2);
         // Plain subscribe never replays.
         hub.unsubscribe(id, &f("temp/+"));
         hub.subscribe(id, &f("temp/#"), 10).unwrap();
-        assert_eq!(c.0.lock().unwrap().len(), 2);
+        assert_eq!(c.all().len(), 2);
         // Only what no other subscription covers.
-        let other = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let other = Arc::new(Pull::default());
         let id2 = hub.register(other.clone());
         hub.subscribe_with_last_values(id2, &f("temp/a"), 10, || {})
             .unwrap();
         hub.subscribe_with_last_values(id2, &f("temp/+"), 10, || {})
             .unwrap();
-        let got: Vec<String> = other
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.topic.to_string())
-            .collect();
+        let got: Vec<String> = other.all().iter().map(|m| m.topic.to_string()).collect();
         assert_eq!(got, vec!["temp/a", "temp/b"]);
     }
 
@@ -823,70 +844,27 @@ mod tests {
                 }
             })
         };
-        // Pushed recipients and ring readers, subscribing while it publishes.
-        let (mut pushed, mut readers) = (vec![], vec![]);
-        for i in 0..50 {
-            let id = if i % 2 == 0 {
-                let c = Arc::new(Collect(Mutex::new(vec![]), 10_000));
-                pushed.push(c.clone());
-                hub.register(c)
-            } else {
-                let p = Arc::new(Pull::default());
-                readers.push(p.clone());
-                hub.register(p)
-            };
+        // Readers subscribing while it publishes.
+        let mut readers = vec![];
+        for _ in 0..50 {
+            let p = Arc::new(Pull::default());
+            readers.push(p.clone());
+            let id = hub.register(p);
             hub.subscribe_with_last_values(id, &f("t"), 10, || {})
                 .unwrap();
         }
         publisher.join().unwrap();
-        let pushed = pushed.iter().map(|c| {
-            c.0.lock()
-                .unwrap()
-                .iter()
-                .map(|m| m.payload.get().parse().unwrap())
-                .collect::<Vec<i64>>()
-        });
-        let read = readers.iter().map(|p| {
-            p.take(Waker::noop())
+        for p in &readers {
+            let got: Vec<i64> = p
+                .take(Waker::noop())
                 .iter()
                 .map(|s| s.trim_start_matches("t=").parse().unwrap())
-                .collect()
-        });
-        for got in pushed.chain(read) {
+                .collect();
             assert!(
                 got.windows(2).all(|w| w[1] == w[0] + 1),
                 "a gap, a repeat or a step back: {got:?}"
             );
             assert_eq!(got.last(), Some(&2000));
-        }
-    }
-
-    /// A recipient that reads rings, like the WebSocket front ends.
-    #[derive(Default)]
-    struct Pull(Mutex<Reader>, Mutex<Vec<Arc<Message>>>);
-
-    impl Recipient for Pull {
-        fn deliver(&self, msg: &Arc<Message>) -> bool {
-            self.1.lock().unwrap().push(msg.clone());
-            true
-        }
-        fn reader(&self) -> Option<&Mutex<Reader>> {
-            Some(&self.0)
-        }
-    }
-
-    impl Pull {
-        /// Replays, then what the rings hold: `topic=payload` each.
-        fn take(&self, waker: &Waker) -> Vec<String> {
-            let mut got: Vec<Arc<Message>> = std::mem::take(&mut *self.1.lock().unwrap());
-            self.0
-                .lock()
-                .unwrap()
-                .collect(Some(waker), |m| got.push(m))
-                .unwrap();
-            got.iter()
-                .map(|m| format!("{}={}", m.topic, m.payload.get()))
-                .collect()
         }
     }
 
@@ -905,7 +883,7 @@ mod tests {
         for filter in ["a/b", "a/+", "a/#", "r2", "r3"] {
             hub.subscribe(id, &f(filter), 10).unwrap();
         }
-        let push = Arc::new(Collect(Mutex::new(vec![]), 100));
+        let push = Arc::new(Pull::default());
         let other = hub.register(push.clone());
         hub.subscribe(other, &f("a/#"), 10).unwrap();
         assert_eq!(hub.publish(msg("a/b")), 2);
@@ -914,7 +892,7 @@ mod tests {
         let rooms = ["r1".into(), "r3".into(), "r2".into()];
         assert_eq!(hub.publish_rooms(&rooms, None, payload_of(&7), 1), 1);
         assert_eq!(p.take(Waker::noop()), ["a/b=1", "a=1", "r3=7"]);
-        assert_eq!(push.0.lock().unwrap().len(), 2);
+        assert_eq!(push.all().len(), 2);
         assert_eq!(hub.metrics().delivered.get(), 5);
     }
 
@@ -955,19 +933,21 @@ mod tests {
     }
 
     #[test]
-    fn full_recipient_is_counted_and_does_not_block_others() {
-        let hub = hub();
-        let slow = Arc::new(Collect(Mutex::new(vec![]), 1));
-        let fast = Arc::new(Collect(Mutex::new(vec![]), 100));
+    fn a_reader_that_falls_behind_lags_alone_and_is_counted() {
+        let hub = Hub::new(Arc::new(Metrics::new())).with_ring_capacity(2);
+        let slow = Arc::new(Pull::default());
+        let fast = Arc::new(Pull::default());
         let a = hub.register(slow.clone());
         let b = hub.register(fast.clone());
         hub.subscribe(a, &f("t"), 10).unwrap();
         hub.subscribe(b, &f("t"), 10).unwrap();
         for _ in 0..5 {
             hub.publish(msg("t"));
+            fast.drain();
         }
-        assert_eq!(slow.0.lock().unwrap().len(), 1);
-        assert_eq!(fast.0.lock().unwrap().len(), 5);
-        assert_eq!(hub.metrics().dropped.get(), 4);
+        assert!(slow.0.lock().unwrap().lagged());
+        assert_eq!(fast.all().len(), 5);
+        // The slow reader's unread copies made room for newer ones.
+        assert_eq!(hub.metrics().dropped.get(), 3);
     }
 }

@@ -47,6 +47,8 @@ pub struct Transport {
     /// The notifications namespace, leaked once per server so that every
     /// queued event can name it without a reference count.
     nsp: &'static str,
+    /// Published messages as events in that namespace, likewise leaked.
+    events: &'static packet::Events,
     sessions: Arc<polling::Sessions>,
 }
 
@@ -56,6 +58,7 @@ impl Transport {
         Transport {
             gw: gw.clone(),
             nsp,
+            events: Box::leak(Box::new(packet::Events::namespace(nsp))),
             sessions: Arc::default(),
         }
     }

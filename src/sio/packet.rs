@@ -7,8 +7,9 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use crate::hub::Message;
-use crate::ws::frame::encode_text_with;
+use crate::hub::{FrameSlot, Message};
+use crate::transport::encoding::{self, Encoding};
+use crate::transport::frame::encode_text_with;
 
 /// Engine.IO packet types (the first character of a text frame).
 pub mod engine {
@@ -167,17 +168,40 @@ pub fn pong(data: &str) -> Bytes {
     })
 }
 
-/// The whole frame of a published message as the event
-/// `42/nsp,["event",payload]` (event `message` when it has none). Built
-/// once per message and namespace by the first Socket.IO recipient that
-/// writes it: a server serves two namespaces, the root and the
-/// notifications namespace, so a message keeps one frame for each.
-pub fn wire<'m>(msg: &'m Message, nsp: &str) -> &'m [u8] {
-    msg.sio_frames[usize::from(nsp != "/")].get_or_init(|| {
+/// Socket.IO's encoding of published messages in one namespace: the whole
+/// frame of the event `42/nsp,["event",payload]` (event `message` when it
+/// has none).
+pub struct Events {
+    nsp: &'static str,
+    slot: FrameSlot,
+}
+
+/// Events in the root namespace.
+pub static ROOT_EVENTS: Events = Events {
+    nsp: "/",
+    slot: encoding::slot::SIO_ROOT,
+};
+
+impl Events {
+    /// Events in the notifications namespace `nsp` (never the root).
+    pub fn namespace(nsp: &'static str) -> Events {
+        Events {
+            nsp,
+            slot: encoding::slot::SIO_NAMESPACE,
+        }
+    }
+}
+
+impl Encoding for Events {
+    fn slot(&self) -> FrameSlot {
+        self.slot
+    }
+
+    fn encode(&self, msg: &Message) -> Bytes {
         let payload = msg.payload.get();
         let event = msg.event.as_deref().unwrap_or("message");
-        encode_text_with(payload.len() + event.len() + nsp.len() + 16, |out| {
-            head(out, kind::EVENT, nsp);
+        encode_text_with(payload.len() + event.len() + self.nsp.len() + 16, |out| {
+            head(out, kind::EVENT, self.nsp);
             out.push(b'[');
             if serde_json::to_writer(&mut *out, event).is_err() {
                 out.extend_from_slice(b"\"message\"");
@@ -186,7 +210,7 @@ pub fn wire<'m>(msg: &'m Message, nsp: &str) -> &'m [u8] {
             out.extend_from_slice(payload.as_bytes());
             out.push(b']');
         })
-    })
+    }
 }
 
 #[cfg(test)]
@@ -299,11 +323,18 @@ mod tests {
             Some("ev\"".into()),
             payload_of(&[1, 2]),
         ));
-        assert_eq!(text(wire(&msg, "/n")), r#"42/n,["ev\"",[1,2]]"#);
+        let ns = Events::namespace("/n");
+        assert_eq!(text(encoding::frame(&msg, &ns)), r#"42/n,["ev\"",[1,2]]"#);
         let msg = Message::new("t".into(), None, payload_of(&"x"));
-        assert_eq!(text(wire(&msg, "/")), r#"42["message","x"]"#);
+        assert_eq!(
+            text(encoding::frame(&msg, &ROOT_EVENTS)),
+            r#"42["message","x"]"#
+        );
         // One message, two namespaces: each gets its own frame.
-        assert_eq!(text(wire(&msg, "/n")), r#"42/n,["message","x"]"#);
-        assert_eq!(text(wire(&msg, "/")), r#"42["message","x"]"#);
+        assert_eq!(text(encoding::frame(&msg, &ns)), r#"42/n,["message","x"]"#);
+        assert_eq!(
+            text(encoding::frame(&msg, &ROOT_EVENTS)),
+            r#"42["message","x"]"#
+        );
     }
 }

@@ -29,10 +29,10 @@ use super::payload;
 use super::socket::Socket;
 use super::{BAD_REQUEST, SESSION_UNKNOWN};
 use crate::gateway::Gateway;
-use crate::ws::close;
-use crate::ws::connection::{Keepalive, Link, Protocol};
-use crate::ws::frame;
-use crate::ws::outbox::{CloseReason, Outbound, Outbox};
+use crate::transport::close;
+use crate::transport::connection::{Keepalive, Link, Protocol};
+use crate::transport::frame;
+use crate::transport::outbox::{CloseReason, Outbound, Outbox};
 
 /// How long an ended session waits for the client's next GET to collect
 /// its last packets and the CLOSE packet.
@@ -213,7 +213,7 @@ impl Session {
 /// `GET ?EIO=..&transport=polling` without a session: opens one and answers
 /// with the OPEN packet (and Engine.IO 3's root CONNECT).
 pub(crate) fn open(t: &super::Transport, eio3: bool) -> Response {
-    let (socket, outbox) = Socket::open(&t.gw, t.nsp, eio3, true);
+    let (socket, outbox) = Socket::open(&t.gw, t.nsp, t.events, eio3, true);
     let keepalive = socket.keepalive();
     let id: Box<str> = socket.engine_id().into();
     let mut first = VecDeque::new();

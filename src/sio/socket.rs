@@ -17,11 +17,11 @@ use super::packet::{self, engine, kind};
 use super::{Answer, LABEL, Notifications};
 use crate::gateway::Gateway;
 use crate::hub::ConnId;
-use crate::ws::close;
-use crate::ws::connection::{Keepalive, Link, Protocol};
-use crate::ws::outbox::{Outbound, Outbox};
+use crate::transport::close;
+use crate::transport::connection::{Keepalive, Link, Protocol};
+use crate::transport::outbox::{Outbound, Outbox};
 
-use crate::ws::rate::{RateLimit, Verdict};
+use crate::transport::rate::{RateLimit, Verdict};
 
 /// One Engine.IO session.
 pub(crate) struct Socket {
@@ -61,14 +61,15 @@ impl Socket {
     pub(crate) fn open(
         gw: &Arc<Gateway>,
         nsp: &'static str,
+        events: &'static packet::Events,
         eio3: bool,
         upgrades: bool,
     ) -> (Socket, Arc<Outbox>) {
         let cfg = &gw.config;
-        let outbox = Arc::new(Outbox::for_events(
+        let outbox = Arc::new(Outbox::new(
             cfg.ws.outbound_queue,
             gw.metrics.clone(),
-            nsp,
+            events,
         ));
         let conn = gw.hub.register(outbox.clone());
         gw.metrics.connections.get_or_create(&LABEL).inc();
@@ -196,7 +197,9 @@ impl Socket {
                     self.conn
                 } else {
                     *self.root_conn.get_or_insert_with(|| {
-                        self.outbox.add_lane(&self.gw.hub, "/").unwrap_or(self.conn)
+                        self.outbox
+                            .add_lane(&self.gw.hub, &packet::ROOT_EVENTS)
+                            .unwrap_or(self.conn)
                     })
                 };
                 Notifications::new(self.gw.clone(), socket_id, conn)

@@ -1,5 +1,5 @@
 //! Engine.IO over WebSocket, on the same one-task connection as `/ws`
-//! ([`crate::ws::connection`]): clients that open a WebSocket straight away
+//! ([`crate::transport::connection`]): clients that open a WebSocket straight away
 //! (`transport=websocket`, as sails.io.js and clients configured with
 //! `transports: ["websocket"]` do), and polling sessions that upgrade
 //! (`transport=websocket&sid=...`).
@@ -25,8 +25,8 @@ use super::Transport;
 use super::packet;
 use super::polling::{Session, Sessions};
 use super::socket::Socket;
-use crate::ws::connection::{Connection, Link, Protocol};
-use crate::ws::handshake;
+use crate::transport::connection::{Connection, Link, Protocol};
+use crate::transport::handshake;
 
 /// How long a probing WebSocket may take to send `5`.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,7 +73,7 @@ where
     // otherwise still take room in this task's state (its storage lives
     // until the end of its scope, across the awaits below).
     let mut connection = {
-        let (socket, outbox) = Socket::open(&t.gw, t.nsp, eio3, false);
+        let (socket, outbox) = Socket::open(&t.gw, t.nsp, t.events, eio3, false);
         let (keepalive, conn) = (socket.keepalive(), socket.conn());
         Connection::new(
             io,
@@ -149,8 +149,8 @@ enum Stage {
     Upgraded(Socket),
 }
 
-const UPGRADE_EXPECTED: crate::ws::outbox::CloseReason =
-    Some((crate::ws::close::PROTOCOL_ERROR, "upgrade expected"));
+const UPGRADE_EXPECTED: crate::transport::outbox::CloseReason =
+    Some((crate::transport::close::PROTOCOL_ERROR, "upgrade expected"));
 
 impl Protocol for Upgrade {
     fn on_text(&mut self, link: &mut Link<'_>, text: &str) {
@@ -172,7 +172,7 @@ impl Protocol for Upgrade {
                 // DISCONNECT) go out here, then the close.
                 Err(reason) => {
                     link.release();
-                    link.end(reason.or(Some((crate::ws::close::NORMAL, ""))));
+                    link.end(reason.or(Some((crate::transport::close::NORMAL, ""))));
                 }
             },
             // Anything else before the upgrade breaks the protocol.
@@ -205,7 +205,7 @@ impl Protocol for Upgrade {
             Stage::Probing(sess) => sess,
         };
         match sess.ended(None) {
-            Some(reason) => link.end(reason.or(Some((crate::ws::close::NORMAL, "")))),
+            Some(reason) => link.end(reason.or(Some((crate::transport::close::NORMAL, "")))),
             None => {
                 tracing::debug!(engine = %sess.id(), "no upgrade in time");
                 link.end(None);

@@ -1,53 +1,21 @@
-//! The plain WebSocket endpoint, `GET /ws`.
-//!
-//! `handshake` checks the upgrade, `frame` is the RFC 6455 wire format,
-//! `protocol` the JSON messages inside it and `session` what answers them,
-//! `connection` the one task that serves a connection, and `outbox` the
-//! queue through which the hub (and the connection's own replies) reach it.
-//! `connection`, `frame` and `outbox` also carry Socket.IO clients that
-//! open a WebSocket directly (`crate::sio::websocket`).
+//! The plain WebSocket endpoint, `GET /ws`: `protocol` is its JSON wire
+//! format (client requests in, replies and messages out) and `session`
+//! what answers them. The connection it runs on, the framing and the
+//! handshake are the shared [`transport`](crate::transport).
 
-pub mod connection;
-pub mod frame;
-pub mod handshake;
-pub mod outbox;
 pub mod protocol;
-pub mod rate;
 pub mod session;
 
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 
-use crate::api::error::ApiError;
 use crate::gateway::Gateway;
-
-/// Close codes used by `/ws`.
-pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const INVALID_DATA: u16 = 1007;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    pub const TOKEN_EXPIRED: u16 = 4003;
-}
-
-/// The token of an HTTP request: `Authorization: Bearer …`, else `?token=…`.
-pub fn request_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
-    let bearer = crate::api::bearer_token(headers).map(str::to_string);
-    bearer.or_else(|| {
-        serde_urlencoded::from_str::<Vec<(String, String)>>(query?)
-            .ok()?
-            .into_iter()
-            .find(|(k, _)| k == "token")
-            .map(|(_, v)| v)
-    })
-}
+use crate::http::error::ApiError;
+use crate::http::request_token;
+use crate::transport::handshake;
 
 /// `GET /ws`: checks the token (a `401` JSON error before any upgrade),
 /// then the WebSocket handshake, and hands the raw connection to

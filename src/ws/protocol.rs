@@ -11,9 +11,10 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::frame;
-use crate::hub::Message;
 use crate::hub::topic::{self, Filter};
+use crate::hub::{FrameSlot, Message};
+use crate::transport::encoding::{self, Encoding};
+use crate::transport::frame;
 
 /// An error answered to the client with a stable code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,12 +203,19 @@ fn text_frame(hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
     frame::encode_text_with(hint, write)
 }
 
-/// The whole `/ws` frame of a published message, header included:
-/// `{"topic":…,"ts":…,"event"?:…,"payload":…}`. Server frames are not
-/// masked, so it is built once per message, by the first recipient that
-/// writes it, and the same bytes go to every socket.
-pub fn wire(msg: &Message) -> &[u8] {
-    msg.ws_frame.get_or_init(|| {
+/// `/ws`'s encoding of published messages: the whole frame, header
+/// included, of `{"topic":…,"ts":…,"event"?:…,"payload":…}`.
+pub struct Json;
+
+/// The one `/ws` encoding, shared by every `/ws` outbox.
+pub static JSON: Json = Json;
+
+impl Encoding for Json {
+    fn slot(&self) -> FrameSlot {
+        encoding::slot::WS_JSON
+    }
+
+    fn encode(&self, msg: &Message) -> Bytes {
         let payload = msg.payload.get();
         text_frame(payload.len() + msg.topic.len() + 48, |out| {
             out.extend_from_slice(b"{\"topic\":");
@@ -222,7 +230,7 @@ pub fn wire(msg: &Message) -> &[u8] {
             out.extend_from_slice(payload.as_bytes());
             out.push(b'}');
         })
-    })
+    }
 }
 
 /// Appends `s` as a JSON string (writing to a `Vec` cannot fail).
@@ -352,8 +360,8 @@ mod tests {
             payload_of(&json!({"v":1})),
             7,
         );
-        let first = wire(&m);
-        let second = wire(&m);
+        let first = encoding::frame(&m, &JSON);
+        let second = encoding::frame(&m, &JSON);
         assert!(std::ptr::eq(first.as_ptr(), second.as_ptr()));
         let v = json_of(first);
         assert_eq!(

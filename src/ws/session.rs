@@ -8,14 +8,14 @@ use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
-use super::close;
-use super::connection::{Connection, Keepalive, Link, Protocol};
-use super::outbox::{Outbound, Outbox};
 use super::protocol::{self, ClientError, Request};
-use super::rate::{RateLimit, Verdict};
 use crate::auth::Identity;
 use crate::gateway::Gateway;
 use crate::hub::{ConnId, Message, SubscribeError, now_ms};
+use crate::transport::close;
+use crate::transport::connection::{Connection, Keepalive, Link, Protocol};
+use crate::transport::outbox::{Outbound, Outbox};
+use crate::transport::rate::{RateLimit, Verdict};
 
 /// One authenticated `/ws` client.
 struct Session {
@@ -38,7 +38,11 @@ where
     // Only Socket.IO rooms read other claims; a `/ws` connection keeps
     // role, sub and exp.
     identity.claims = Default::default();
-    let outbox = Arc::new(Outbox::new(gw.config.ws.outbound_queue, gw.metrics.clone()));
+    let outbox = Arc::new(Outbox::new(
+        gw.config.ws.outbound_queue,
+        gw.metrics.clone(),
+        &protocol::JSON,
+    ));
     let id = gw.hub.register(outbox.clone());
     // The server sweeps open connections when it stops; one that registered
     // after the sweep sees the flag here.
@@ -69,7 +73,7 @@ where
         outbox,
         Keepalive {
             period: gw.config.keepalive_interval,
-            ping: Some(super::frame::PING_FRAME),
+            ping: Some(crate::transport::frame::PING_FRAME),
         },
         gw.config.ws.max_message_size,
         id,

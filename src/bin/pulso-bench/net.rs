@@ -161,7 +161,7 @@ pub fn frame_at(buf: &[u8]) -> Option<(u8, usize, usize)> {
 
 /// Encodes a masked client frame (mask key zero: valid, and free to apply).
 pub fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    pulso::ws::frame::encode_client(out, true, opcode, payload, [0; 4]);
+    pulso::transport::frame::encode_client(out, true, opcode, payload, [0; 4]);
 }
 
 impl WsConn {

@@ -1,7 +1,6 @@
 //! One WebSocket connection: a single task that reads client frames, hands
-//! whole messages to its [`Protocol`] (`/ws`'s JSON, or Socket.IO for
-//! clients that open a WebSocket directly), and writes what its [`Outbox`]
-//! holds.
+//! whole messages to its [`Protocol`] (a front end's: `/ws`'s JSON, or
+//! Engine.IO for Socket.IO clients), and writes what its [`Outbox`] holds.
 //!
 //! Everything happens in one `poll`: the task is woken by the socket (data
 //! in, or room to write), by its outbox (a push), or by its timer
@@ -53,8 +52,8 @@ thread_local! {
     static COALESCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// What a connection speaks inside its WebSocket messages: `/ws`'s JSON
-/// ([`super::session`]) or Engine.IO/Socket.IO (`crate::sio::websocket`).
+/// What a connection speaks inside its WebSocket messages, supplied by a
+/// front end: `/ws`'s JSON, or Engine.IO/Socket.IO.
 /// Handlers run inside the connection's poll and must not block.
 pub trait Protocol {
     /// A whole text message.
@@ -727,7 +726,11 @@ mod tests {
     #[tokio::test]
     async fn partial_writes_keep_frames_whole_and_in_order() {
         let (server, mut client) = tokio::io::duplex(100);
-        let outbox = Arc::new(Outbox::new(10_000, Arc::new(Metrics::new())));
+        let outbox = Arc::new(Outbox::new(
+            10_000,
+            Arc::new(Metrics::new()),
+            &crate::transport::encoding::TEST_ENCODING,
+        ));
         let sizes = [
             1,
             7,
@@ -813,7 +816,11 @@ mod tests {
         wire: &[u8],
     ) -> Vec<(u8, Vec<u8>)> {
         let (server, mut client) = tokio::io::duplex(capacity);
-        let outbox = Arc::new(Outbox::new(16, Arc::new(Metrics::new())));
+        let outbox = Arc::new(Outbox::new(
+            16,
+            Arc::new(Metrics::new()),
+            &crate::transport::encoding::TEST_ENCODING,
+        ));
         outbox.push(Outbound::Frame(frame::encode(frame::TEXT, b"queued")));
         let keepalive = Keepalive {
             period: Duration::from_secs(60),

@@ -18,17 +18,15 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 
 use super::close;
+use super::encoding::{self, Encoding};
 use crate::hub::{Message, Reader, Recipient};
 use crate::metrics::Metrics;
 
 /// One item to write.
 pub enum Outbound {
-    /// A published message as a `/ws` frame, framed once and shared (see
-    /// `protocol::wire`).
-    Message(Arc<Message>),
-    /// A published message as a Socket.IO event in a namespace (see
-    /// `sio::packet::wire`).
-    Event(Arc<Message>, &'static str),
+    /// A published message in a wire format, framed once for every
+    /// recipient of that format (see [`encoding`]).
+    Message(Arc<Message>, &'static dyn Encoding),
     /// A reply or control frame, already framed.
     Frame(Bytes),
     /// A constant frame (a keepalive ping).
@@ -39,8 +37,7 @@ impl Outbound {
     /// The bytes to write; `Message` frames on first use.
     pub fn bytes(&self) -> &[u8] {
         match self {
-            Outbound::Message(msg) => super::protocol::wire(msg),
-            Outbound::Event(msg, nsp) => crate::sio::packet::wire(msg, nsp),
+            Outbound::Message(msg, how) => encoding::frame(msg, *how),
             Outbound::Frame(bytes) => bytes,
             Outbound::Static(bytes) => bytes,
         }
@@ -49,7 +46,7 @@ impl Outbound {
     /// A published message (dropped when the connection closes), as
     /// opposed to a reply.
     pub fn is_message(&self) -> bool {
-        matches!(self, Outbound::Message(_) | Outbound::Event(..))
+        matches!(self, Outbound::Message(..))
     }
 }
 
@@ -73,12 +70,11 @@ pub struct Outbox {
     reader: Mutex<Reader>,
     /// More queued items than this closes the connection as a slow consumer.
     limit: usize,
-    /// Published messages go out as Socket.IO events in this namespace
-    /// rather than as `/ws` frames.
-    events: Option<&'static str>,
+    /// How published messages are written.
+    encoding: &'static dyn Encoding,
     /// A second reader, for an Engine.IO connection that has a socket in a
     /// second namespace (see [`Lane`]).
-    lane: OnceLock<Box<Lane>>,
+    lane: OnceLock<Arc<Lane>>,
     metrics: Arc<Metrics>,
 }
 
@@ -90,23 +86,19 @@ pub struct Outbox {
 /// the lane shares the outbox's queue, waker and limit.
 struct Lane {
     reader: Mutex<Reader>,
-    events: &'static str,
+    encoding: &'static dyn Encoding,
 }
 
 /// The hub's handle on an outbox's [`Lane`].
-struct LaneRecipient(Arc<Outbox>);
+struct LaneRecipient {
+    outbox: Arc<Outbox>,
+    lane: Arc<Lane>,
+}
 
 impl Outbox {
-    pub fn new(limit: usize, metrics: Arc<Metrics>) -> Self {
-        Self::with_encoding(limit, metrics, None)
-    }
-
-    /// An outbox whose published messages are Socket.IO events in `nsp`.
-    pub fn for_events(limit: usize, metrics: Arc<Metrics>, nsp: &'static str) -> Self {
-        Self::with_encoding(limit, metrics, Some(nsp))
-    }
-
-    fn with_encoding(limit: usize, metrics: Arc<Metrics>, events: Option<&'static str>) -> Self {
+    /// An outbox of at most `limit` unread items whose published messages
+    /// are written in `encoding`.
+    pub fn new(limit: usize, metrics: Arc<Metrics>, encoding: &'static dyn Encoding) -> Self {
         Outbox {
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
@@ -116,34 +108,37 @@ impl Outbox {
             waker: AtomicWaker::new(),
             reader: Mutex::new(Reader::new(limit)),
             limit,
-            events,
+            encoding,
             lane: OnceLock::new(),
             metrics,
         }
     }
 
     /// Registers this outbox's second lane in the hub, its published
-    /// messages encoded as Socket.IO events in `nsp`; returns its hub id.
+    /// messages written in `encoding`; returns its hub id.
     /// An outbox has at most one lane: a second call registers nothing and
     /// returns `None`.
     pub fn add_lane(
         self: &Arc<Self>,
         hub: &crate::hub::Hub,
-        nsp: &'static str,
+        encoding: &'static dyn Encoding,
     ) -> Option<crate::hub::ConnId> {
-        let lane = Box::new(Lane {
+        let lane = Arc::new(Lane {
             reader: Mutex::new(Reader::new(self.limit)),
-            events: nsp,
+            encoding,
         });
-        self.lane.set(lane).ok()?;
-        Some(hub.register(Arc::new(LaneRecipient(self.clone()))))
+        self.lane.set(lane.clone()).ok()?;
+        Some(hub.register(Arc::new(LaneRecipient {
+            outbox: self.clone(),
+            lane,
+        })))
     }
 
-    fn lane_reader(&self) -> Option<(MutexGuard<'_, Reader>, &'static str)> {
+    fn lane_reader(&self) -> Option<(MutexGuard<'_, Reader>, &'static dyn Encoding)> {
         let lane = self.lane.get()?;
         Some((
             lane.reader.lock().unwrap_or_else(|e| e.into_inner()),
-            lane.events,
+            lane.encoding,
         ))
     }
 
@@ -178,7 +173,7 @@ impl Outbox {
             .reader()
             .collect(None, |msg| items.push(self.outbound(msg)));
         if let (Ok(_), Some((mut lane, nsp))) = (&collected, self.lane_reader()) {
-            collected = lane.collect(None, |msg| items.push(Outbound::Event(msg, nsp)));
+            collected = lane.collect(None, |msg| items.push(Outbound::Message(msg, nsp)));
         }
         match collected {
             Ok(_) => Some(items),
@@ -252,7 +247,9 @@ impl Outbox {
             .reader()
             .collect(Some(waker), |msg| into.push_back(self.outbound(msg)));
         if let (Ok(_), Some((mut lane, nsp))) = (&collected, self.lane_reader()) {
-            collected = lane.collect(Some(waker), |msg| into.push_back(Outbound::Event(msg, nsp)));
+            collected = lane.collect(Some(waker), |msg| {
+                into.push_back(Outbound::Message(msg, nsp))
+            });
         }
         collected.err().map(|_| self.lagged())
     }
@@ -294,18 +291,11 @@ impl Outbox {
 
 impl Outbox {
     fn outbound(&self, msg: Arc<Message>) -> Outbound {
-        match self.events {
-            Some(nsp) => Outbound::Event(msg, nsp),
-            None => Outbound::Message(msg),
-        }
+        Outbound::Message(msg, self.encoding)
     }
 }
 
 impl Recipient for Outbox {
-    fn deliver(&self, msg: &Arc<Message>) -> bool {
-        self.push_all(std::iter::once(self.outbound(msg.clone())), 1)
-    }
-
     /// A last-value replay: behind what the rings already hold for this
     /// connection, counted as one item.
     fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
@@ -321,8 +311,8 @@ impl Recipient for Outbox {
         self.close(Some((close::GOING_AWAY, "server shutting down")));
     }
 
-    fn reader(&self) -> Option<&Mutex<Reader>> {
-        Some(&self.reader)
+    fn reader(&self) -> &Mutex<Reader> {
+        &self.reader
     }
 
     fn flush(&self) {
@@ -336,40 +326,32 @@ impl Recipient for Outbox {
 }
 
 impl Recipient for LaneRecipient {
-    fn deliver(&self, msg: &Arc<Message>) -> bool {
-        let Some(lane) = self.0.lane.get() else {
-            return false;
-        };
-        self.0.push_all(
-            std::iter::once(Outbound::Event(msg.clone(), lane.events)),
-            1,
-        )
-    }
-
     fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
-        let (Some(lane), Some(mut items)) = (self.0.lane.get(), self.0.pending()) else {
+        let Some(mut items) = self.outbox.pending() else {
             return false;
         };
         let counted = items.len() + 1;
-        items.extend(msgs.into_iter().map(|m| Outbound::Event(m, lane.events)));
-        self.0.push_all(items.into_iter(), counted)
+        let encoding = self.lane.encoding;
+        items.extend(msgs.into_iter().map(|m| Outbound::Message(m, encoding)));
+        self.outbox.push_all(items.into_iter(), counted)
     }
 
-    // The outbox's own registration carries the shutdown.
-
-    fn reader(&self) -> Option<&Mutex<Reader>> {
-        self.0.lane.get().map(|lane| &lane.reader)
+    fn reader(&self) -> &Mutex<Reader> {
+        &self.lane.reader
     }
 
     fn flush(&self) {
-        self.0.flush();
+        self.outbox.flush();
     }
+
+    // The outbox's own registration carries the shutdown.
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::hub::payload_of;
+    use crate::transport::encoding::TEST_ENCODING;
 
     fn msg() -> Arc<Message> {
         Arc::new(Message::new("t".into(), None, payload_of(&1)))
@@ -377,12 +359,12 @@ mod tests {
 
     #[test]
     fn a_replay_counts_as_one_item_and_the_limit_still_holds() {
-        let outbox = Outbox::new(3, Arc::new(Metrics::new()));
+        let outbox = Outbox::new(3, Arc::new(Metrics::new()), &TEST_ENCODING);
         assert!(outbox.deliver_batch((0..10).map(|_| msg()).collect()));
         assert!(outbox.push(Outbound::Frame(Bytes::from_static(b"ack"))));
-        assert!(outbox.deliver(&msg()));
+        assert!(outbox.push(Outbound::Message(msg(), &TEST_ENCODING)));
         // Three counted items: the replay, the reply, the message.
-        assert!(!outbox.deliver(&msg()));
+        assert!(!outbox.push(Outbound::Message(msg(), &TEST_ENCODING)));
         assert_eq!(
             outbox.close_requested(),
             Some(Some((close::TRY_AGAIN_LATER, "slow consumer")))
@@ -394,11 +376,11 @@ mod tests {
 
     #[test]
     fn taking_resets_the_count() {
-        let outbox = Outbox::new(2, Arc::new(Metrics::new()));
+        let outbox = Outbox::new(2, Arc::new(Metrics::new()), &TEST_ENCODING);
         let mut taken = VecDeque::new();
         for _ in 0..5 {
             assert!(outbox.deliver_batch(vec![msg(), msg(), msg()]));
-            assert!(outbox.deliver(&msg()));
+            assert!(outbox.push(Outbound::Message(msg(), &TEST_ENCODING)));
             assert_eq!(outbox.take(&mut taken, Waker::noop()), None);
             taken.clear();
         }
@@ -420,7 +402,7 @@ mod tests {
     fn connected(limit: usize, filters: &[&str]) -> (Hub, Arc<Outbox>, ConnId, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
         let hub = hub(&metrics);
-        let outbox = Arc::new(Outbox::new(limit, metrics.clone()));
+        let outbox = Arc::new(Outbox::new(limit, metrics.clone(), &TEST_ENCODING));
         let id = hub.register(outbox.clone());
         for f in filters {
             hub.subscribe(id, &Filter::parse(f).unwrap(), 10).unwrap();
@@ -435,7 +417,7 @@ mod tests {
         let names = items
             .iter()
             .map(|item| match item {
-                Outbound::Message(m) => format!("{}={}", m.topic, m.payload.get()),
+                Outbound::Message(m, _) => format!("{}={}", m.topic, m.payload.get()),
                 _ => "reply".to_string(),
             })
             .collect();

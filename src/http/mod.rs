@@ -32,6 +32,8 @@
 //! whatever the client still sends is read and discarded, for at most
 //! [`LINGER`], before the socket is closed.
 
+pub mod error;
+
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
@@ -567,4 +569,29 @@ impl AsyncWrite for Watched {
             _ => Poll::Ready(Ok(())),
         }
     }
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
+/// The token of an upgrade request: `Authorization: Bearer …`, else
+/// `?token=…` (browsers cannot set headers on a WebSocket).
+pub fn request_token(headers: &axum::http::HeaderMap, query: Option<&str>) -> Option<String> {
+    let bearer = bearer_token(headers).map(str::to_string);
+    bearer.or_else(|| {
+        serde_urlencoded::from_str::<Vec<(String, String)>>(query?)
+            .ok()?
+            .into_iter()
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v)
+    })
 }

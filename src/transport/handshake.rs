@@ -11,7 +11,7 @@ use base64::Engine;
 use hyper::upgrade::OnUpgrade;
 use sha1::{Digest, Sha1};
 
-use crate::api::error::ApiError;
+use crate::http::error::ApiError;
 
 /// `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key`.
 pub fn accept_key(key: &[u8]) -> String {
