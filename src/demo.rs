@@ -21,7 +21,7 @@ pub async fn run(gw: Arc<Gateway>) {
         let noise = (rand::random::<f64>() - 0.5) * 0.2;
         let value = ((t.sin() + noise) * 1000.0).round() / 1000.0;
         gw.metrics.published_from("demo");
-        gw.hub.publish(Message::new(
+        gw.hub.publish_local(Message::new(
             topic.clone(),
             None,
             payload_of(&serde_json::json!({ "value": value })),

@@ -73,6 +73,17 @@ pub struct Metrics {
     pub mqtt_broker_subscriptions: Gauge,
     /// Topics holding a last value.
     pub last_value_topics: Gauge,
+    /// 1 while this cluster node's backplane subscriber is connected.
+    pub cluster_up: Gauge,
+    /// Backplane messages by `kind`: `sent`, `received`, `duplicate`
+    /// (the same publish again, through another of the node's channels),
+    /// `unsent` (the backplane could not take it: delivered here only),
+    /// `invalid`.
+    pub cluster_messages: Family<Label, Counter>,
+    /// Channels and patterns this node is subscribed to on the backplane.
+    pub cluster_subscriptions: Gauge,
+    /// Backplane connections re-established after one was lost.
+    pub cluster_reconnects: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -114,6 +125,10 @@ impl Metrics {
             mqtt_oversized: Counter::default(),
             mqtt_broker_subscriptions: Gauge::default(),
             last_value_topics: Gauge::default(),
+            cluster_up: Gauge::default(),
+            cluster_messages: Family::default(),
+            cluster_subscriptions: Gauge::default(),
+            cluster_reconnects: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -185,6 +200,26 @@ impl Metrics {
             "mqtt_connected",
             "1 while the MQTT bridge is connected to the broker",
             m.mqtt_connected.clone(),
+        );
+        registry.register(
+            "cluster_up",
+            "1 while the cluster backplane is connected",
+            m.cluster_up.clone(),
+        );
+        registry.register(
+            "cluster_messages",
+            "Backplane messages by kind (sent, received, duplicate, unsent, invalid)",
+            m.cluster_messages.clone(),
+        );
+        registry.register(
+            "cluster_subscriptions",
+            "Channels and patterns subscribed on the backplane",
+            m.cluster_subscriptions.clone(),
+        );
+        registry.register(
+            "cluster_reconnects",
+            "Backplane connections re-established",
+            m.cluster_reconnects.clone(),
         );
         registry.register(
             "mqtt_reconnects",

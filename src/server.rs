@@ -33,6 +33,8 @@ pub struct Server {
     listener: TcpListener,
     gateway: Arc<Gateway>,
     sample_tokens: Option<SampleTokens>,
+    /// The backplane's tasks, started by [`Server::run`].
+    cluster: Option<crate::cluster::redis::Tasks>,
 }
 
 /// Tokens printed at start-up when the JWT secret was generated.
@@ -104,8 +106,40 @@ impl Server {
         if let Some(bridge) = &mqtt {
             bridge.register_readiness(&readiness);
         }
+        let hub = Arc::new(hub);
+        let cluster = match &config.cluster.engine {
+            None => None,
+            Some(crate::config::cluster::Engine::Redis(url)) => {
+                let shared = Arc::new(crate::cluster::Shared::new(
+                    hub.clone(),
+                    metrics.clone(),
+                    &config.cluster.prefix,
+                    &config.node_id,
+                ));
+                let (redis, tasks) = crate::cluster::redis::Redis::new(url, shared.clone())
+                    .map_err(|e| {
+                        ConfigError::setting("cluster.redis_url", format!("`{url}`: {e}"))
+                    })?;
+                hub.attach_backplane(redis);
+                readiness.register("cluster", move || {
+                    if shared.up.load(std::sync::atomic::Ordering::Acquire) {
+                        Ok(())
+                    } else {
+                        Err("down".into())
+                    }
+                });
+                Some(tasks)
+            }
+            Some(crate::config::cluster::Engine::Nats(_)) => {
+                return Err(ConfigError::setting(
+                    "cluster.nats_url",
+                    "the NATS backplane is not available in this build; use cluster.redis_url",
+                )
+                .into());
+            }
+        };
         let gateway = Arc::new(Gateway {
-            hub: Arc::new(hub),
+            hub,
             config: Arc::new(config),
             verifier,
             metrics,
@@ -119,6 +153,7 @@ impl Server {
             listener,
             gateway,
             sample_tokens,
+            cluster,
         })
     }
 
@@ -167,6 +202,9 @@ impl Server {
         }
         if let Some(bridge) = gw.mqtt.clone() {
             background.spawn(bridge.run(gw.clone()));
+        }
+        if let Some(cluster) = self.cluster {
+            background.spawn(cluster.run(gw.shutdown.clone()));
         }
         let app = Self::router(&gw);
         let stop = gw.shutdown.clone();

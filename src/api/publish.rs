@@ -32,7 +32,12 @@ pub struct BroadcastBody {
 
 #[derive(Serialize)]
 pub struct Recipients {
+    /// Connections reached on this node.
     recipients: usize,
+    /// Present (true) when the node is part of a cluster: other nodes'
+    /// connections are reached too, and not counted here.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cluster: bool,
 }
 
 fn topic_name(value: &serde_json::Value, field: &str) -> Result<Arc<str>, ApiError> {
@@ -112,5 +117,8 @@ fn fan_out(
     gw.metrics
         .stage_latency(Stage::ApiPublish)
         .observe(started.elapsed().as_secs_f64());
-    Json(Recipients { recipients })
+    Json(Recipients {
+        recipients,
+        cluster: gw.hub.clustered(),
+    })
 }

@@ -6,6 +6,7 @@
 //! every source is flattened into `dotted name → raw value`, then each value is
 //! given its type.
 
+pub mod cluster;
 pub mod mqtt;
 pub mod settings;
 pub mod value;
@@ -47,7 +48,7 @@ impl fmt::Display for Source {
 pub struct ConfigError(pub String);
 
 impl ConfigError {
-    fn setting(name: &str, msg: impl fmt::Display) -> Self {
+    pub fn setting(name: &str, msg: impl fmt::Display) -> Self {
         ConfigError(format!("invalid setting `{name}`: {msg}"))
     }
 }
@@ -357,6 +358,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub socketio: SocketIoConfig,
     pub presence: PresenceConfig,
+    pub cluster: cluster::ClusterConfig,
 }
 
 impl Config {
@@ -459,6 +461,7 @@ impl Config {
             entities: parse_entities(&l.req("presence.entities", value::parse_table)?)?,
             write_timeout: l.req("presence.write_timeout", value::parse_duration)?,
         };
+        let cluster = cluster::parse(l, &presence.database_url)?;
 
         Ok(Config {
             listen,
@@ -483,6 +486,7 @@ impl Config {
             mqtt,
             socketio,
             presence,
+            cluster,
         })
     }
 }

@@ -336,6 +336,36 @@ pub const SETTINGS: &[Setting] = &[
         "Roles allowed to authenticate on Socket.IO (empty: any)"
     ),
     setting!(
+        "cluster.redis_url",
+        Secret,
+        None,
+        "Redis backplane for a cluster of nodes: redis://host:6379 or rediss://… (not with cluster.nats_url)"
+    ),
+    setting!(
+        "cluster.nats_url",
+        Secret,
+        None,
+        "NATS backplane for a cluster of nodes: nats://host:4222 (not with cluster.redis_url)"
+    ),
+    setting!(
+        "cluster.prefix",
+        Text,
+        Some("pulso"),
+        "Prefix of every backplane channel, subject and key, so clusters can share one Redis or NATS"
+    ),
+    setting!(
+        "cluster.heartbeat",
+        Duration,
+        Some("2s"),
+        "How often a cluster node records that it is alive"
+    ),
+    setting!(
+        "cluster.node_ttl",
+        Duration,
+        Some("10s"),
+        "A node silent this long is dead; a live node then clears its presence rows"
+    ),
+    setting!(
         "presence.write_timeout",
         Duration,
         Some("1s"),

@@ -219,8 +219,37 @@ struct Table {
     wild: wild::WildTable,
 }
 
+/// Something to wait for before answering a client (see
+/// [`Hub::backplane_subscribed`]).
+pub type Settled = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Carries publishes to every node of a cluster (see `crate::cluster`).
+pub trait Backplane: Send + Sync + 'static {
+    /// Completes once the backplane has acted on the first `changes`
+    /// interest changes of this hub (subscribed what they added), or after
+    /// a bounded wait; `None` when there is nothing to wait for (the
+    /// backplane is down, say).
+    fn subscribed(&self, changes: u64) -> Option<Settled>;
+
+    /// Hands a publish to the backplane without waiting; it comes back to
+    /// every interested node, this one included, through
+    /// [`Hub::deliver_rooms`]. False when the backplane cannot take it now
+    /// (down, or its queue full): the hub then delivers it locally.
+    fn send(
+        &self,
+        rooms: &[Arc<str>],
+        event: Option<&Arc<str>>,
+        payload: &Arc<RawValue>,
+        ts: u64,
+    ) -> bool;
+}
+
 pub struct Hub {
     table: RwLock<Table>,
+    /// Set when the node is part of a cluster.
+    backplane: OnceLock<Arc<dyn Backplane>>,
+    /// Interest changes announced so far (under the watchers' lock).
+    announced: AtomicU64,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
     watchers: Mutex<Vec<mpsc::UnboundedSender<Interest>>>,
@@ -246,6 +275,8 @@ impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Hub {
             table: RwLock::new(Table::default()),
+            backplane: OnceLock::new(),
+            announced: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             metrics,
             watchers: Mutex::new(Vec::new()),
@@ -308,12 +339,17 @@ impl Hub {
 
     /// Follows interest changes from now on.
     pub fn watch_interest(&self) -> mpsc::UnboundedReceiver<Interest> {
+        self.watch_interest_counted().0
+    }
+
+    /// Follows interest changes from now on, and says how many were
+    /// announced before: the watcher's n-th change is the hub's
+    /// `before + n`-th (see [`Backplane::subscribed`]).
+    pub fn watch_interest_counted(&self) -> (mpsc::UnboundedReceiver<Interest>, u64) {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.watchers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(tx);
-        rx
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        watchers.push(tx);
+        (rx, self.announced.load(Ordering::Acquire))
     }
 
     fn announce(&self, changes: Vec<Interest>) {
@@ -321,7 +357,23 @@ impl Hub {
             return;
         }
         let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        self.announced
+            .fetch_add(changes.len() as u64, Ordering::AcqRel);
         watchers.retain(|w| changes.iter().all(|c| w.send(c.clone()).is_ok()));
+    }
+
+    /// In a cluster: completes once the backplane carries every
+    /// subscription made on this node so far (bounded), so a client told
+    /// "subscribed" gets whatever any node publishes next. `None` on a
+    /// single node, or when there is nothing to wait for.
+    pub fn backplane_subscribed(&self) -> Option<Settled> {
+        let backplane = self.backplane.get()?;
+        backplane.subscribed(self.announced.load(Ordering::Acquire))
+    }
+
+    /// Whether publishes go through a backplane.
+    pub fn clustered(&self) -> bool {
+        self.backplane.get().is_some()
     }
 
     /// Filters with at least one subscriber right now.
@@ -514,16 +566,63 @@ impl Hub {
         }
     }
 
-    /// Delivers a message to every connection with a matching subscription,
-    /// once each. Returns how many connections it reached.
+    /// Publishes a message: every connection with a matching subscription
+    /// gets it once. Returns how many connections of this node it reaches.
     pub fn publish(&self, msg: Message) -> usize {
         let topic = msg.topic.clone();
         self.publish_rooms(std::slice::from_ref(&topic), msg.event, msg.payload, msg.ts)
     }
 
-    /// Delivers one payload to several names at once: each connection gets it
-    /// once, with `topic` set to the first listed name it matches.
+    /// Publishes one payload to several names at once: each connection gets
+    /// it once, with `topic` set to the first listed name it matches.
+    ///
+    /// With a [`Backplane`] attached the message goes to every node through
+    /// it, this one included: it is delivered here when it comes back, so
+    /// every node delivers a topic's messages in the backplane's order.
+    /// While the backplane cannot take it (down), it is delivered here at
+    /// once. Returns how many connections of this node it reaches.
     pub fn publish_rooms(
+        &self,
+        rooms: &[Arc<str>],
+        event: Option<Arc<str>>,
+        payload: Arc<RawValue>,
+        ts: u64,
+    ) -> usize {
+        if let Some(backplane) = self.backplane.get()
+            && backplane.send(rooms, event.as_ref(), &payload, ts)
+        {
+            return self.reach(rooms);
+        }
+        self.deliver_rooms(rooms, event, payload, ts)
+    }
+
+    /// Delivers a message to this node's connections only, never through a
+    /// backplane (the demo feed, and what a backplane brings in).
+    pub fn publish_local(&self, msg: Message) -> usize {
+        let topic = msg.topic.clone();
+        self.deliver_rooms(std::slice::from_ref(&topic), msg.event, msg.payload, msg.ts)
+    }
+
+    /// Sends every later publish through `backplane` (once per hub).
+    pub fn attach_backplane(&self, backplane: Arc<dyn Backplane>) {
+        let _ = self.backplane.set(backplane);
+    }
+
+    /// How many of this node's connections a publish to `rooms` reaches.
+    pub fn reach(&self, rooms: &[Arc<str>]) -> usize {
+        let t = self.read();
+        let mut seen: HashSet<ConnId> = HashSet::new();
+        for room in rooms {
+            for subs in t.exact.get(room).into_iter().chain(t.wild.matching(room)) {
+                seen.extend(subs.readers.iter().copied());
+            }
+        }
+        seen.len()
+    }
+
+    /// Delivers one payload to several names on this node: each connection
+    /// gets it once, with `topic` set to the first listed name it matches.
+    pub fn deliver_rooms(
         &self,
         rooms: &[Arc<str>],
         event: Option<Arc<str>>,

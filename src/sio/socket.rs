@@ -349,10 +349,16 @@ impl Socket {
             match answer.committed {
                 // Read your writes: the ack waits for the presence row, on
                 // a task of its own so that the connection goes on.
+                // In a cluster it also waits for the backplane to carry
+                // the socket's rooms (SPEC §8).
                 Some(committed) => {
                     let outbox = self.outbox.clone();
+                    let subscribed = self.gw.hub.backplane_subscribed();
                     tokio::spawn(async move {
                         committed.wait().await;
+                        if let Some(subscribed) = subscribed {
+                            subscribed.await;
+                        }
                         outbox.push(Outbound::Frame(ack));
                     });
                 }

@@ -21,6 +21,8 @@ use crate::transport::rate::{RateLimit, Verdict};
 struct Session {
     gw: Arc<Gateway>,
     id: ConnId,
+    /// For answers sent later, from a task of their own.
+    outbox: Arc<Outbox>,
     identity: Identity,
     rate: RateLimit,
     expiry: Option<Instant>,
@@ -68,6 +70,7 @@ where
             expiry: deadline_of(&gw, &identity),
             gw: gw.clone(),
             id,
+            outbox: outbox.clone(),
             identity,
         },
         outbox,
@@ -83,6 +86,11 @@ where
     // committed (or `presence.write_timeout` passed); what is published
     // meanwhile waits in the connection's rings.
     committed.wait().await;
+    // In a cluster, likewise until the backplane carries the automatic
+    // subscriptions.
+    if let Some(subscribed) = gw.hub.backplane_subscribed() {
+        subscribed.await;
+    }
     let reason = conn.serve().await;
     gw.hub.unregister(id);
     gw.presence.clear(holder);
@@ -197,7 +205,9 @@ impl Session {
                     ));
                 }
                 // A new subscription queues its ack from inside the hub, just
-                // ahead of the topic's last values (see the hub for why).
+                // ahead of the topic's last values (see the hub for why);
+                // in a cluster the ack waits for the backplane instead.
+                let clustered = gw.hub.clustered();
                 let mut acked = false;
                 let outbox = link.outbox;
                 let subscribed = gw.hub.subscribe_with_last_values(
@@ -205,6 +215,9 @@ impl Session {
                     &filter,
                     gw.config.ws.max_subscriptions,
                     || {
+                        if clustered {
+                            return;
+                        }
                         if let Some(id) = id {
                             outbox.push(Outbound::Frame(protocol::ack(id)));
                         }
@@ -213,7 +226,19 @@ impl Session {
                 );
                 match subscribed {
                     Ok(_) if acked => Ok(Reply::Sent),
-                    Ok(_) => Ok(Reply::Ack),
+                    Ok(_) => match (id, gw.hub.backplane_subscribed()) {
+                        // Whatever any node publishes after the ack reaches
+                        // this client (SPEC §8).
+                        (Some(id), Some(subscribed)) => {
+                            let (ack, outbox) = (protocol::ack(id), self.outbox.clone());
+                            tokio::spawn(async move {
+                                subscribed.await;
+                                outbox.push(Outbound::Frame(ack));
+                            });
+                            Ok(Reply::Sent)
+                        }
+                        _ => Ok(Reply::Ack),
+                    },
                     Err(SubscribeError::TooMany) => Err(ClientError::new(
                         "too_many_subscriptions",
                         format!(

@@ -1,0 +1,253 @@
+//! Clustering (SPEC §8): several pulso nodes behind a load balancer act as
+//! one server, over Redis (or NATS).
+//!
+//! The cluster is a [`Backplane`] attached to the hub. Every publish made
+//! on a node (HTTP API, a `/ws` `pub`, an MQTT message) goes to the engine
+//! once per named topic or room, on that name's own channel, and comes back
+//! to every node subscribed to it, the publishing node included; each node
+//! then delivers it to its own connections. So:
+//!
+//! - **Routed by interest.** A node subscribes only to the channels (and,
+//!   for wildcard filters, the patterns) of what its own clients want right
+//!   now ([`channel`]), following the hub's interest changes, and leaves a
+//!   channel a little after its last subscriber did ([`LINGER`]), so a
+//!   client that resubscribes at once costs no churn. A node with no
+//!   subscriber for a topic receives nothing of it.
+//! - **Same order everywhere.** A node delivers its own publishes when they
+//!   come back, not before, so every connection of the cluster sees a
+//!   topic's messages in the engine's order.
+//! - **Exactly once.** A publish can reach a node several times: through an
+//!   exact channel and a pattern that both match, or once per named room of
+//!   a broadcast. Every publish carries its origin node and sequence number;
+//!   a node drops a copy it has just seen ([`Seen`]), and the hub delivers
+//!   one publish to each connection once.
+//! - **Down is local.** While the engine is unreachable, publishes are
+//!   delivered on the node where they were made and counted as `unsent`;
+//!   the subscriber reconnects with backoff and subscribes again to what
+//!   its clients want then. Queues are bounded.
+
+pub mod channel;
+pub mod redis;
+
+use std::borrow::Cow;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// How long a node stays subscribed to a channel nobody here wants any
+/// more: a client that leaves and comes back at once (a reconnect, a page
+/// reload) costs no unsubscribe and subscribe on the engine.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Publishes waiting for the engine; beyond this a publish is delivered on
+/// this node only and counted as `unsent`.
+pub const OUT_QUEUE: usize = 8192;
+
+/// Publishes remembered per node to drop their second copies.
+const SEEN: usize = 4096;
+
+/// One publish on the backplane. Short keys: every byte is sent once per
+/// named room and received once per interested node.
+#[derive(Serialize, Deserialize)]
+pub struct Envelope<'a> {
+    /// The origin node's tag (a hash of its `node_id`).
+    #[serde(rename = "n")]
+    pub node: u64,
+    /// The origin node's publish counter.
+    #[serde(rename = "s")]
+    pub seq: u64,
+    #[serde(rename = "r", borrow)]
+    pub rooms: Vec<Cow<'a, str>>,
+    #[serde(rename = "e", borrow, default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<Cow<'a, str>>,
+    #[serde(rename = "t")]
+    pub ts: u64,
+    #[serde(rename = "p", borrow)]
+    pub payload: &'a RawValue,
+}
+
+/// A publish handed to the engine's writer.
+pub struct Outgoing {
+    pub rooms: Vec<Arc<str>>,
+    pub event: Option<Arc<str>>,
+    pub payload: Arc<RawValue>,
+    pub ts: u64,
+    /// The encoded [`Envelope`].
+    pub body: Bytes,
+}
+
+/// What the engine tasks and the hub share.
+pub struct Shared {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub prefix: String,
+    /// The subscriber holds a connection (publishes go to the engine).
+    pub up: AtomicBool,
+    node_tag: u64,
+    seq: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, prefix: &str, node_id: &str) -> Shared {
+        Shared {
+            hub,
+            metrics,
+            prefix: prefix.to_string(),
+            up: AtomicBool::new(false),
+            node_tag: tag_of(node_id),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn count(&self, kind: &'static str) {
+        self.metrics
+            .cluster_messages
+            .get_or_create(&[("kind", kind)])
+            .inc();
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+        self.metrics.cluster_up.set(i64::from(up));
+    }
+
+    /// Encodes a publish for the engine.
+    fn outgoing(
+        &self,
+        rooms: &[Arc<str>],
+        event: Option<&Arc<str>>,
+        payload: &Arc<RawValue>,
+        ts: u64,
+    ) -> Option<Outgoing> {
+        let envelope = Envelope {
+            node: self.node_tag,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            rooms: rooms.iter().map(|r| Cow::Borrowed(&**r)).collect(),
+            event: event.map(|e| Cow::Borrowed(&**e)),
+            ts,
+            payload,
+        };
+        let body = serde_json::to_vec(&envelope).ok()?;
+        Some(Outgoing {
+            rooms: rooms.to_vec(),
+            event: event.cloned(),
+            payload: payload.clone(),
+            ts,
+            body: Bytes::from(body),
+        })
+    }
+
+    /// A publish that came back from the engine: delivered to this node's
+    /// connections unless it is a copy already delivered.
+    pub fn receive(&self, body: &[u8], seen: &mut Seen) {
+        let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(body) else {
+            self.count("invalid");
+            return;
+        };
+        if !seen.first(envelope.node, envelope.seq) {
+            self.count("duplicate");
+            return;
+        }
+        self.count("received");
+        let rooms: Vec<Arc<str>> = envelope.rooms.iter().map(|r| Arc::from(&**r)).collect();
+        let event = envelope.event.map(|e| Arc::from(&*e));
+        let payload: Arc<RawValue> = Arc::from(envelope.payload.to_owned());
+        self.hub.deliver_rooms(&rooms, event, payload, envelope.ts);
+    }
+
+    /// A publish the engine could not take: this node's connections get it.
+    pub fn deliver_here(&self, out: Outgoing) {
+        self.count("unsent");
+        self.hub
+            .deliver_rooms(&out.rooms, out.event, out.payload, out.ts);
+    }
+}
+
+/// The origin tag of a node: a stable hash of its `node_id`, so copies of
+/// one publish are recognised whichever channel brought them.
+fn tag_of(node_id: &str) -> u64 {
+    // FNV-1a: stable across builds and processes (unlike `DefaultHasher`),
+    // and the tag only has to tell a handful of nodes apart.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // A restarted node starts its counter again: mix in the start time so
+    // its new publishes are not taken for copies of its old ones.
+    h ^ crate::hub::now_ms().rotate_left(32)
+}
+
+/// The last [`SEEN`] publishes a node received, to drop their copies.
+/// Copies of one publish arrive close together (one engine command, or
+/// one atomic batch for a broadcast), so a short window is enough.
+#[derive(Default)]
+pub struct Seen {
+    order: VecDeque<(u64, u64)>,
+    set: HashSet<(u64, u64)>,
+}
+
+impl Seen {
+    /// True the first time `(node, seq)` is seen within the window.
+    pub fn first(&mut self, node: u64, seq: u64) -> bool {
+        if !self.set.insert((node, seq)) {
+            return false;
+        }
+        self.order.push_back((node, seq));
+        if self.order.len() > SEEN
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_drops_copies_and_stays_bounded() {
+        let mut seen = Seen::default();
+        assert!(seen.first(1, 1));
+        assert!(!seen.first(1, 1));
+        assert!(seen.first(2, 1));
+        for n in 0..10_000 {
+            seen.first(3, n);
+        }
+        assert!(seen.set.len() <= SEEN && seen.order.len() <= SEEN);
+        assert!(seen.first(1, 1), "forgotten after the window");
+    }
+
+    #[test]
+    fn envelopes_round_trip() {
+        let payload = RawValue::from_string(r#"{"a":[1,2]}"#.into()).unwrap();
+        let shared = Shared::new(
+            Arc::new(Hub::new(Arc::new(Metrics::new()))),
+            Arc::new(Metrics::new()),
+            "p",
+            "n1",
+        );
+        let out = shared
+            .outgoing(
+                &["r1".into(), "r/2".into()],
+                Some(&"ev".into()),
+                &Arc::from(payload),
+                7,
+            )
+            .unwrap();
+        let e: Envelope<'_> = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!(e.rooms, ["r1", "r/2"]);
+        assert_eq!(e.event.as_deref(), Some("ev"));
+        assert_eq!((e.ts, e.payload.get()), (7, r#"{"a":[1,2]}"#));
+    }
+}

@@ -1,0 +1,137 @@
+//! Real services for the tests that need them: a private `redis-server` on
+//! a free port (for tests that stop or restart it), and the machine's
+//! PostgreSQL. Each is skipped with a printed reason when absent, except
+//! under `PULSO_REQUIRE_SERVICES=1` (`.ci/run`), where that fails.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::common;
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A `redis-server` of the test's own, killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one on a free port, or `None` (with a printed reason).
+    pub async fn start() -> Option<RedisServer> {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        if !server.spawn() {
+            common::skip("redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        server.until_up().await;
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => {
+                self.child = Some(c);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until it answers PING.
+    async fn until_up(&self) {
+        let deadline = std::time::Instant::now() + common::WAIT;
+        loop {
+            if self.ping().await {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        if s.write_all(b"PING\r\n").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 7];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
+            Ok(Ok(_)) if &buf == b"+PONG\r\n"
+        )
+    }
+
+    /// Kills it (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        assert!(self.spawn(), "redis-server restarts");
+        self.until_up().await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The PostgreSQL URL, or `None` (with a printed reason) when unreachable.
+pub async fn postgres_url() -> Option<String> {
+    let url = std::env::var("PULSO_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let Ok(opts) = sqlx::postgres::PgConnectOptions::from_str(&url) else {
+        common::skip(&format!("PULSO_TEST_POSTGRES_URL `{url}` is invalid"));
+        return None;
+    };
+    let connect = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with(opts);
+    match tokio::time::timeout(Duration::from_secs(3), connect).await {
+        Ok(Ok(pool)) => {
+            pool.close().await;
+            Some(url)
+        }
+        _ => {
+            common::skip(&format!("PostgreSQL at {url} is unreachable"));
+            None
+        }
+    }
+}
