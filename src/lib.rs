@@ -6,6 +6,12 @@
 //! [`presence`] records which socket each user holds. [`server`] composes
 //! them and [`http`] serves their HTTP connections; `main.rs` only calls
 //! [`cli::main`].
+//!
+//! The library has no `unsafe` code and must not grow any: everything it
+//! does (sockets, framing, parsing client input) is done through safe APIs,
+//! so memory safety does not depend on reviewing it. The load tool, which
+//! needs `setrlimit`, is a separate crate (`bench/pulso-bench/`).
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod auth;
