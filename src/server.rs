@@ -154,7 +154,7 @@ impl Server {
                 crate::sio::Transport::new(gw),
                 crate::sio::serve,
             ))
-            .layer(axum::middleware::from_fn(crate::sio::cors::cors))
+            .layer(crate::sio::cors::SocketIoCors)
     }
 
     /// Serves until the shutdown token is cancelled, then closes every
