@@ -26,4 +26,5 @@ pub mod mqtt;
 pub mod presence;
 pub mod server;
 pub mod sio;
+pub mod topic;
 pub mod ws;

@@ -20,7 +20,7 @@ pub use mqtt::MqttConfig;
 pub use settings::{Kind, SETTINGS, Setting};
 use value::Raw;
 
-use crate::hub::topic::Filter;
+use crate::topic::Filter;
 
 /// Where a setting's effective value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,9 +277,9 @@ pub struct JwtConfig {
     pub require_exp: bool,
 }
 
-/// Clocks on HTTP/1.1 connections (see [`crate::http`]): without them a
-/// client that connects and sends nothing, or a header byte now and then,
-/// holds a file descriptor and a connection's buffers forever.
+/// Clocks on HTTP/1.1 connections (served by the `http` module): without
+/// them a client that connects and sends nothing, or a header byte now and
+/// then, holds a file descriptor and a connection's buffers forever.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpConfig {
     /// From accept (or the first byte of a later request) to the end of
@@ -449,7 +449,7 @@ impl Config {
         if demo.interval.is_zero() {
             return Err(ConfigError::setting("demo.interval", "must be more than 0"));
         }
-        crate::hub::topic::validate_name(&demo.topic)
+        crate::topic::validate_name(&demo.topic)
             .map_err(|e| ConfigError::setting("demo.topic", e))?;
 
         let mqtt = mqtt::parse(l)?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{ConfigError, Layered, value};
-use crate::hub::topic::{Filter, validate_name};
+use crate::topic::{Filter, validate_name};
 
 /// Where the broker is and how to log in. Present only when `mqtt.url` is set.
 #[derive(Clone, PartialEq, Eq)]
