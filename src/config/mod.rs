@@ -7,6 +7,7 @@
 //! given its type.
 
 pub mod mqtt;
+pub mod rooms;
 pub mod settings;
 pub mod value;
 
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use mqtt::MqttConfig;
+pub use rooms::RoomTemplate;
 pub use settings::{Kind, SETTINGS, Setting};
 use value::Raw;
 
@@ -306,7 +308,7 @@ pub struct SocketIoConfig {
     pub namespace: String,
     pub auth_timeout: Duration,
     /// Room templates such as `{role}_{tournamentId}`.
-    pub rooms: Vec<String>,
+    pub rooms: Vec<RoomTemplate>,
     /// Empty: any role may authenticate.
     pub allowed_roles: Vec<String>,
 }
@@ -508,10 +510,12 @@ fn parse_socketio(l: &Layered) -> Result<SocketIoConfig, ConfigError> {
             "must be more than 0",
         ));
     }
-    let rooms = l.req("socketio.rooms", value::parse_list)?;
-    for t in &rooms {
-        crate::sio::rooms::check_template(t)
-            .map_err(|e| ConfigError::setting("socketio.rooms", format!("`{t}`: {e}")))?;
+    let mut rooms = Vec::new();
+    for t in l.req("socketio.rooms", value::parse_list)? {
+        rooms.push(
+            RoomTemplate::parse(&t)
+                .map_err(|e| ConfigError::setting("socketio.rooms", format!("`{t}`: {e}")))?,
+        );
     }
     Ok(SocketIoConfig {
         namespace,
