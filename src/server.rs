@@ -102,7 +102,7 @@ impl Server {
         let check = presence.clone();
         readiness.register("presence", move || check.status());
         if let Some(bridge) = &mqtt {
-            bridge.register_readiness(&readiness);
+            readiness.register("mqtt", bridge.readiness_check());
         }
         let gateway = Arc::new(Gateway {
             hub: Arc::new(hub),
@@ -166,7 +166,7 @@ impl Server {
             background.spawn(crate::demo::run(gw.clone()));
         }
         if let Some(bridge) = gw.mqtt.clone() {
-            background.spawn(bridge.run(gw.clone()));
+            background.spawn(bridge.run(gw.hub.clone(), gw.shutdown.clone()));
         }
         let app = Self::router(&gw);
         let stop = gw.shutdown.clone();
