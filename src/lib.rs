@@ -7,6 +7,11 @@
 //! them and [`http`] serves their HTTP connections; `main.rs` only calls
 //! [`cli::main`].
 //!
+//! Below them all sit two leaves, [`topic`] (names and filters) and
+//! [`metrics`]; the hub uses only those, and the [`config`]uration only
+//! [`topic`]. Front ends, the API and the MQTT bridge never import one
+//! another. `tests/layering.rs` holds these rules and fails on a cycle.
+//!
 //! The library has no `unsafe` code and must not grow any: everything it
 //! does (sockets, framing, parsing client input) is done through safe APIs,
 //! so memory safety does not depend on reviewing it. The load tool, which

@@ -37,7 +37,7 @@ fn rules() -> CorsLayer {
         .vary([header::ORIGIN])
 }
 
-/// Puts the [`rules`] in front of `/socket.io/` requests that have an
+/// Puts the CORS `rules` in front of `/socket.io/` requests that have an
 /// `Origin`; every other request reaches the inner service untouched. The
 /// CORS service is built once, with the router, not per request.
 #[derive(Clone, Copy, Debug, Default)]
