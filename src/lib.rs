@@ -7,6 +7,17 @@
 //! [`presence`] records which socket each user holds. [`server`] composes
 //! them and [`http`] serves their HTTP connections; `main.rs` only calls
 //! [`cli::main`].
+//!
+//! Below them all sit two leaves, [`topic`] (names and filters) and
+//! [`metrics`]; the hub uses only those, and the [`config`]uration only
+//! [`topic`]. Front ends, the API and the MQTT bridge never import one
+//! another. `tests/layering.rs` holds these rules and fails on a cycle.
+//!
+//! The library has no `unsafe` code and must not grow any: everything it
+//! does (sockets, framing, parsing client input) is done through safe APIs,
+//! so memory safety does not depend on reviewing it. The load tool, which
+//! needs `setrlimit`, is a separate crate (`bench/pulso-bench/`).
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod auth;
@@ -22,5 +33,6 @@ pub mod mqtt;
 pub mod presence;
 pub mod server;
 pub mod sio;
+pub mod topic;
 pub mod transport;
 pub mod ws;

@@ -104,7 +104,7 @@ impl Server {
         let check = presence.clone();
         readiness.register("presence", move || check.status());
         if let Some(bridge) = &mqtt {
-            bridge.register_readiness(&readiness);
+            readiness.register("mqtt", bridge.readiness_check());
         }
         let hub = Arc::new(hub);
         let cluster = match &config.cluster.engine {
@@ -189,7 +189,7 @@ impl Server {
                 crate::sio::Transport::new(gw),
                 crate::sio::serve,
             ))
-            .layer(axum::middleware::from_fn(crate::sio::cors::cors))
+            .layer(crate::sio::cors::SocketIoCors)
     }
 
     /// Serves until the shutdown token is cancelled, then closes every
@@ -201,7 +201,7 @@ impl Server {
             background.spawn(crate::demo::run(gw.clone()));
         }
         if let Some(bridge) = gw.mqtt.clone() {
-            background.spawn(bridge.run(gw.clone()));
+            background.spawn(bridge.run(gw.hub.clone(), gw.shutdown.clone()));
         }
         if let Some(cluster) = self.cluster {
             background.spawn(cluster.run(gw.shutdown.clone()));

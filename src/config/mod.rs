@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod mqtt;
+pub mod rooms;
 pub mod settings;
 pub mod value;
 
@@ -18,10 +19,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use mqtt::MqttConfig;
+pub use rooms::RoomTemplate;
 pub use settings::{Kind, SETTINGS, Setting};
 use value::Raw;
 
-use crate::hub::topic::Filter;
+use crate::topic::Filter;
 
 /// Where a setting's effective value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,9 +280,9 @@ pub struct JwtConfig {
     pub require_exp: bool,
 }
 
-/// Clocks on HTTP/1.1 connections (see [`crate::http`]): without them a
-/// client that connects and sends nothing, or a header byte now and then,
-/// holds a file descriptor and a connection's buffers forever.
+/// Clocks on HTTP/1.1 connections (served by the `http` module): without
+/// them a client that connects and sends nothing, or a header byte now and
+/// then, holds a file descriptor and a connection's buffers forever.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpConfig {
     /// From accept (or the first byte of a later request) to the end of
@@ -307,7 +309,7 @@ pub struct SocketIoConfig {
     pub namespace: String,
     pub auth_timeout: Duration,
     /// Room templates such as `{role}_{tournamentId}`.
-    pub rooms: Vec<String>,
+    pub rooms: Vec<RoomTemplate>,
     /// Empty: any role may authenticate.
     pub allowed_roles: Vec<String>,
 }
@@ -451,7 +453,7 @@ impl Config {
         if demo.interval.is_zero() {
             return Err(ConfigError::setting("demo.interval", "must be more than 0"));
         }
-        crate::hub::topic::validate_name(&demo.topic)
+        crate::topic::validate_name(&demo.topic)
             .map_err(|e| ConfigError::setting("demo.topic", e))?;
 
         let mqtt = mqtt::parse(l)?;
@@ -512,10 +514,12 @@ fn parse_socketio(l: &Layered) -> Result<SocketIoConfig, ConfigError> {
             "must be more than 0",
         ));
     }
-    let rooms = l.req("socketio.rooms", value::parse_list)?;
-    for t in &rooms {
-        crate::sio::rooms::check_template(t)
-            .map_err(|e| ConfigError::setting("socketio.rooms", format!("`{t}`: {e}")))?;
+    let mut rooms = Vec::new();
+    for t in l.req("socketio.rooms", value::parse_list)? {
+        rooms.push(
+            RoomTemplate::parse(&t)
+                .map_err(|e| ConfigError::setting("socketio.rooms", format!("`{t}`: {e}")))?,
+        );
     }
     Ok(SocketIoConfig {
         namespace,

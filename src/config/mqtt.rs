@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{ConfigError, Layered, value};
-use crate::hub::topic::{Filter, validate_name};
+use crate::topic::{Filter, validate_name};
 
 /// Where the broker is and how to log in. Present only when `mqtt.url` is set.
 #[derive(Clone, PartialEq, Eq)]
@@ -199,24 +199,24 @@ fn parse_port(p: &str) -> Result<u16, String> {
         .ok_or_else(|| format!("`{p}` is not a port"))
 }
 
+/// Decodes the `%XX` escapes of the user or password in `mqtt.url`. A `%`
+/// that does not start an escape is refused rather than kept as is (which
+/// is what a lenient decoder does), so a mistyped credential is a
+/// configuration error at start, not a refusal by the broker later.
 fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or("bad %-escape in the user or password")?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let escapes_ok = s.split('%').skip(1).all(|after| {
+        after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return Err("bad %-escape in the user or password".into());
     }
-    String::from_utf8(out).map_err(|_| "the user or password is not UTF-8".to_string())
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| "the user or password is not UTF-8".to_string())
 }
 
 /// Characters kept from the node id in the default client id; the rest
@@ -399,6 +399,14 @@ mod tests {
             ("broker.local", 1883, false)
         );
         assert_eq!(b.password.as_deref(), Some("p@ss"));
+        let b = parse_url("mqtt://%C3%A9l%C3%A8ve:%e2%82%AC%25@h").unwrap();
+        assert_eq!(
+            (b.username.as_deref(), b.password.as_deref()),
+            (Some("élève"), Some("€%"))
+        );
+        for bad in ["p%", "p%4", "p%zz", "p%+f", "p%ff"] {
+            assert!(parse_url(&format!("mqtt://u:{bad}@h")).is_err(), "{bad}");
+        }
         let b = parse_url("mqtts://[::1]:1").unwrap();
         assert_eq!((b.host.as_str(), b.port, b.tls), ("::1", 1, true));
         assert_eq!(parse_url("mqtts://h").unwrap().port, 8883);

@@ -14,7 +14,7 @@
 
 pub mod last_value;
 pub mod ring;
-pub mod topic;
+pub use crate::topic;
 mod wild;
 
 use std::collections::{HashMap, HashSet};

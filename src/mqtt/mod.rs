@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::mqtt::{is_mqtt_filter, is_mqtt_topic_name, is_under, topics_of};
 use crate::config::{Config, ConfigError, MqttConfig};
-use crate::gateway::{Gateway, Readiness};
 use crate::hub::topic::{Filter, validate_name};
 use crate::hub::{Hub, Interest, Message};
 use crate::metrics::Metrics;
@@ -192,10 +192,13 @@ impl Bridge {
         Ok(Some(Arc::new(bridge)))
     }
 
-    /// Adds the `mqtt` check to `/readyz`: ready while connected.
-    pub fn register_readiness(&self, readiness: &Readiness) {
+    /// The `mqtt` check of `/readyz`: ready while connected, otherwise the
+    /// last connection error. It only reads state the bridge keeps up to
+    /// date (no I/O), and the bridge does not need to know where it is
+    /// registered.
+    pub fn readiness_check(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
         let link = self.link.clone();
-        readiness.register("mqtt", move || {
+        move || {
             if link.connected.load(Ordering::Relaxed) {
                 Ok(())
             } else {
@@ -204,7 +207,7 @@ impl Bridge {
                     lock(&link.last_error)
                 ))
             }
-        });
+        }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -250,15 +253,16 @@ impl Bridge {
         Ok(())
     }
 
-    /// Runs until the gateway shuts down. Never returns early because of the
-    /// broker: it keeps reconnecting while the rest of the gateway serves.
-    pub async fn run(self: Arc<Self>, gw: Arc<Gateway>) {
+    /// Publishes broker messages into `hub` and follows its interest until
+    /// `shutdown` is cancelled. Never returns early because of the broker:
+    /// it keeps reconnecting while the rest of the gateway serves.
+    pub async fn run(self: Arc<Self>, hub: Arc<Hub>, shutdown: CancellationToken) {
         let Some(mut eventloop) = lock(&self.eventloop).take() else {
             return;
         };
         // Watch first, then read the current state, so nothing falls between.
-        let mut interest = gw.hub.watch_interest();
-        for filter in gw.hub.active_filters() {
+        let mut interest = hub.watch_interest();
+        for filter in hub.active_filters() {
             self.on_interest(&Interest {
                 filter,
                 active: true,
@@ -266,7 +270,7 @@ impl Bridge {
         }
         let follower = {
             let bridge = self.clone();
-            let stop = gw.shutdown.clone();
+            let stop = shutdown.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
@@ -286,7 +290,7 @@ impl Bridge {
             // Only shutdown races the poll: rumqttc's poll is not documented
             // as cancel-safe, and it is only ever cancelled when stopping.
             let event = tokio::select! {
-                _ = gw.shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => break,
                 event = eventloop.poll() => event,
             };
             match event {
@@ -299,7 +303,7 @@ impl Bridge {
                     self.on_connected(ack.session_present);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    self.on_publish(&gw.hub, &publish.topic, &publish.payload);
+                    self.on_publish(&hub, &publish.topic, &publish.payload);
                 }
                 Ok(Event::Incoming(Packet::UnsubAck(_))) => self.acknowledged(),
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -319,7 +323,7 @@ impl Bridge {
                     let delay = backoff.next_delay();
                     tracing::debug!(?delay, "reconnecting to the MQTT broker after a pause");
                     tokio::select! {
-                        _ = gw.shutdown.cancelled() => break,
+                        _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }

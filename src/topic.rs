@@ -4,6 +4,10 @@
 //! `+` matches one level and a final level that is exactly `#` matches the rest,
 //! including the parent (`a/#` matches `a`). `+`/`#` inside a longer level are
 //! literal, so a Socket.IO room such as `/notifications#Ab3` is a plain name.
+//!
+//! A leaf: it uses nothing else of the crate, so the configuration can
+//! check topics and ACL filters when it is loaded without depending on the
+//! hub, which re-exports it as `hub::topic`.
 
 use std::fmt;
 use std::sync::Arc;

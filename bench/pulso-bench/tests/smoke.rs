@@ -1,11 +1,55 @@
 //! `pulso-bench fanout` against an in-process pulso, with tiny sizes:
 //! correctness only (every message delivered once, to the right clients).
 //! No timing is asserted.
+//!
+//! The test lives in the tool's own crate so that Cargo builds the
+//! `pulso-bench` binary for it and names it in `CARGO_BIN_EXE_pulso-bench`.
 
-mod common;
+use std::net::SocketAddr;
+use std::time::Duration;
 
-use common::{SECRET, TestServer};
+use pulso::config::{Config, Layered};
+use pulso::server::Server;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "test-secret";
+
+/// A real pulso on a free loopback port: fixed secret, no demo feed,
+/// presence in a private in-memory SQLite.
+struct TestServer {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    async fn start() -> Self {
+        let mut layered = Layered::defaults();
+        layered
+            .apply_toml(&format!(
+                "listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite::memory:\"\n\
+                 [jwt]\nsecret = \"{SECRET}\"\n[demo]\nenabled = false\n"
+            ))
+            .expect("test settings");
+        let config = Config::from_layered(&layered).expect("valid test config");
+        let server = Server::bind(config).await.expect("bind");
+        TestServer {
+            addr: server.local_addr(),
+            stop: server.shutdown_token(),
+            task: tokio::spawn(server.run()),
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("server stops in time")
+            .expect("server task")
+            .expect("server result");
+    }
+}
 
 async fn bench(server: &TestServer, extra: &[&str]) -> Value {
     run(server, "fanout", extra).await
