@@ -1,7 +1,18 @@
 //! The gateway core shared by every front end: configuration, hub, token
-//! verifier, metrics and the process-wide shutdown signal.
+//! verifier, metrics, the process-wide shutdown signal, and the
+//! capabilities the front ends use through interfaces rather than concrete
+//! types: the presence store ([`PresenceStore`]) and the upstream broker a
+//! client's publish may be forwarded to ([`Upstream`]). `server` plugs the
+//! implementations in (`presence::Presence`, `mqtt::Bridge`), so no front
+//! end depends on a store or a bridge, and this module on neither.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,10 +33,115 @@ pub struct Gateway {
     /// Every connection task, so a stop can wait for them to close.
     pub connections: TaskTracker,
     pub readiness: Readiness,
-    /// The MQTT bridge, when `mqtt.url` is set.
-    pub mqtt: Option<Arc<crate::mqtt::Bridge>>,
+    /// Where client publishes under `mqtt.publish_prefixes` go (the MQTT
+    /// bridge, when `mqtt.url` is set).
+    pub upstream: Option<Arc<dyn Upstream>>,
     /// Who holds which socket (SPEC §7); writes never block.
-    pub presence: crate::presence::Presence,
+    pub presence: Arc<dyn PresenceStore>,
+}
+
+/// A socket that authenticated: the row (role, sub) now points at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub role: String,
+    pub sub: String,
+    pub socket_id: String,
+    /// `ws` or `socketio`.
+    pub protocol: &'static str,
+}
+
+/// One row that holds a socket, as `GET /api/presence` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PresenceRow {
+    pub role: String,
+    pub sub: String,
+    pub socket_id: String,
+    pub protocol: String,
+    pub node: String,
+    /// RFC 3339, UTC.
+    pub connected_at: String,
+}
+
+/// Why a presence read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the presence store is not connected: {0}")]
+    Unavailable(String),
+    #[error("presence query failed: {0}")]
+    Query(String),
+}
+
+/// The end of one presence write: committed, given up, or its timeout
+/// passed, whichever comes first. Clients are answered once it is.
+#[must_use = "the client is answered once the row is committed"]
+pub struct Committed {
+    done: Option<oneshot::Receiver<()>>,
+    timeout: Duration,
+}
+
+impl Committed {
+    /// Ends when `done` is sent to or dropped, or after `timeout`.
+    pub fn new(done: oneshot::Receiver<()>, timeout: Duration) -> Committed {
+        Committed {
+            done: Some(done),
+            timeout,
+        }
+    }
+
+    /// A write that is already over.
+    pub fn done() -> Committed {
+        Committed {
+            done: None,
+            timeout: Duration::ZERO,
+        }
+    }
+
+    /// Waits for the write (bounded).
+    pub async fn wait(self) {
+        if let Some(done) = self.done {
+            // A closed channel (committed or given up) and the timeout
+            // both end the wait; the write itself goes on either way.
+            let _ = tokio::time::timeout(self.timeout, done).await;
+        }
+    }
+}
+
+/// A boxed future, for the async methods of the capability traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The presence store as the front ends use it (SPEC §7).
+pub trait PresenceStore: Send + Sync + 'static {
+    /// Records that `holder` authenticated now; never waits. The client is
+    /// answered once the returned [`Committed`] is.
+    fn set(&self, holder: Holder) -> Committed;
+    /// Records that `holder` disconnected (clears the row only if it still
+    /// holds that socket); never waits.
+    fn clear(&self, holder: Holder);
+    /// Rows that hold a socket, optionally filtered by role and/or sub.
+    fn list<'a>(
+        &'a self,
+        role: Option<&'a str>,
+        sub: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<PresenceRow>, ReadError>>;
+    /// `Ok` while the store is connected and its last write succeeded.
+    fn status(&self) -> Result<(), String>;
+}
+
+/// Why a client publish could not be forwarded upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The `/ws` error code.
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Where client publishes on some topics go instead of the hub: the MQTT
+/// broker (SPEC §6, `mqtt.publish_prefixes`).
+pub trait Upstream: Send + Sync + 'static {
+    /// Whether a client publish on `topic` goes upstream.
+    fn forwards(&self, topic: &str) -> bool;
+    /// Queues it upstream without waiting.
+    fn forward(&self, topic: &str, payload: &RawValue) -> Result<(), Refused>;
 }
 
 type Check = Box<dyn Fn() -> Result<(), String> + Send + Sync>;

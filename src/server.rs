@@ -35,6 +35,10 @@ pub struct Server {
     sample_tokens: Option<SampleTokens>,
     /// The backplane's tasks, started by [`Server::run`].
     cluster: Option<crate::cluster::redis::Tasks>,
+    /// The MQTT bridge, run by [`Server::run`].
+    mqtt: Option<Arc<crate::mqtt::Bridge>>,
+    /// The presence store, whose rows [`Server::run`] clears at the end.
+    presence: crate::presence::Presence,
 }
 
 /// Tokens printed at start-up when the JWT secret was generated.
@@ -146,14 +150,16 @@ impl Server {
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
             readiness,
-            mqtt,
-            presence,
+            upstream: mqtt.clone().map(|b| b as Arc<dyn crate::gateway::Upstream>),
+            presence: Arc::new(presence.clone()),
         });
         Ok(Server {
             listener,
             gateway,
             sample_tokens,
             cluster,
+            mqtt,
+            presence,
         })
     }
 
@@ -165,6 +171,12 @@ impl Server {
 
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
+    }
+
+    /// The MQTT bridge, when `mqtt.url` is set (for tests and tools that
+    /// look at its state).
+    pub fn mqtt_bridge(&self) -> Option<&Arc<crate::mqtt::Bridge>> {
+        self.mqtt.as_ref()
     }
 
     /// Ready-made tokens, when the secret was generated at start.
@@ -200,7 +212,7 @@ impl Server {
         if gw.config.demo.enabled {
             background.spawn(crate::demo::run(gw.clone()));
         }
-        if let Some(bridge) = gw.mqtt.clone() {
+        if let Some(bridge) = self.mqtt.clone() {
             background.spawn(bridge.run(gw.hub.clone(), gw.shutdown.clone()));
         }
         if let Some(cluster) = self.cluster {
@@ -242,7 +254,7 @@ impl Server {
         })
         .await;
         // Every client is gone: clear this node's presence rows (SPEC §1).
-        gw.presence
+        self.presence
             .stop(limit.saturating_sub(started.elapsed()))
             .await;
         if drained.is_err() {

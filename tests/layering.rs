@@ -66,6 +66,38 @@ const NEVER: &[(&str, &[&str], &str)] = &[
         &["ws", "sio", "api", "mqtt", "presence", "transport"],
         "the cluster backplane sits behind the hub, beside the front ends and stores",
     ),
+    (
+        "gateway",
+        &[
+            "ws",
+            "sio",
+            "api",
+            "mqtt",
+            "presence",
+            "cluster",
+            "transport",
+            "server",
+        ],
+        "the gateway holds what the front ends share, through interfaces: it knows no \
+         front end, store, bridge or backplane",
+    ),
+    (
+        "ws",
+        &["presence", "mqtt", "cluster"],
+        "a front end uses the presence store and the MQTT bridge through the gateway's \
+         interfaces, and the backplane only through the hub",
+    ),
+    (
+        "sio",
+        &["presence", "mqtt", "cluster"],
+        "a front end uses the presence store and the MQTT bridge through the gateway's \
+         interfaces, and the backplane only through the hub",
+    ),
+    (
+        "api",
+        &["presence", "mqtt", "cluster"],
+        "the HTTP API reads presence through the gateway's interface",
+    ),
 ];
 
 /// Modules that only the listed modules may import.

@@ -9,8 +9,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 
 use super::{ApiError, Publisher};
-use crate::gateway::Gateway;
-use crate::presence::{ReadError, Row};
+use crate::gateway::{Gateway, PresenceRow as Row, ReadError};
 
 #[derive(Deserialize)]
 pub struct Filters {

@@ -223,7 +223,7 @@ struct Table {
 /// [`Hub::backplane_subscribed`]).
 pub type Settled = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Carries publishes to every node of a cluster (see `crate::cluster`).
+/// Carries publishes to every node of a cluster (the cluster backplane).
 pub trait Backplane: Send + Sync + 'static {
     /// Completes once the backplane has acted on the first `changes`
     /// interest changes of this hub (subscribed what they added), or after

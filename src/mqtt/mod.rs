@@ -58,6 +58,19 @@ impl ForwardError {
     }
 }
 
+impl crate::gateway::Upstream for Bridge {
+    fn forwards(&self, topic: &str) -> bool {
+        Bridge::forwards(self, topic)
+    }
+
+    fn forward(&self, topic: &str, payload: &RawValue) -> Result<(), crate::gateway::Refused> {
+        Bridge::forward(self, topic, payload).map_err(|e| crate::gateway::Refused {
+            code: e.code(),
+            message: e.to_string(),
+        })
+    }
+}
+
 /// What the bridge wants subscribed, and what it asked the broker for.
 #[derive(Default)]
 struct Subscriptions {

@@ -27,16 +27,7 @@ pub enum Write<'a> {
 }
 
 /// One row that holds a socket, as `GET /api/presence` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Row {
-    pub role: String,
-    pub sub: String,
-    pub socket_id: String,
-    pub protocol: String,
-    pub node: String,
-    /// RFC 3339, UTC.
-    pub connected_at: String,
-}
+pub type Row = crate::gateway::PresenceRow;
 
 #[derive(Clone)]
 pub enum Db {

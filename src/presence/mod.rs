@@ -29,6 +29,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{EntityTable, PresenceConfig};
+pub use crate::gateway::{Committed, Holder, ReadError};
 use crate::metrics::Metrics;
 pub use db::{Db, Row, Write};
 
@@ -40,16 +41,6 @@ const ATTEMPTS: u32 = 3;
 const BATCH: usize = 256;
 /// How long one connection attempt or query may take.
 const DB_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A socket that authenticated: the row (role, sub) now points at it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
-    pub role: String,
-    pub sub: String,
-    pub socket_id: String,
-    /// `ws` or `socketio`.
-    pub protocol: &'static str,
-}
 
 enum Op {
     /// The sender is dropped once the write is committed or given up.
@@ -98,42 +89,6 @@ pub struct Presence {
     tx: mpsc::Sender<Op>,
     shared: Arc<Shared>,
     write_timeout: Duration,
-}
-
-/// The end of one `set`'s write: committed, given up, or
-/// `presence.write_timeout` passed, whichever comes first.
-#[must_use = "the client is answered once the row is committed"]
-pub struct Committed {
-    done: Option<oneshot::Receiver<()>>,
-    timeout: Duration,
-}
-
-impl Committed {
-    /// Waits for the write (bounded by `presence.write_timeout`).
-    pub async fn wait(self) {
-        if let Some(done) = self.done {
-            // A closed channel (committed or given up) and the timeout
-            // both end the wait; the write itself goes on either way.
-            let _ = tokio::time::timeout(self.timeout, done).await;
-        }
-    }
-
-    /// A write that is already over (tests, and writes that were dropped).
-    pub fn done() -> Committed {
-        Committed {
-            done: None,
-            timeout: Duration::ZERO,
-        }
-    }
-}
-
-/// Why a presence read failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("the presence store is not connected: {0}")]
-    Unavailable(String),
-    #[error("presence query failed: {0}")]
-    Query(String),
 }
 
 impl Presence {
@@ -186,10 +141,7 @@ impl Presence {
         );
         let (done, wait) = oneshot::channel();
         self.push(Op::Set(holder, at, Some(done)));
-        Committed {
-            done: Some(wait),
-            timeout: self.write_timeout,
-        }
+        Committed::new(wait, self.write_timeout)
     }
 
     /// Records that `holder` disconnected. Never waits.
@@ -248,6 +200,28 @@ impl Presence {
             Ok(Err(e)) => Err(ReadError::Query(e.to_string())),
             Err(_) => Err(ReadError::Query("timed out".into())),
         }
+    }
+}
+
+impl crate::gateway::PresenceStore for Presence {
+    fn set(&self, holder: Holder) -> Committed {
+        Presence::set(self, holder)
+    }
+
+    fn clear(&self, holder: Holder) {
+        Presence::clear(self, holder)
+    }
+
+    fn list<'a>(
+        &'a self,
+        role: Option<&'a str>,
+        sub: Option<&'a str>,
+    ) -> crate::gateway::BoxFuture<'a, Result<Vec<Row>, ReadError>> {
+        Box::pin(Presence::list(self, role, sub))
+    }
+
+    fn status(&self) -> Result<(), String> {
+        Presence::status(self)
     }
 }
 

@@ -31,8 +31,8 @@ use serde_json::Value;
 
 use crate::auth::Identity;
 use crate::gateway::Gateway;
+use crate::gateway::{Committed, Holder};
 use crate::hub::{ConnId, Filter};
-use crate::presence::{Committed, Holder};
 use request::{Failure, Token};
 
 const PROTOCOL: &str = "socketio";

@@ -54,7 +54,7 @@ where
     tracing::debug!(conn = id, sub = %identity.sub, role = %identity.role, "ws connected");
     // Presence (SPEC §7): the server assigns /ws socket ids. A refresh keeps
     // sub and role, so the row written here stays the right one.
-    let holder = crate::presence::Holder {
+    let holder = crate::gateway::Holder {
         role: identity.role.clone(),
         sub: identity.sub.clone(),
         socket_id: format!("ws-{:016x}", rand::random::<u64>()),
@@ -265,10 +265,10 @@ impl Session {
                         format!("role may not publish on `{topic}`"),
                     ));
                 }
-                if let Some(bridge) = gw.mqtt.as_ref().filter(|b| b.forwards(&topic)) {
-                    bridge
+                if let Some(upstream) = gw.upstream.as_ref().filter(|u| u.forwards(&topic)) {
+                    upstream
                         .forward(&topic, &payload)
-                        .map_err(|e| ClientError::new(e.code(), e.to_string()))?;
+                        .map_err(|e| ClientError::new(e.code, e.message))?;
                     return Ok(Reply::Ack);
                 }
                 gw.metrics.published_from("ws");

@@ -35,6 +35,8 @@ pub const WAIT: Duration = Duration::from_secs(5);
 pub struct TestServer {
     pub addr: SocketAddr,
     pub gw: Arc<Gateway>,
+    /// The MQTT bridge, when configured.
+    pub mqtt: Option<Arc<pulso::mqtt::Bridge>>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -73,11 +75,13 @@ impl TestServer {
         let server = Server::bind(config).await.expect("bind");
         let addr = server.local_addr();
         let gw = server.gateway().clone();
+        let mqtt = server.mqtt_bridge().cloned();
         let stop = server.shutdown_token();
         let task = tokio::spawn(server.run());
         TestServer {
             addr,
             gw,
+            mqtt,
             stop,
             task,
         }
