@@ -119,6 +119,7 @@ impl Server {
                     metrics.clone(),
                     &config.cluster.prefix,
                     &config.node_id,
+                    config.mqtt.last_value_filters(),
                 ));
                 let (redis, tasks) = crate::cluster::redis::Redis::new(url, shared.clone())
                     .map_err(|e| {

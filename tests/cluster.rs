@@ -267,3 +267,79 @@ async fn cluster_settings_are_checked() {
             .is_none()
     );
 }
+
+/// `name value` of a counter or gauge line in a node's metrics.
+async fn metric(node: &TestServer, name: &str) -> u64 {
+    let m = node.metrics().await;
+    m.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn mqtt_messages_enter_the_cluster_once_and_the_last_value_is_served_on_any_node() {
+    // The machine's Mosquitto (never stopped here), with topics of this
+    // test's own.
+    if tokio::net::TcpStream::connect("127.0.0.1:1883").await.is_err()
+        || std::process::Command::new("mosquitto_pub").arg("--help").output().is_err()
+    {
+        common::skip("Mosquitto on 127.0.0.1:1883 and mosquitto_pub are needed");
+        return;
+    }
+    let (Some(pg), Some(redis)) = (postgres_url().await, RedisServer::start().await) else {
+        return;
+    };
+    let (prefix, root) = (unique("c"), unique("sensors"));
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let toml = format!(
+            "node_id = \"{}\"\ndatabase_url = \"{pg}\"\n[cluster]\nredis_url = \"{}\"\nprefix = \"{prefix}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\ntopics = [\"{root}/#\"]\nqos = 1\n",
+            unique("node"),
+            redis.url()
+        );
+        let node = TestServer::start_with(move |l| {
+            l.apply_toml(&common::base_toml()).unwrap();
+            l.apply_toml(&toml).unwrap();
+        })
+        .await;
+        let bridge = node.mqtt.clone().expect("bridge");
+        node.until("backplane and broker", |gw| {
+            gw.readiness.report().0 && bridge.is_settled()
+        })
+        .await;
+        // Every node's broker subscription is in the cluster's group.
+        assert_eq!(
+            bridge.broker_subscriptions(),
+            [format!("$share/{prefix}/{root}/#")]
+        );
+        nodes.push(node);
+    }
+    let mut on_a = subscriber(&nodes[0], &[&format!("{root}/#")]).await;
+    let mut on_b = subscriber(&nodes[1], &[&format!("{root}/+")]).await;
+    let topic = format!("{root}/s1");
+    for n in 0..10 {
+        let status = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", "1883", "-q", "1", "-t", &topic])
+            .args(["-m", &n.to_string()])
+            .status()
+            .expect("mosquitto_pub");
+        assert!(status.success());
+    }
+    for ws in [&mut on_a, &mut on_b] {
+        for n in 0..10 {
+            assert_eq!(next(ws).await, (topic.clone(), json!(n)));
+        }
+    }
+    // Each broker message entered the cluster once: on one node only.
+    let mut entered = 0;
+    for node in &nodes {
+        entered += metric(node, "pulso_mqtt_messages_in_total").await;
+    }
+    assert_eq!(entered, 10);
+    // A first subscriber on C, which no client of its had wanted: the
+    // current reading at once.
+    let mut on_c = subscriber(&nodes[2], &[&topic]).await;
+    assert_eq!(next(&mut on_c).await, (topic.clone(), json!(9)));
+}

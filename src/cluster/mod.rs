@@ -91,17 +91,28 @@ pub struct Shared {
     pub prefix: String,
     /// The subscriber holds a connection (publishes go to the engine).
     pub up: AtomicBool,
+    /// Filters this node follows whether or not its clients want them: the
+    /// MQTT topics that keep a last value, so that a client subscribing
+    /// on any node gets the current reading at once.
+    pub always: Vec<crate::hub::Filter>,
     node_tag: u64,
     seq: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, prefix: &str, node_id: &str) -> Shared {
+    pub fn new(
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        prefix: &str,
+        node_id: &str,
+        always: Vec<crate::hub::Filter>,
+    ) -> Shared {
         Shared {
             hub,
             metrics,
             prefix: prefix.to_string(),
             up: AtomicBool::new(false),
+            always,
             node_tag: tag_of(node_id),
             seq: AtomicU64::new(0),
         }
@@ -236,6 +247,7 @@ mod tests {
             Arc::new(Metrics::new()),
             "p",
             "n1",
+            Vec::new(),
         );
         let out = shared
             .outgoing(

@@ -90,6 +90,11 @@ struct Subscriptions {
     connected: bool,
     /// Subscribe/unsubscribe requests sent and not yet acknowledged.
     awaiting_acks: usize,
+    /// On a node of a cluster, the shared-subscription group
+    /// (`cluster.prefix`): every node subscribes as `$share/<group>/<f>`,
+    /// so the broker hands each message to one node of the cluster, which
+    /// publishes it to all through the backplane.
+    share: Option<String>,
 }
 
 impl Subscriptions {
@@ -99,12 +104,28 @@ impl Subscriptions {
     }
 
     fn plan(&self) -> BTreeSet<String> {
-        plan::plan(
+        let planned = plan::plan(
             self.fixed
                 .iter()
                 .chain(self.on_demand.iter())
                 .map(|f| f.as_str()),
-        )
+        );
+        match &self.share {
+            None => planned,
+            // One group per cluster: an on-demand filter wanted on several
+            // nodes is one subscription of the group, and lasts while any
+            // node's clients want it.
+            Some(group) => planned
+                .into_iter()
+                .map(|f| {
+                    if f.starts_with("$share/") {
+                        f
+                    } else {
+                        format!("$share/{group}/{f}")
+                    }
+                })
+                .collect(),
+        }
     }
 }
 
@@ -191,6 +212,11 @@ impl Bridge {
                     .iter()
                     .filter_map(|f| Filter::parse(topics_of(f.as_str())).ok())
                     .collect(),
+                share: config
+                    .cluster
+                    .engine
+                    .is_some()
+                    .then(|| config.cluster.prefix.clone()),
                 ..Default::default()
             }),
             link: Arc::new(Link {
