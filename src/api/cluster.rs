@@ -1,0 +1,47 @@
+//! `GET /api/cluster` (publisher auth): the live nodes of this node's
+//! cluster, from their heartbeats (SPEC §8).
+//!
+//! Only live nodes are listed: a node silent for its `cluster.node_ttl` is
+//! dead, and its heartbeat is deleted within one more `cluster.heartbeat`
+//! anyway. A single node (no cluster configured) answers with itself, so
+//! the endpoint works the same with one node or many.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+
+use super::{ApiError, Publisher};
+use crate::gateway::Gateway;
+use crate::presence::NodeRow;
+
+#[derive(serde::Serialize)]
+pub struct Nodes {
+    nodes: Vec<NodeRow>,
+}
+
+pub async fn cluster(
+    _: Publisher,
+    State(gw): State<Arc<Gateway>>,
+) -> Result<Json<Nodes>, ApiError> {
+    match gw.presence.nodes().await {
+        Some(Ok(nodes)) => Ok(Json(Nodes { nodes })),
+        Some(Err(e)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )),
+        None => {
+            let now = i64::try_from(crate::hub::now_ms()).unwrap_or(i64::MAX);
+            Ok(Json(Nodes {
+                nodes: vec![NodeRow {
+                    node: gw.config.node_id.clone(),
+                    connections: gw.metrics.open_connections(),
+                    seen_at: crate::presence::time::rfc3339_ms(now),
+                    this: true,
+                }],
+            }))
+        }
+    }
+}
