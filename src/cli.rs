@@ -87,7 +87,9 @@ pub fn load(matches: &ArgMatches) -> Result<(Config, Layered), crate::config::Co
     Ok((config, layered))
 }
 
-/// Runs the command line; the exit code is 2 for invalid configuration.
+/// Runs the command line; the exit code is 2 for invalid configuration, and
+/// for a cluster node whose `node_id` a live node holds (starting again
+/// unchanged cannot help either way).
 pub fn main() -> ExitCode {
     let matches = command().get_matches();
     let (verb, sub) = match matches.subcommand() {
@@ -207,7 +209,10 @@ fn serve(config: Config) -> ExitCode {
     runtime.block_on(async move {
         let server = match crate::server::Server::bind(config).await {
             Ok(s) => s,
-            Err(e @ crate::server::StartError::Config(_)) => {
+            Err(
+                e @ (crate::server::StartError::Config(_)
+                | crate::server::StartError::NodeInUse(_)),
+            ) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }

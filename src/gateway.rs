@@ -62,6 +62,18 @@ pub struct PresenceRow {
     pub connected_at: String,
 }
 
+/// One live node of the cluster, as `GET /api/cluster` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeRow {
+    pub node: String,
+    pub connections: i64,
+    /// Its last heartbeat, RFC 3339, UTC.
+    pub seen_at: String,
+    /// The node that answers.
+    #[serde(rename = "self")]
+    pub this: bool,
+}
+
 /// Why a presence read failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -125,6 +137,9 @@ pub trait PresenceStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<PresenceRow>, ReadError>>;
     /// `Ok` while the store is connected and its last write succeeded.
     fn status(&self) -> Result<(), String>;
+    /// The live nodes of this node's cluster, from their heartbeats; a
+    /// single node lists itself.
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeRow>, ReadError>>;
 }
 
 /// Why a client publish could not be forwarded upstream.

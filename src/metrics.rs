@@ -84,6 +84,10 @@ pub struct Metrics {
     pub cluster_subscriptions: Gauge,
     /// Backplane connections re-established after one was lost.
     pub cluster_reconnects: Counter,
+    /// Live nodes of this node's cluster in the last heartbeat round.
+    pub cluster_nodes: Gauge,
+    /// Dead nodes whose heartbeat and presence rows this node cleared.
+    pub cluster_dead_nodes: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -129,6 +133,8 @@ impl Metrics {
             cluster_messages: Family::default(),
             cluster_subscriptions: Gauge::default(),
             cluster_reconnects: Counter::default(),
+            cluster_nodes: Gauge::default(),
+            cluster_dead_nodes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -222,6 +228,16 @@ impl Metrics {
             m.cluster_reconnects.clone(),
         );
         registry.register(
+            "cluster_nodes",
+            "Live nodes of this cluster, from the heartbeats",
+            m.cluster_nodes.clone(),
+        );
+        registry.register(
+            "cluster_dead_nodes",
+            "Dead cluster nodes whose presence rows this node cleared",
+            m.cluster_dead_nodes.clone(),
+        );
+        registry.register(
             "mqtt_reconnects",
             "MQTT broker connections re-established after a loss or failure",
             m.mqtt_reconnects.clone(),
@@ -294,6 +310,15 @@ impl Metrics {
         self.presence_writes
             .get_or_create(&[("result", result)])
             .inc();
+    }
+
+    /// Open connections of both protocols: what a cluster heartbeat
+    /// reports as this node's `connections`.
+    pub fn open_connections(&self) -> i64 {
+        ["ws", "socketio"]
+            .iter()
+            .filter_map(|p| self.connections.get(&[("protocol", p)]).map(|g| g.get()))
+            .sum()
     }
 
     pub fn published_from(&self, source: &'static str) {

@@ -27,6 +27,10 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A cluster node with this `node_id` is alive: like a configuration
+    /// error, starting again unchanged cannot help (exit code 2).
+    #[error("{0}")]
+    NodeInUse(#[from] crate::presence::NodeInUse),
 }
 
 pub struct Server {
@@ -101,9 +105,15 @@ impl Server {
                 config.mqtt.last_value_max_topics,
                 config.mqtt.last_value_max_bytes,
             );
-        let presence =
-            crate::presence::Presence::start(&config.presence, &config.node_id, metrics.clone())
-                .await;
+        // Before anything is served: in a cluster this claims the node id
+        // (and refuses a duplicate of a live node).
+        let presence = crate::presence::Presence::start(
+            &config.presence,
+            &config.node_id,
+            metrics.clone(),
+            config.cluster.engine.is_some().then_some(&config.cluster),
+        )
+        .await?;
         let readiness = Readiness::default();
         let check = presence.clone();
         readiness.register("presence", move || check.status());
@@ -219,6 +229,8 @@ impl Server {
         if let Some(cluster) = self.cluster {
             background.spawn(cluster.run(gw.shutdown.clone()));
         }
+        // Heartbeats and dead nodes (returns at once outside a cluster).
+        background.spawn(self.presence.clone().heartbeats(gw.shutdown.clone()));
         let app = Self::router(&gw);
         let stop = gw.shutdown.clone();
         // HTTP connections (not the upgraded ones, which `gw.connections`

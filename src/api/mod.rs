@@ -1,9 +1,11 @@
-//! The HTTP API: publishing, health, readiness and metrics.
+//! The HTTP API: publishing, presence and cluster listings, health,
+//! readiness and metrics.
 //!
 //! Handlers take typed extractors: [`Publisher`] proves the caller may
 //! publish, [`JsonBody`] reads a bounded body and turns every failure into an
 //! [`ApiError`].
 
+pub mod cluster;
 pub mod health;
 pub mod presence;
 pub mod publish;
@@ -28,6 +30,7 @@ pub fn router() -> Router<Arc<Gateway>> {
         .route("/api/publish", post(publish::publish))
         .route("/api/broadcast", post(publish::broadcast))
         .route("/api/presence", get(presence::presence))
+        .route("/api/cluster", get(cluster::cluster))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -378,7 +378,12 @@ async fn subscriber(
     let mut wanted = Wanted::default();
     // Interest that existed before the watch began (none at start-up), and
     // what is followed for its last values.
-    for filter in shared.hub.active_filters().into_iter().chain(shared.always.clone()) {
+    for filter in shared
+        .hub
+        .active_filters()
+        .into_iter()
+        .chain(shared.always.clone())
+    {
         wanted.apply(
             &shared.prefix,
             &Interest {

@@ -75,7 +75,7 @@ pub const SETTINGS: &[Setting] = &[
         "node_id",
         Text,
         None,
-        "Name of this process in presence rows, metrics and the cluster [default: <hostname>:<port>]"
+        "Name of this process in presence rows, metrics and the cluster; one per node: a cluster node refuses to start with the node_id of a live one [default: <hostname>:<port>]"
     ),
     setting!("log_format", Text, Some("text"), "Log format: text or json"),
     setting!(

@@ -38,10 +38,11 @@ pub enum Db {
 /// The schema, as ordered migrations. Append new ones; never edit old ones
 /// (their checksums are recorded). The bookkeeping table is pulso's own so
 /// it never collides with the application's migrations in a shared database.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "presence table",
-    "CREATE TABLE IF NOT EXISTS pulso_presence (
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "presence table",
+        "CREATE TABLE IF NOT EXISTS pulso_presence (
         role TEXT NOT NULL,
         sub TEXT NOT NULL,
         socket_id TEXT,
@@ -51,7 +52,25 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         PRIMARY KEY (role, sub)
     );
     CREATE INDEX IF NOT EXISTS pulso_presence_node ON pulso_presence (node);",
-)];
+    ),
+    (
+        2,
+        "cluster node heartbeats",
+        // One row per live cluster node. `instance` tells this run of a
+        // node from an earlier or a duplicate one; `ttl_ms` is the node's
+        // own `cluster.node_ttl`, so it is judged by the clock it promised.
+        // Times are milliseconds on the database's clock.
+        "CREATE TABLE IF NOT EXISTS pulso_nodes (
+        node TEXT PRIMARY KEY,
+        instance TEXT NOT NULL,
+        cluster TEXT NOT NULL,
+        connections BIGINT NOT NULL,
+        seen_at BIGINT NOT NULL,
+        started_at BIGINT NOT NULL,
+        ttl_ms BIGINT NOT NULL
+    );",
+    ),
+];
 
 const MIGRATIONS_TABLE: &str = "_pulso_migrations";
 
@@ -70,6 +89,10 @@ fn migrator() -> Migrator {
         .collect();
     let mut m = Migrator::with_migrations(migrations);
     m.dangerous_set_table_name(MIGRATIONS_TABLE);
+    // Migrations only add. A node of the previous version (a rolling
+    // upgrade of a cluster, or a rollback) must keep working against the
+    // schema a newer node already migrated, instead of refusing it.
+    m.set_ignore_missing(true);
     m
 }
 
@@ -117,6 +140,46 @@ const SET_SQL: &str =
      VALUES ($1, $2, $3, $4, $5, $6)
      ON CONFLICT (role, sub) DO UPDATE SET socket_id = excluded.socket_id,
        protocol = excluded.protocol, node = excluded.node, connected_at = excluded.connected_at";
+
+/// The rows a node holds, for clearing their application-table cells.
+const HELD_SQL: &str =
+    "SELECT role, sub, socket_id FROM pulso_presence WHERE node = $1 AND socket_id IS NOT NULL";
+
+const CLEAR_NODE_SQL: &str =
+    "UPDATE pulso_presence SET socket_id = NULL WHERE node = $1 AND socket_id IS NOT NULL";
+
+/// Clears every row `$node` holds, and the application-table cells that
+/// still hold those sockets, inside the open transaction `$tx`; evaluates
+/// to the number of presence rows cleared (`?` on errors). A macro rather
+/// than a function: the same statements run on either engine's
+/// transaction type.
+macro_rules! clear_node_in {
+    ($tx:ident, $node:expr, $entities:expr) => {{
+        if !$entities.is_empty() {
+            let rows = sqlx::query(HELD_SQL)
+                .bind($node)
+                .fetch_all(&mut *$tx)
+                .await?;
+            for row in rows {
+                let role: String = row.try_get(0)?;
+                let sub: String = row.try_get(1)?;
+                let socket: String = row.try_get(2)?;
+                if let Some(t) = $entities.get(&role) {
+                    sqlx::query(AssertSqlSafe(app_clear_sql(t)))
+                        .bind(&sub)
+                        .bind(&socket)
+                        .execute(&mut *$tx)
+                        .await?;
+                }
+            }
+        }
+        sqlx::query(CLEAR_NODE_SQL)
+            .bind($node)
+            .execute(&mut *$tx)
+            .await?
+            .rows_affected()
+    }};
+}
 
 const CLEAR_SQL: &str =
     "UPDATE pulso_presence SET socket_id = NULL WHERE role = $1 AND sub = $2 AND socket_id = $3";
@@ -206,33 +269,19 @@ impl Db {
         Ok(())
     }
 
-    /// Clears every row this node holds (and the matching application-table
-    /// cells); returns how many presence rows were cleared.
+    /// Clears every row `node` holds (and the matching application-table
+    /// cells), in one transaction; returns how many presence rows were
+    /// cleared.
     pub async fn clear_node(
         &self,
         node: &str,
         entities: &HashMap<String, EntityTable>,
     ) -> Result<u64, sqlx::Error> {
-        let held = "SELECT role, sub, socket_id FROM pulso_presence WHERE node = $1 AND socket_id IS NOT NULL";
-        let clear =
-            "UPDATE pulso_presence SET socket_id = NULL WHERE node = $1 AND socket_id IS NOT NULL";
         let n = on_pool!(self, pool => {
-            if !entities.is_empty() {
-                let rows = sqlx::query(held).bind(node).fetch_all(pool).await?;
-                for row in rows {
-                    let role: String = row.try_get(0)?;
-                    let sub: String = row.try_get(1)?;
-                    let socket: String = row.try_get(2)?;
-                    if let Some(t) = entities.get(&role) {
-                        sqlx::query(AssertSqlSafe(app_clear_sql(t)))
-                            .bind(&sub)
-                            .bind(&socket)
-                            .execute(pool)
-                            .await?;
-                    }
-                }
-            }
-            sqlx::query(clear).bind(node).execute(pool).await?.rows_affected()
+            let mut tx = pool.begin().await?;
+            let n = clear_node_in!(tx, node, entities);
+            tx.commit().await?;
+            n
         });
         Ok(n)
     }
@@ -267,5 +316,236 @@ impl Db {
             out
         });
         Ok(rows)
+    }
+}
+
+/// Milliseconds since the Unix epoch on PostgreSQL's clock. Heartbeats are
+/// written and judged with this one clock, never a node's own: nodes whose
+/// clocks disagree still agree on who has been silent for how long.
+/// `clock_timestamp()` rather than `now()`: a statement that waited on a
+/// lock judges with the time it runs, not the time its transaction began.
+macro_rules! pg_now_ms {
+    () => {
+        "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    };
+}
+
+/// A cluster node as its heartbeat row names it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub node: String,
+    /// This run of the node (random): tells it from an earlier run, or from
+    /// another process started with the same `node_id`.
+    pub instance: String,
+    /// `cluster.prefix`: a node lists (`GET /api/cluster`) and judges the
+    /// nodes of its own cluster only, whoever else shares the database.
+    /// Node ids are unique across the whole database all the same: the
+    /// presence rows are keyed by node id.
+    pub cluster: String,
+    /// `cluster.node_ttl`, in ms.
+    pub ttl_ms: i64,
+}
+
+/// The outcome of claiming a node id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The heartbeat row is this instance's now.
+    Claimed,
+    /// Another instance's heartbeat, not expired, holds the node id.
+    Held {
+        /// When it was last written (database clock, ms).
+        seen_at: i64,
+        /// How old it was when read.
+        age_ms: i64,
+        /// How long it may stay silent before it is expired.
+        ttl_ms: i64,
+    },
+}
+
+/// One live node, as `GET /api/cluster` shows it.
+pub type NodeRow = crate::gateway::NodeRow;
+
+/// Takes the node id: inserts the heartbeat row, or takes it over when it
+/// is this instance's own (a reconnection) or expired (an earlier run that
+/// died). A live row of another instance is left alone (no row returned).
+const CLAIM_SQL: &str = concat!(
+    "INSERT INTO pulso_nodes AS n (node, instance, cluster, connections, seen_at, started_at, ttl_ms)
+     VALUES ($1, $2, $3, $4, ",
+    pg_now_ms!(),
+    ", ",
+    pg_now_ms!(),
+    ", $5)
+     ON CONFLICT (node) DO UPDATE SET instance = excluded.instance, cluster = excluded.cluster,
+       connections = excluded.connections, seen_at = excluded.seen_at, ttl_ms = excluded.ttl_ms,
+       started_at = CASE WHEN n.instance = excluded.instance THEN n.started_at
+                         ELSE excluded.started_at END
+     WHERE n.instance = excluded.instance OR n.seen_at + n.ttl_ms < excluded.seen_at
+     RETURNING node"
+);
+
+const HOLDER_SQL: &str = concat!(
+    "SELECT seen_at, ",
+    pg_now_ms!(),
+    " - seen_at, ttl_ms FROM pulso_nodes WHERE node = $1"
+);
+
+/// A heartbeat: only this instance's row. No row updated means it is gone
+/// (this node was judged dead and cleared) or another instance took it.
+const BEAT_SQL: &str = concat!(
+    "UPDATE pulso_nodes SET seen_at = ",
+    pg_now_ms!(),
+    ", connections = $3 WHERE node = $1 AND instance = $2"
+);
+
+/// Takes (locks and deletes) up to 32 expired heartbeat rows of one
+/// cluster, judged on the database's clock by each row's own `ttl_ms`.
+/// `SKIP LOCKED`: nodes cleaning at once take different rows, never the
+/// same one twice; the lock re-checks the expiry, so a node whose heartbeat
+/// just came back is not taken.
+const DEAD_SQL: &str = concat!(
+    "DELETE FROM pulso_nodes WHERE node IN (
+       SELECT node FROM pulso_nodes
+       WHERE cluster = $2 AND node <> $1 AND seen_at + ttl_ms < ",
+    pg_now_ms!(),
+    "
+       ORDER BY seen_at LIMIT 32 FOR UPDATE SKIP LOCKED)
+     RETURNING node"
+);
+
+const LEAVE_SQL: &str = "DELETE FROM pulso_nodes WHERE node = $1 AND instance = $2";
+
+const NODES_SQL: &str = concat!(
+    "SELECT node, instance, connections, seen_at FROM pulso_nodes
+     WHERE cluster = $1 AND seen_at + ttl_ms >= ",
+    pg_now_ms!(),
+    "
+     ORDER BY node LIMIT 1000"
+);
+
+impl Db {
+    /// Heartbeats need the shared PostgreSQL a cluster is configured with
+    /// (a cluster on SQLite is refused at configuration time).
+    fn pg(&self) -> Result<&PgPool, sqlx::Error> {
+        match self {
+            Db::Pg(pool) => Ok(pool),
+            Db::Sqlite(_) => Err(sqlx::Error::Configuration(
+                "cluster heartbeats need PostgreSQL".into(),
+            )),
+        }
+    }
+
+    /// Claims `m.node` for this instance (see [`CLAIM_SQL`]).
+    pub async fn claim(&self, m: &Member, connections: i64) -> Result<Claim, sqlx::Error> {
+        let pool = self.pg()?;
+        // A row deleted between the claim and the look at its holder (a
+        // node cleaning it as dead) is claimed on the next round.
+        for _ in 0..3 {
+            let claimed = sqlx::query(CLAIM_SQL)
+                .bind(&m.node)
+                .bind(&m.instance)
+                .bind(&m.cluster)
+                .bind(connections)
+                .bind(m.ttl_ms)
+                .fetch_optional(pool)
+                .await?;
+            if claimed.is_some() {
+                return Ok(Claim::Claimed);
+            }
+            if let Some(row) = sqlx::query(HOLDER_SQL)
+                .bind(&m.node)
+                .fetch_optional(pool)
+                .await?
+            {
+                return Ok(Claim::Held {
+                    seen_at: row.try_get(0)?,
+                    age_ms: row.try_get(1)?,
+                    ttl_ms: row.try_get(2)?,
+                });
+            }
+        }
+        Err(sqlx::Error::Protocol(
+            "the heartbeat row kept changing while it was claimed".into(),
+        ))
+    }
+
+    /// Records a heartbeat; `false` when this instance no longer holds its
+    /// row (see [`BEAT_SQL`]).
+    pub async fn beat(&self, m: &Member, connections: i64) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(BEAT_SQL)
+            .bind(&m.node)
+            .bind(&m.instance)
+            .bind(connections)
+            .execute(self.pg()?)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Removes the heartbeats of dead nodes of `m`'s cluster (never `m`
+    /// itself) and clears their presence rows and application-table cells,
+    /// in one transaction: rows
+    /// are cleared only for a node whose heartbeat is deleted with them, so
+    /// a node that came back keeps its rows, and one that comes back after
+    /// finds its heartbeat gone and writes its rows again. Returns each
+    /// node cleaned with the number of presence rows it held.
+    pub async fn clear_dead(
+        &self,
+        m: &Member,
+        entities: &HashMap<String, EntityTable>,
+    ) -> Result<Vec<(String, u64)>, sqlx::Error> {
+        let mut tx = self.pg()?.begin().await?;
+        let dead: Vec<String> = sqlx::query(DEAD_SQL)
+            .bind(&m.node)
+            .bind(&m.cluster)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        let mut cleaned = Vec::with_capacity(dead.len());
+        for node in dead {
+            let n = clear_node_in!(tx, &node, entities);
+            cleaned.push((node, n));
+        }
+        tx.commit().await?;
+        Ok(cleaned)
+    }
+
+    /// Clears this node's rows and removes its heartbeat, in one
+    /// transaction (a graceful stop); returns the presence rows cleared.
+    /// Were the heartbeat removed without the rows, nobody would clear them.
+    pub async fn leave(
+        &self,
+        m: &Member,
+        entities: &HashMap<String, EntityTable>,
+    ) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pg()?.begin().await?;
+        let n = clear_node_in!(tx, &m.node, entities);
+        sqlx::query(LEAVE_SQL)
+            .bind(&m.node)
+            .bind(&m.instance)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// The live nodes of `m.cluster` (at most 1 000), by node id.
+    pub async fn nodes(&self, m: &Member) -> Result<Vec<NodeRow>, sqlx::Error> {
+        let rows = sqlx::query(NODES_SQL)
+            .bind(&m.cluster)
+            .fetch_all(self.pg()?)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let node: String = r.try_get(0)?;
+            let instance: String = r.try_get(1)?;
+            out.push(NodeRow {
+                this: node == m.node && instance == m.instance,
+                node,
+                connections: r.try_get(2)?,
+                seen_at: super::time::rfc3339_ms(r.try_get(3)?),
+            });
+        }
+        Ok(out)
     }
 }

@@ -17,8 +17,13 @@
 //! The writer also owns the connection: it (re)connects, creates or migrates
 //! the schema, and clears the rows this node left behind after a crash
 //! before it applies anything else. `/readyz` reads the state it keeps.
+//!
+//! In a cluster the store also keeps the nodes' heartbeats ([`nodes`]): the
+//! writer claims this node's id before it touches any row, and a heartbeat
+//! task clears the rows of nodes that died without stopping.
 
 mod db;
+pub mod nodes;
 pub mod time;
 
 use std::collections::HashMap;
@@ -28,10 +33,12 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::cluster::ClusterConfig;
 use crate::config::{EntityTable, PresenceConfig};
 pub use crate::gateway::{Committed, Holder, ReadError};
 use crate::metrics::Metrics;
-pub use db::{Db, Row, Write};
+pub use db::{Claim, Db, Member, NodeRow, Row, Write};
+pub use nodes::NodeInUse;
 
 /// Operations queued before the writer starts dropping (and counting) them.
 pub const QUEUE: usize = 4096;
@@ -49,6 +56,8 @@ enum Op {
     Clear(Holder),
     /// Clear every row this node holds, then stop (graceful shutdown).
     Stop(oneshot::Sender<()>),
+    /// Nothing to write: wakes the writer to act on a flag (`reclaim`).
+    Wake,
 }
 
 struct Shared {
@@ -67,6 +76,15 @@ struct Shared {
     /// Set when a write was dropped or failed, or the store reconnected:
     /// the writer then rewrites this node's rows from `live`.
     stale: AtomicBool,
+    /// In a cluster: this node's heartbeat row, and how often to write it.
+    member: Option<(Member, Duration)>,
+    /// This instance holds its heartbeat row (claimed, not lost since).
+    claimed: AtomicBool,
+    /// The heartbeat row was lost: the writer claims the node id again and
+    /// rewrites this node's rows.
+    reclaim: AtomicBool,
+    /// The node is stopping: no more heartbeats.
+    stopping: AtomicBool,
 }
 
 impl Shared {
@@ -95,8 +113,31 @@ impl Presence {
     /// Starts the writer task and waits (boundedly) for its first connection
     /// attempt, so `/readyz` tells the truth from the start. A database that
     /// is down does not stop the gateway: the writer keeps retrying.
-    pub async fn start(config: &PresenceConfig, node: &str, metrics: Arc<Metrics>) -> Presence {
+    ///
+    /// With `cluster` (a cluster engine is configured) the first connection
+    /// also claims the node id, waiting at most `cluster.node_ttl` to tell
+    /// a live holder from a dead one ([`nodes`]); a live holder is the one
+    /// error: this node must not start. A database that cannot be reached
+    /// in time does not stop the start either: the claim is made once it
+    /// connects, and until then this node writes no row at all.
+    pub async fn start(
+        config: &PresenceConfig,
+        node: &str,
+        metrics: Arc<Metrics>,
+        cluster: Option<&ClusterConfig>,
+    ) -> Result<Presence, NodeInUse> {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let member = cluster.map(|c| {
+            let ttl_ms = i64::try_from(c.node_ttl.as_millis()).unwrap_or(i64::MAX);
+            let member = Member {
+                node: node.to_string(),
+                instance: format!("{:016x}", rand::random::<u64>()),
+                cluster: c.prefix.clone(),
+                ttl_ms,
+            };
+            (member, c.heartbeat)
+        });
+        let claim_wait = cluster.map_or(Duration::ZERO, |c| c.node_ttl + DB_TIMEOUT);
         let shared = Arc::new(Shared {
             node: node.to_string(),
             entities: config.entities.clone(),
@@ -106,6 +147,10 @@ impl Presence {
             dropped: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
             stale: AtomicBool::new(false),
+            member,
+            claimed: AtomicBool::new(false),
+            reclaim: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         });
         let (first, first_rx) = oneshot::channel();
         tokio::spawn(writer(
@@ -114,12 +159,25 @@ impl Presence {
             rx,
             first,
         ));
-        let _ = tokio::time::timeout(DB_TIMEOUT * 2, first_rx).await;
-        Presence {
+        // Dropping `tx` on an error below ends the writer.
+        if let Ok(Ok(Some(in_use))) =
+            tokio::time::timeout(DB_TIMEOUT * 2 + claim_wait, first_rx).await
+        {
+            return Err(in_use);
+        }
+        if shared.member.is_some() && !shared.claimed.load(Ordering::Acquire) {
+            tracing::warn!(
+                state = ?shared.state.lock().unwrap_or_else(|e| e.into_inner()).clone().err(),
+                "node_id not checked against the cluster's heartbeats: the database \
+                 could not be reached in time; serving anyway, without presence rows \
+                 until the node id is claimed"
+            );
+        }
+        Ok(Presence {
             tx,
             shared,
             write_timeout: config.write_timeout,
-        }
+        })
     }
 
     /// `Ok` when the store is connected and the last write succeeded.
@@ -173,8 +231,10 @@ impl Presence {
         }
     }
 
-    /// Clears this node's rows and stops the writer, waiting at most `limit`.
+    /// Clears this node's rows (and, in a cluster, removes its heartbeat)
+    /// and stops the writer, waiting at most `limit`.
     pub async fn stop(&self, limit: Duration) {
+        self.shared.stopping.store(true, Ordering::Release);
         let (done, wait) = oneshot::channel();
         let stop = async {
             if self.tx.send(Op::Stop(done)).await.is_ok() {
@@ -188,18 +248,39 @@ impl Presence {
 
     /// Rows that hold a socket, optionally filtered by role and/or sub.
     pub async fn list(&self, role: Option<&str>, sub: Option<&str>) -> Result<Vec<Row>, ReadError> {
-        let db = self.shared.db().ok_or_else(|| {
-            ReadError::Unavailable(
-                self.status()
-                    .err()
-                    .unwrap_or_else(|| "not connected".into()),
-            )
-        })?;
+        let db = self.read_db()?;
         match tokio::time::timeout(DB_TIMEOUT, db.list(role, sub)).await {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) => Err(ReadError::Query(e.to_string())),
             Err(_) => Err(ReadError::Query("timed out".into())),
         }
+    }
+
+    /// The live nodes of this node's cluster, from their heartbeats; `None`
+    /// when no cluster is configured.
+    pub async fn nodes(&self) -> Option<Result<Vec<NodeRow>, ReadError>> {
+        let (member, _) = self.shared.member.as_ref()?;
+        let db = match self.read_db() {
+            Ok(db) => db,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(
+            match tokio::time::timeout(DB_TIMEOUT, db.nodes(member)).await {
+                Ok(Ok(rows)) => Ok(rows),
+                Ok(Err(e)) => Err(ReadError::Query(e.to_string())),
+                Err(_) => Err(ReadError::Query("timed out".into())),
+            },
+        )
+    }
+
+    fn read_db(&self) -> Result<Db, ReadError> {
+        self.shared.db().ok_or_else(|| {
+            ReadError::Unavailable(
+                self.status()
+                    .err()
+                    .unwrap_or_else(|| "not connected".into()),
+            )
+        })
     }
 }
 
@@ -223,6 +304,24 @@ impl crate::gateway::PresenceStore for Presence {
     fn status(&self) -> Result<(), String> {
         Presence::status(self)
     }
+
+    fn nodes(&self) -> crate::gateway::BoxFuture<'_, Result<Vec<NodeRow>, ReadError>> {
+        Box::pin(async move {
+            match Presence::nodes(self).await {
+                Some(listed) => listed,
+                // A single node: itself.
+                None => {
+                    let now = i64::try_from(crate::hub::now_ms()).unwrap_or(i64::MAX);
+                    Ok(vec![NodeRow {
+                        node: self.shared.node.clone(),
+                        connections: self.shared.metrics.open_connections(),
+                        seen_at: time::rfc3339_ms(now),
+                        this: true,
+                    }])
+                }
+            }
+        })
+    }
 }
 
 /// The writer's connection, reconnecting with capped exponential backoff.
@@ -234,13 +333,26 @@ struct Link {
     db: Option<Db>,
     next_attempt: tokio::time::Instant,
     backoff: Duration,
+    /// The first connection may wait for a heartbeat to prove live or
+    /// expire (start-up); later ones find the node id free or not at once.
+    first: bool,
+    /// Set when the last attempt found the node id held by a live node.
+    in_use: Option<NodeInUse>,
 }
 
 impl Link {
     async fn ensure(&mut self) -> Option<Db> {
+        if self.shared.reclaim.swap(false, Ordering::AcqRel) {
+            // The heartbeat row is gone: connect again, which claims the
+            // node id (or finds it taken) before any row is written.
+            self.db = None;
+            self.next_attempt = tokio::time::Instant::now();
+        }
         if self.db.is_none() && tokio::time::Instant::now() >= self.next_attempt {
-            match connect(&self.url, &self.shared).await {
+            let wait = std::mem::take(&mut self.first);
+            match connect(&self.url, &self.shared, wait).await {
                 Ok(db) => {
+                    self.in_use = None;
                     // Connecting cleared this node's rows: write back the
                     // sockets it holds (none on the first connection).
                     self.shared.stale.store(true, Ordering::Relaxed);
@@ -249,9 +361,20 @@ impl Link {
                     self.db = Some(db);
                     self.backoff = Duration::from_millis(200);
                 }
-                Err(e) => {
+                Err(ConnectError::Failed(e)) => {
                     tracing::warn!(error = %e, retry_in = ?self.backoff, "presence store unavailable");
                     self.shared.set_state(Err(e));
+                    self.next_attempt = tokio::time::Instant::now() + self.backoff;
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(ConnectError::InUse(e)) => {
+                    // At start-up the node refuses to start with this error;
+                    // later it keeps serving, without presence rows.
+                    if !wait {
+                        tracing::error!(error = %e, retry_in = ?self.backoff, "this node writes no presence row while its node_id is held by another live node");
+                    }
+                    self.shared.set_state(Err(e.to_string()));
+                    self.in_use = Some(e);
                     self.next_attempt = tokio::time::Instant::now() + self.backoff;
                     self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
                 }
@@ -266,7 +389,7 @@ async fn writer(
     url: String,
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Op>,
-    first: oneshot::Sender<()>,
+    first: oneshot::Sender<Option<NodeInUse>>,
 ) {
     let mut first = Some(first);
     let mut link = Link {
@@ -275,6 +398,8 @@ async fn writer(
         db: None,
         next_attempt: tokio::time::Instant::now(),
         backoff: Duration::from_millis(200),
+        first: true,
+        in_use: None,
     };
     loop {
         // Connect before waiting for work, so readiness reflects the store
@@ -285,7 +410,7 @@ async fn writer(
             connected = link.db.is_some();
         }
         if let Some(first) = first.take() {
-            let _ = first.send(());
+            let _ = first.send(link.in_use.clone());
         }
         let op = if connected {
             rx.recv().await
@@ -321,12 +446,20 @@ async fn writer(
 
         if let Some(Op::Stop(done)) = stop {
             if let Some(db) = &link.db {
-                match tokio::time::timeout(
-                    DB_TIMEOUT,
-                    db.clear_node(&shared.node, &shared.entities),
-                )
-                .await
-                {
+                let leave = async {
+                    match &shared.member {
+                        None => db.clear_node(&shared.node, &shared.entities).await,
+                        // The heartbeat goes with the rows: a node that
+                        // stopped is gone from `GET /api/cluster` at once.
+                        Some((m, _)) if shared.claimed.swap(false, Ordering::AcqRel) => {
+                            db.leave(m, &shared.entities).await
+                        }
+                        // In a cluster, rows under this node id are this
+                        // node's only while it holds the heartbeat.
+                        Some(_) => Ok(0),
+                    }
+                };
+                match tokio::time::timeout(DB_TIMEOUT, leave).await {
                     Ok(Ok(n)) => tracing::info!(rows = n, "presence rows of this node cleared"),
                     Ok(Err(e)) => tracing::warn!(error = %e, "could not clear presence rows"),
                     Err(_) => tracing::warn!("clearing presence rows timed out"),
@@ -347,7 +480,7 @@ async fn apply(link: &mut Link, batch: &[Op]) {
         .filter_map(|op| match op {
             Op::Set(h, at, _) => Some(Write::Set(h, *at)),
             Op::Clear(h) => Some(Write::Clear(h)),
-            Op::Stop(_) => None,
+            Op::Stop(_) | Op::Wake => None,
         })
         .collect();
     match attempt(link, &writes, ATTEMPTS).await {
@@ -476,7 +609,23 @@ async fn resync(link: &mut Link) {
     }
 }
 
-async fn connect(url: &str, shared: &Shared) -> Result<Db, String> {
+/// Why the writer could not connect.
+enum ConnectError {
+    /// The database is unreachable or refused (retried with backoff).
+    Failed(String),
+    /// Another live node holds this node's id (see [`nodes`]).
+    InUse(NodeInUse),
+}
+
+impl From<String> for ConnectError {
+    fn from(e: String) -> Self {
+        ConnectError::Failed(e)
+    }
+}
+
+/// Connects and migrates; in a cluster claims the node id (`wait`: see
+/// [`nodes::claim`]); then clears what an earlier run of this node left.
+async fn connect(url: &str, shared: &Shared, wait: bool) -> Result<Db, ConnectError> {
     let db = tokio::time::timeout(DB_TIMEOUT * 2, Db::connect(url))
         .await
         .map_err(|_| "connecting timed out".to_string())?
@@ -485,6 +634,9 @@ async fn connect(url: &str, shared: &Shared) -> Result<Db, String> {
         .await
         .map_err(|_| "schema migration timed out".to_string())?
         .map_err(|e| format!("schema migration failed: {e}"))?;
+    // Before any row is touched: clearing "this node's" rows while another
+    // live node holds the id would clear that node's clients.
+    nodes::claim(&db, shared, wait).await?;
     // Rows this node left (a crash, a kill -9) are stale: nobody holds them.
     let cleared = tokio::time::timeout(DB_TIMEOUT, db.clear_node(&shared.node, &shared.entities))
         .await
