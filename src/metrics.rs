@@ -73,6 +73,11 @@ pub struct Metrics {
     pub mqtt_broker_subscriptions: Gauge,
     /// Topics holding a last value.
     pub last_value_topics: Gauge,
+    /// Messages and bytes (topic and payload text) held in topic history.
+    pub history_messages: Gauge,
+    pub history_bytes: Gauge,
+    /// `sub` requests with `since`, by `outcome`: `recovered` or `reload`.
+    pub recoveries: Family<Label, Counter>,
     /// 1 while this cluster node's backplane subscriber is connected.
     pub cluster_up: Gauge,
     /// Backplane messages by `kind`: `sent`, `received`, `duplicate`
@@ -129,6 +134,9 @@ impl Metrics {
             mqtt_oversized: Counter::default(),
             mqtt_broker_subscriptions: Gauge::default(),
             last_value_topics: Gauge::default(),
+            history_messages: Gauge::default(),
+            history_bytes: Gauge::default(),
+            recoveries: Family::default(),
             cluster_up: Gauge::default(),
             cluster_messages: Family::default(),
             cluster_subscriptions: Gauge::default(),
@@ -206,6 +214,21 @@ impl Metrics {
             "mqtt_connected",
             "1 while the MQTT bridge is connected to the broker",
             m.mqtt_connected.clone(),
+        );
+        registry.register(
+            "history_messages",
+            "Messages held in topic history",
+            m.history_messages.clone(),
+        );
+        registry.register(
+            "history_bytes",
+            "Bytes of topic and payload text held in topic history",
+            m.history_bytes.clone(),
+        );
+        registry.register(
+            "recoveries",
+            "Subscriptions with `since`, by outcome (recovered, reload)",
+            m.recoveries.clone(),
         );
         registry.register(
             "cluster_up",

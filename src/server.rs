@@ -104,6 +104,11 @@ impl Server {
                 config.mqtt.last_value_filters(),
                 config.mqtt.last_value_max_topics,
                 config.mqtt.last_value_max_bytes,
+            )
+            .with_history(
+                config.history.topics.clone(),
+                config.history.size,
+                config.history.ttl,
             );
         // Before anything is served: in a cluster this claims the node id
         // (and refuses a duplicate of a live node).

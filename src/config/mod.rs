@@ -361,6 +361,16 @@ pub struct Config {
     pub socketio: SocketIoConfig,
     pub presence: PresenceConfig,
     pub cluster: cluster::ClusterConfig,
+    pub history: HistoryConfig,
+}
+
+/// Per-topic history for recovery (SPEC §11).
+#[derive(Debug, Clone)]
+pub struct HistoryConfig {
+    /// Empty: no history.
+    pub topics: Vec<Filter>,
+    pub size: usize,
+    pub ttl: Duration,
 }
 
 impl Config {
@@ -464,6 +474,21 @@ impl Config {
             write_timeout: l.req("presence.write_timeout", value::parse_duration)?,
         };
         let cluster = cluster::parse(l, &presence.database_url)?;
+        let mut history_topics = Vec::new();
+        for t in l.req("history.topics", value::parse_list)? {
+            history_topics.push(
+                Filter::parse(&t)
+                    .map_err(|e| ConfigError::setting("history.topics", format!("`{t}`: {e}")))?,
+            );
+        }
+        let history = HistoryConfig {
+            topics: history_topics,
+            size: l.number("history.size", 1)?,
+            ttl: l.req("history.ttl", value::parse_duration)?,
+        };
+        if history.ttl.is_zero() {
+            return Err(ConfigError::setting("history.ttl", "must be more than 0"));
+        }
 
         Ok(Config {
             listen,
@@ -489,6 +514,7 @@ impl Config {
             socketio,
             presence,
             cluster,
+            history,
         })
     }
 }

@@ -336,6 +336,24 @@ pub const SETTINGS: &[Setting] = &[
         "Roles allowed to authenticate on Socket.IO (empty: any)"
     ),
     setting!(
+        "history.topics",
+        List,
+        Some(""),
+        "Topic filters whose messages keep a history (offset and epoch) for recovery after a reconnect; empty: off"
+    ),
+    setting!(
+        "history.size",
+        Number,
+        Some("100"),
+        "Messages kept per topic in history"
+    ),
+    setting!(
+        "history.ttl",
+        Duration,
+        Some("5m"),
+        "How long a message stays in history"
+    ),
+    setting!(
         "cluster.redis_url",
         Secret,
         None,

@@ -12,6 +12,7 @@
 //! is a plain `RwLock` held only for lookups and non-blocking appends,
 //! never across an `.await`.
 
+pub mod history;
 pub mod last_value;
 pub mod ring;
 pub use crate::topic;
@@ -52,6 +53,8 @@ pub struct Message {
     pub ts: u64,
     /// The payload as JSON text.
     pub payload: Arc<RawValue>,
+    /// Its place in its topic's history, when `history.topics` keeps one.
+    pub position: Option<history::Position>,
     /// The message's encoded copies, for the transports.
     pub frames: Frames,
 }
@@ -72,6 +75,7 @@ impl Message {
             event,
             ts,
             payload,
+            position: None,
             frames: Frames::default(),
         }
     }
@@ -106,6 +110,19 @@ impl Frames {
     pub fn get_or_init(&self, slot: FrameSlot, encode: impl FnOnce() -> Bytes) -> &[u8] {
         self.0[slot.0].get_or_init(encode)
     }
+}
+
+/// A random id of 16 URL-safe characters (epochs, socket ids).
+pub fn random_id() -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits: u128 = rand::random();
+    (0..16)
+        .map(|_| {
+            let c = ALPHABET[(bits & 63) as usize] as char;
+            bits >>= 6;
+            c
+        })
+        .collect()
 }
 
 /// Turns any serializable value into a shared JSON payload.
@@ -223,6 +240,15 @@ struct Table {
 /// [`Hub::backplane_subscribed`]).
 pub type Settled = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// What a new subscription is sent besides live messages.
+enum Replay<'a> {
+    Nothing,
+    /// The kept last values, after `on_new`.
+    LastValues(Box<dyn FnOnce() + 'a>),
+    /// What was missed since a position, after `on_new(recovered)`.
+    Since(&'a history::Since, Box<dyn FnOnce(bool) + 'a>),
+}
+
 /// Carries publishes to every node of a cluster (the cluster backplane).
 pub trait Backplane: Send + Sync + 'static {
     /// Completes once the backplane has acted on the first `changes`
@@ -261,6 +287,10 @@ pub struct Hub {
     last_value_filters: Vec<Filter>,
     /// Messages a ring holds for its slowest reader (`ws.outbound_queue`).
     ring_capacity: usize,
+    /// Per-topic history (`None`: `history.topics` is empty). Locked after
+    /// the table, and held from a message's offset to its ring append, so
+    /// offsets and delivery order agree.
+    history: Option<Mutex<history::History>>,
 }
 
 /// Sizes of the tables, for tests and the churn benchmark.
@@ -283,7 +313,27 @@ impl Hub {
             last_values: None,
             last_value_filters: Vec::new(),
             ring_capacity: 1024,
+            history: None,
         }
+    }
+
+    /// Keeps a history of the topics `filters` match (SPEC §11).
+    pub fn with_history(
+        mut self,
+        filters: Vec<Filter>,
+        size: usize,
+        ttl: std::time::Duration,
+    ) -> Self {
+        if !filters.is_empty() {
+            self.history = Some(Mutex::new(history::History::new(filters, size, ttl)));
+        }
+        self
+    }
+
+    fn history_lock(&self) -> Option<std::sync::MutexGuard<'_, history::History>> {
+        self.history
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// How many messages a reader may fall behind before it has lost some
@@ -406,7 +456,7 @@ impl Hub {
         filter: &Filter,
         limit: usize,
     ) -> Result<bool, SubscribeError> {
-        self.subscribe_inner(conn, filter, limit, None)
+        self.subscribe_inner(conn, filter, limit, Replay::Nothing)
     }
 
     /// Like [`Hub::subscribe`], and a new subscription also gets the kept
@@ -423,7 +473,27 @@ impl Hub {
         limit: usize,
         on_new: impl FnOnce(),
     ) -> Result<bool, SubscribeError> {
-        self.subscribe_inner(conn, filter, limit, Some(Box::new(on_new)))
+        self.subscribe_inner(conn, filter, limit, Replay::LastValues(Box::new(on_new)))
+    }
+
+    /// Subscribes to a topic name (no wildcard) and, for a new
+    /// subscription, recovers what was published on it after `since`
+    /// (SPEC §11): `on_new(recovered)` runs first, so a front end can
+    /// queue its acknowledgement, then the missed messages are queued, all
+    /// under the table lock, so the live messages that follow join them
+    /// with no gap and no duplicate. `recovered` is true only when the
+    /// topic's history still holds every missed message in the same epoch;
+    /// otherwise nothing is replayed. A subscription that existed already
+    /// replays nothing (its messages were being delivered).
+    pub fn subscribe_since(
+        &self,
+        conn: ConnId,
+        filter: &Filter,
+        limit: usize,
+        since: &history::Since,
+        on_new: impl FnOnce(bool),
+    ) -> Result<bool, SubscribeError> {
+        self.subscribe_inner(conn, filter, limit, Replay::Since(since, Box::new(on_new)))
     }
 
     fn subscribe_inner(
@@ -431,7 +501,7 @@ impl Hub {
         conn: ConnId,
         filter: &Filter,
         limit: usize,
-        replay: Option<Box<dyn FnOnce() + '_>>,
+        replay: Replay<'_>,
     ) -> Result<bool, SubscribeError> {
         let mut announce = Vec::new();
         let new = {
@@ -463,9 +533,13 @@ impl Hub {
                 self.metrics
                     .topics
                     .set((t.exact.len() + t.wild.len()) as i64);
-                if let Some(on_new) = replay {
-                    on_new();
-                    self.replay_last_values(t, conn, filter);
+                match replay {
+                    Replay::Nothing => {}
+                    Replay::LastValues(on_new) => {
+                        on_new();
+                        self.replay_last_values(t, conn, filter);
+                    }
+                    Replay::Since(since, on_new) => self.recover(t, conn, filter, since, on_new),
                 }
                 // Announced under the lock, so watchers see interest
                 // changes in the order the table made them.
@@ -474,6 +548,43 @@ impl Hub {
             }
         };
         Ok(new)
+    }
+
+    /// Queues to `conn` what was published on `filter` after `since`, if
+    /// the history still holds all of it (see [`Hub::subscribe_since`]).
+    fn recover(
+        &self,
+        t: &Table,
+        conn: ConnId,
+        filter: &Filter,
+        since: &history::Since,
+        on_new: Box<dyn FnOnce(bool) + '_>,
+    ) {
+        let missed = self
+            .history_lock()
+            .and_then(|mut h| h.since(filter.as_str(), since));
+        let outcome = if missed.is_some() {
+            "recovered"
+        } else {
+            "reload"
+        };
+        self.metrics
+            .recoveries
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+        on_new(missed.is_some());
+        let (Some(batch), Some(entry)) = (missed, t.conns.get(&conn)) else {
+            return;
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        if entry.recipient.deliver_batch(batch) {
+            self.metrics.delivered.inc_by(n);
+        } else {
+            self.metrics.dropped.inc_by(n);
+        }
     }
 
     /// Queues the kept last values matching `filter` to `conn`, except
@@ -632,15 +743,23 @@ impl Hub {
         let started = Instant::now();
         let (reached, appended, wake) = {
             let t = self.read();
+            // Held until the rings have the messages: offsets follow the
+            // order in which readers see them.
+            let mut history = self
+                .history_lock()
+                .filter(|h| rooms.iter().any(|r| h.tracks(r)));
             let messages: Vec<Arc<Message>> = rooms
                 .iter()
                 .map(|room| {
-                    let msg = Arc::new(Message::with_ts(
-                        room.clone(),
-                        event.clone(),
-                        payload.clone(),
-                        ts,
-                    ));
+                    let mut msg =
+                        Message::with_ts(room.clone(), event.clone(), payload.clone(), ts);
+                    if let Some(h) = history.as_mut().filter(|h| h.tracks(room)) {
+                        msg.position = Some(h.next_position(room));
+                    }
+                    let msg = Arc::new(msg);
+                    if let Some(h) = history.as_mut() {
+                        h.record(&msg);
+                    }
                     // Under the table lock, so a concurrent new subscriber gets
                     // this message either as its last value or live, not both.
                     let tracked = self.last_value_filters.iter().any(|f| f.matches(room));
@@ -655,7 +774,7 @@ impl Hub {
                 ([room], [msg]) if t.wild.matching(room).next().is_none() => Some(msg),
                 _ => None,
             };
-            if let Some(msg) = single_exact {
+            let delivered = if let Some(msg) = single_exact {
                 // The common case: one name, no wildcard involved. Every
                 // subscriber is distinct, so no de-duplication is needed.
                 match t.exact.get(&rooms[0]) {
@@ -688,7 +807,13 @@ impl Hub {
                 // Counted per connection, not per copy.
                 appended.queued = seen.len() as u64;
                 (seen.len(), appended, wake)
+            };
+            if let Some(h) = &history {
+                let held = h.held();
+                self.metrics.history_messages.set(held.messages as i64);
+                self.metrics.history_bytes.set(held.bytes as i64);
             }
+            delivered
         };
         // Woken outside every lock: a woken writer may run at once on
         // another core and take the ring's lock.

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::hub::history::Since;
 use crate::hub::topic::{self, Filter};
 use crate::hub::{FrameSlot, Message};
 use crate::transport::encoding::{self, Encoding};
@@ -38,7 +39,8 @@ impl ClientError {
 
 #[derive(Debug)]
 pub enum Request {
-    Sub(Filter),
+    /// With `since`, the client asks for what it missed (SPEC §11).
+    Sub(Filter, Option<Since>),
     Unsub(Filter),
     Ping,
     Pub {
@@ -70,6 +72,14 @@ struct Envelope<'a> {
     token: Option<&'a RawValue>,
     #[serde(borrow)]
     event: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct SinceField {
+    offset: u64,
+    epoch: String,
 }
 
 pub fn parse(text: &str) -> Parsed<'_> {
@@ -128,7 +138,32 @@ fn request(env: &Envelope<'_>) -> Result<Request, ClientError> {
         Filter::parse(&topic).map_err(|e| ClientError::new("invalid_topic", e))
     };
     match &*kind {
-        "sub" => Ok(Request::Sub(filter()?)),
+        "sub" => {
+            let filter = filter()?;
+            let since = match env.since {
+                None => None,
+                Some(raw) => {
+                    let s: SinceField = serde_json::from_str(raw.get()).map_err(|_| {
+                        ClientError::bad_request(
+                            "`since` must be {\"offset\": <number>, \"epoch\": <string>}",
+                        )
+                    })?;
+                    if filter.is_wildcard() {
+                        return Err(ClientError::bad_request(
+                            "`since` needs a topic name, not a wildcard filter",
+                        ));
+                    }
+                    if s.epoch.len() > 256 {
+                        return Err(ClientError::bad_request("`since.epoch` is too long"));
+                    }
+                    Some(Since {
+                        offset: s.offset,
+                        epoch: s.epoch,
+                    })
+                }
+            };
+            Ok(Request::Sub(filter, since))
+        }
         "unsub" => Ok(Request::Unsub(filter()?)),
         "ping" => Ok(Request::Ping),
         "pub" => {
@@ -174,6 +209,19 @@ pub fn ack(id: &RawValue) -> Bytes {
         out.extend_from_slice(b"{\"type\":\"ack\",\"id\":");
         out.extend_from_slice(id.get().as_bytes());
         out.push(b'}');
+    })
+}
+
+/// The ack of a `sub` with `since`: whether every missed message follows.
+pub fn ack_recovered(id: Option<&RawValue>, recovered: bool) -> Bytes {
+    text_frame(48, |out| {
+        out.extend_from_slice(b"{\"type\":\"ack\"");
+        push_id(out, id);
+        out.extend_from_slice(if recovered {
+            b",\"recovered\":true}"
+        } else {
+            b",\"recovered\":false}"
+        });
     })
 }
 
@@ -226,6 +274,12 @@ impl Encoding for Json {
                 out.extend_from_slice(b",\"event\":");
                 push_json_string(out, event);
             }
+            if let Some(p) = &msg.position {
+                out.extend_from_slice(b",\"offset\":");
+                out.extend_from_slice(p.offset.to_string().as_bytes());
+                out.extend_from_slice(b",\"epoch\":");
+                push_json_string(out, &p.epoch);
+            }
             out.extend_from_slice(b",\"payload\":");
             out.extend_from_slice(payload.as_bytes());
             out.push(b'}');
@@ -258,7 +312,7 @@ mod tests {
     fn good_requests() {
         let p = parse(r#"{"type":"sub","topic":"a/#","id":1}"#);
         assert_eq!(p.id.unwrap().get(), "1");
-        assert!(matches!(p.request, Ok(Request::Sub(f)) if f.as_str() == "a/#"));
+        assert!(matches!(p.request, Ok(Request::Sub(f, None)) if f.as_str() == "a/#"));
         let p = parse(r#"{"type":"pub","topic":"a","payload":{"x":[1,2]},"event":"e"}"#);
         match p.request.unwrap() {
             Request::Pub {

@@ -197,12 +197,15 @@ impl Session {
     ) -> Result<Reply, ClientError> {
         let gw = self.gw.clone();
         match request {
-            Request::Sub(filter) => {
+            Request::Sub(filter, since) => {
                 if !gw.may_subscribe(&self.identity, &filter) {
                     return Err(ClientError::new(
                         "forbidden",
                         format!("role may not subscribe to `{filter}`"),
                     ));
+                }
+                if let Some(since) = since {
+                    return self.recover(link, &filter, &since, id);
                 }
                 // A new subscription queues its ack from inside the hub, just
                 // ahead of the topic's last values (see the hub for why);
@@ -290,6 +293,73 @@ impl Session {
                 refreshed.claims = Default::default();
                 self.identity = refreshed;
                 Ok(Reply::Ack)
+            }
+        }
+    }
+}
+
+impl Session {
+    /// `sub` with `since` (SPEC §11): the ack says whether every missed
+    /// message follows it; the missed messages come next, then live ones.
+    /// The ack is sent even without an `id`: the client needs `recovered`.
+    fn recover(
+        &self,
+        link: &Link<'_>,
+        filter: &crate::hub::Filter,
+        since: &crate::hub::history::Since,
+        id: Option<&RawValue>,
+    ) -> Result<Reply, ClientError> {
+        let gw = &self.gw;
+        let clustered = gw.hub.clustered();
+        let outbox = link.outbox;
+        let mut answer = None;
+        let subscribed = gw.hub.subscribe_since(
+            self.id,
+            filter,
+            gw.config.ws.max_subscriptions,
+            since,
+            |recovered| {
+                answer = Some(recovered);
+                if !clustered {
+                    outbox.push(Outbound::Frame(protocol::ack_recovered(id, recovered)));
+                }
+            },
+        );
+        match subscribed {
+            Ok(_) => {}
+            Err(SubscribeError::TooMany) => {
+                return Err(ClientError::new(
+                    "too_many_subscriptions",
+                    format!(
+                        "at most {} subscriptions per connection",
+                        gw.config.ws.max_subscriptions
+                    ),
+                ));
+            }
+            Err(SubscribeError::Closed) => return Ok(Reply::Sent),
+        }
+        match answer {
+            // A subscription that existed: nothing was replayed.
+            None => {
+                link.send(protocol::ack_recovered(id, false));
+                Ok(Reply::Sent)
+            }
+            Some(_) if !clustered => Ok(Reply::Sent),
+            // In a cluster the ack waits for the backplane (and so follows
+            // the replayed messages).
+            Some(recovered) => {
+                let ack = protocol::ack_recovered(id, recovered);
+                match gw.hub.backplane_subscribed() {
+                    Some(subscribed) => {
+                        let outbox = self.outbox.clone();
+                        tokio::spawn(async move {
+                            subscribed.await;
+                            outbox.push(Outbound::Frame(ack));
+                        });
+                    }
+                    None => link.send(ack),
+                }
+                Ok(Reply::Sent)
             }
         }
     }
