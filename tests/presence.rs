@@ -4,6 +4,8 @@
 //! subs and tables, so tests can run in parallel on one database.
 
 mod common;
+#[path = "support/services.rs"]
+mod services;
 #[path = "support/sio_client.rs"]
 mod sio_client;
 
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use common::{SECRET, TestServer, WAIT};
 use serde_json::{Value, json};
+use services::postgres_url;
 use sio_client::SioClient;
 use sqlx::Row as _;
 
@@ -40,37 +43,6 @@ fn sqlite_url() -> String {
     let dir = std::env::temp_dir().join(unique("pulso-presence"));
     std::fs::create_dir_all(&dir).unwrap();
     format!("sqlite://{}/presence.db", dir.display())
-}
-
-/// The PostgreSQL URL, or `None` (with a printed reason) when unreachable.
-async fn postgres_url() -> Option<String> {
-    let url = std::env::var("PULSO_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let opts = match sqlx::postgres::PgConnectOptions::from_str(&url) {
-        Ok(o) => o,
-        Err(e) => {
-            common::skip(&format!("PULSO_TEST_POSTGRES_URL `{url}` is invalid: {e}"));
-            return None;
-        }
-    };
-    let connect = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_with(opts);
-    match tokio::time::timeout(Duration::from_secs(3), connect).await {
-        Ok(Ok(pool)) => {
-            pool.close().await;
-            Some(url)
-        }
-        Ok(Err(e)) => {
-            common::skip(&format!("PostgreSQL at {url} is unreachable: {e}"));
-            None
-        }
-        Err(_) => {
-            common::skip(&format!("PostgreSQL at {url} did not answer in time"));
-            None
-        }
-    }
 }
 
 /// Direct access to the database, to check what pulso wrote.

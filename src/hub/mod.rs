@@ -573,9 +573,15 @@ impl Hub {
             .get_or_create(&[("outcome", outcome)])
             .inc();
         on_new(missed.is_some());
-        let (Some(batch), Some(entry)) = (missed, t.conns.get(&conn)) else {
-            return;
-        };
+        if let (Some(batch), Some(entry)) = (missed, t.conns.get(&conn)) {
+            self.replay(entry, batch);
+        }
+    }
+
+    /// Queues a replay (last values, missed messages) to a connection as
+    /// one queue item: a replay longer than the queue is one answer, not a
+    /// slow consumer.
+    fn replay(&self, entry: &ConnEntry, batch: Vec<Arc<Message>>) {
         if batch.is_empty() {
             return;
         }
@@ -604,17 +610,7 @@ impl Hub {
                     .any(|f| f != filter && f.matches(&msg.topic))
             })
             .collect();
-        if batch.is_empty() {
-            return;
-        }
-        let n = batch.len() as u64;
-        // One queue item for the whole replay: a wildcard matching more kept
-        // topics than the queue holds is not a slow consumer.
-        if entry.recipient.deliver_batch(batch) {
-            self.metrics.delivered.inc_by(n);
-        } else {
-            self.metrics.dropped.inc_by(n);
-        }
+        self.replay(entry, batch);
     }
 
     /// Unsubscribes; returns whether there was such a subscription.

@@ -154,15 +154,7 @@ impl Socket {
 
 /// A 16-character id, like socket.io's.
 pub(crate) fn new_sid() -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut bits: u128 = rand::random();
-    (0..16)
-        .map(|_| {
-            let c = ALPHABET[(bits & 63) as usize] as char;
-            bits >>= 6;
-            c
-        })
-        .collect()
+    crate::hub::random_id()
 }
 
 impl Socket {
