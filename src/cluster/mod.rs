@@ -30,7 +30,8 @@ pub mod channel;
 pub mod redis;
 
 use std::borrow::Cow;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -38,8 +39,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::hub::Hub;
+use crate::hub::{Backplane, Filter, Hub, Interest};
 use crate::metrics::Metrics;
 
 /// How long a node stays subscribed to a channel nobody here wants any
@@ -53,6 +57,224 @@ pub const OUT_QUEUE: usize = 8192;
 
 /// Publishes remembered per node to drop their second copies.
 const SEEN: usize = 4096;
+
+/// Longest wait of a client's ack for the backplane's subscription.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
+
+/// The engine's tasks, started by the server once it runs.
+pub enum Tasks {
+    Redis(redis::Tasks),
+}
+
+impl Tasks {
+    /// Runs the engine's writer and subscriber until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        match self {
+            Tasks::Redis(t) => t.run(stop).await,
+        }
+    }
+}
+
+/// The hub's handle on the backplane, the same whatever the engine: a
+/// publish is queued for the engine's writer task (the hub never waits on
+/// the network), and an ack that must follow a subscription waits for the
+/// subscriber task's [`Settle`] count.
+pub struct Link {
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Outgoing>,
+    /// The hub's interest changes acted on so far (see [`Settle`]).
+    settled: watch::Receiver<u64>,
+}
+
+/// The engine's side of a [`Link`]: what its writer and subscriber consume.
+pub struct Feeds {
+    pub out: mpsc::Receiver<Outgoing>,
+    pub interest: mpsc::UnboundedReceiver<Interest>,
+    pub settle: Settle,
+}
+
+impl Link {
+    /// A link for `shared`'s hub; its interest is followed from now on.
+    pub fn new(shared: Arc<Shared>) -> (Arc<Link>, Feeds) {
+        let (tx, rx) = mpsc::channel(OUT_QUEUE);
+        let (interest, base) = shared.hub.watch_interest_counted();
+        let (settled_tx, settled) = watch::channel(base);
+        let link = Arc::new(Link {
+            shared,
+            out: tx,
+            settled,
+        });
+        let feeds = Feeds {
+            out: rx,
+            interest,
+            settle: Settle {
+                tx: settled_tx,
+                base,
+                received: 0,
+            },
+        };
+        (link, feeds)
+    }
+}
+
+impl Backplane for Link {
+    fn subscribed(&self, changes: u64) -> Option<crate::hub::Settled> {
+        if !self.shared.up.load(Ordering::Acquire) || *self.settled.borrow() >= changes {
+            return None;
+        }
+        let mut settled = self.settled.clone();
+        Some(Box::pin(async move {
+            let _ = tokio::time::timeout(SUBSCRIBE_WAIT, settled.wait_for(|n| *n >= changes)).await;
+        }))
+    }
+
+    fn send(
+        &self,
+        rooms: &[Arc<str>],
+        event: Option<&Arc<str>>,
+        payload: &Arc<RawValue>,
+        ts: u64,
+    ) -> bool {
+        // Down: the engine would fail it; this node's clients get it now
+        // instead.
+        if !self.shared.up.load(Ordering::Acquire) {
+            self.shared.count("unsent");
+            return false;
+        }
+        let Some(out) = self.shared.outgoing(rooms, event, payload, ts) else {
+            return false;
+        };
+        match self.out.try_send(out) {
+            Ok(()) => true,
+            Err(_) => {
+                self.shared.count("unsent");
+                false
+            }
+        }
+    }
+}
+
+/// How far the subscriber has got: the count of the hub's interest changes
+/// whose subscriptions are active on the engine.
+pub struct Settle {
+    tx: watch::Sender<u64>,
+    /// The hub's count when the watch began.
+    base: u64,
+    /// Changes received since.
+    received: u64,
+}
+
+impl Settle {
+    /// One more interest change received from the hub.
+    fn received(&mut self) {
+        self.received += 1;
+    }
+
+    /// Every change received so far is in effect on the engine.
+    fn caught_up(&self) {
+        self.tx.send_replace(self.base + self.received);
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Filters of this node that need it.
+    filters: usize,
+    /// When the last of them went.
+    idle_since: Option<Instant>,
+    /// Subscribed on the engine.
+    subscribed: bool,
+}
+
+/// What this node wants from the engine, by name (a Redis channel or
+/// pattern, a NATS subject): how many of its filters need each name, so
+/// that overlapping filters share one subscription and a name is left only
+/// [`LINGER`] after the last filter needing it went.
+struct Wanted<N> {
+    names: HashMap<N, Entry>,
+}
+
+impl<N: Clone + Eq + Hash> Wanted<N> {
+    fn new() -> Self {
+        Wanted {
+            names: HashMap::new(),
+        }
+    }
+
+    /// The interest that existed before the watch began (none at start-up).
+    fn seeded(hub: &Hub, names_of: impl Fn(&Filter) -> Vec<N>) -> Self {
+        let mut wanted = Wanted::new();
+        for filter in hub.active_filters() {
+            wanted.apply(names_of(&filter), true, Instant::now());
+        }
+        wanted
+    }
+
+    /// Follows one interest change (the `names` of its filter); returns
+    /// the names to subscribe now.
+    fn apply(&mut self, names: Vec<N>, active: bool, now: Instant) -> Vec<N> {
+        let mut new = Vec::new();
+        for name in names {
+            let entry = self.names.entry(name.clone()).or_insert(Entry {
+                filters: 0,
+                idle_since: None,
+                subscribed: false,
+            });
+            if active {
+                entry.filters += 1;
+                entry.idle_since = None;
+                if !entry.subscribed {
+                    new.push(name);
+                }
+            } else {
+                entry.filters = entry.filters.saturating_sub(1);
+                if entry.filters == 0 {
+                    entry.idle_since = Some(now);
+                }
+            }
+        }
+        new
+    }
+
+    /// Names nobody here has wanted for [`LINGER`]: forgotten, and
+    /// returned if subscribed (to unsubscribe).
+    fn expired(&mut self, now: Instant) -> Vec<N> {
+        let mut gone = Vec::new();
+        self.names.retain(|name, e| {
+            let expired = e.filters == 0 && e.idle_since.is_some_and(|t| now >= t + LINGER);
+            if expired && e.subscribed {
+                gone.push(name.clone());
+            }
+            !expired
+        });
+        gone
+    }
+
+    /// A new connection with nothing subscribed on it: lingering names are
+    /// forgotten; returns every name still wanted.
+    fn reset(&mut self) -> Vec<N> {
+        self.names.retain(|_, e| e.filters > 0);
+        self.names
+            .iter_mut()
+            .map(|(name, e)| {
+                e.subscribed = false;
+                name.clone()
+            })
+            .collect()
+    }
+
+    fn mark(&mut self, names: &[N]) {
+        for name in names {
+            if let Some(e) = self.names.get_mut(name) {
+                e.subscribed = true;
+            }
+        }
+    }
+
+    fn subscribed(&self) -> usize {
+        self.names.values().filter(|e| e.subscribed).count()
+    }
+}
 
 /// One publish on the backplane. Short keys: every byte is sent once per
 /// named room and received once per interested node.
