@@ -110,7 +110,7 @@ impl Server {
         let cluster = match &config.cluster.engine {
             None => None,
             Some(engine) => {
-                use crate::cluster::{Shared, Tasks, redis};
+                use crate::cluster::{Shared, Tasks, nats, redis};
                 use crate::config::cluster::Engine;
                 let shared = Arc::new(Shared::new(
                     hub.clone(),
@@ -124,13 +124,11 @@ impl Server {
                         .map_err(|e| {
                             ConfigError::setting("cluster.redis_url", format!("`{url}`: {e}"))
                         })?,
-                    Engine::Nats(_) => {
-                        return Err(ConfigError::setting(
-                            "cluster.nats_url",
-                            "the NATS backplane is not available in this build; use cluster.redis_url",
-                        )
-                        .into());
-                    }
+                    Engine::Nats(url) => nats::prepare(url, &config.node_id, shared.clone())
+                        .map(|(link, tasks)| (link, Tasks::Nats(tasks)))
+                        .map_err(|e| {
+                            ConfigError::setting("cluster.nats_url", format!("`{url}`: {e}"))
+                        })?,
                 };
                 hub.attach_backplane(link);
                 readiness.register("cluster", move || {

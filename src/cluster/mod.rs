@@ -1,5 +1,5 @@
 //! Clustering (SPEC §8): several pulso nodes behind a load balancer act as
-//! one server, over Redis (or NATS).
+//! one server, over Redis or NATS.
 //!
 //! The cluster is a [`Backplane`] attached to the hub. Every publish made
 //! on a node (HTTP API, a `/ws` `pub`, an MQTT message) goes to the engine
@@ -15,7 +15,8 @@
 //!   subscriber for a topic receives nothing of it.
 //! - **Same order everywhere.** A node delivers its own publishes when they
 //!   come back, not before, so every connection of the cluster sees a
-//!   topic's messages in the engine's order.
+//!   topic's messages in the engine's order. Redis has one order for all;
+//!   NATS keeps only each publishing node's order (see [`nats`]).
 //! - **Exactly once.** A publish can reach a node several times: through an
 //!   exact channel and a pattern that both match, or once per named room of
 //!   a broadcast. Every publish carries its origin node and sequence number;
@@ -27,6 +28,7 @@
 //!   its clients want then. Queues are bounded.
 
 pub mod channel;
+pub mod nats;
 pub mod redis;
 
 use std::borrow::Cow;
@@ -64,6 +66,7 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
 /// The engine's tasks, started by the server once it runs.
 pub enum Tasks {
     Redis(redis::Tasks),
+    Nats(nats::Tasks),
 }
 
 impl Tasks {
@@ -71,6 +74,7 @@ impl Tasks {
     pub async fn run(self, stop: CancellationToken) {
         match self {
             Tasks::Redis(t) => t.run(stop).await,
+            Tasks::Nats(t) => t.run(stop).await,
         }
     }
 }
@@ -135,8 +139,8 @@ impl Backplane for Link {
         payload: &Arc<RawValue>,
         ts: u64,
     ) -> bool {
-        // Down: the engine would fail it; this node's clients get it now
-        // instead.
+        // Down: the engine would only queue it (NATS) or fail (Redis);
+        // this node's clients get it now instead.
         if !self.shared.up.load(Ordering::Acquire) {
             self.shared.count("unsent");
             return false;
@@ -263,11 +267,27 @@ impl<N: Clone + Eq + Hash> Wanted<N> {
             .collect()
     }
 
+    /// Wanted names that are not subscribed (changes made while down).
+    fn missing(&self) -> Vec<N> {
+        self.names
+            .iter()
+            .filter(|(_, e)| e.filters > 0 && !e.subscribed)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     fn mark(&mut self, names: &[N]) {
         for name in names {
             if let Some(e) = self.names.get_mut(name) {
                 e.subscribed = true;
             }
+        }
+    }
+
+    /// A subscription the engine ended by itself.
+    fn unmark(&mut self, name: &N) {
+        if let Some(e) = self.names.get_mut(name) {
+            e.subscribed = false;
         }
     }
 
@@ -409,8 +429,12 @@ fn tag_of(node_id: &str) -> u64 {
 }
 
 /// The last [`SEEN`] publishes a node received, to drop their copies.
-/// Copies of one publish arrive close together (one engine command, or
-/// one atomic batch for a broadcast), so a short window is enough.
+/// Copies of one publish arrive close together, so a short window is
+/// enough: with Redis they come from one command, or one atomic batch for
+/// a broadcast; with NATS a broadcast's copies are published one after the
+/// other on the origin's connection, and only what other publishers send
+/// meanwhile, or this node's backlog, separates them on arrival (see
+/// `nats`).
 #[derive(Default)]
 pub struct Seen {
     order: VecDeque<(u64, u64)>,
@@ -418,6 +442,11 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Whether `(node, seq)` is within the window, without recording it.
+    pub fn has(&self, node: u64, seq: u64) -> bool {
+        self.set.contains(&(node, seq))
+    }
+
     /// True the first time `(node, seq)` is seen within the window.
     pub fn first(&mut self, node: u64, seq: u64) -> bool {
         if !self.set.insert((node, seq)) {
