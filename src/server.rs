@@ -38,7 +38,7 @@ pub struct Server {
     gateway: Arc<Gateway>,
     sample_tokens: Option<SampleTokens>,
     /// The backplane's tasks, started by [`Server::run`].
-    cluster: Option<crate::cluster::redis::Tasks>,
+    cluster: Option<crate::cluster::Tasks>,
     /// The MQTT bridge, run by [`Server::run`].
     mqtt: Option<Arc<crate::mqtt::Bridge>>,
     /// The presence store, whose rows [`Server::run`] clears at the end.
@@ -128,19 +128,29 @@ impl Server {
         let hub = Arc::new(hub);
         let cluster = match &config.cluster.engine {
             None => None,
-            Some(crate::config::cluster::Engine::Redis(url)) => {
-                let shared = Arc::new(crate::cluster::Shared::new(
+            Some(engine) => {
+                use crate::cluster::{Shared, Tasks, nats, redis};
+                use crate::config::cluster::Engine;
+                let shared = Arc::new(Shared::new(
                     hub.clone(),
                     metrics.clone(),
                     &config.cluster.prefix,
                     &config.node_id,
                     config.mqtt.last_value_filters(),
                 ));
-                let (redis, tasks) = crate::cluster::redis::Redis::new(url, shared.clone())
-                    .map_err(|e| {
-                        ConfigError::setting("cluster.redis_url", format!("`{url}`: {e}"))
-                    })?;
-                hub.attach_backplane(redis);
+                let (link, tasks) = match engine {
+                    Engine::Redis(url) => redis::prepare(url, shared.clone())
+                        .map(|(link, tasks)| (link, Tasks::Redis(tasks)))
+                        .map_err(|e| {
+                            ConfigError::setting("cluster.redis_url", format!("`{url}`: {e}"))
+                        })?,
+                    Engine::Nats(url) => nats::prepare(url, &config.node_id, shared.clone())
+                        .map(|(link, tasks)| (link, Tasks::Nats(tasks)))
+                        .map_err(|e| {
+                            ConfigError::setting("cluster.nats_url", format!("`{url}`: {e}"))
+                        })?,
+                };
+                hub.attach_backplane(link);
                 readiness.register("cluster", move || {
                     if shared.up.load(std::sync::atomic::Ordering::Acquire) {
                         Ok(())
@@ -149,13 +159,6 @@ impl Server {
                     }
                 });
                 Some(tasks)
-            }
-            Some(crate::config::cluster::Engine::Nats(_)) => {
-                return Err(ConfigError::setting(
-                    "cluster.nats_url",
-                    "the NATS backplane is not available in this build; use cluster.redis_url",
-                )
-                .into());
             }
         };
         let gateway = Arc::new(Gateway {

@@ -1,7 +1,8 @@
-//! Clustering over Redis (SPEC §8): three pulso nodes against a
-//! `redis-server` of the test's own and the machine's PostgreSQL, driven
-//! with real `/ws` and Socket.IO clients. Each test uses its own Redis and
-//! its own `cluster.prefix`. The node-liveness tests also run the real
+//! Clustering (SPEC §8): three pulso nodes against a `redis-server` or a
+//! `nats-server` of the test's own and the machine's PostgreSQL, driven
+//! with real `/ws` and Socket.IO clients. Each scenario runs once per
+//! engine (`<scenario>::redis`, `<scenario>::nats`), with its own server
+//! and its own `cluster.prefix`. The node-liveness tests also run the real
 //! `pulso` binary, to `kill -9` it or to see it refuse to start.
 
 mod common;
@@ -12,7 +13,7 @@ mod sio_client;
 
 use common::{TestServer, WsClient};
 use serde_json::{Value, json};
-use services::{RedisServer, postgres_url};
+use services::{NatsServer, RedisServer, postgres_url};
 use sio_client::SioClient;
 
 const NS: &str = "/notifications";
@@ -27,11 +28,82 @@ fn unique(tag: &str) -> String {
     )
 }
 
-/// A node of a cluster on `redis` with `prefix`.
-async fn node(redis: &str, pg: &str, prefix: &str) -> TestServer {
+/// The engine a scenario runs on.
+#[derive(Clone, Copy, Debug)]
+enum Engine {
+    Redis,
+    Nats,
+}
+
+/// Runs each scenario once per engine, as the tests `<scenario>::redis`
+/// and `<scenario>::nats`.
+macro_rules! on_each_engine {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn redis() {
+                super::$scenario(super::Engine::Redis).await
+            }
+            #[tokio::test]
+            async fn nats() {
+                super::$scenario(super::Engine::Nats).await
+            }
+        }
+    )*};
+}
+
+on_each_engine!(
+    publishes_and_broadcasts_reach_every_node_once_on_both_protocols,
+    a_topics_messages_arrive_in_the_same_order_on_every_connection,
+    a_node_receives_only_what_its_clients_want,
+    subscriptions_coming_and_going_lose_and_repeat_nothing,
+    while_the_backplane_is_down_nodes_serve_locally_then_resubscribe,
+);
+
+/// A private engine server.
+enum Server {
+    Redis(RedisServer),
+    Nats(NatsServer),
+}
+
+impl Server {
+    /// Starts one, or `None` when its binary is missing.
+    async fn start(engine: Engine) -> Option<Server> {
+        match engine {
+            Engine::Redis => RedisServer::start().await.map(Server::Redis),
+            Engine::Nats => NatsServer::start().await.map(Server::Nats),
+        }
+    }
+
+    /// The `[cluster]` setting that names it.
+    fn setting(&self) -> String {
+        match self {
+            Server::Redis(r) => format!("redis_url = \"{}\"", r.url()),
+            Server::Nats(n) => format!("nats_url = \"{}\"", n.url()),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Server::Redis(r) => r.kill(),
+            Server::Nats(n) => n.kill(),
+        }
+    }
+
+    async fn restart(&mut self) {
+        match self {
+            Server::Redis(r) => r.restart().await,
+            Server::Nats(n) => n.restart().await,
+        }
+    }
+}
+
+/// A node of a cluster on `server` with `prefix`.
+async fn node(server: &Server, pg: &str, prefix: &str) -> TestServer {
     let toml = format!(
-        "node_id = \"{}\"\ndatabase_url = \"{pg}\"\n[cluster]\nredis_url = \"{redis}\"\nprefix = \"{prefix}\"\n[acl.admin]\npublish = [\"#\"]\n",
-        unique("node")
+        "node_id = \"{}\"\ndatabase_url = \"{pg}\"\n[cluster]\n{}\nprefix = \"{prefix}\"\n[acl.admin]\npublish = [\"#\"]\n",
+        unique("node"),
+        server.setting(),
     );
     let node = TestServer::start_with(move |l| {
         l.apply_toml(&common::base_toml()).unwrap();
@@ -43,15 +115,15 @@ async fn node(redis: &str, pg: &str, prefix: &str) -> TestServer {
     node
 }
 
-/// Three nodes, or `None` when Redis or PostgreSQL is missing.
-async fn cluster() -> Option<(RedisServer, [TestServer; 3])> {
+/// Three nodes, or `None` when the engine or PostgreSQL is missing.
+async fn cluster(engine: Engine) -> Option<(Server, [TestServer; 3])> {
     let pg = postgres_url().await?;
-    let redis = RedisServer::start().await?;
+    let server = Server::start(engine).await?;
     let prefix = unique("c");
-    let a = node(&redis.url(), &pg, &prefix).await;
-    let b = node(&redis.url(), &pg, &prefix).await;
-    let c = node(&redis.url(), &pg, &prefix).await;
-    Some((redis, [a, b, c]))
+    let a = node(&server, &pg, &prefix).await;
+    let b = node(&server, &pg, &prefix).await;
+    let c = node(&server, &pg, &prefix).await;
+    Some((server, [a, b, c]))
 }
 
 /// A `/ws` client on `node` subscribed to `filters` (each ack waits for
@@ -74,9 +146,8 @@ async fn next(ws: &mut WsClient) -> (String, Value) {
     )
 }
 
-#[tokio::test]
-async fn publishes_and_broadcasts_reach_every_node_once_on_both_protocols() {
-    let Some((_redis, [a, b, c])) = cluster().await else {
+async fn publishes_and_broadcasts_reach_every_node_once_on_both_protocols(engine: Engine) {
+    let Some((_server, [a, b, c])) = cluster(engine).await else {
         return;
     };
     // Overlapping filters on one connection, one filter on another node.
@@ -144,9 +215,8 @@ async fn publishes_and_broadcasts_reach_every_node_once_on_both_protocols() {
     assert_eq!(sio_c.event().await, ("end".into(), vec![json!(0)]));
 }
 
-#[tokio::test]
-async fn a_topics_messages_arrive_in_the_same_order_on_every_connection() {
-    let Some((_redis, nodes)) = cluster().await else {
+async fn a_topics_messages_arrive_in_the_same_order_on_every_connection(engine: Engine) {
+    let Some((_server, nodes)) = cluster(engine).await else {
         return;
     };
     let mut subs = Vec::new();
@@ -171,18 +241,108 @@ async fn a_topics_messages_arrive_in_the_same_order_on_every_connection() {
         }
         orders.push(got);
     }
-    for o in &orders[1..] {
-        assert_eq!(o, &orders[0], "one order on every connection");
+    // The two connections of a node see one order.
+    for (n, pair) in orders.chunks(2).enumerate() {
+        assert_eq!(pair[0], pair[1], "one order on node {n}");
     }
-    // And each node's own messages in the order it published them.
-    for i in 0..nodes.len() {
-        let own: Vec<&Value> = orders[0]
-            .iter()
-            .filter(|v| v.as_str().is_some_and(|s| s.starts_with(&format!("{i}-"))))
-            .collect();
-        let want: Vec<Value> = (0..per_node).map(|k| json!(format!("{i}-{k}"))).collect();
-        assert_eq!(own, want.iter().collect::<Vec<_>>());
+    match engine {
+        // Redis hands every subscriber one order.
+        Engine::Redis => {
+            for o in &orders[1..] {
+                assert_eq!(o, &orders[0], "one order on every connection");
+            }
+        }
+        // NATS orders the messages of each publisher only: nodes that
+        // publish at the same instant may be received in either order.
+        Engine::Nats => {}
     }
+    // Every connection gets each node's messages in the order it published
+    // them.
+    for order in &orders {
+        for i in 0..nodes.len() {
+            let own: Vec<&Value> = order
+                .iter()
+                .filter(|v| v.as_str().is_some_and(|s| s.starts_with(&format!("{i}-"))))
+                .collect();
+            let want: Vec<Value> = (0..per_node).map(|k| json!(format!("{i}-{k}"))).collect();
+            assert_eq!(own, want.iter().collect::<Vec<_>>());
+        }
+    }
+}
+
+/// While one node publishes without pause, a client on another node
+/// subscribes a filter overlapping what a first client there wants, then
+/// the first client leaves and the node's subscription for it goes: the
+/// second client gets every message from its first one on, once, in order.
+async fn subscriptions_coming_and_going_lose_and_repeat_nothing(engine: Engine) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some((_server, [a, b, _c])) = cluster(engine).await else {
+        return;
+    };
+    let mut first = subscriber(&b, &["flow"]).await;
+    let (count, published) = tokio::sync::watch::channel(0u64);
+    let done = AtomicBool::new(false);
+    let publishing = async {
+        let mut k = 0u64;
+        while !done.load(Ordering::Acquire) {
+            let (status, _) = a.publish("flow", json!(k)).await;
+            assert_eq!(status, 200);
+            k += 1;
+            count.send_replace(k);
+        }
+        k
+    };
+    let driving = async {
+        let after = |n: u64| {
+            let from = *published.borrow();
+            let mut published = published.clone();
+            async move {
+                let waited =
+                    tokio::time::timeout(common::WAIT, published.wait_for(|k| *k >= from + n))
+                        .await;
+                assert!(waited.is_ok(), "publishes go on");
+            }
+        };
+        after(20).await;
+        // `#` is subscribed on B after `flow`, while `flow` flows.
+        let second = subscriber(&b, &["#"]).await;
+        after(20).await;
+        // The first client leaves (its ack is read below); B leaves `flow`
+        // a little later and keeps receiving it through `#`.
+        first
+            .send(json!({"type":"unsub","topic":"flow","id":7}))
+            .await;
+        let subs = |gw: &pulso::gateway::Gateway| gw.metrics.cluster_subscriptions.get();
+        let before = subs(&b.gw);
+        b.until("B leaves `flow`", |gw| subs(gw) < before).await;
+        after(20).await;
+        done.store(true, Ordering::Release);
+        second
+    };
+    let (last, mut second) = tokio::join!(publishing, driving);
+    let (topic, payload) = next(&mut second).await;
+    assert_eq!(topic, "flow");
+    let from = payload.as_u64().unwrap();
+    for k in from + 1..last {
+        assert_eq!(next(&mut second).await, ("flow".into(), json!(k)));
+    }
+    // The first client got a run from 0, in order, until it left.
+    let mut k = 0;
+    loop {
+        let m = first.recv().await;
+        if m["id"] == 7 {
+            assert_eq!(m["type"], "ack", "{m}");
+            break;
+        }
+        assert_eq!(
+            (m["topic"].clone(), m["payload"].clone()),
+            (json!("flow"), json!(k))
+        );
+        k += 1;
+    }
+    // Nothing more for the second: the next message is a fresh one.
+    a.publish("flow", json!("end")).await;
+    assert_eq!(next(&mut second).await, ("flow".into(), json!("end")));
 }
 
 /// `pulso_cluster_messages_total{kind="received"}` of a node.
@@ -195,9 +355,8 @@ async fn received(node: &TestServer) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test]
-async fn a_node_receives_only_what_its_clients_want() {
-    let Some((_redis, [a, b, c])) = cluster().await else {
+async fn a_node_receives_only_what_its_clients_want(engine: Engine) {
+    let Some((_server, [a, b, c])) = cluster(engine).await else {
         return;
     };
     let mut on_b = subscriber(&b, &["wanted/+"]).await;
@@ -217,13 +376,12 @@ async fn a_node_receives_only_what_its_clients_want() {
     assert_eq!(received(&a).await, 0);
 }
 
-#[tokio::test]
-async fn while_redis_is_down_nodes_serve_locally_then_resubscribe() {
-    let Some((mut redis, [a, b, _c])) = cluster().await else {
+async fn while_the_backplane_is_down_nodes_serve_locally_then_resubscribe(engine: Engine) {
+    let Some((mut server, [a, b, _c])) = cluster(engine).await else {
         return;
     };
     let mut on_a = subscriber(&a, &["t/+"]).await;
-    redis.kill();
+    server.kill();
     a.until("backplane down", |gw| !gw.readiness.report().0)
         .await;
     let (status, body) = common::get_json(&a.url("/readyz"), None).await;
@@ -235,7 +393,7 @@ async fn while_redis_is_down_nodes_serve_locally_then_resubscribe() {
     assert_eq!(next(&mut on_a).await, ("t/1".into(), json!(1)));
     assert!(a.metrics().await.contains("pulso_cluster_up 0"));
 
-    redis.restart().await;
+    server.restart().await;
     a.until("backplane up again", |gw| gw.readiness.report().0)
         .await;
     b.until("backplane up again", |gw| gw.readiness.report().0)
@@ -267,6 +425,88 @@ async fn cluster_settings_are_checked() {
         check("database_url = \"postgres://h/db\"\n[cluster]\nredis_url = \"redis://h\"\n")
             .is_none()
     );
+    let url = check("database_url = \"postgres://h/db\"\n[cluster]\nnats_url = \"redis://h\"\n");
+    assert!(url.is_some_and(|e| e.contains("cluster.nats_url")));
+    assert!(
+        check("database_url = \"postgres://h/db\"\n[cluster]\nnats_url = \"nats://h:4222\"\n")
+            .is_none()
+    );
+}
+
+/// The NATS subjects of filters, subscribed on a real `nats-server`, get
+/// exactly the topics the filters match (MQTT semantics): escaped dots and
+/// spaces, literal `+` and `#` inside names, empty levels, and `a/#`
+/// matching `a` itself.
+#[tokio::test]
+async fn nats_subjects_match_what_filters_match() {
+    use futures_util::StreamExt;
+    use pulso::cluster::channel::{nats_subject, nats_subjects};
+    use pulso::hub::Filter;
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let filters = [
+        "a/+", "a/#", "#", "+/b", "+", "+/#", "a/+/c", "x/+", "a.b", "a b", "/#",
+    ];
+    let topics = [
+        "a",
+        "a/b",
+        "a/b/c",
+        "a/x/c",
+        "a.b",
+        "a b",
+        "/notifications#Ab3",
+        "x/+",
+        "x/y",
+        "b",
+        "c/b",
+        "a/",
+        "/b",
+        "a//b",
+        "~",
+        "a~2Eb",
+        "*",
+        ">",
+    ];
+    let mut subscriptions = Vec::new();
+    for f in filters {
+        let filter = Filter::parse(f).unwrap();
+        let mut streams = Vec::new();
+        for subject in nats_subjects("p", &filter) {
+            streams.push(client.subscribe(subject).await.unwrap());
+        }
+        subscriptions.push((filter, futures_util::stream::select_all(streams)));
+    }
+    // The server handles one connection's commands in order: every
+    // subscription above is in place before the first publish.
+    for t in topics {
+        client
+            .publish(nats_subject("p", t), t.as_bytes().to_vec().into())
+            .await
+            .unwrap();
+    }
+    // Sent last on the same connection: once it is back, every copy of the
+    // publishes before it is in its subscription's queue.
+    let mut end = client.subscribe("p.end").await.unwrap();
+    client.publish("p.end", "".into()).await.unwrap();
+    tokio::time::timeout(common::WAIT, end.next())
+        .await
+        .expect("the end marker in time");
+    for (filter, mut stream) in subscriptions {
+        let mut got = Vec::new();
+        while let Some(Some(m)) = futures_util::FutureExt::now_or_never(stream.next()) {
+            got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+        }
+        got.sort();
+        let mut want: Vec<String> = topics
+            .iter()
+            .filter(|t| filter.matches(t))
+            .map(|t| t.to_string())
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "filter {}", filter.as_str());
+    }
 }
 
 // ---- Nodes, heartbeats and presence ---------------------------------------

@@ -1,5 +1,5 @@
 //! Clustering (SPEC §8): several pulso nodes behind a load balancer act as
-//! one server, over Redis (or NATS).
+//! one server, over Redis or NATS.
 //!
 //! The cluster is a [`Backplane`] attached to the hub. Every publish made
 //! on a node (HTTP API, a `/ws` `pub`, an MQTT message) goes to the engine
@@ -15,7 +15,8 @@
 //!   subscriber for a topic receives nothing of it.
 //! - **Same order everywhere.** A node delivers its own publishes when they
 //!   come back, not before, so every connection of the cluster sees a
-//!   topic's messages in the engine's order.
+//!   topic's messages in the engine's order. Redis has one order for all;
+//!   NATS keeps only each publishing node's order (see [`nats`]).
 //! - **Exactly once.** A publish can reach a node several times: through an
 //!   exact channel and a pattern that both match, or once per named room of
 //!   a broadcast. Every publish carries its origin node and sequence number;
@@ -27,10 +28,12 @@
 //!   its clients want then. Queues are bounded.
 
 pub mod channel;
+pub mod nats;
 pub mod redis;
 
 use std::borrow::Cow;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -38,8 +41,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::hub::Hub;
+use crate::hub::{Backplane, Filter, Hub, Interest};
 use crate::metrics::Metrics;
 
 /// How long a node stays subscribed to a channel nobody here wants any
@@ -53,6 +59,250 @@ pub const OUT_QUEUE: usize = 8192;
 
 /// Publishes remembered per node to drop their second copies.
 const SEEN: usize = 4096;
+
+/// Longest wait of a client's ack for the backplane's subscription.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
+
+/// The engine's tasks, started by the server once it runs.
+pub enum Tasks {
+    Redis(redis::Tasks),
+    Nats(nats::Tasks),
+}
+
+impl Tasks {
+    /// Runs the engine's writer and subscriber until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        match self {
+            Tasks::Redis(t) => t.run(stop).await,
+            Tasks::Nats(t) => t.run(stop).await,
+        }
+    }
+}
+
+/// The hub's handle on the backplane, the same whatever the engine: a
+/// publish is queued for the engine's writer task (the hub never waits on
+/// the network), and an ack that must follow a subscription waits for the
+/// subscriber task's [`Settle`] count.
+pub struct Link {
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Outgoing>,
+    /// The hub's interest changes acted on so far (see [`Settle`]).
+    settled: watch::Receiver<u64>,
+}
+
+/// The engine's side of a [`Link`]: what its writer and subscriber consume.
+pub struct Feeds {
+    pub out: mpsc::Receiver<Outgoing>,
+    pub interest: mpsc::UnboundedReceiver<Interest>,
+    pub settle: Settle,
+}
+
+impl Link {
+    /// A link for `shared`'s hub; its interest is followed from now on.
+    pub fn new(shared: Arc<Shared>) -> (Arc<Link>, Feeds) {
+        let (tx, rx) = mpsc::channel(OUT_QUEUE);
+        let (interest, base) = shared.hub.watch_interest_counted();
+        let (settled_tx, settled) = watch::channel(base);
+        let link = Arc::new(Link {
+            shared,
+            out: tx,
+            settled,
+        });
+        let feeds = Feeds {
+            out: rx,
+            interest,
+            settle: Settle {
+                tx: settled_tx,
+                base,
+                received: 0,
+            },
+        };
+        (link, feeds)
+    }
+}
+
+impl Backplane for Link {
+    fn subscribed(&self, changes: u64) -> Option<crate::hub::Settled> {
+        if !self.shared.up.load(Ordering::Acquire) || *self.settled.borrow() >= changes {
+            return None;
+        }
+        let mut settled = self.settled.clone();
+        Some(Box::pin(async move {
+            let _ = tokio::time::timeout(SUBSCRIBE_WAIT, settled.wait_for(|n| *n >= changes)).await;
+        }))
+    }
+
+    fn send(
+        &self,
+        rooms: &[Arc<str>],
+        event: Option<&Arc<str>>,
+        payload: &Arc<RawValue>,
+        ts: u64,
+    ) -> bool {
+        // Down: the engine would only queue it (NATS) or fail (Redis);
+        // this node's clients get it now instead.
+        if !self.shared.up.load(Ordering::Acquire) {
+            self.shared.count("unsent");
+            return false;
+        }
+        let Some(out) = self.shared.outgoing(rooms, event, payload, ts) else {
+            return false;
+        };
+        match self.out.try_send(out) {
+            Ok(()) => true,
+            Err(_) => {
+                self.shared.count("unsent");
+                false
+            }
+        }
+    }
+}
+
+/// How far the subscriber has got: the count of the hub's interest changes
+/// whose subscriptions are active on the engine.
+pub struct Settle {
+    tx: watch::Sender<u64>,
+    /// The hub's count when the watch began.
+    base: u64,
+    /// Changes received since.
+    received: u64,
+}
+
+impl Settle {
+    /// One more interest change received from the hub.
+    fn received(&mut self) {
+        self.received += 1;
+    }
+
+    /// Every change received so far is in effect on the engine.
+    fn caught_up(&self) {
+        self.tx.send_replace(self.base + self.received);
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Filters of this node that need it.
+    filters: usize,
+    /// When the last of them went.
+    idle_since: Option<Instant>,
+    /// Subscribed on the engine.
+    subscribed: bool,
+}
+
+/// What this node wants from the engine, by name (a Redis channel or
+/// pattern, a NATS subject): how many of its filters need each name, so
+/// that overlapping filters share one subscription and a name is left only
+/// [`LINGER`] after the last filter needing it went.
+struct Wanted<N> {
+    names: HashMap<N, Entry>,
+}
+
+impl<N: Clone + Eq + Hash> Wanted<N> {
+    fn new() -> Self {
+        Wanted {
+            names: HashMap::new(),
+        }
+    }
+
+    /// The interest that existed before the watch began (none at start-up).
+    /// What a node wants when its subscriber starts: the interest that
+    /// existed before the watch began (none at start-up), and what it
+    /// follows for its last values whether or not a client wants it.
+    fn seeded(shared: &Shared, names_of: impl Fn(&Filter) -> Vec<N>) -> Self {
+        let mut wanted = Wanted::new();
+        for filter in shared
+            .hub
+            .active_filters()
+            .into_iter()
+            .chain(shared.always.iter().cloned())
+        {
+            wanted.apply(names_of(&filter), true, Instant::now());
+        }
+        wanted
+    }
+
+    /// Follows one interest change (the `names` of its filter); returns
+    /// the names to subscribe now.
+    fn apply(&mut self, names: Vec<N>, active: bool, now: Instant) -> Vec<N> {
+        let mut new = Vec::new();
+        for name in names {
+            let entry = self.names.entry(name.clone()).or_insert(Entry {
+                filters: 0,
+                idle_since: None,
+                subscribed: false,
+            });
+            if active {
+                entry.filters += 1;
+                entry.idle_since = None;
+                if !entry.subscribed {
+                    new.push(name);
+                }
+            } else {
+                entry.filters = entry.filters.saturating_sub(1);
+                if entry.filters == 0 {
+                    entry.idle_since = Some(now);
+                }
+            }
+        }
+        new
+    }
+
+    /// Names nobody here has wanted for [`LINGER`]: forgotten, and
+    /// returned if subscribed (to unsubscribe).
+    fn expired(&mut self, now: Instant) -> Vec<N> {
+        let mut gone = Vec::new();
+        self.names.retain(|name, e| {
+            let expired = e.filters == 0 && e.idle_since.is_some_and(|t| now >= t + LINGER);
+            if expired && e.subscribed {
+                gone.push(name.clone());
+            }
+            !expired
+        });
+        gone
+    }
+
+    /// A new connection with nothing subscribed on it: lingering names are
+    /// forgotten; returns every name still wanted.
+    fn reset(&mut self) -> Vec<N> {
+        self.names.retain(|_, e| e.filters > 0);
+        self.names
+            .iter_mut()
+            .map(|(name, e)| {
+                e.subscribed = false;
+                name.clone()
+            })
+            .collect()
+    }
+
+    /// Wanted names that are not subscribed (changes made while down).
+    fn missing(&self) -> Vec<N> {
+        self.names
+            .iter()
+            .filter(|(_, e)| e.filters > 0 && !e.subscribed)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn mark(&mut self, names: &[N]) {
+        for name in names {
+            if let Some(e) = self.names.get_mut(name) {
+                e.subscribed = true;
+            }
+        }
+    }
+
+    /// A subscription the engine ended by itself.
+    fn unmark(&mut self, name: &N) {
+        if let Some(e) = self.names.get_mut(name) {
+            e.subscribed = false;
+        }
+    }
+
+    fn subscribed(&self) -> usize {
+        self.names.values().filter(|e| e.subscribed).count()
+    }
+}
 
 /// One publish on the backplane. Short keys: every byte is sent once per
 /// named room and received once per interested node.
@@ -198,8 +448,12 @@ fn tag_of(node_id: &str) -> u64 {
 }
 
 /// The last [`SEEN`] publishes a node received, to drop their copies.
-/// Copies of one publish arrive close together (one engine command, or
-/// one atomic batch for a broadcast), so a short window is enough.
+/// Copies of one publish arrive close together, so a short window is
+/// enough: with Redis they come from one command, or one atomic batch for
+/// a broadcast; with NATS a broadcast's copies are published one after the
+/// other on the origin's connection, and only what other publishers send
+/// meanwhile, or this node's backlog, separates them on arrival (see
+/// `nats`).
 #[derive(Default)]
 pub struct Seen {
     order: VecDeque<(u64, u64)>,
@@ -207,6 +461,11 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Whether `(node, seq)` is within the window, without recording it.
+    pub fn has(&self, node: u64, seq: u64) -> bool {
+        self.set.contains(&(node, seq))
+    }
+
     /// True the first time `(node, seq)` is seen within the window.
     pub fn first(&mut self, node: u64, seq: u64) -> bool {
         if !self.set.insert((node, seq)) {

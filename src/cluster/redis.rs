@@ -10,20 +10,17 @@
 //! output-buffer limit) the node delivers its publishes locally, reconnects
 //! with capped backoff and subscribes again to what its clients want then.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{redis_channel, redis_subscriptions};
-use super::{LINGER, OUT_QUEUE, Outgoing, Seen, Shared};
-use crate::hub::{Backplane, Filter, Interest};
+use super::{Feeds, Link, Outgoing, Seen, Settle, Shared, Wanted};
+use crate::hub::{Filter, Interest};
 
 /// Publishes sent in one pipeline, at most.
 const BATCH: usize = 256;
@@ -35,118 +32,43 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// The hub's handle: publishes go to the writer task.
-pub struct Redis {
-    shared: Arc<Shared>,
-    out: mpsc::Sender<Outgoing>,
-    /// The hub's interest changes acted on so far (see [`Settle`]).
-    settled: tokio::sync::watch::Receiver<u64>,
-}
-
-/// How far the subscriber has got: the count of the hub's interest changes
-/// whose subscriptions are active on the current connection.
-struct Settle {
-    tx: tokio::sync::watch::Sender<u64>,
-    /// The hub's count when the watch began.
-    base: u64,
-    /// Changes received since.
-    received: u64,
-}
-
-impl Settle {
-    /// Every change received so far is in effect on the engine.
-    fn caught_up(&self) {
-        self.tx.send_replace(self.base + self.received);
-    }
-}
-
-/// Longest wait of an answer for the backplane's subscription.
-const SUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
-
-/// What [`Redis::run`] needs to start its tasks.
+/// What [`Tasks::run`] needs to start the writer and the subscriber.
 pub struct Tasks {
     client: redis::Client,
     shared: Arc<Shared>,
-    out: mpsc::Receiver<Outgoing>,
-    interest: mpsc::UnboundedReceiver<Interest>,
-    settle: Settle,
+    feeds: Feeds,
 }
 
-impl Redis {
-    /// Checks `url` and prepares the backplane; nothing connects before
-    /// [`Tasks::run`]. Interest is followed from now on.
-    pub fn new(url: &str, shared: Arc<Shared>) -> Result<(Arc<Redis>, Tasks), String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let (tx, rx) = mpsc::channel(OUT_QUEUE);
-        let (interest, base) = shared.hub.watch_interest_counted();
-        let (settled_tx, settled) = tokio::sync::watch::channel(base);
-        let redis = Arc::new(Redis {
-            shared: shared.clone(),
-            out: tx,
-            settled,
-        });
-        Ok((
-            redis,
-            Tasks {
-                client,
-                shared,
-                out: rx,
-                interest,
-                settle: Settle {
-                    tx: settled_tx,
-                    base,
-                    received: 0,
-                },
-            },
-        ))
-    }
-}
-
-impl Backplane for Redis {
-    fn subscribed(&self, changes: u64) -> Option<crate::hub::Settled> {
-        if !self.shared.up.load(Ordering::Acquire) || *self.settled.borrow() >= changes {
-            return None;
-        }
-        let mut settled = self.settled.clone();
-        Some(Box::pin(async move {
-            let _ = tokio::time::timeout(SUBSCRIBE_WAIT, settled.wait_for(|n| *n >= changes)).await;
-        }))
-    }
-
-    fn send(
-        &self,
-        rooms: &[Arc<str>],
-        event: Option<&Arc<str>>,
-        payload: &Arc<RawValue>,
-        ts: u64,
-    ) -> bool {
-        if !self.shared.up.load(Ordering::Acquire) {
-            self.shared.count("unsent");
-            return false;
-        }
-        let Some(out) = self.shared.outgoing(rooms, event, payload, ts) else {
-            return false;
-        };
-        match self.out.try_send(out) {
-            Ok(()) => true,
-            Err(_) => {
-                self.shared.count("unsent");
-                false
-            }
-        }
-    }
+/// Checks `url` and prepares the backplane; nothing connects before
+/// [`Tasks::run`]. Interest is followed from now on.
+pub fn prepare(url: &str, shared: Arc<Shared>) -> Result<(Arc<Link>, Tasks), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let (link, feeds) = Link::new(shared.clone());
+    Ok((
+        link,
+        Tasks {
+            client,
+            shared,
+            feeds,
+        },
+    ))
 }
 
 impl Tasks {
     /// Runs the writer and the subscriber until `stop`.
     pub async fn run(self, stop: CancellationToken) {
+        let Feeds {
+            out,
+            interest,
+            settle,
+        } = self.feeds;
         let writer = tokio::spawn(writer(
             self.client.clone(),
             self.shared.clone(),
-            self.out,
+            out,
             stop.clone(),
         ));
-        subscriber(self.client, self.shared, self.interest, self.settle, stop).await;
+        subscriber(self.client, self.shared, interest, settle, stop).await;
         let _ = writer.await;
     }
 }
@@ -228,90 +150,14 @@ enum Name {
     Pattern(String),
 }
 
-#[derive(Default)]
-struct Entry {
-    /// Filters of this node that need it.
-    filters: usize,
-    /// When the last of them went.
-    idle_since: Option<Instant>,
-    /// Subscribed on the current connection.
-    subscribed: bool,
-}
-
-/// What this node wants from the engine, by name.
-#[derive(Default)]
-struct Wanted {
-    names: HashMap<Name, Entry>,
-}
-
-impl Wanted {
-    fn names_of(prefix: &str, filter: &Filter) -> Vec<Name> {
-        let (channels, patterns) = redis_subscriptions(prefix, filter);
-        channels
-            .into_iter()
-            .map(Name::Channel)
-            .chain(patterns.into_iter().map(Name::Pattern))
-            .collect()
-    }
-
-    /// Follows one interest change; returns the names to subscribe now.
-    fn apply(&mut self, prefix: &str, change: &Interest, now: Instant) -> Vec<Name> {
-        let mut new = Vec::new();
-        for name in Self::names_of(prefix, &change.filter) {
-            let entry = self.names.entry(name.clone()).or_default();
-            if change.active {
-                entry.filters += 1;
-                entry.idle_since = None;
-                if !entry.subscribed {
-                    new.push(name);
-                }
-            } else {
-                entry.filters = entry.filters.saturating_sub(1);
-                if entry.filters == 0 {
-                    entry.idle_since = Some(now);
-                }
-            }
-        }
-        new
-    }
-
-    /// Names nobody here has wanted for [`LINGER`]: forgotten, and
-    /// returned if subscribed (to unsubscribe).
-    fn expired(&mut self, now: Instant) -> Vec<Name> {
-        let mut gone = Vec::new();
-        self.names.retain(|name, e| {
-            let expired = e.filters == 0 && e.idle_since.is_some_and(|t| now >= t + LINGER);
-            if expired && e.subscribed {
-                gone.push(name.clone());
-            }
-            !expired
-        });
-        gone
-    }
-
-    /// A new connection: nothing is subscribed on it yet.
-    fn reset(&mut self) -> Vec<Name> {
-        self.names.retain(|_, e| e.filters > 0);
-        self.names
-            .iter_mut()
-            .map(|(name, e)| {
-                e.subscribed = false;
-                name.clone()
-            })
-            .collect()
-    }
-
-    fn mark(&mut self, names: &[Name]) {
-        for name in names {
-            if let Some(e) = self.names.get_mut(name) {
-                e.subscribed = true;
-            }
-        }
-    }
-
-    fn subscribed(&self) -> usize {
-        self.names.values().filter(|e| e.subscribed).count()
-    }
+/// The names of `filter` on Redis.
+fn names_of(prefix: &str, filter: &Filter) -> Vec<Name> {
+    let (channels, patterns) = redis_subscriptions(prefix, filter);
+    channels
+        .into_iter()
+        .map(Name::Channel)
+        .chain(patterns.into_iter().map(Name::Pattern))
+        .collect()
 }
 
 async fn subscribe(sink: &mut redis::aio::PubSubSink, names: &[Name]) -> redis::RedisResult<()> {
@@ -361,7 +207,7 @@ async fn timed<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, S
 /// The pub/sub side: what this node wants, and what it has seen.
 struct Subscriber {
     shared: Arc<Shared>,
-    wanted: Wanted,
+    wanted: Wanted<Name>,
     seen: Seen,
     settle: Settle,
     interest: mpsc::UnboundedReceiver<Interest>,
@@ -375,24 +221,7 @@ async fn subscriber(
     settle: Settle,
     stop: CancellationToken,
 ) {
-    let mut wanted = Wanted::default();
-    // Interest that existed before the watch began (none at start-up), and
-    // what is followed for its last values.
-    for filter in shared
-        .hub
-        .active_filters()
-        .into_iter()
-        .chain(shared.always.clone())
-    {
-        wanted.apply(
-            &shared.prefix,
-            &Interest {
-                filter,
-                active: true,
-            },
-            Instant::now(),
-        );
-    }
+    let wanted = Wanted::seeded(&shared, |f| names_of(&shared.prefix, f));
     let mut s = Subscriber {
         shared,
         wanted,
@@ -451,8 +280,8 @@ impl Subscriber {
                     _ = tokio::time::sleep_until(until) => break,
                     change = self.interest.recv() => match change {
                         Some(c) => {
-                            self.settle.received += 1;
-                            self.wanted.apply(&self.shared.prefix, &c, Instant::now());
+                            self.settle.received();
+                            self.wanted.apply(names_of(&self.shared.prefix, &c.filter), c.active, Instant::now());
                         }
                         None => return,
                     },
@@ -489,8 +318,9 @@ impl Subscriber {
                 },
                 change = self.interest.recv() => {
                     let change = change?;
-                    self.settle.received += 1;
-                    let new = self.wanted.apply(&self.shared.prefix, &change, Instant::now());
+                    self.settle.received();
+                    let names = names_of(&self.shared.prefix, &change.filter);
+                    let new = self.wanted.apply(names, change.active, Instant::now());
                     if !new.is_empty() {
                         if let Err(e) = timed(subscribe(sink, &new)).await {
                             return Some(e);
@@ -524,19 +354,18 @@ impl Subscriber {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::LINGER;
 
-    fn change(f: &str, active: bool) -> Interest {
-        Interest {
-            filter: Filter::parse(f).unwrap(),
-            active,
-        }
+    fn apply(w: &mut Wanted<Name>, f: &str, active: bool, now: Instant) -> Vec<Name> {
+        let filter = Filter::parse(f).unwrap();
+        w.apply(names_of("p", &filter), active, now)
     }
 
     #[test]
     fn overlapping_filters_share_names_and_unsubscribe_after_lingering() {
-        let mut w = Wanted::default();
+        let mut w = Wanted::new();
         let t0 = Instant::now();
-        let new = w.apply("p", &change("a/#", true), t0);
+        let new = apply(&mut w, "a/#", true, t0);
         assert_eq!(
             new,
             [
@@ -546,14 +375,14 @@ mod tests {
         );
         w.mark(&new);
         // `a/+` needs the same pattern: nothing new to subscribe.
-        assert!(w.apply("p", &change("a/+", true), t0).is_empty());
-        w.apply("p", &change("a/#", false), t0);
+        assert!(apply(&mut w, "a/+", true, t0).is_empty());
+        apply(&mut w, "a/#", false, t0);
         // The pattern is still wanted by `a/+`; the channel lingers.
         assert!(w.expired(t0 + LINGER / 2).is_empty());
         assert_eq!(w.expired(t0 + LINGER), [Name::Channel("p:{a}".into())]);
         // Wanted again before it expired: kept, no new subscribe.
-        w.apply("p", &change("a/+", false), t0);
-        assert!(w.apply("p", &change("a/+", true), t0).is_empty());
+        apply(&mut w, "a/+", false, t0);
+        assert!(apply(&mut w, "a/+", true, t0).is_empty());
         assert!(w.expired(t0 + LINGER * 2).is_empty());
         assert_eq!(w.subscribed(), 1);
         // A new connection subscribes everything still wanted.

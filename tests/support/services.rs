@@ -1,6 +1,6 @@
-//! Real services for the tests that need them: a private `redis-server` on
-//! a free port (for tests that stop or restart it), and the machine's
-//! PostgreSQL. Each is skipped with a printed reason when absent, except
+//! Real services for the tests that need them: a private `redis-server` or
+//! `nats-server` on a free port (for tests that stop or restart it), and
+//! the machine's PostgreSQL. Each is skipped with a printed reason when absent, except
 //! under `PULSO_REQUIRE_SERVICES=1` (`.ci/run`), where that fails.
 #![allow(dead_code)]
 
@@ -107,6 +107,109 @@ impl RedisServer {
 }
 
 impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `nats-server` of the test's own (core NATS, no JetStream), killed
+/// when dropped.
+pub struct NatsServer {
+    pub port: u16,
+    bin: String,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts one on a free port, or `None` (with a printed reason).
+    pub async fn start() -> Option<NatsServer> {
+        // Debian installs it in /usr/sbin, which is not on every PATH.
+        let bin = ["nats-server", "/usr/sbin/nats-server"]
+            .into_iter()
+            .find(|b| {
+                Command::new(b)
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+        let Some(bin) = bin else {
+            common::skip("nats-server is not installed (apt-get install nats-server)");
+            return None;
+        };
+        let mut server = NatsServer {
+            port: free_port(),
+            bin: bin.to_string(),
+            child: None,
+        };
+        assert!(server.spawn(), "nats-server starts");
+        server.until_up().await;
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = Command::new(&self.bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => {
+                self.child = Some(c);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until it greets a connection with its `INFO`.
+    async fn until_up(&self) {
+        let deadline = std::time::Instant::now() + common::WAIT;
+        loop {
+            if self.info().await {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn info(&self) -> bool {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        let mut buf = [0u8; 5];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
+            Ok(Ok(_)) if &buf == b"INFO "
+        )
+    }
+
+    /// Kills it (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        assert!(self.spawn(), "nats-server restarts");
+        self.until_up().await;
+    }
+}
+
+impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
