@@ -401,6 +401,18 @@ test('the committed config: sticky upstream, WebSocket headers, read timeout abo
   assert.ok(value, 'proxy_read_timeout is set');
   const seconds = Number(value) * (unit === 'm' ? 60 : 1);
   assert.ok(seconds > 30, `proxy_read_timeout ${seconds}s is above keepalive_interval (30 s)`);
+  // docs/cluster.md quotes the file: every line it shows is there, in order.
+  const doc = readFileSync(resolve(here, '../../docs/cluster.md'), 'utf8');
+  const quoted = /## Behind nginx[\s\S]*?```nginx\n([\s\S]*?)```/.exec(doc);
+  assert.ok(quoted, 'docs/cluster.md quotes the config under "Behind nginx"');
+  const significant = (text) => text.split('\n').map((l) => l.replace(/#.*$/, '').trim()).filter(Boolean);
+  const fileLines = significant(readFileSync(CONF, 'utf8'));
+  let at = 0;
+  for (const line of significant(quoted[1])) {
+    const found = fileLines.indexOf(line, at);
+    assert.ok(found >= 0, `docs/cluster.md shows \`${line}\`, which deploy/nginx/pulso.conf lacks (or has earlier)`);
+    at = found + 1;
+  }
   // The template the test fills in is the file itself.
   const rendered = renderConfig(readFileSync(CONF, 'utf8'), { servers: ['127.0.0.1:1', '127.0.0.1:2'], listen: '127.0.0.1:3', accessLog: '/tmp/x.log' });
   assert.match(rendered, /server 127\.0\.0\.1:1;\n\s*server 127\.0\.0\.1:2;/);
