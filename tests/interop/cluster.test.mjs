@@ -11,7 +11,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { Agent, get as httpGet } from 'node:http';
 import { connect as netConnect } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -106,9 +106,12 @@ function spawnService(bin, args, options = {}, lastSignal = 'SIGKILL') {
   return {
     logs: () => logs,
     running: () => child.exitCode === null && child.signalCode === null,
+    /** Ends it and removes its working directory, `options.cwd`. */
     async stop(signal = 'SIGTERM') {
       if (child.exitCode === null && child.signalCode === null) child.kill(signal);
-      return exited;
+      const status = await exited;
+      if (options.cwd) rmSync(options.cwd, { recursive: true, force: true });
+      return status;
     },
   };
 }
@@ -174,7 +177,7 @@ http {
     include ${dir}/pulso.conf;
 }
 `);
-  const nginx = spawnService(bin, ['-p', dir, '-c', join(dir, 'nginx.conf'), '-e', 'stderr'], {}, 'SIGTERM');
+  const nginx = spawnService(bin, ['-p', dir, '-c', join(dir, 'nginx.conf'), '-e', 'stderr'], { cwd: dir }, 'SIGTERM');
   const url = `http://127.0.0.1:${port}`;
   await until('nginx proxying /healthz', async () => {
     if (!nginx.running()) throw new Error(`nginx exited:\n${nginx.logs()}`);
