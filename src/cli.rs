@@ -188,9 +188,14 @@ fn token(m: &ArgMatches, config: &Config) -> ExitCode {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log line that cannot be written (stderr closed by a supervisor that
+    // went away) is dropped: by default the subscriber reports the failure
+    // with `eprintln!`, which then panics, and a panic in the task that
+    // waits for SIGTERM would leave the server unable to stop.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match config.log_format {
         crate::config::LogFormat::Json => builder.json().init(),
         crate::config::LogFormat::Text => builder.init(),
@@ -207,6 +212,9 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Before anything listens: a SIGTERM from the moment clients can
+        // connect stops the server gracefully.
+        let signalled = wait_for_signal();
         let server = match crate::server::Server::bind(config).await {
             Ok(s) => s,
             Err(
@@ -241,9 +249,10 @@ fn serve(config: Config) -> ExitCode {
         tracing::info!(%addr, node = %server.gateway().config.node_id, "pulso listening");
         let stop = server.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("signal received");
+            signalled.await;
+            // Stop first: nothing after this may keep the server running.
             stop.cancel();
+            tracing::info!("signal received");
         });
         match server.run().await {
             Ok(()) => ExitCode::SUCCESS,
@@ -255,20 +264,26 @@ fn serve(config: Config) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// Listens for SIGINT and SIGTERM from now on (the handlers are installed
+/// when this is called, not when the future is first polled), and
+/// completes on the first.
+fn wait_for_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let streams = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
+    );
+    async move {
+        match streams {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

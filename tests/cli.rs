@@ -281,3 +281,48 @@ fn docs_configuration_md_is_the_generated_reference() {
         "docs/configuration.md is stale: run `cargo run -q -- config-reference > docs/configuration.md`"
     );
 }
+
+/// A supervisor that goes away closes pulso's stderr; SIGTERM must still
+/// stop it (a log line that cannot be written is dropped, never a panic).
+#[test]
+fn sigterm_stops_pulso_even_with_its_stderr_closed() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("pulso-cli-stderr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pulso"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--jwt-secret", "s", "--demo-enabled", "false"])
+        .args(["--database-url", "sqlite::memory:"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "pulso did not start");
+        std::thread::yield_now();
+    }
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pulso ignored SIGTERM with its stderr closed");
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(status.code(), Some(0));
+}

@@ -105,6 +105,7 @@ export async function startPulso(env = {}) {
     port,
     url,
     dir,
+    pid: child.pid,
     wsUrl: `ws://127.0.0.1:${port}/ws`,
     logs: () => logs,
     post: (path, body, bearer) => request('POST', path, body, bearer),
