@@ -90,7 +90,7 @@ impl Socket {
         )));
         if eio3 {
             // Engine.IO 3 clients are in the root namespace without asking.
-            outbox.push(Outbound::Frame(packet::connected("/", "", true)));
+            outbox.push(Outbound::Frame(packet::connected("/", "", None, true)));
         }
         let socket = Socket {
             gw: gw.clone(),
@@ -299,7 +299,7 @@ impl Socket {
         let (eio3, name) = (self.eio3, self.name(slot));
         let n = self.open_socket(slot);
         let sid = if eio3 { "" } else { n.socket_id() };
-        link.send(packet::connected(name, sid, eio3));
+        link.send(packet::connected(name, sid, None, eio3));
     }
 
     fn on_event(&mut self, link: &mut Link<'_>, p: &packet::Packet<'_>, slot: usize) {
