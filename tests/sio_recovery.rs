@@ -406,3 +406,53 @@ async fn without_history_there_is_no_pid_and_no_offset() {
         .await;
     assert_eq!(again.pid, None);
 }
+
+#[tokio::test]
+async fn a_polling_session_that_stops_polling_is_recovered_over_websocket() {
+    // The server drops a client silent for a heartbeat.
+    let srv = server(&format!("keepalive_interval = \"200ms\"\n{HISTORY}")).await;
+    let http = reqwest::Client::new();
+    let base = srv.url("/socket.io/?EIO=4&transport=polling");
+    let get = |url: String| {
+        let http = http.clone();
+        async move {
+            let body = tokio::time::timeout(common::WAIT, http.get(&url).send())
+                .await
+                .expect("answered in time")
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            body.split('\u{1e}').map(String::from).collect::<Vec<_>>()
+        }
+    };
+    let post = |url: String, body: String| {
+        let http = http.clone();
+        async move {
+            let status = http.post(&url).body(body).send().await.unwrap().status();
+            assert_eq!(status, 200);
+        }
+    };
+    let open: Value = serde_json::from_str(&get(base.clone()).await[0][1..]).unwrap();
+    let url = format!("{base}&sid={}", open["sid"].as_str().unwrap());
+    post(url.clone(), format!("40{NS},")).await;
+    let connect = get(url.clone()).await;
+    let connect: Value = serde_json::from_str(&connect[0][NS.len() + 3..]).unwrap();
+    let (sid, pid) = (connect["sid"].clone(), connect["pid"].clone());
+    let pid = pid.as_str().expect("a pid over polling too").to_string();
+    let request =
+        json!(["get", {"url": NS, "params": {"jwt-api-key": srv.token("assistant", "poll")}}]);
+    post(url.clone(), format!("42{NS},1{request}")).await;
+    assert!(get(url.clone()).await[0].contains("\"statusCode\":200"));
+    broadcast(&srv, &["assistant"], json!(0)).await;
+    let packets = get(url.clone()).await;
+    let args: Vec<Value> = serde_json::from_str(&packets[0][NS.len() + 3..]).unwrap();
+    let offset = args[2].as_str().expect("an offset").to_string();
+    // It stops polling: the heartbeat ends the session, which is kept.
+    kept(&srv, 1).await;
+    broadcast(&srv, &["assistant"], json!(1)).await;
+    let mut back = SioClient::reconnect(srv.addr, NS, &pid, &offset).await;
+    assert!(back.recovered(&pid));
+    assert_eq!(json!(back.socket_id()), sid);
+    assert_eq!(event(&mut back).await.0, json!(1));
+}
