@@ -76,8 +76,12 @@ pub struct Metrics {
     /// Messages and bytes (topic and payload text) held in topic history.
     pub history_messages: Gauge,
     pub history_bytes: Gauge,
-    /// `sub` requests with `since`, by `outcome`: `recovered` or `reload`.
+    /// Recovery attempts by `outcome`: `/ws` `sub` requests with `since`
+    /// (`recovered` or `reload`) and Socket.IO reconnects that send a pid
+    /// (`recovered`, `reload`, `unknown_session`, `token_expired`).
     pub recoveries: Family<Label, Counter>,
+    /// Socket.IO sessions kept for connection state recovery.
+    pub sio_recovery_sessions: Gauge,
     /// 1 while this cluster node's backplane subscriber is connected.
     pub cluster_up: Gauge,
     /// Backplane messages by `kind`: `sent`, `received`, `duplicate`
@@ -137,6 +141,7 @@ impl Metrics {
             history_messages: Gauge::default(),
             history_bytes: Gauge::default(),
             recoveries: Family::default(),
+            sio_recovery_sessions: Gauge::default(),
             cluster_up: Gauge::default(),
             cluster_messages: Family::default(),
             cluster_subscriptions: Gauge::default(),
@@ -227,8 +232,13 @@ impl Metrics {
         );
         registry.register(
             "recoveries",
-            "Subscriptions with `since`, by outcome (recovered, reload)",
+            "Recovery attempts (/ws subscriptions with `since`, Socket.IO reconnects with a pid) by outcome (recovered, reload, unknown_session, token_expired)",
             m.recoveries.clone(),
+        );
+        registry.register(
+            "socketio_recovery_sessions",
+            "Socket.IO sessions kept for connection state recovery",
+            m.sio_recovery_sessions.clone(),
         );
         registry.register(
             "cluster_up",

@@ -339,7 +339,7 @@ pub const SETTINGS: &[Setting] = &[
         "history.topics",
         List,
         Some(""),
-        "Topic filters whose messages keep a history (offset and epoch) for recovery after a reconnect; empty: off"
+        "Topic filters (rooms) whose messages keep a history (offset and epoch) for recovery after a reconnect, on /ws and Socket.IO; empty: off"
     ),
     setting!(
         "history.size",
@@ -351,7 +351,7 @@ pub const SETTINGS: &[Setting] = &[
         "history.ttl",
         Duration,
         Some("5m"),
-        "How long a message stays in history"
+        "How long a message stays in history, and a lost Socket.IO session is kept for recovery"
     ),
     setting!(
         "cluster.redis_url",

@@ -9,6 +9,16 @@
 //! messages per topic, `history.ttl` per message, and [`MAX_TOPICS`]
 //! topics (the least recently published topic is dropped first; a topic
 //! that comes back starts a new epoch, since its offsets start again).
+//!
+//! Besides its per-topic offset, every publish that reaches a tracked topic
+//! gets a node-global sequence number ([`Seq`]), taken under the same lock
+//! as the offsets, so it orders the publishes of all topics together: a
+//! Socket.IO client remembers only the last offset it saw, whatever room
+//! it came from, and [`History::missed`] answers "everything of these
+//! topics after that one". Each stream remembers the highest sequence it
+//! has dropped and the sequence at which it was created, and the history
+//! the highest sequence of any stream it evicted, so it can tell whether
+//! it still holds *every* message after a given sequence.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -24,6 +34,16 @@ pub const MAX_TOPICS: usize = 10_000;
 pub struct Position {
     pub offset: u64,
     pub epoch: Arc<str>,
+}
+
+/// A publish's place in the node-global order of every tracked publish:
+/// `n` grows by one per publish (all the copies of a publish to several
+/// rooms share it), and `epoch` is this process's, so a number from
+/// another process (or node) is never taken for one of ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seq {
+    pub epoch: Arc<str>,
+    pub n: u64,
 }
 
 /// What a client that comes back asks for: the messages after `offset` of
@@ -42,6 +62,12 @@ struct Stream {
     entries: VecDeque<(Instant, Arc<Message>)>,
     bytes: usize,
     last_used: u64,
+    /// The global sequence when the stream was created: the topic's
+    /// publishes after it are all here, or were dropped.
+    created: u64,
+    /// The highest global sequence of a message dropped from this stream
+    /// (0: none): a client whose last one is older has lost some.
+    dropped: u64,
 }
 
 pub struct History {
@@ -55,6 +81,14 @@ pub struct History {
     generation: u64,
     /// A clock for least-recently-used eviction.
     tick: u64,
+    /// The last global sequence given ([`Seq`]).
+    seq: u64,
+    /// This process's epoch as a shared string, for every [`Seq`].
+    seq_epoch: Arc<str>,
+    /// The newest global sequence of a message in a stream that was
+    /// evicted (0: none), so a client whose last sequence is at least this
+    /// lost nothing to an eviction.
+    evicted: u64,
     /// What all streams hold, kept up to date (read on every publish for
     /// the metrics, so never summed over the streams).
     held: Held,
@@ -69,14 +103,18 @@ pub struct Held {
 
 impl History {
     pub fn new(filters: Vec<Filter>, size: usize, ttl: Duration) -> History {
+        let node_epoch = crate::hub::random_id();
         History {
             filters,
             size: size.max(1),
             ttl,
-            node_epoch: crate::hub::random_id(),
+            seq_epoch: Arc::from(node_epoch.as_str()),
+            node_epoch,
             streams: HashMap::new(),
             generation: 0,
             tick: 0,
+            seq: 0,
+            evicted: 0,
             held: Held::default(),
         }
     }
@@ -86,8 +124,24 @@ impl History {
         self.filters.iter().any(|f| f.matches(topic))
     }
 
-    /// The position the next message of `topic` takes (the caller makes the
-    /// message with it, then [`History::record`]s it).
+    /// The global sequence of the next publish (once per publish, before
+    /// its copies' [`History::next_position`]s).
+    pub fn next_seq(&mut self) -> Seq {
+        self.seq += 1;
+        Seq {
+            epoch: self.seq_epoch.clone(),
+            n: self.seq,
+        }
+    }
+
+    /// This process's epoch, the one every [`Seq`] carries.
+    pub fn seq_epoch(&self) -> &str {
+        &self.seq_epoch
+    }
+
+    /// The position the next message of `topic` takes (the caller took the
+    /// publish's [`History::next_seq`], makes the message with both, then
+    /// [`History::record`]s it).
     pub fn next_position(&mut self, topic: &Arc<str>) -> Position {
         let now = Instant::now();
         self.tick += 1;
@@ -106,6 +160,8 @@ impl History {
                     entries: VecDeque::new(),
                     bytes: 0,
                     last_used: tick,
+                    created: self.seq.saturating_sub(1),
+                    dropped: 0,
                 },
             );
         }
@@ -170,6 +226,55 @@ impl History {
         )
     }
 
+    /// Every message of the tracked topics among `topics` published after
+    /// global sequence `after` (of epoch `epoch`), in global order, each
+    /// publish once (a publish to several of them has a copy in each);
+    /// `None` unless the history still holds all of them: `after` is of
+    /// another epoch or was never given, or a stream dropped (by size or
+    /// age) or lost (evicted) a message newer than it. Untracked topics
+    /// have nothing to replay and do not prevent it.
+    pub fn missed<'t>(
+        &mut self,
+        topics: impl IntoIterator<Item = &'t str>,
+        epoch: &str,
+        after: u64,
+    ) -> Option<Vec<Arc<Message>>> {
+        if epoch != &*self.seq_epoch || after > self.seq {
+            return None;
+        }
+        let (size, ttl, now) = (self.size, self.ttl, Instant::now());
+        let mut found: Vec<Arc<Message>> = Vec::new();
+        for topic in topics {
+            if !self.tracks(topic) {
+                continue;
+            }
+            let Some(s) = self.streams.get_mut(topic) else {
+                // No stream: the topic had no publish since, unless its
+                // stream was evicted after `after`.
+                if after < self.evicted {
+                    return None;
+                }
+                continue;
+            };
+            self.held.less(s.trim(size, ttl, now));
+            if s.dropped > after || (s.created > after && after < self.evicted) {
+                return None;
+            }
+            // Entries are in sequence order: only the tail is newer.
+            let newer = s
+                .entries
+                .iter()
+                .rev()
+                .take_while(|(_, m)| m.seq.as_ref().is_some_and(|q| q.n > after))
+                .count();
+            let skip = s.entries.len() - newer;
+            found.extend(s.entries.iter().skip(skip).map(|(_, m)| m.clone()));
+        }
+        found.sort_by_key(|m| m.seq.as_ref().map_or(0, |q| q.n));
+        found.dedup_by_key(|m| m.seq.as_ref().map_or(0, |q| q.n));
+        Some(found)
+    }
+
     pub fn held(&self) -> Held {
         self.held
     }
@@ -182,6 +287,8 @@ impl History {
             .map(|(k, _)| k.clone())
             && let Some(s) = self.streams.remove(&oldest)
         {
+            let newest = s.entries.back().and_then(|(_, m)| m.seq.as_ref());
+            self.evicted = self.evicted.max(s.dropped).max(newest.map_or(0, |q| q.n));
             self.held.less(Held {
                 messages: s.entries.len(),
                 bytes: s.bytes,
@@ -213,6 +320,9 @@ impl Stream {
                 .is_some_and(|(at, _)| now.duration_since(*at) >= ttl)
         {
             if let Some((_, m)) = self.entries.pop_front() {
+                if let Some(seq) = &m.seq {
+                    self.dropped = self.dropped.max(seq.n);
+                }
                 let bytes = weight(&m);
                 self.bytes = self.bytes.saturating_sub(bytes);
                 gone.messages += 1;
@@ -229,13 +339,31 @@ mod tests {
     use crate::hub::payload_of;
 
     fn publish(h: &mut History, topic: &str, n: i64) -> Arc<Message> {
-        let topic: Arc<str> = Arc::from(topic);
-        let pos = h.next_position(&topic);
-        let mut m = Message::new(topic, None, payload_of(&n));
-        m.position = Some(pos);
-        let m = Arc::new(m);
-        h.record(&m);
-        m
+        publish_rooms(h, &[topic], n).remove(0)
+    }
+
+    /// One publish to several topics, as `Hub::deliver_rooms` makes it:
+    /// one global sequence, a position per tracked topic.
+    fn publish_rooms(h: &mut History, topics: &[&str], n: i64) -> Vec<Arc<Message>> {
+        let seq = h.next_seq();
+        topics
+            .iter()
+            .map(|topic| {
+                let topic: Arc<str> = Arc::from(*topic);
+                let mut m = Message::new(topic.clone(), None, payload_of(&n));
+                m.seq = Some(seq.clone());
+                if h.tracks(&topic) {
+                    m.position = Some(h.next_position(&topic));
+                }
+                let m = Arc::new(m);
+                h.record(&m);
+                m
+            })
+            .collect()
+    }
+
+    fn payloads(msgs: &[Arc<Message>]) -> Vec<String> {
+        msgs.iter().map(|m| m.payload.get().to_string()).collect()
     }
 
     fn offsets(msgs: &[Arc<Message>]) -> Vec<u64> {
@@ -306,6 +434,75 @@ mod tests {
         assert!(
             !h.streams.contains_key("t0"),
             "least recently used goes first"
+        );
+    }
+
+    #[test]
+    fn missed_orders_every_topic_together_and_needs_every_message() {
+        let mut h = History::new(
+            vec![Filter::parse("t/#").unwrap()],
+            3,
+            Duration::from_secs(60),
+        );
+        let epoch = h.seq_epoch().to_string();
+        let first = publish(&mut h, "t/a", 1);
+        let after = first.seq.as_ref().unwrap().n;
+        publish(&mut h, "t/b", 2);
+        // One publish to both topics and an untracked one: one sequence.
+        let copies = publish_rooms(&mut h, &["u", "t/a", "t/b"], 3);
+        assert!(copies.iter().all(|m| m.seq == copies[0].seq));
+        assert!(copies[0].position.is_none() && copies[1].position.is_some());
+        publish(&mut h, "t/a", 4);
+        publish(&mut h, "t/c", 5);
+        let got = h.missed(["t/a", "t/b", "u", "x"], &epoch, after).unwrap();
+        assert_eq!(payloads(&got), ["2", "3", "4"], "once each, in order");
+        let got = h.missed(["t/b"], &epoch, after).unwrap();
+        assert_eq!(payloads(&got), ["2", "3"]);
+        // Nothing newer; another epoch; a sequence never given.
+        let last = h.seq;
+        assert_eq!(h.missed(["t/a"], &epoch, last).unwrap().len(), 0);
+        assert!(h.missed(["t/a"], "other", after).is_none());
+        assert!(h.missed(["t/a"], &epoch, last + 1).is_none());
+        // Only untracked topics: nothing to replay, and nothing missing.
+        assert_eq!(h.missed(["u"], &epoch, 0).unwrap().len(), 0);
+
+        // t/a keeps 3: publishing 2 more drops `3`, which a client that
+        // saw only `first` has not seen; one that saw `3` has lost nothing.
+        publish(&mut h, "t/a", 6);
+        publish(&mut h, "t/a", 7);
+        assert!(h.missed(["t/a"], &epoch, after).is_none());
+        assert!(
+            h.missed(["t/b"], &epoch, after).is_some(),
+            "t/b lost nothing"
+        );
+        let seen = copies[0].seq.as_ref().unwrap().n;
+        let got = h.missed(["t/a", "t/b"], &epoch, seen).unwrap();
+        assert_eq!(payloads(&got), ["4", "6", "7"]);
+    }
+
+    #[test]
+    fn an_evicted_stream_is_lost_for_clients_from_before() {
+        let mut h = History::new(
+            vec![Filter::parse("#").unwrap()],
+            10,
+            Duration::from_secs(60),
+        );
+        let epoch = h.seq_epoch().to_string();
+        publish(&mut h, "a", 1);
+        let before = h.seq;
+        for n in 0..MAX_TOPICS {
+            publish(&mut h, &format!("t{n}"), 1);
+        }
+        // `a` was evicted: a client from before may have missed it.
+        assert!(!h.streams.contains_key("a"));
+        assert!(h.missed(["a"], &epoch, before - 1).is_none());
+        // `a` again: a new stream, which cannot vouch for the old one.
+        publish(&mut h, "a", 2);
+        assert!(h.missed(["a"], &epoch, before).is_none());
+        let now = h.seq;
+        assert_eq!(
+            h.missed(["a", "zz"], &epoch, now - 1).map(|m| payloads(&m)),
+            Some(vec!["2".to_string()])
         );
     }
 }

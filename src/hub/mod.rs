@@ -55,6 +55,12 @@ pub struct Message {
     pub payload: Arc<RawValue>,
     /// Its place in its topic's history, when `history.topics` keeps one.
     pub position: Option<history::Position>,
+    /// Its publish's place in the order of every tracked publish on this
+    /// node, when `history.topics` keeps one of its rooms. Every copy of
+    /// that publish carries it, those of untracked rooms too: a recipient
+    /// reached through an untracked room still learns how far it has
+    /// read, and is not sent the publish again when it recovers.
+    pub seq: Option<history::Seq>,
     /// The message's encoded copies, for the transports.
     pub frames: Frames,
 }
@@ -76,6 +82,7 @@ impl Message {
             ts,
             payload,
             position: None,
+            seq: None,
             frames: Frames::default(),
         }
     }
@@ -504,50 +511,113 @@ impl Hub {
         replay: Replay<'_>,
     ) -> Result<bool, SubscribeError> {
         let mut announce = Vec::new();
-        let new = {
-            let mut t = self.write();
-            let t = &mut *t;
-            let entry = t.conns.get_mut(&conn).ok_or(SubscribeError::Closed)?;
-            if entry.filters.contains(filter) {
-                false
-            } else {
-                if entry.filters.len() >= limit {
-                    return Err(SubscribeError::TooMany);
+        let mut t = self.write();
+        let t = &mut *t;
+        let new = self.add_subscription(t, conn, filter, limit, &mut announce)?;
+        if new {
+            match replay {
+                Replay::Nothing => {}
+                Replay::LastValues(on_new) => {
+                    on_new();
+                    self.replay_last_values(t, conn, filter);
                 }
-                entry.filters.insert(filter.clone());
-                let recipient = &entry.recipient;
-                let capacity = self.ring_capacity;
-                let first = if filter.is_wildcard() {
-                    t.wild.subscribers(filter).add(conn, recipient, capacity)
-                } else {
-                    let slot = t.exact.entry(filter.text().clone()).or_default();
-                    slot.add(conn, recipient, capacity)
-                };
-                if first {
-                    announce.push(Interest {
-                        filter: filter.clone(),
-                        active: true,
-                    });
-                }
-                self.metrics.subscriptions.inc();
-                self.metrics
-                    .topics
-                    .set((t.exact.len() + t.wild.len()) as i64);
-                match replay {
-                    Replay::Nothing => {}
-                    Replay::LastValues(on_new) => {
-                        on_new();
-                        self.replay_last_values(t, conn, filter);
-                    }
-                    Replay::Since(since, on_new) => self.recover(t, conn, filter, since, on_new),
-                }
-                // Announced under the lock, so watchers see interest
-                // changes in the order the table made them.
-                self.announce(std::mem::take(&mut announce));
-                true
+                Replay::Since(since, on_new) => self.recover(t, conn, filter, since, on_new),
             }
-        };
+            // Announced under the lock, so watchers see interest changes in
+            // the order the table made them.
+            self.announce(announce);
+        }
         Ok(new)
+    }
+
+    /// Adds `filter` to `conn`'s subscriptions; `Ok(false)` when it had it.
+    fn add_subscription(
+        &self,
+        t: &mut Table,
+        conn: ConnId,
+        filter: &Filter,
+        limit: usize,
+        announce: &mut Vec<Interest>,
+    ) -> Result<bool, SubscribeError> {
+        let entry = t.conns.get_mut(&conn).ok_or(SubscribeError::Closed)?;
+        if entry.filters.contains(filter) {
+            return Ok(false);
+        }
+        if entry.filters.len() >= limit {
+            return Err(SubscribeError::TooMany);
+        }
+        entry.filters.insert(filter.clone());
+        let recipient = &entry.recipient;
+        let capacity = self.ring_capacity;
+        let first = if filter.is_wildcard() {
+            t.wild.subscribers(filter).add(conn, recipient, capacity)
+        } else {
+            let slot = t.exact.entry(filter.text().clone()).or_default();
+            slot.add(conn, recipient, capacity)
+        };
+        if first {
+            announce.push(Interest {
+                filter: filter.clone(),
+                active: true,
+            });
+        }
+        self.metrics.subscriptions.inc();
+        self.metrics
+            .topics
+            .set((t.exact.len() + t.wild.len()) as i64);
+        Ok(true)
+    }
+
+    /// Puts a connection back in the rooms `names` a client left when its
+    /// connection was cut (a Socket.IO session recovered, SPEC §11), if the
+    /// history still holds every message of the tracked ones published
+    /// after global sequence `after` of `epoch` (see
+    /// [`history::History::missed`]); `Ok(false)`, and no subscription, if
+    /// it does not (or history is off).
+    ///
+    /// On success `on_resumed` runs first, so the front end can queue its
+    /// answer, then the missed messages are queued in global order, each
+    /// publish once: all under the table lock, like
+    /// [`Hub::subscribe_since`], so the live messages that follow join them
+    /// with no gap and no duplicate.
+    pub fn resume(
+        &self,
+        conn: ConnId,
+        names: &[Filter],
+        epoch: &str,
+        after: u64,
+        on_resumed: impl FnOnce(),
+    ) -> Result<bool, SubscribeError> {
+        let mut announce = Vec::new();
+        let mut t = self.write();
+        let t = &mut *t;
+        if !t.conns.contains_key(&conn) {
+            return Err(SubscribeError::Closed);
+        }
+        let Some(missed) = self
+            .history_lock()
+            .and_then(|mut h| h.missed(names.iter().map(Filter::as_str), epoch, after))
+        else {
+            return Ok(false);
+        };
+        for name in names {
+            self.add_subscription(t, conn, name, usize::MAX, &mut announce)?;
+        }
+        on_resumed();
+        if !missed.is_empty()
+            && let Some(entry) = t.conns.get(&conn)
+        {
+            let n = missed.len() as u64;
+            // One queue item, as a last-value replay: what a client missed
+            // is bounded by the history, not by its queue.
+            if entry.recipient.deliver_batch(missed) {
+                self.metrics.delivered.inc_by(n);
+            } else {
+                self.metrics.dropped.inc_by(n);
+            }
+        }
+        self.announce(announce);
+        Ok(true)
     }
 
     /// Queues to `conn` what was published on `filter` after `since`, if
@@ -744,11 +814,13 @@ impl Hub {
             let mut history = self
                 .history_lock()
                 .filter(|h| rooms.iter().any(|r| h.tracks(r)));
+            let seq = history.as_mut().map(|h| h.next_seq());
             let messages: Vec<Arc<Message>> = rooms
                 .iter()
                 .map(|room| {
                     let mut msg =
                         Message::with_ts(room.clone(), event.clone(), payload.clone(), ts);
+                    msg.seq = seq.clone();
                     if let Some(h) = history.as_mut().filter(|h| h.tracks(room)) {
                         msg.position = Some(h.next_position(room));
                     }
@@ -1169,5 +1241,60 @@ mod tests {
         assert_eq!(fast.all().len(), 5);
         // The slow reader's unread copies made room for newer ones.
         assert_eq!(hub.metrics().dropped.get(), 3);
+    }
+
+    #[test]
+    fn resume_replays_every_room_in_order_once_then_live_or_subscribes_nothing() {
+        let hub = Hub::new(Arc::new(Metrics::new())).with_history(
+            vec![f("h/#")],
+            10,
+            std::time::Duration::from_secs(60),
+        );
+        let rooms = |names: &[&str]| names.iter().map(|n| Arc::from(*n)).collect::<Vec<_>>();
+        let seen = Arc::new(Pull::default());
+        let a = hub.register(seen.clone());
+        hub.subscribe(a, &f("h/1"), 10).unwrap();
+        hub.publish_rooms(&rooms(&["h/1"]), None, payload_of(&0), 1);
+        let last = seen.all()[0].seq.clone().unwrap();
+        hub.unregister(a);
+        // Missed: to one room, to both, to an untracked room and a tracked one.
+        hub.publish_rooms(&rooms(&["h/2"]), None, payload_of(&1), 1);
+        hub.publish_rooms(&rooms(&["h/1", "h/2"]), None, payload_of(&2), 1);
+        hub.publish_rooms(&rooms(&["u", "h/1"]), None, payload_of(&3), 1);
+        hub.publish_rooms(&rooms(&["h/3"]), None, payload_of(&99), 1);
+
+        let back = Arc::new(Pull::default());
+        let b = hub.register(back.clone());
+        let names = [f("h/1"), f("h/2"), f("u")];
+        let mut before = None;
+        let resumed = hub
+            .resume(b, &names, &last.epoch, last.n, || {
+                before = Some(back.all().len());
+            })
+            .unwrap();
+        assert!(resumed);
+        assert_eq!(before, Some(0), "on_resumed runs before the replay");
+        hub.publish_rooms(&rooms(&["u"]), None, payload_of(&4), 1);
+        let got: Vec<String> = back
+            .take(Waker::noop())
+            .iter()
+            .map(|m| m.rsplit('=').next().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(got, ["1", "2", "3", "4"]);
+        assert_eq!(hub.stats().subscriptions, 3);
+
+        // Another epoch: nothing subscribed, nothing sent, on_resumed not run.
+        let other = Arc::new(Pull::default());
+        let c = hub.register(other.clone());
+        assert!(
+            !hub.resume(c, &names, "nope", last.n, || panic!("not resumed"))
+                .unwrap()
+        );
+        assert_eq!(hub.stats().subscriptions, 3);
+        assert!(other.all().is_empty());
+        // History off: never.
+        let plain = Hub::new(Arc::new(Metrics::new()));
+        let d = plain.register(Arc::new(Pull::default()));
+        assert!(!plain.resume(d, &names, &last.epoch, 0, || {}).unwrap());
     }
 }

@@ -15,6 +15,7 @@ pub mod cors;
 pub mod packet;
 pub mod payload;
 pub mod polling;
+pub(crate) mod recovery;
 pub mod request;
 pub mod rooms;
 pub mod socket;
@@ -50,16 +51,31 @@ pub struct Transport {
     /// Published messages as events in that namespace, likewise leaked.
     events: &'static packet::Events,
     sessions: Arc<polling::Sessions>,
+    /// Sessions kept for connection state recovery (`None`: history is
+    /// off, so there is none).
+    recovery: Option<Arc<recovery::Store>>,
 }
 
 impl Transport {
     pub fn new(gw: &Arc<Gateway>) -> Self {
         let nsp: &'static str = Box::leak(gw.config.socketio.namespace.clone().into_boxed_str());
+        let history = &gw.config.history;
+        let recovery = (!history.topics.is_empty()).then(|| {
+            let store = Arc::new(recovery::Store::new(
+                history.ttl,
+                recovery::MAX_SESSIONS,
+                gw.metrics.clone(),
+            ));
+            let period = history.ttl.min(std::time::Duration::from_secs(60));
+            recovery::sweep_periodically(&store, period, gw.shutdown.clone());
+            store
+        });
         Transport {
             gw: gw.clone(),
             nsp,
             events: Box::leak(Box::new(packet::Events::namespace(nsp))),
             sessions: Arc::default(),
+            recovery,
         }
     }
 }
@@ -178,16 +194,77 @@ pub(crate) struct Notifications {
     /// Its handle in the hub, subscribed to its rooms once it authenticates.
     conn: ConnId,
     auth: Option<Authed>,
+    /// Its private session id, told to the client on CONNECT when
+    /// connection state recovery is on (Engine.IO 4 with `history.topics`).
+    pid: Option<Box<str>>,
 }
 
 impl Notifications {
-    pub(crate) fn new(gw: Arc<Gateway>, socket_id: String, conn: ConnId) -> Self {
+    pub(crate) fn new(
+        gw: Arc<Gateway>,
+        socket_id: String,
+        conn: ConnId,
+        pid: Option<String>,
+    ) -> Self {
         Notifications {
             gw,
             socket_id,
             conn,
             auth: None,
+            pid: pid.map(String::into_boxed_str),
         }
+    }
+
+    /// The socket a client recovered (its hub subscriptions already
+    /// resumed on `conn`): authenticated as before, and its presence row
+    /// written again. The row is not waited for: nothing acknowledges a
+    /// recovery but the CONNECT answer, which must precede the missed
+    /// events queued with it.
+    pub(crate) fn recovered(
+        gw: Arc<Gateway>,
+        conn: ConnId,
+        pid: &str,
+        saved: recovery::Saved,
+    ) -> Self {
+        let mut n = Notifications::new(gw, saved.socket_id, conn, Some(pid.to_string()));
+        let _ = n.gw.presence.set(n.holder(&saved.identity));
+        n.auth = Some(Authed {
+            identity: saved.identity,
+            rooms: saved.rooms,
+        });
+        n
+    }
+
+    pub(crate) fn pid(&self) -> Option<&str> {
+        self.pid.as_deref()
+    }
+
+    /// What to keep for recovery, now that its transport is lost: only an
+    /// authenticated socket that was told a pid has anything to recover.
+    pub(crate) fn to_keep(&self, namespace: &'static str) -> Option<(&str, recovery::Saved)> {
+        let (pid, a) = (self.pid.as_deref()?, self.auth.as_ref()?);
+        Some((
+            pid,
+            recovery::Saved {
+                socket_id: self.socket_id.clone(),
+                namespace,
+                rooms: a.rooms.clone(),
+                identity: a.identity.clone(),
+                deadline: self.deadline(),
+            },
+        ))
+    }
+
+    /// Its hub names: its own-id room and its template rooms.
+    fn names<'a>(socket_id: &'a str, rooms: &'a [String]) -> impl Iterator<Item = Filter> + 'a {
+        std::iter::once(socket_id)
+            .chain(rooms.iter().map(String::as_str))
+            .filter_map(|name| Filter::parse(name).ok())
+    }
+
+    /// The hub names of a kept session, for [`crate::hub::Hub::resume`].
+    pub(crate) fn saved_names(saved: &recovery::Saved) -> Vec<Filter> {
+        Self::names(&saved.socket_id, &saved.rooms).collect()
     }
 
     pub(crate) fn authed(&self) -> bool {
@@ -271,10 +348,8 @@ impl Notifications {
         // Rooms are decided; only role, sub and exp are needed from here on.
         identity.claims = Default::default();
 
-        for name in std::iter::once(&self.socket_id).chain(&rooms) {
-            if let Ok(filter) = Filter::parse(name) {
-                let _ = gw.hub.subscribe(self.conn, &filter, usize::MAX);
-            }
+        for filter in Self::names(&self.socket_id, &rooms) {
+            let _ = gw.hub.subscribe(self.conn, &filter, usize::MAX);
         }
         *committed = Some(gw.presence.set(self.holder(&identity)));
         tracing::debug!(socket = %self.socket_id, sub = %identity.sub, role = %identity.role, ?rooms, "socket.io authenticated");
@@ -315,10 +390,8 @@ impl Notifications {
         let Some(a) = self.auth.take() else {
             return;
         };
-        for name in std::iter::once(&self.socket_id).chain(&a.rooms) {
-            if let Ok(filter) = Filter::parse(name) {
-                self.gw.hub.unsubscribe(self.conn, &filter);
-            }
+        for filter in Self::names(&self.socket_id, &a.rooms) {
+            self.gw.hub.unsubscribe(self.conn, &filter);
         }
         self.gw.presence.clear(self.holder(&a.identity));
     }

@@ -117,16 +117,72 @@ pub fn open(
     encode_text_with(text.len(), |out| out.extend_from_slice(text.as_bytes()))
 }
 
-/// A successful CONNECT answer; protocol 5 names the socket's id.
-pub fn connected(nsp: &str, sid: &str, eio3: bool) -> Bytes {
-    encode_text_with(32 + nsp.len(), |out| {
+/// A successful CONNECT answer; protocol 5 names the socket's id and, when
+/// connection state recovery is on, its private session id
+/// (`{"sid":…,"pid":…}`, as socket.io v4 sends it). Both are ours (URL-safe
+/// characters), so they need no escaping.
+pub fn connected(nsp: &str, sid: &str, pid: Option<&str>, eio3: bool) -> Bytes {
+    encode_text_with(48 + nsp.len(), |out| {
         head(out, kind::CONNECT, nsp);
         if !eio3 {
             out.extend_from_slice(b"{\"sid\":\"");
             out.extend_from_slice(sid.as_bytes());
+            if let Some(pid) = pid {
+                out.extend_from_slice(b"\",\"pid\":\"");
+                out.extend_from_slice(pid.as_bytes());
+            }
             out.extend_from_slice(b"\"}");
         }
     })
+}
+
+/// The longest `pid` and `offset` a CONNECT's auth may carry to recover a
+/// session (ours are far shorter); anything longer is not looked at.
+pub const MAX_RECOVERY_FIELD: usize = 64;
+
+/// What socket.io-client (≥ 4.6) sends in its CONNECT packet's auth when it
+/// reconnects after it was told a `pid`: `{"pid":"…","offset":"…"}`, merged
+/// with the application's own auth fields (ignored here). The offset is
+/// the last argument of the last event it received, if it was a string;
+/// without one (it has seen no event yet) there is nothing to recover from.
+#[derive(Debug, PartialEq)]
+pub struct Recovery<'a> {
+    pub pid: &'a str,
+    pub offset: &'a str,
+}
+
+/// The recovery fields of a CONNECT packet's data, if both are present,
+/// strings, and not too long. A client never gets more than a refusal from
+/// this: any other shape connects it as new.
+pub fn recovery(data: &str) -> Option<Recovery<'_>> {
+    // Borrowed from the packet: a pid or offset with an escape (never one
+    // of ours) fails to parse, and the client connects as new. The
+    // application's other fields are skipped without being built.
+    #[derive(serde::Deserialize)]
+    struct Auth<'a> {
+        #[serde(borrow, default)]
+        pid: Option<&'a str>,
+        #[serde(borrow, default)]
+        offset: Option<&'a str>,
+    }
+    // A derived struct would also take a JSON array; auth is an object.
+    if !data.trim_start().starts_with('{') {
+        return None;
+    }
+    let auth: Auth<'_> = serde_json::from_str(data).ok()?;
+    let (pid, offset) = (auth.pid?, auth.offset?);
+    (pid.len() <= MAX_RECOVERY_FIELD && offset.len() <= MAX_RECOVERY_FIELD)
+        .then_some(Recovery { pid, offset })
+}
+
+/// An event's offset as pulso writes it: `<epoch>:<sequence>` (see
+/// [`Events`]); `None` for any other text.
+pub fn parse_offset(offset: &str) -> Option<(&str, u64)> {
+    let (epoch, n) = offset.rsplit_once(':')?;
+    if epoch.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((epoch, n.parse().ok()?))
 }
 
 /// A refused CONNECT.
@@ -171,6 +227,15 @@ pub fn pong(data: &str) -> Bytes {
 /// Socket.IO's encoding of published messages in one namespace: the whole
 /// frame of the event `42/nsp,["event",payload]` (event `message` when it
 /// has none).
+///
+/// A message of a publish that `history.topics` tracks ends with its
+/// offset, `42/nsp,["event",payload,"<epoch>:<sequence>"]`, as socket.io v4
+/// appends one when connection state recovery is on: socket.io-client keeps
+/// the last argument of every event that is a string and sends it back
+/// when it reconnects. The offset is the publish's node-global sequence
+/// (see `hub::history::Seq`), since the client keeps one offset for all
+/// its rooms; it depends on the message only, so the frame is still built
+/// once per message and namespace.
 pub struct Events {
     nsp: &'static str,
     slot: FrameSlot,
@@ -208,6 +273,14 @@ impl Encoding for Events {
             }
             out.push(b',');
             out.extend_from_slice(payload.as_bytes());
+            if let Some(seq) = &msg.seq {
+                // The epoch is ours, of URL-safe characters: no escaping.
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(seq.epoch.as_bytes());
+                out.push(b':');
+                out.extend_from_slice(seq.n.to_string().as_bytes());
+                out.push(b'"');
+            }
             out.push(b']');
         })
     }
@@ -294,15 +367,22 @@ mod tests {
     #[test]
     fn encodes_what_clients_expect() {
         assert_eq!(
-            text(&connected("/notifications", "abc", false)),
+            text(&connected("/notifications", "abc", None, false)),
             r#"40/notifications,{"sid":"abc"}"#
         );
         assert_eq!(
-            text(&connected("/notifications", "abc", true)),
+            text(&connected("/notifications", "abc", Some("p1"), false)),
+            r#"40/notifications,{"sid":"abc","pid":"p1"}"#
+        );
+        assert_eq!(
+            text(&connected("/notifications", "abc", None, true)),
             "40/notifications,"
         );
-        assert_eq!(text(&connected("/", "abc", true)), "40");
-        assert_eq!(text(&connected("/", "abc", false)), r#"40{"sid":"abc"}"#);
+        assert_eq!(text(&connected("/", "abc", None, true)), "40");
+        assert_eq!(
+            text(&connected("/", "abc", None, false)),
+            r#"40{"sid":"abc"}"#
+        );
         assert_eq!(
             text(&connect_error("/x", "Invalid namespace", false)),
             r#"44/x,{"message":"Invalid namespace"}"#
@@ -336,5 +416,58 @@ mod tests {
             text(encoding::frame(&msg, &ROOT_EVENTS)),
             r#"42["message","x"]"#
         );
+    }
+
+    #[test]
+    fn tracked_events_end_with_their_offset_and_reconnects_carry_it_back() {
+        let mut msg = Message::new("t".into(), Some("ev".into()), payload_of(&"x"));
+        msg.seq = Some(crate::hub::history::Seq {
+            epoch: "E-1_a".into(),
+            n: 42,
+        });
+        let ns = Events::namespace("/n");
+        assert_eq!(
+            text(encoding::frame(&msg, &ns)),
+            r#"42/n,["ev","x","E-1_a:42"]"#
+        );
+        assert_eq!(
+            text(encoding::frame(&msg, &ROOT_EVENTS)),
+            r#"42["ev","x","E-1_a:42"]"#
+        );
+        assert_eq!(parse_offset("E-1_a:42"), Some(("E-1_a", 42)));
+        for bad in [
+            "",
+            "E",
+            ":1",
+            "E:",
+            "E:-1",
+            "E:1x",
+            "E:99999999999999999999999",
+        ] {
+            assert_eq!(parse_offset(bad), None, "{bad}");
+        }
+
+        let p = parse(r#"0/n,{"token":"t","pid":"P","offset":"E:3"}"#).unwrap();
+        assert_eq!(
+            recovery(p.data),
+            Some(Recovery {
+                pid: "P",
+                offset: "E:3"
+            })
+        );
+        let long = "p".repeat(MAX_RECOVERY_FIELD + 1);
+        for data in [
+            "".to_string(),
+            "{}".into(),
+            r#"{"pid":"P"}"#.into(),
+            r#"{"pid":"P","offset":3}"#.into(),
+            r#"{"pid":null,"offset":"E:3"}"#.into(),
+            r#"{"pid":"P\u0041","offset":"E:3"}"#.into(),
+            r#"["P","E:3"]"#.into(),
+            format!(r#"{{"pid":"{long}","offset":"E:3"}}"#),
+            "{\"pid\":".into(),
+        ] {
+            assert_eq!(recovery(&data), None, "{data}");
+        }
     }
 }

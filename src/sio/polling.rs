@@ -213,7 +213,7 @@ impl Session {
 /// `GET ?EIO=..&transport=polling` without a session: opens one and answers
 /// with the OPEN packet (and Engine.IO 3's root CONNECT).
 pub(crate) fn open(t: &super::Transport, eio3: bool) -> Response {
-    let (socket, outbox) = Socket::open(&t.gw, t.nsp, t.events, eio3, true);
+    let (socket, outbox) = Socket::open(t, eio3, true);
     let keepalive = socket.keepalive();
     let id: Box<str> = socket.engine_id().into();
     let mut first = VecDeque::new();

@@ -7,6 +7,11 @@
 //! [`Socket`] and its [`Outbox`] move with it, so nothing queued is lost
 //! or reordered. Handlers never await; a transport calls them with a
 //! [`Link`] to its outbox.
+//!
+//! With connection state recovery on (Engine.IO 4 and `history.topics`),
+//! a namespace socket that is still open when the session ends is kept
+//! ([`super::recovery`]), and a CONNECT that names its pid may get it back
+//! ([`Socket::join`]).
 
 use std::sync::Arc;
 
@@ -14,7 +19,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::packet::{self, engine, kind};
-use super::{Answer, LABEL, Notifications};
+use super::recovery::{self, Store};
+use super::{Answer, LABEL, Notifications, Transport};
 use crate::gateway::Gateway;
 use crate::hub::ConnId;
 use crate::transport::close;
@@ -46,6 +52,9 @@ pub(crate) struct Socket {
     expiry: Option<Instant>,
     /// `ws.rate_limit`, applied to Socket.IO packets.
     rate: RateLimit,
+    /// Where sockets are kept for recovery (`None`: Engine.IO 3, or
+    /// `history.topics` is empty).
+    recovery: Option<Arc<Store>>,
     closed: bool,
 }
 
@@ -58,13 +67,8 @@ impl Socket {
     /// Opens a session: its outbox is in the hub, and holds the OPEN packet
     /// (offering the upgrade to WebSocket when `upgrades`) and, for
     /// Engine.IO 3, the root namespace's CONNECT.
-    pub(crate) fn open(
-        gw: &Arc<Gateway>,
-        nsp: &'static str,
-        events: &'static packet::Events,
-        eio3: bool,
-        upgrades: bool,
-    ) -> (Socket, Arc<Outbox>) {
+    pub(crate) fn open(t: &Transport, eio3: bool, upgrades: bool) -> (Socket, Arc<Outbox>) {
+        let (gw, nsp, events) = (&t.gw, t.nsp, t.events);
         let cfg = &gw.config;
         let outbox = Arc::new(Outbox::new(
             cfg.ws.outbound_queue,
@@ -90,7 +94,7 @@ impl Socket {
         )));
         if eio3 {
             // Engine.IO 3 clients are in the root namespace without asking.
-            outbox.push(Outbound::Frame(packet::connected("/", "", true)));
+            outbox.push(Outbound::Frame(packet::connected("/", "", None, true)));
         }
         let socket = Socket {
             gw: gw.clone(),
@@ -104,6 +108,8 @@ impl Socket {
             auth_deadline: Some(Instant::now() + cfg.socketio.auth_timeout),
             expiry: None,
             rate: RateLimit::new(cfg.ws.rate_limit, std::time::Instant::now()),
+            // Engine.IO 3 clients (socket.io-client 2.x) have no recovery.
+            recovery: if eio3 { None } else { t.recovery.clone() },
             closed: false,
         };
         (socket, outbox)
@@ -137,10 +143,22 @@ impl Socket {
         }
     }
 
-    /// The session is over: leaves its namespaces and the hub.
+    /// The session is over: keeps its open sockets for recovery (their
+    /// transport was lost: every deliberate end left them already), then
+    /// leaves its namespaces and the hub.
     pub(crate) fn close(&mut self) {
         if std::mem::replace(&mut self.closed, true) {
             return;
+        }
+        if let Some(store) = &self.recovery {
+            for slot in [NSP, ROOT] {
+                if let Some((pid, saved)) = self.sockets[slot]
+                    .as_ref()
+                    .and_then(|n| n.to_keep(self.name(slot)))
+                {
+                    store.keep(pid, saved);
+                }
+            }
         }
         self.leave(NSP);
         self.leave(ROOT);
@@ -173,6 +191,19 @@ impl Socket {
         if slot == NSP { self.nsp } else { "/" }
     }
 
+    /// The hub handle of the namespace in `slot`.
+    fn slot_conn(&mut self, slot: usize) -> ConnId {
+        if slot == NSP {
+            self.conn
+        } else {
+            *self.root_conn.get_or_insert_with(|| {
+                self.outbox
+                    .add_lane(&self.gw.hub, &packet::ROOT_EVENTS)
+                    .unwrap_or(self.conn)
+            })
+        }
+    }
+
     /// The namespace socket in `slot`, opened if it is not yet.
     fn open_socket(&mut self, slot: usize) -> &mut Notifications {
         let socket = match self.sockets[slot].take() {
@@ -185,16 +216,9 @@ impl Socket {
                     (true, nsp) => format!("{nsp}#{}", self.engine_id),
                     (false, _) => new_sid(),
                 };
-                let conn = if slot == NSP {
-                    self.conn
-                } else {
-                    *self.root_conn.get_or_insert_with(|| {
-                        self.outbox
-                            .add_lane(&self.gw.hub, &packet::ROOT_EVENTS)
-                            .unwrap_or(self.conn)
-                    })
-                };
-                Notifications::new(self.gw.clone(), socket_id, conn)
+                let conn = self.slot_conn(slot);
+                let pid = self.recovery.as_ref().map(|_| recovery::new_pid());
+                Notifications::new(self.gw.clone(), socket_id, conn, pid)
             }
         };
         self.sockets[slot].insert(socket)
@@ -259,7 +283,7 @@ impl Socket {
             return;
         };
         match p.kind {
-            kind::CONNECT => self.join(link, slot),
+            kind::CONNECT => self.join(link, slot, p.data),
             kind::DISCONNECT => {
                 self.leave(slot);
                 // Its last namespace is gone: so is the connection.
@@ -287,11 +311,77 @@ impl Socket {
         }
     }
 
-    fn join(&mut self, link: &mut Link<'_>, slot: usize) {
+    /// A CONNECT to the namespace in `slot`: the socket the client asked
+    /// to recover, or else a new one (or the one already open: answered
+    /// again).
+    fn join(&mut self, link: &mut Link<'_>, slot: usize, data: &str) {
+        if self.sockets[slot].is_none()
+            && let Some(n) = self.recover(link, slot, data)
+        {
+            self.sockets[slot] = Some(n);
+            self.update_deadlines();
+            return;
+        }
         let (eio3, name) = (self.eio3, self.name(slot));
         let n = self.open_socket(slot);
         let sid = if eio3 { "" } else { n.socket_id() };
-        link.send(packet::connected(name, sid, eio3));
+        link.send(packet::connected(name, sid, n.pid(), eio3));
+    }
+
+    /// Recovers the socket a CONNECT's auth names (`{"pid","offset"}`, what
+    /// socket.io-client ≥ 4.6 sends when it reconnects), if it was kept in
+    /// this namespace, its token is still valid and the history still holds
+    /// every event of its rooms after that offset. Its rooms are then
+    /// resumed and, under the hub's lock, the CONNECT answer (same `sid`,
+    /// same `pid`: the client sets `socket.recovered`) is queued ahead of
+    /// the missed events, which come ahead of any live one. `None`: the
+    /// client connects as new (a new pid tells it it was not recovered).
+    fn recover(&mut self, link: &mut Link<'_>, slot: usize, data: &str) -> Option<Notifications> {
+        let store = self.recovery.clone()?;
+        let asked = packet::recovery(data)?;
+        let name = self.name(slot);
+        // Taken whatever follows: a session is used once.
+        let saved = store.take(asked.pid).filter(|s| s.namespace == name);
+        let resumed = match (saved, packet::parse_offset(asked.offset)) {
+            (None, _) => Err("unknown_session"),
+            (Some(s), _)
+                if s.deadline
+                    .is_some_and(|d| d <= std::time::SystemTime::now()) =>
+            {
+                Err("token_expired")
+            }
+            (Some(_), None) => Err("reload"),
+            (Some(saved), Some((epoch, after))) => {
+                let conn = self.slot_conn(slot);
+                let names = Notifications::saved_names(&saved);
+                let answer = packet::connected(name, &saved.socket_id, Some(asked.pid), false);
+                match self
+                    .gw
+                    .hub
+                    .resume(conn, &names, epoch, after, || link.send(answer))
+                {
+                    Ok(true) => Ok((conn, saved)),
+                    _ => Err("reload"),
+                }
+            }
+        };
+        let outcome = match &resumed {
+            Ok(_) => "recovered",
+            Err(why) => why,
+        };
+        self.gw
+            .metrics
+            .recoveries
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+        let (conn, saved) = resumed.ok()?;
+        tracing::debug!(socket = %saved.socket_id, nsp = name, "socket.io session recovered");
+        Some(Notifications::recovered(
+            self.gw.clone(),
+            conn,
+            asked.pid,
+            saved,
+        ))
     }
 
     fn on_event(&mut self, link: &mut Link<'_>, p: &packet::Packet<'_>, slot: usize) {

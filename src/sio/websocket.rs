@@ -73,7 +73,7 @@ where
     // otherwise still take room in this task's state (its storage lives
     // until the end of its scope, across the awaits below).
     let mut connection = {
-        let (socket, outbox) = Socket::open(&t.gw, t.nsp, t.events, eio3, false);
+        let (socket, outbox) = Socket::open(&t, eio3, false);
         let (keepalive, conn) = (socket.keepalive(), socket.conn());
         Connection::new(
             io,

@@ -36,6 +36,12 @@ pub struct SioClient {
     pub engine_id: String,
     /// The namespace socket id as the server reports it on CONNECT (EIO4).
     pub sid: Option<String>,
+    /// The private session id the server sent on CONNECT, if any
+    /// (connection state recovery).
+    pub pid: Option<String>,
+    /// As socket.io-client keeps it: the last argument of the last event
+    /// received while a pid is known, when it is a string.
+    pub last_offset: Option<String>,
     next_ack: u64,
 }
 
@@ -60,6 +66,8 @@ impl SioClient {
             ns: "/".into(),
             engine_id: String::new(),
             sid: None,
+            pid: None,
+            last_offset: None,
             next_ack: 1,
         };
         let open = c.engine_packet().await.expect("engine open packet");
@@ -101,7 +109,31 @@ impl SioClient {
         {
             let v: Value = serde_json::from_str(rest).expect("connect json");
             self.sid = v["sid"].as_str().map(str::to_string);
+            self.pid = v["pid"].as_str().map(str::to_string);
         }
+    }
+
+    /// Joins `ns` (not the root) with `auth` as the CONNECT packet's data,
+    /// as socket.io-client sends `{pid, offset}` when it reconnects.
+    pub async fn join_with_auth(&mut self, ns: &str, auth: &Value) {
+        self.join_as(ns, &format!("40{ns},{auth}")).await;
+    }
+
+    /// Opens a new Engine.IO 4 connection and joins `ns` as socket.io-client
+    /// does after it lost its connection: with the `pid` it was told and
+    /// the last `offset` it saw. See [`SioClient::recovered`].
+    pub async fn reconnect(addr: SocketAddr, ns: &str, pid: &str, offset: &str) -> SioClient {
+        let mut c = Self::open(addr, 4).await;
+        c.join_with_auth(ns, &json!({"pid": pid, "offset": offset}))
+            .await;
+        c
+    }
+
+    /// Whether the server recovered the session asked for with `pid`:
+    /// socket.io-client's `socket.recovered` (the CONNECT answer carries
+    /// the same pid).
+    pub fn recovered(&self, pid: &str) -> bool {
+        self.pid.as_deref() == Some(pid)
     }
 
     /// The id the client sees as `socket.id`.
@@ -182,6 +214,11 @@ impl SioClient {
                     panic!("bad event packet {t}");
                 };
                 let ev = items.remove(0).as_str().unwrap_or_default().to_string();
+                if self.pid.is_some()
+                    && let Some(Value::String(offset)) = items.last()
+                {
+                    self.last_offset = Some(offset.clone());
+                }
                 return Packet::Event(ev, items);
             }
             if let Some(b) = self.body(&t, '3') {
