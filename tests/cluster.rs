@@ -53,6 +53,7 @@ macro_rules! on_each_engine {
 }
 
 on_each_engine!(
+    a_subscribed_node_stays_connected_across_pings,
     publishes_and_broadcasts_reach_every_node_once_on_both_protocols,
     a_topics_messages_arrive_in_the_same_order_on_every_connection,
     a_node_receives_only_what_its_clients_want,
@@ -403,6 +404,25 @@ async fn while_the_backplane_is_down_nodes_serve_locally_then_resubscribe(engine
     assert_eq!(next(&mut on_a).await, ("t/2".into(), json!(2)));
     let m = a.metrics().await;
     assert!(m.contains("pulso_cluster_reconnects_total 1"), "{m}");
+}
+
+/// The backplane connection is pinged every 5 s (a subscribed Redis
+/// connection answers `["pong", ""]`), and an answer must count as alive.
+/// The test lets one ping period pass (nothing to await: what is checked
+/// is that nothing happens), then checks that no node reconnected and no
+/// publish was delivered locally only.
+async fn a_subscribed_node_stays_connected_across_pings(engine: Engine) {
+    let Some((_server, [a, b, _c])) = cluster(engine).await else {
+        return;
+    };
+    let mut on_b = subscriber(&b, &["kept"]).await;
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    a.publish("kept", json!(1)).await;
+    assert_eq!(next(&mut on_b).await, ("kept".into(), json!(1)));
+    assert_eq!(metric(&b, "pulso_cluster_reconnects_total").await, 0);
+    assert_eq!(metric(&a, "pulso_cluster_reconnects_total").await, 0);
+    let unsent = "pulso_cluster_messages_total{kind=\"unsent\"}";
+    assert_eq!(metric(&a, unsent).await, 0);
 }
 
 #[tokio::test]
