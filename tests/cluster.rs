@@ -217,6 +217,25 @@ async fn a_node_receives_only_what_its_clients_want() {
     assert_eq!(received(&a).await, 0);
 }
 
+/// The pub/sub connection is pinged every 5 s; a subscribed connection
+/// answers `["pong", ""]`, which must count as alive. The test lets one
+/// ping period pass (nothing to await: what is checked is that nothing
+/// happens), then checks no reconnect and no local-only delivery.
+#[tokio::test]
+async fn a_subscribed_node_stays_connected_across_pings() {
+    let Some((_redis, [a, b, _c])) = cluster().await else {
+        return;
+    };
+    let mut on_b = subscriber(&b, &["kept"]).await;
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    a.publish("kept", json!(1)).await;
+    assert_eq!(next(&mut on_b).await, ("kept".into(), json!(1)));
+    assert_eq!(metric(&b, "pulso_cluster_reconnects_total").await, 0);
+    assert_eq!(metric(&a, "pulso_cluster_reconnects_total").await, 0);
+    let unsent = "pulso_cluster_messages_total{kind=\"unsent\"}";
+    assert_eq!(metric(&a, unsent).await, 0);
+}
+
 #[tokio::test]
 async fn while_redis_is_down_nodes_serve_locally_then_resubscribe() {
     let Some((mut redis, [a, b, _c])) = cluster().await else {

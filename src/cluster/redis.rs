@@ -511,7 +511,9 @@ impl Subscriber {
                     }
                     if now >= next_ping {
                         next_ping = now + PING_EVERY;
-                        if let Err(e) = timed(sink.ping::<String>()).await {
+                        // On a subscribed RESP2 connection Redis answers
+                        // `["pong", ""]`, not `PONG`: any answer will do.
+                        if let Err(e) = timed(sink.ping::<redis::Value>()).await {
                             return Some(format!("ping: {e}"));
                         }
                     }
