@@ -145,6 +145,7 @@ trap 'stop_server; stop_redis' EXIT
 #   pulso-1          one pulso node, no backplane (PostgreSQL like the others)
 #   pulso-redis-N    N pulso nodes over our Redis
 #   node-redis-N     N Node baselines with @socket.io/redis-adapter on it
+#   node-1           one Node baseline, no Redis
 URLS=()
 start_setup() {
   local setup=$1 n i port prefix
@@ -172,6 +173,13 @@ start_setup() {
         wait_up "$setup.n$i" "$port" /readyz || return 1
         URLS+=("http://127.0.0.1:$port")
       done ;;
+    node-1)
+      port=$(free_port)
+      (cd bench/baselines/node && exec env PORT="$port" JWT_SECRET="$SECRET" node server.js) \
+        >"$LOGS/$setup.n1.$port.log" 2>&1 &
+      SERVER_PID=$!; SERVER_PIDS+=("$SERVER_PID")
+      wait_up "$setup.n1" "$port" /healthz || return 1
+      URLS+=("http://127.0.0.1:$port") ;;
     node-redis-*)
       n=${setup#node-redis-}
       for i in $(seq 1 "$n"); do
@@ -199,7 +207,7 @@ bench_cluster() {
   local scen=$1 setup=$2 client_nodes=$3 extra=$4; shift 4
   local clients=("${URLS[@]:0:$client_nodes}") m=()
   case $setup in pulso-*) m=(--metrics-url "$(join_by_comma "${URLS[@]}")") ;; esac
-  [ "$setup" != pulso-1 ] && m+=(--redis "127.0.0.1:$REDIS_PORT")
+  case $setup in *-redis-*) m+=(--redis "127.0.0.1:$REDIS_PORT") ;; esac
   local args=("$@" --url "${URLS[0]}" --client-url "$(join_by_comma "${clients[@]}")"
               --label "$setup" --secret "$SECRET" --pids "$(join_by_comma "${SERVER_PIDS[@]}")" "${m[@]}")
   echo "==> $scen against $setup (${#URLS[@]} node(s), pids ${SERVER_PIDS[*]})" >&2
@@ -228,32 +236,57 @@ run_cluster() {
 
 # The rate ladder of cluster-sio-sweep, in messages per second to 2 000
 # clients (x SCALE): steps of about sqrt(2). Each step runs on fresh servers
-# for about SWEEP_STEP_S seconds (at least 20 messages); the ladder stops
-# after two steps in a row that miss (p99 above 50 ms, or anything lost).
+# for about SWEEP_STEP_S seconds (at least 20 messages) and passes when
+# nothing is lost and p99 is at most SWEEP_P99_MS. The ladder stops after
+# two steps in a row that miss; then SWEEP_REFINE more steps bisect
+# (geometrically) between the best rate that passed and the lowest rate
+# above it that missed.
 SWEEP_RATES=(1.25 1.77 2.5 3.54 5 7.07 10 14.1 20 28.3 40 56.6 80 113 160 226 320 453 640)
 SWEEP_STEP_S="${SWEEP_STEP_S:-8}"
-SWEEP_P99_MS=50
+SWEEP_REFINE="${SWEEP_REFINE:-2}"
+SWEEP_P99_MS="${SWEEP_P99_MS:-50}"
+
+# sweep_step SCEN SETUP STEP RATE: one step; returns 0 if it passed.
+sweep_step() {
+  local scen=$1 setup=$2 step=$3 rate=$4 msgs ok=1
+  msgs=$(python3 -c "import sys; print(max(20, int(round(float(sys.argv[1]) * float(sys.argv[2])))))" "$rate" "$SWEEP_STEP_S")
+  if ! start_setup "$setup"; then failed=1; stop_server; return 2; fi
+  if bench_cluster "$scen" "$setup" 2 \
+       "{\"step\": $step, \"steps\": ${#SWEEP_RATES[@]}, \"p99_limit_ms\": $SWEEP_P99_MS}" \
+       sio-fanout --clients "$(scaled 2000)" --messages "$msgs" --rate "$rate"; then
+    echo "$LAST_LINE" | jq -e --argjson l "$SWEEP_P99_MS" \
+      '.p99_ms != null and .p99_ms <= $l and .lost == 0 and .publish_errors == 0' >/dev/null && ok=0
+  else
+    failed=1
+  fi
+  stop_server
+  return $ok
+}
 
 run_sweep() { # SCEN SETUP
-  local scen=$1 setup=$2 rate msgs misses=0 step=0
+  local scen=$1 setup=$2 rate misses=0 step=0 r best="" above="" i
   for rate in "${SWEEP_RATES[@]}"; do
     step=$((step + 1))
-    msgs=$(python3 -c "import sys; print(max(20, int(round(float(sys.argv[1]) * float(sys.argv[2])))))" "$rate" "$SWEEP_STEP_S")
-    if ! start_setup "$setup"; then failed=1; stop_server; return; fi
-    if bench_cluster "$scen" "$setup" 2 \
-         "{\"step\": $step, \"steps\": ${#SWEEP_RATES[@]}, \"p99_limit_ms\": $SWEEP_P99_MS}" \
-         sio-fanout --clients "$(scaled 2000)" --messages "$msgs" --rate "$rate"; then
-      if echo "$LAST_LINE" | jq -e --argjson l "$SWEEP_P99_MS" \
-           '.p99_ms != null and .p99_ms <= $l and .lost == 0 and .publish_errors == 0' >/dev/null; then
-        misses=0
-      else
-        misses=$((misses + 1))
-      fi
-    else
-      failed=1; misses=$((misses + 1))
-    fi
-    stop_server
+    sweep_step "$scen" "$setup" "$step" "$rate"
+    r=$?
+    [ $r -eq 2 ] && return
+    if [ $r -eq 0 ]; then misses=0; best=$rate; else misses=$((misses + 1)); fi
     [ $misses -ge 2 ] && break
+  done
+  # The lowest rate above the best pass that missed.
+  [ -n "$best" ] || return
+  above=$(jq -rs --arg s "$scen" --arg setup "$setup" --argjson best "$best" --argjson l "$SWEEP_P99_MS" \
+    '[.[] | select(.run == $s and .server == $setup)
+          | select((.p99_ms != null and .p99_ms <= $l and .lost == 0 and .publish_errors == 0) | not)
+          | (.mode | ltrimstr("rate ") | rtrimstr("/s") | tonumber) | select(. > $best)] | min // empty' "$OUT")
+  [ -n "$above" ] || return
+  for i in $(seq 1 "$SWEEP_REFINE"); do
+    rate=$(python3 -c "import sys; print(round((float(sys.argv[1]) * float(sys.argv[2])) ** 0.5, 3))" "$best" "$above")
+    step=$((step + 1))
+    sweep_step "$scen" "$setup" "$step" "$rate"
+    r=$?
+    [ $r -eq 2 ] && return
+    if [ $r -eq 0 ]; then best=$rate; else above=$rate; fi
   done
 }
 
@@ -276,7 +309,8 @@ cluster_scenario() { # SCEN
         run_cluster "$scen" "$setup" 2 sio-fanout --clients "$c" --messages "$m" --rate 50
       done ;;
     cluster-sio-max)
-      for setup in node-redis-2 pulso-redis-2; do
+      # node-1 and pulso-1 (one node, no Redis): for reference.
+      for setup in node-redis-2 pulso-redis-2 node-1 pulso-1; do
         run_cluster "$scen" "$setup" 2 sio-fanout --clients "$c" --messages "$m" --max
       done ;;
     cluster-sio-sweep)
