@@ -241,7 +241,7 @@ run_cluster() {
 # two steps in a row that miss; then SWEEP_REFINE more steps bisect
 # (geometrically) between the best rate that passed and the lowest rate
 # above it that missed.
-SWEEP_RATES=(1.25 1.77 2.5 3.54 5 7.07 10 14.1 20 28.3 40 56.6 80 113 160 226 320 453 640)
+SWEEP_RATES=(1.25 1.77 2.5 3.54 5 7.07 10 14.1 20 28.3 40 56.6 80 113 160 226 320 453 640 905 1280)
 SWEEP_STEP_S="${SWEEP_STEP_S:-8}"
 SWEEP_REFINE="${SWEEP_REFINE:-2}"
 SWEEP_P99_MS="${SWEEP_P99_MS:-50}"
