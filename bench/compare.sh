@@ -18,6 +18,15 @@
 # after a deploy: each counts once it is answered, which for pulso means its
 # presence row is committed); the Socket.IO ones run against node, and
 # against pulso when it serves /socket.io/.
+#
+# cluster (a group: cluster-load cluster-max cluster-sio-load cluster-sio-max
+# cluster-sio-sweep cluster-idle-node) measures clustering: the same fan-out
+# against 1 pulso node without a backplane and 1, 2 and 3 nodes over Redis
+# (clients spread over the nodes, publishes into the first), two Node
+# socket.io nodes with @socket.io/redis-adapter against two pulso nodes, and
+# a node with no subscriber. It starts its own redis-server on a free port
+# and needs a PostgreSQL ($CLUSTER_DATABASE_URL, default
+# postgres://postgres@127.0.0.1:5432/test). See docs/cluster.md.
 # Results: one JSON line per run in $OUT (default bench/results/<date>.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,14 +51,16 @@ scaled() { python3 -c "import sys; print(max(1, int(round($1 * float(sys.argv[1]
 
 echo "==> build (release)" >&2
 cargo build --release --bin pulso --bin pulso-bench >&2 || { echo "build failed" >&2; exit 1; }
-if [ ! -d bench/baselines/node/node_modules ]; then
+if [ ! -d bench/baselines/node/node_modules ] ||
+   [ bench/baselines/node/package-lock.json -nt bench/baselines/node/node_modules/.package-lock.json ]; then
   echo "==> npm ci (node baseline)" >&2
   (cd bench/baselines/node && npm ci --no-audit --no-fund >&2) || { echo "npm ci failed" >&2; exit 1; }
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-SERVER_PID=""
+SERVER_PID=""    # the last server started
+SERVER_PIDS=()   # every server running now (a cluster has several)
 start_server() { # name port
   local name=$1 port=$2
   case $name in
@@ -62,9 +73,18 @@ start_server() { # name port
     limit) "$BIN/pulso-bench" limit-server --listen "127.0.0.1:$port" >"$LOGS/$name.$port.log" 2>&1 &
            SERVER_PID=$! ;;
   esac
-  for _ in $(seq 1 100); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/healthz" || true)
-    [ "$code" != "000" ] && return 0
+  SERVER_PIDS+=("$SERVER_PID")
+  wait_up "$name" "$port" /healthz
+}
+
+# wait_up NAME PORT PATH: polls until PATH answers (any status; 200 for
+# /readyz) while the last server started is alive.
+wait_up() {
+  local name=$1 port=$2 path=$3 code
+  for _ in $(seq 1 150); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port$path" || true)
+    if [ "$path" = /readyz ]; then [ "$code" = 200 ] && return 0
+    else [ "$code" != "000" ] && return 0; fi
     kill -0 "$SERVER_PID" 2>/dev/null || break
     sleep 0.1
   done
@@ -72,15 +92,235 @@ start_server() { # name port
   return 1
 }
 
+# Stops every running server: SIGTERM to all (pulso nodes then clear their
+# presence rows and heartbeats), SIGKILL to any still there after 5 s.
 stop_server() {
-  [ -n "$SERVER_PID" ] || return 0
-  kill "$SERVER_PID" 2>/dev/null
-  for _ in $(seq 1 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-  kill -9 "$SERVER_PID" 2>/dev/null
-  wait "$SERVER_PID" 2>/dev/null
+  [ ${#SERVER_PIDS[@]} -gt 0 ] || return 0
+  local pid
+  for pid in "${SERVER_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+  for pid in "${SERVER_PIDS[@]}"; do
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
   SERVER_PID=""
+  SERVER_PIDS=()
 }
-trap 'stop_server; exit 130' INT TERM
+
+# ------------------------------------------------------------ cluster
+REDIS_PID=""
+REDIS_PORT=""
+CLUSTER_DATABASE_URL="${CLUSTER_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+# Every cluster run gets its own cluster.prefix and node ids.
+CLUSTER_TAG="cb$(date -u +%H%M%S)p$$"
+CLUSTER_RUNS=0
+
+start_redis() { # our own redis-server, on a free port, once per invocation
+  [ -n "$REDIS_PID" ] && return 0
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    >"$LOGS/redis.$REDIS_PORT.log" 2>&1 &
+  REDIS_PID=$!
+  for _ in $(seq 1 100); do
+    [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && return 0
+    kill -0 "$REDIS_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "redis-server did not start; log: $LOGS/redis.$REDIS_PORT.log" >&2
+  REDIS_PID=""
+  return 1
+}
+
+stop_redis() {
+  [ -n "$REDIS_PID" ] || return 0
+  kill "$REDIS_PID" 2>/dev/null
+  wait "$REDIS_PID" 2>/dev/null
+  REDIS_PID=""
+}
+trap 'stop_server; stop_redis; exit 130' INT TERM
+trap 'stop_server; stop_redis' EXIT
+
+# start_setup SETUP: starts the servers of one cluster setup and sets URLS
+# (their http://127.0.0.1:port, in order; publishes go to the first).
+#   pulso-1          one pulso node, no backplane (PostgreSQL like the others)
+#   pulso-redis-N    N pulso nodes over our Redis
+#   node-redis-N     N Node baselines with @socket.io/redis-adapter on it
+#   node-1           one Node baseline, no Redis
+URLS=()
+start_setup() {
+  local setup=$1 n i port prefix
+  URLS=()
+  CLUSTER_RUNS=$((CLUSTER_RUNS + 1))
+  prefix="$CLUSTER_TAG-$CLUSTER_RUNS"
+  case $setup in
+    pulso-1)
+      port=$(free_port)
+      "$PULSO_BIN" --jwt-secret "$SECRET" --demo-enabled false --listen "127.0.0.1:$port" \
+        --database-url "$CLUSTER_DATABASE_URL" --node-id "$prefix-n1" \
+        >"$LOGS/$setup.n1.$port.log" 2>&1 &
+      SERVER_PID=$!; SERVER_PIDS+=("$SERVER_PID")
+      wait_up "$setup.n1" "$port" /readyz || return 1
+      URLS+=("http://127.0.0.1:$port") ;;
+    pulso-redis-*)
+      n=${setup#pulso-redis-}
+      for i in $(seq 1 "$n"); do
+        port=$(free_port)
+        "$PULSO_BIN" --jwt-secret "$SECRET" --demo-enabled false --listen "127.0.0.1:$port" \
+          --database-url "$CLUSTER_DATABASE_URL" --node-id "$prefix-n$i" \
+          --cluster-redis-url "redis://127.0.0.1:$REDIS_PORT" --cluster-prefix "$prefix" \
+          >"$LOGS/$setup.n$i.$port.log" 2>&1 &
+        SERVER_PID=$!; SERVER_PIDS+=("$SERVER_PID")
+        wait_up "$setup.n$i" "$port" /readyz || return 1
+        URLS+=("http://127.0.0.1:$port")
+      done ;;
+    node-1)
+      port=$(free_port)
+      (cd bench/baselines/node && exec env PORT="$port" JWT_SECRET="$SECRET" node server.js) \
+        >"$LOGS/$setup.n1.$port.log" 2>&1 &
+      SERVER_PID=$!; SERVER_PIDS+=("$SERVER_PID")
+      wait_up "$setup.n1" "$port" /healthz || return 1
+      URLS+=("http://127.0.0.1:$port") ;;
+    node-redis-*)
+      n=${setup#node-redis-}
+      for i in $(seq 1 "$n"); do
+        port=$(free_port)
+        (cd bench/baselines/node && exec env PORT="$port" JWT_SECRET="$SECRET" \
+          REDIS_URL="redis://127.0.0.1:$REDIS_PORT" REDIS_PREFIX="$prefix" node server.js) \
+          >"$LOGS/$setup.n$i.$port.log" 2>&1 &
+        SERVER_PID=$!; SERVER_PIDS+=("$SERVER_PID")
+        wait_up "$setup.n$i" "$port" /healthz || return 1
+        URLS+=("http://127.0.0.1:$port")
+      done ;;
+    *) echo "unknown cluster setup $setup" >&2; return 1 ;;
+  esac
+}
+
+join_by_comma() { local IFS=,; echo "$*"; }
+
+# bench_cluster SCEN SETUP CLIENT_NODES EXTRA_JSON ARGS...: one pulso-bench
+# run against the running setup. Clients go round-robin to the first
+# CLIENT_NODES nodes, publishes to the first; server CPU, Redis and every
+# pulso node's backplane counters are read over the run. Appends the line
+# (with EXTRA_JSON merged in); returns 1 if the tool failed.
+LAST_LINE=""
+bench_cluster() {
+  local scen=$1 setup=$2 client_nodes=$3 extra=$4; shift 4
+  local clients=("${URLS[@]:0:$client_nodes}") m=()
+  case $setup in pulso-*) m=(--metrics-url "$(join_by_comma "${URLS[@]}")") ;; esac
+  case $setup in *-redis-*) m+=(--redis "127.0.0.1:$REDIS_PORT") ;; esac
+  local args=("$@" --url "${URLS[0]}" --client-url "$(join_by_comma "${clients[@]}")"
+              --label "$setup" --secret "$SECRET" --pids "$(join_by_comma "${SERVER_PIDS[@]}")" "${m[@]}")
+  echo "==> $scen against $setup (${#URLS[@]} node(s), pids ${SERVER_PIDS[*]})" >&2
+  if LAST_LINE=$(timeout 600 "$BIN/pulso-bench" "${args[@]}" 2>"$LOGS/bench.$scen.$setup.log"); then
+    LAST_LINE=$(echo "$LAST_LINE" | jq -c --arg s "$scen" --argjson n "${#URLS[@]}" --argjson x "$extra" \
+      '. + {run: $s, nodes: $n} + $x')
+    echo "$LAST_LINE" >>"$OUT"
+    echo "$LAST_LINE" >&2
+  else
+    echo "pulso-bench failed ($scen, $setup):" >&2
+    tail -5 "$LOGS/bench.$scen.$setup.log" >&2
+    return 1
+  fi
+}
+
+# run_cluster SCEN SETUP CLIENT_NODES ARGS...: fresh servers, one run.
+run_cluster() {
+  local scen=$1 setup=$2 client_nodes=$3; shift 3
+  if start_setup "$setup"; then
+    bench_cluster "$scen" "$setup" "$client_nodes" '{}' "$@" || failed=1
+  else
+    failed=1
+  fi
+  stop_server
+}
+
+# The rate ladder of cluster-sio-sweep, in messages per second to 2 000
+# clients (x SCALE): steps of about sqrt(2). Each step runs on fresh servers
+# for about SWEEP_STEP_S seconds (at least 20 messages) and passes when
+# nothing is lost and p99 is at most SWEEP_P99_MS. The ladder stops after
+# two steps in a row that miss; then SWEEP_REFINE more steps bisect
+# (geometrically) between the best rate that passed and the lowest rate
+# above it that missed.
+SWEEP_RATES=(1.25 1.77 2.5 3.54 5 7.07 10 14.1 20 28.3 40 56.6 80 113 160 226 320 453 640 905 1280)
+SWEEP_STEP_S="${SWEEP_STEP_S:-8}"
+SWEEP_REFINE="${SWEEP_REFINE:-2}"
+SWEEP_P99_MS="${SWEEP_P99_MS:-50}"
+
+# sweep_step SCEN SETUP STEP RATE: one step; returns 0 if it passed.
+sweep_step() {
+  local scen=$1 setup=$2 step=$3 rate=$4 msgs ok=1
+  msgs=$(python3 -c "import sys; print(max(20, int(round(float(sys.argv[1]) * float(sys.argv[2])))))" "$rate" "$SWEEP_STEP_S")
+  if ! start_setup "$setup"; then failed=1; stop_server; return 2; fi
+  if bench_cluster "$scen" "$setup" 2 \
+       "{\"step\": $step, \"steps\": ${#SWEEP_RATES[@]}, \"p99_limit_ms\": $SWEEP_P99_MS}" \
+       sio-fanout --clients "$(scaled 2000)" --messages "$msgs" --rate "$rate"; then
+    echo "$LAST_LINE" | jq -e --argjson l "$SWEEP_P99_MS" \
+      '.p99_ms != null and .p99_ms <= $l and .lost == 0 and .publish_errors == 0' >/dev/null && ok=0
+  else
+    failed=1
+  fi
+  stop_server
+  return $ok
+}
+
+run_sweep() { # SCEN SETUP
+  local scen=$1 setup=$2 rate misses=0 step=0 r best="" above="" i
+  for rate in "${SWEEP_RATES[@]}"; do
+    step=$((step + 1))
+    sweep_step "$scen" "$setup" "$step" "$rate"
+    r=$?
+    [ $r -eq 2 ] && return
+    if [ $r -eq 0 ]; then misses=0; best=$rate; else misses=$((misses + 1)); fi
+    [ $misses -ge 2 ] && break
+  done
+  # The lowest rate above the best pass that missed.
+  [ -n "$best" ] || return
+  above=$(jq -rs --arg s "$scen" --arg setup "$setup" --argjson best "$best" --argjson l "$SWEEP_P99_MS" \
+    '[.[] | select(.run == $s and .server == $setup)
+          | select((.p99_ms != null and .p99_ms <= $l and .lost == 0 and .publish_errors == 0) | not)
+          | (.mode | ltrimstr("rate ") | rtrimstr("/s") | tonumber) | select(. > $best)] | min // empty' "$OUT")
+  [ -n "$above" ] || return
+  for i in $(seq 1 "$SWEEP_REFINE"); do
+    rate=$(python3 -c "import sys; print(round((float(sys.argv[1]) * float(sys.argv[2])) ** 0.5, 3))" "$best" "$above")
+    step=$((step + 1))
+    sweep_step "$scen" "$setup" "$step" "$rate"
+    r=$?
+    [ $r -eq 2 ] && return
+    if [ $r -eq 0 ]; then best=$rate; else above=$rate; fi
+  done
+}
+
+cluster_scenario() { # SCEN
+  local scen=$1 setup
+  start_redis || { failed=1; return; }
+  local c m r
+  c=$(scaled 2000); m=$(scaled 1000)
+  case $scen in
+    cluster-load)
+      for setup in pulso-1 pulso-redis-1 pulso-redis-2 pulso-redis-3; do
+        run_cluster "$scen" "$setup" 3 fanout --clients "$c" --messages "$m" --rate 50
+      done ;;
+    cluster-max)
+      for setup in pulso-1 pulso-redis-1 pulso-redis-2 pulso-redis-3; do
+        run_cluster "$scen" "$setup" 3 fanout --clients "$c" --messages "$m" --max
+      done ;;
+    cluster-sio-load)
+      for setup in node-redis-2 pulso-redis-2; do
+        run_cluster "$scen" "$setup" 2 sio-fanout --clients "$c" --messages "$m" --rate 50
+      done ;;
+    cluster-sio-max)
+      # node-1 and pulso-1 (one node, no Redis): for reference.
+      for setup in node-redis-2 pulso-redis-2 node-1 pulso-1; do
+        run_cluster "$scen" "$setup" 2 sio-fanout --clients "$c" --messages "$m" --max
+      done ;;
+    cluster-sio-sweep)
+      for setup in node-redis-2 pulso-redis-2; do run_sweep "$scen" "$setup"; done ;;
+    cluster-idle-node)
+      # Three nodes, subscribers on the first two only: the third must
+      # receive nothing of the topic (pulso_cluster_messages_total).
+      run_cluster "$scen" pulso-redis-3 2 fanout --clients "$c" --messages "$m" --rate 50 ;;
+  esac
+}
 
 # run SCENARIO SERVER: starts the server fresh, runs, appends the JSON line.
 run() {
@@ -126,8 +366,19 @@ has_sio() { # does pulso serve /socket.io/ on this branch?
   [ "$code" = "200" ]
 }
 
+expanded=()
 for scen in "${scenarios[@]}"; do
+  if [ "$scen" = cluster ]; then
+    expanded+=(cluster-load cluster-max cluster-sio-load cluster-sio-max cluster-sio-sweep cluster-idle-node)
+  else
+    expanded+=("$scen")
+  fi
+done
+
+for scen in "${expanded[@]}"; do
   case $scen in
+    cluster-load|cluster-max|cluster-sio-load|cluster-sio-max|cluster-sio-sweep|cluster-idle-node)
+      cluster_scenario "$scen"; continue ;;
     sio-load|sio-idle|sio-max|sio-upgrade-idle|sio-upgrade-load|sio-upgrade-max|sio-connect)
       servers=(node)
       if has_sio; then servers=(pulso node); else echo "(pulso has no /socket.io/ endpoint on this build: node only)" >&2; fi ;;
@@ -137,6 +388,8 @@ for scen in "${scenarios[@]}"; do
   esac
   for server in "${servers[@]}"; do run "$scen" "$server"; done
 done
+
+stop_redis
 
 echo
 echo "Results: $OUT (logs in $LOGS)"

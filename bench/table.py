@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Prints the compare.sh results (a JSON-lines file) as a Markdown table with ratios."""
+"""Prints the compare.sh results (a JSON-lines file) as Markdown tables with ratios."""
 import json
 import sys
 
@@ -43,13 +43,118 @@ def ratio(a, b):
     return f"{a / b:.2f}×"
 
 
+def num(v, digits=3):
+    """A figure as measured (thousands separated), or '-'."""
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 100:
+        v = int(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.{digits}g}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def errors(r):
+    return value(r, "errors") + (r.get("publish_errors") or 0)
+
+
+def cluster_tables(lines):
+    by_run = {}
+    for r in lines:
+        by_run.setdefault(r["run"], []).append(r)
+    head = ("| scenario | setup | clients per node | deliveries/s | p50 ms | p99 ms "
+            "| node CPU µs/delivery | Redis commands/msg | Redis bytes out/msg | errors | deliveries/s ratio |")
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for scen, base in (("cluster-load", "pulso-1"), ("cluster-max", "pulso-1"),
+                       ("cluster-sio-load", "node-redis-2"), ("cluster-sio-max", "node-redis-2")):
+        rs = by_run.get(scen)
+        if not rs:
+            continue
+        print()
+        print(f"{scen} (ratio: deliveries/s over {base}'s)")
+        print()
+        print(head)
+        print(rule)
+        ref = next((r for r in rs if r["server"] == base), None)
+        for r in rs:
+            per = r.get("clients_per_server") or [r.get("clients")]
+            print(f"| {scen} | {r['server']} | {' + '.join(str(x) for x in per)} "
+                  f"| {num(r.get('deliveries_per_s'))} | {num(r.get('p50_ms'))} | {num(r.get('p99_ms'))} "
+                  f"| {num(r.get('cpu_us_per_delivery'))} | {num(r.get('redis_commands_per_message'))} "
+                  f"| {num(r.get('redis_out_bytes_per_message'))} | {errors(r)} "
+                  f"| {ratio(r.get('deliveries_per_s'), ref.get('deliveries_per_s')) if ref else '-'} |")
+
+    rs = by_run.get("cluster-sio-sweep")
+    if rs:
+        print()
+        print("cluster-sio-sweep (fixed rates, fresh servers per step; pass: p99 within the limit, nothing lost)")
+        print()
+        print("| setup | step | msg/s offered | deliveries/s offered | deliveries/s | p50 ms | p99 ms "
+              "| node CPU µs/delivery | errors | pass |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        best = {}
+        for r in rs:
+            ok = (r.get("p99_ms") is not None and r["p99_ms"] <= r.get("p99_limit_ms", 50)
+                  and r.get("lost") == 0 and not r.get("publish_errors"))
+            if ok and r.get("deliveries_per_s", 0) > best.get(r["server"], {}).get("deliveries_per_s", 0):
+                best[r["server"]] = r
+            rate = r["mode"].removeprefix("rate ").removesuffix("/s")
+            print(f"| {r['server']} | {r.get('step')} | {rate} | {num(r.get('offered_deliveries_per_s'))} "
+                  f"| {num(r.get('deliveries_per_s'))} | {num(r.get('p50_ms'))} | {num(r.get('p99_ms'))} "
+                  f"| {num(r.get('cpu_us_per_delivery'))} | {errors(r)} | {'yes' if ok else 'no'} |")
+        print()
+        for s, r in best.items():
+            top = r.get("step") == r.get("steps")
+            print(f"- {s}: {'at least' if top else 'at most'} {num(r['deliveries_per_s'])} deliveries/s "
+                  f"with p99 ≤ {r.get('p99_limit_ms', 50)} ms (step {r.get('step')}: p99 {num(r['p99_ms'])} ms"
+                  f"{', the top of the ladder' if top else ''})")
+        p, n = best.get("pulso-redis-2"), best.get("node-redis-2")
+        if p and n:
+            print(f"- pulso-redis-2 / node-redis-2: {ratio(p['deliveries_per_s'], n['deliveries_per_s'])}")
+
+    rs = by_run.get("cluster-idle-node")
+    if rs:
+        for r in rs:
+            print()
+            print(f"cluster-idle-node ({r.get('messages')} messages into node 1; clients "
+                  f"{' + '.join(str(x) for x in r.get('clients_per_server') or [])} on nodes 1 and 2)")
+            print()
+            print("| node | clients | sent | received | duplicate | unsent | CPU s over the run |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            per = r.get("clients_per_server") or []
+            cpu = r.get("server_cpu_s") or []
+            for i, node in enumerate(r.get("cluster_messages") or []):
+                print(f"| {i + 1} | {per[i] if i < len(per) else 0} | {node.get('sent', '-')} "
+                      f"| {node.get('received', '-')} | {node.get('duplicate', '-')} | {node.get('unsent', '-')} "
+                      f"| {num(cpu[i]) if i < len(cpu) else '-'} |")
+            two = next((x for x in by_run.get("cluster-load", []) if x["server"] == "pulso-redis-2"), None)
+            print()
+            print(f"Redis per message: {num(r.get('redis_commands_per_message'))} commands, "
+                  f"{num(r.get('redis_out_bytes_per_message'))} bytes out, "
+                  f"{num(r.get('redis_in_bytes_per_message'))} bytes in"
+                  + (f" (two nodes, cluster-load pulso-redis-2: {num(two.get('redis_commands_per_message'))}, "
+                     f"{num(two.get('redis_out_bytes_per_message'))}, {num(two.get('redis_in_bytes_per_message'))})"
+                     if two else ""))
+
+
 def main(path):
     runs = {}
+    cluster = []
     for line in open(path):
         line = line.strip()
         if line:
             r = json.loads(line)
+            if r["run"].startswith("cluster"):
+                cluster.append(r)
+                continue
             runs.setdefault(r["run"], {})[r["server"]] = r
+    if runs:
+        table(runs)
+    if cluster:
+        cluster_tables(cluster)
+
+
+def table(runs):
     print("| scenario | measure | pulso | node | limit | pulso/node | pulso/limit |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for scen, keys in ROWS.items():

@@ -8,8 +8,13 @@
 //     request authentication and rooms `{role}` and `{role}_{tournamentId}`;
 //   - POST /api/publish and /api/broadcast (Bearer JWT with role admin or
 //     service), each message serialized once for all /ws recipients;
-//   - GET /metrics with the gauges the churn scenario reads.
+//   - GET /metrics with the gauges the churn scenario reads;
+//   - with REDIS_URL set, several such nodes act as one socket.io server
+//     through `@socket.io/redis-adapter` (the usual way to scale socket.io
+//     out): a broadcast made on any node reaches the rooms' sockets on every
+//     node. Only socket.io is shared this way; /ws topics stay per node.
 // Usage: PORT=8081 JWT_SECRET=bench-secret node server.js
+//        REDIS_URL=redis://127.0.0.1:6379 REDIS_PREFIX=socket.io PORT=… node server.js
 
 const http = require('http');
 const { WebSocketServer } = require('ws');
@@ -23,6 +28,9 @@ const PUBLISHER_ROLES = new Set(['admin', 'service']);
 const MAX_BODY = 1024 * 1024;
 const HEARTBEAT_MS = 30000;
 const AUTH_TIMEOUT_MS = 10000;
+const REDIS_URL = process.env.REDIS_URL || '';
+// The adapter's channel prefix (`key`): one per cluster sharing a Redis.
+const REDIS_PREFIX = process.env.REDIS_PREFIX || 'socket.io';
 
 function verify(token) {
   return jwt.verify(token, SECRET, { algorithms: ['HS256'] });
@@ -198,7 +206,9 @@ function deliver(rooms, event, payload) {
     for (const r of rooms) for (const id of adapterRooms.get(r) || []) ids.add(id);
     sio = ids.size;
   }
-  if (sio > 0) notifications.to(rooms).emit(event || 'message', payload);
+  // With the Redis adapter the broadcast goes to the other nodes as well,
+  // whether or not this node holds a socket of the rooms.
+  if (sio > 0 || REDIS_URL) notifications.to(rooms).emit(event || 'message', payload);
   return seen.size + sio;
 }
 
@@ -302,9 +312,30 @@ notifications.on('connection', (socket) => {
   socket.on('post', (req, ack) => virtualRequest(socket, req, ack));
 });
 
-server.listen(PORT, HOST, () => {
-  console.error(`node baseline listening on ${HOST}:${PORT} (pid ${process.pid})`);
-});
+// With REDIS_URL: the adapter on both namespaces, and its subscriptions
+// active, before the port opens (a subscription made afterwards on the same
+// connection is answered after the adapter's own).
+async function useRedis() {
+  const { createClient } = require('redis');
+  const { createAdapter } = require('@socket.io/redis-adapter');
+  const pub = createClient({ url: REDIS_URL });
+  const sub = pub.duplicate();
+  for (const c of [pub, sub]) c.on('error', (e) => console.error(`redis: ${e.message}`));
+  await Promise.all([pub.connect(), sub.connect()]);
+  io.adapter(createAdapter(pub, sub, { key: REDIS_PREFIX }));
+  await sub.subscribe(`${REDIS_PREFIX}-ready#${process.pid}`, () => {});
+}
+
+(REDIS_URL ? useRedis() : Promise.resolve()).then(
+  () => server.listen(PORT, HOST, () => {
+    const cluster = REDIS_URL ? `, redis adapter on ${REDIS_URL} key ${REDIS_PREFIX}` : '';
+    console.error(`node baseline listening on ${HOST}:${PORT} (pid ${process.pid}${cluster})`);
+  }),
+  (e) => {
+    console.error(`cannot start: ${e.message}`);
+    process.exit(1);
+  },
+);
 
 process.on('SIGTERM', () => process.exit(0));
 process.on('SIGINT', () => process.exit(0));

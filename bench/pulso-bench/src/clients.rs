@@ -39,6 +39,8 @@ pub struct Client {
     pub ws: WsConn,
     /// Topic index this client listens on.
     pub k: u32,
+    /// Which of the target's client addresses it is connected to.
+    pub server: usize,
     /// Bit per message sequence number: seen already.
     seen: Vec<u64>,
 }
@@ -46,7 +48,11 @@ pub struct Client {
 /// What a client needs to connect.
 #[derive(Clone)]
 pub struct Target {
+    /// Where publishes (and `/metrics` reads) go.
     pub addr: SocketAddr,
+    /// Where clients connect, round-robin: client `i` to
+    /// `client_addrs[i % len]`. Never empty (`[addr]` by default).
+    pub client_addrs: Vec<SocketAddr>,
     pub proto: Proto,
     pub token: String,
     pub per_ip: usize,
@@ -55,6 +61,19 @@ pub struct Target {
 }
 
 impl Target {
+    /// The index in `client_addrs` of the server client `idx` connects to.
+    pub fn server_of(&self, idx: usize) -> usize {
+        idx % self.client_addrs.len().max(1)
+    }
+
+    /// The server client `idx` connects to.
+    pub fn client_addr(&self, idx: usize) -> SocketAddr {
+        self.client_addrs
+            .get(self.server_of(idx))
+            .copied()
+            .unwrap_or(self.addr)
+    }
+
     /// How Socket.IO clients reach the WebSocket, for the output.
     pub fn transport(&self) -> &'static str {
         match (self.proto, self.sio_upgrade) {
@@ -69,10 +88,11 @@ const SETUP_WAIT: Duration = Duration::from_secs(20);
 /// Connects client `idx`, subscribes it to topic `k` and waits for the
 /// server to confirm, so that publishing may start right after.
 pub async fn connect(t: &Target, idx: usize, k: u32) -> Result<Client> {
-    let src = net::source_for(t.addr, idx, t.per_ip);
+    let addr = t.client_addr(idx);
+    let src = net::source_for(addr, idx, t.per_ip);
     let mut ws = match t.proto {
         Proto::Ws => {
-            let mut ws = WsConn::connect(t.addr, src, &format!("/ws?token={}", t.token)).await?;
+            let mut ws = WsConn::connect(addr, src, &format!("/ws?token={}", t.token)).await?;
             let sub = format!(
                 r#"{{"type":"sub","topic":"{}","id":1}}"#,
                 topic_name(t.proto, k)
@@ -93,10 +113,10 @@ pub async fn connect(t: &Target, idx: usize, k: u32) -> Result<Client> {
         }
         Proto::Sio => {
             let mut ws = if t.sio_upgrade {
-                sio_upgrade(t, src).await?
+                sio_upgrade(addr, src).await?
             } else {
                 let mut ws =
-                    WsConn::connect(t.addr, src, "/socket.io/?EIO=4&transport=websocket").await?;
+                    WsConn::connect(addr, src, "/socket.io/?EIO=4&transport=websocket").await?;
                 let open = ws.next_text(SETUP_WAIT).await?;
                 if !open.starts_with(b"0") {
                     return Err(err("no Engine.IO open packet"));
@@ -124,6 +144,7 @@ pub async fn connect(t: &Target, idx: usize, k: u32) -> Result<Client> {
     Ok(Client {
         ws,
         k,
+        server: t.server_of(idx),
         seen: Vec::new(),
     })
 }
@@ -131,8 +152,8 @@ pub async fn connect(t: &Target, idx: usize, k: u32) -> Result<Client> {
 /// What socket.io-client does by default: the Engine.IO handshake and the
 /// namespace CONNECT over long-polling, then the upgrade to WebSocket
 /// (`2probe`, `3probe`, `5`). The CONNECT's answer arrives on the WebSocket.
-async fn sio_upgrade(t: &Target, src: Option<std::net::IpAddr>) -> Result<WsConn> {
-    let mut http = net::Http::connect(t.addr).await?;
+async fn sio_upgrade(addr: SocketAddr, src: Option<std::net::IpAddr>) -> Result<WsConn> {
+    let mut http = net::Http::connect(addr).await?;
     let (status, open) = http
         .request("GET", "/socket.io/?EIO=4&transport=polling", None, b"")
         .await?;
@@ -152,7 +173,7 @@ async fn sio_upgrade(t: &Target, src: Option<std::net::IpAddr>) -> Result<WsConn
         )));
     }
     let upgrade = format!("/socket.io/?EIO=4&transport=websocket&sid={sid}");
-    let mut ws = WsConn::connect(t.addr, src, &upgrade).await?;
+    let mut ws = WsConn::connect(addr, src, &upgrade).await?;
     ws.send(OP_TEXT, b"2probe").await?;
     if ws.next_text(SETUP_WAIT).await? != b"3probe" {
         return Err(err("no answer to the upgrade probe"));
@@ -443,6 +464,15 @@ pub fn spawn_groups(
         .into_iter()
         .map(|p| tokio::spawn(run_group(p, shared.clone(), stop.clone())))
         .collect()
+}
+
+/// Per client address of `t`: how many of `clients` are connected to it.
+pub fn per_server(t: &Target, clients: &[Client]) -> Vec<usize> {
+    let mut v = vec![0usize; t.client_addrs.len().max(1)];
+    for c in clients {
+        v[c.server] += 1;
+    }
+    v
 }
 
 /// Per topic index: how many of `clients` listen on it.

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::{self, GroupStats, Proto, Shared, Target};
+use crate::measure::{MeasureArgs, Probe};
 use crate::net::{Http, Result, err};
 use crate::report;
 
@@ -46,6 +47,8 @@ pub struct FanoutArgs {
     /// (what has not arrived by then counts as lost).
     #[arg(long, default_value_t = 30)]
     pub drain: u64,
+    #[command(flatten)]
+    pub measure: MeasureArgs,
 }
 
 pub async fn run(t: &Target, a: &FanoutArgs, common: &crate::Common) -> Result<Value> {
@@ -55,6 +58,7 @@ pub async fn run(t: &Target, a: &FanoutArgs, common: &crate::Common) -> Result<V
     if a.clients < a.topics as usize {
         return Err(err("--clients must be at least --topics"));
     }
+    let probe = Probe::new(&a.measure)?;
     let (clients, failures, failure_msgs, connect_time) =
         clients::connect_many(t, a.clients, a.topics, common.connect_concurrency).await;
     for m in &failure_msgs {
@@ -64,6 +68,7 @@ pub async fn run(t: &Target, a: &FanoutArgs, common: &crate::Common) -> Result<V
         return Err(err("no client could connect"));
     }
     let connected = clients.len();
+    let per_server = clients::per_server(t, &clients);
     let expected = clients::expected_per_topic(&clients, a.topics);
     let expected_total: u64 = (0..a.messages)
         .map(|j| expected[j % a.topics as usize] as u64)
@@ -72,6 +77,9 @@ pub async fn run(t: &Target, a: &FanoutArgs, common: &crate::Common) -> Result<V
     let stop = CancellationToken::new();
     let groups = clients::spawn_groups(clients, common.groups, &shared, &stop);
 
+    // Server CPU, Redis and backplane counters: from the first publish to
+    // the last delivery (or the end of the drain).
+    let before = probe.snapshot().await?;
     let (pub_stats, pub_start, pub_end) = publish_all(t, a, common, &shared).await?;
 
     // Drain: wait for every expected delivery, or the deadline.
@@ -80,6 +88,7 @@ pub async fn run(t: &Target, a: &FanoutArgs, common: &crate::Common) -> Result<V
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let after = probe.snapshot().await?;
     stop.cancel();
     let mut stats = GroupStats::new();
     for g in groups {
@@ -115,7 +124,11 @@ pub async fn run(t: &Target, a: &FanoutArgs, common: &crate::Common) -> Result<V
         "closed_by_server": stats.closed,
         "read_errors": stats.errors,
     });
+    if t.client_addrs.len() > 1 {
+        out["clients_per_server"] = json!(per_server);
+    }
     report::add_latency(&mut out, &stats.hist);
+    probe.report(&before, &after, stats.unique, pub_stats.ok, &mut out);
     if !stats.close_codes.is_empty() {
         out["close_codes"] = json!(report::count_codes(&stats.close_codes));
     }

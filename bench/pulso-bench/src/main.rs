@@ -7,6 +7,7 @@ mod clients;
 mod fanout;
 mod idle;
 mod limit;
+mod measure;
 mod net;
 mod report;
 
@@ -35,9 +36,16 @@ struct Cli {
 
 #[derive(clap::Args, Clone, Debug)]
 struct TargetArgs {
-    /// The server: `127.0.0.1:PORT` or `http://127.0.0.1:PORT` (loopback only).
+    /// The server: `127.0.0.1:PORT` or `http://127.0.0.1:PORT` (loopback
+    /// only). Publishes go here, and clients connect here unless
+    /// --client-url says otherwise.
     #[arg(long, default_value = "127.0.0.1:8080")]
     url: String,
+    /// Servers the clients connect to, comma-separated, round-robin: client
+    /// i connects to the (i mod n)-th (nodes of a cluster, say). Publishes
+    /// still go to --url. Default: --url.
+    #[arg(long, value_delimiter = ',')]
+    client_url: Vec<String>,
     /// HS256 secret to sign client and publisher tokens with.
     #[arg(long, env = "PULSO_JWT_SECRET", default_value = "bench-secret")]
     secret: String,
@@ -111,7 +119,7 @@ pub struct Common {
     pub connect_concurrency: usize,
 }
 
-fn resolve(url: &str) -> net::Result<SocketAddr> {
+pub(crate) fn resolve(url: &str) -> net::Result<SocketAddr> {
     let hostport = url
         .trim_start_matches("http://")
         .trim_start_matches("ws://")
@@ -138,9 +146,19 @@ fn setup(t: &TargetArgs, proto: Proto) -> net::Result<(Target, Common)> {
     let admin = signer
         .token("admin", "bench-publisher", ttl, &Default::default())
         .map_err(net::err)?;
+    let addr = resolve(&t.url)?;
+    let client_addrs = if t.client_url.is_empty() {
+        vec![addr]
+    } else {
+        t.client_url
+            .iter()
+            .map(|u| resolve(u))
+            .collect::<net::Result<Vec<_>>>()?
+    };
     Ok((
         Target {
-            addr: resolve(&t.url)?,
+            addr,
+            client_addrs,
             proto,
             token: client,
             per_ip: t.per_ip,

@@ -130,3 +130,35 @@ async fn sio_fanout_over_upgraded_sessions_delivers_every_message_once() {
     assert_eq!(v["transport"], "polling+upgrade", "{v}");
     server.stop().await;
 }
+
+/// `--client-url` spreads clients round-robin (here over two names of one
+/// server); `--pids` and `--metrics-url` add the server's CPU and backplane
+/// counters (none on a single node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_spread_over_client_urls_with_cpu_and_counters() {
+    let server = TestServer::start().await;
+    let (a, b) = (server.addr.to_string(), format!("http://{}", server.addr));
+    let clients = format!("{a},{b}");
+    let pid = std::process::id().to_string();
+    let v = bench(
+        &server,
+        &[
+            "--rate",
+            "200",
+            "--client-url",
+            &clients,
+            "--pids",
+            &pid,
+            "--metrics-url",
+            &a,
+        ],
+    )
+    .await;
+    check(&v);
+    assert_eq!(v["clients_per_server"], serde_json::json!([10, 10]), "{v}");
+    assert!(v["cpu_us_per_delivery"].is_number(), "{v}");
+    assert_eq!(v["server_pids"], serde_json::json!([std::process::id()]));
+    assert_eq!(v["cluster_messages"][0]["received"], 0, "{v}");
+    assert_eq!(v["cluster_messages"][0]["url"], a.as_str(), "{v}");
+    server.stop().await;
+}
