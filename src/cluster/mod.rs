@@ -430,6 +430,32 @@ impl Shared {
         self.hub
             .deliver_rooms(&out.rooms, out.event, out.payload, out.ts);
     }
+
+    /// Every publish of `batch`, delivered here (emptied).
+    pub fn deliver_all_here(&self, batch: &mut Vec<Outgoing>) {
+        for out in batch.drain(..) {
+            self.deliver_here(out);
+        }
+    }
+
+    /// An engine writer's next batch of publishes into `batch`; false when
+    /// the node is stopping (what was still queued is then delivered here).
+    pub async fn next_batch(
+        &self,
+        rx: &mut tokio::sync::mpsc::Receiver<Outgoing>,
+        batch: &mut Vec<Outgoing>,
+        max: usize,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        let n = tokio::select! {
+            _ = stop.cancelled() => 0,
+            n = rx.recv_many(batch, max) => n,
+        };
+        if n == 0 {
+            self.deliver_all_here(batch);
+        }
+        n > 0
+    }
 }
 
 /// The origin tag of a node: a stable hash of its `node_id`, so copies of

@@ -201,24 +201,11 @@ async fn writer(
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        let n = tokio::select! {
-            _ = stop.cancelled() => 0,
-            n = rx.recv_many(&mut batch, BATCH) => n,
-        };
-        if n == 0 {
-            // Stopping: what is still queued is delivered here.
-            for out in batch.drain(..) {
-                shared.deliver_here(out);
-            }
-            return;
-        }
+    while shared.next_batch(&mut rx, &mut batch, BATCH, &stop).await {
         // Handed to a client that is not connected, a publish would wait in
         // its queue for the next connection: deliver it here now instead.
         if client.connection_state() != State::Connected {
-            for out in batch.drain(..) {
-                shared.deliver_here(out);
-            }
+            shared.deliver_all_here(&mut batch);
             continue;
         }
         let max = client.max_payload();

@@ -81,18 +81,7 @@ async fn writer(
 ) {
     let mut conn: Option<redis::aio::MultiplexedConnection> = None;
     let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        let n = tokio::select! {
-            _ = stop.cancelled() => 0,
-            n = rx.recv_many(&mut batch, BATCH) => n,
-        };
-        if n == 0 {
-            // Stopping: what is still queued is delivered here.
-            for out in batch.drain(..) {
-                shared.deliver_here(out);
-            }
-            return;
-        }
+    while shared.next_batch(&mut rx, &mut batch, BATCH, &stop).await {
         if conn.is_none() {
             conn = match tokio::time::timeout(
                 COMMAND_TIMEOUT,
@@ -105,9 +94,7 @@ async fn writer(
             };
         }
         let Some(c) = conn.as_mut() else {
-            for out in batch.drain(..) {
-                shared.deliver_here(out);
-            }
+            shared.deliver_all_here(&mut batch);
             continue;
         };
         // One MULTI/EXEC per batch: a broadcast's copies (one per named
@@ -135,9 +122,7 @@ async fn writer(
                 };
                 tracing::warn!(error = %why, publishes = batch.len(), "backplane publish failed; delivered on this node only");
                 conn = None;
-                for out in batch.drain(..) {
-                    shared.deliver_here(out);
-                }
+                shared.deliver_all_here(&mut batch);
             }
         }
     }
