@@ -87,7 +87,8 @@ pub struct Metrics {
     /// Backplane messages by `kind`: `sent`, `received`, `duplicate`
     /// (the same publish again, through another of the node's channels),
     /// `unsent` (the backplane could not take it: delivered here only),
-    /// `invalid`.
+    /// `invalid`, `dropped` (lost by a node too slow for its NATS
+    /// subscriptions).
     pub cluster_messages: Family<Label, Counter>,
     /// Channels and patterns this node is subscribed to on the backplane.
     pub cluster_subscriptions: Gauge,
@@ -247,7 +248,7 @@ impl Metrics {
         );
         registry.register(
             "cluster_messages",
-            "Backplane messages by kind (sent, received, duplicate, unsent, invalid)",
+            "Backplane messages by kind (sent, received, duplicate, unsent, invalid, dropped: lost by a node too slow for its NATS subscriptions)",
             m.cluster_messages.clone(),
         );
         registry.register(

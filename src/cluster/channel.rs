@@ -15,7 +15,9 @@
 //! so every byte outside `[A-Za-z0-9_-]` is written `~HH` (hex) and an
 //! empty level is `~`; the mapping is one-to-one. `+` is NATS's `*` (one
 //! token) and a final `#` is `>` plus the parent subject itself (MQTT's
-//! `a/#` matches `a`; NATS's `a.>` does not).
+//! `a/#` matches `a`; NATS's `a.>` does not). Nodes publish on the same
+//! name under `<prefix>.in` instead of `<prefix>.t`, for the backplane's
+//! stream to put them in one order (see `nats`).
 
 use crate::hub::Filter;
 
@@ -67,9 +69,20 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
-/// The NATS subject of a concrete topic or room.
+/// The NATS subject on which a concrete topic or room is delivered.
 pub fn nats_subject(prefix: &str, topic: &str) -> String {
-    let mut out = format!("{prefix}.t");
+    topic_subject(prefix, "t", topic)
+}
+
+/// The NATS subject on which a node publishes to a topic or room: the
+/// backplane's stream takes it in, numbers it, and delivers it again on
+/// [`nats_subject`] (see `nats`).
+pub fn nats_ingest_subject(prefix: &str, topic: &str) -> String {
+    topic_subject(prefix, "in", topic)
+}
+
+fn topic_subject(prefix: &str, kind: &str, topic: &str) -> String {
+    let mut out = format!("{prefix}.{kind}");
     for level in topic.split('/') {
         out.push('.');
         push_token(&mut out, level);
@@ -158,6 +171,7 @@ mod tests {
     #[test]
     fn nats_names() {
         assert_eq!(nats_subject("p", "a/b"), "p.t.a.b");
+        assert_eq!(nats_ingest_subject("p", "a/b"), "p.in.a.b");
         assert_eq!(nats_subject("p", "a.b c/*/>"), "p.t.a~2Eb~20c.~2A.~3E");
         assert_eq!(nats_subject("p", "a//b"), "p.t.a.~.b");
         assert_eq!(nats_subject("p", "~"), "p.t.~7E");

@@ -8,17 +8,20 @@
 //!   one broadcast leave one after the other and may arrive interleaved with
 //!   other publishers' messages; [`Seen`]'s window still catches them, as
 //!   long as fewer than its 4 096 messages reach the node between two copies.
-//! - **Order.** A node delivers its own publishes when they come back, as
-//!   with Redis. Every publish of a node goes through its one connection,
-//!   and NATS keeps one connection's messages of a subject in order, so
-//!   every node receives a node's messages of a topic in the order that node
-//!   published them, and every connection on one node sees the same order
-//!   (the node delivers each message once, in the order it took them in,
-//!   see `Routes`). NATS promises no more: two nodes publishing on one
-//!   topic at the same instant may be received in either order, and two
-//!   receiving nodes may not agree (the server fans each publisher's
-//!   messages out on its own), where Redis, single-threaded, gives every
-//!   subscriber one order.
+//! - **Order.** Core NATS keeps only each publisher's order: two nodes
+//!   publishing on one topic at the same instant could reach two
+//!   subscribers in different orders (the server fans each publisher's
+//!   messages out on its own). So nodes do not publish on the subjects
+//!   they subscribe to: they publish on `<prefix>.in.…`, a JetStream
+//!   stream of the cluster's own ([`stream_config`], in memory, keeping
+//!   only a little) takes every such message in, one after the other, and
+//!   republishes it on `<prefix>.t.…` from its one internal connection.
+//!   Every subscriber receives what one connection sent, in the order it
+//!   sent it: one order for the whole cluster, as Redis gives. A node
+//!   delivers its own publishes when they come back, as with Redis, and
+//!   every connection on one node sees the order the node received
+//!   (see `Routes`). The server must run JetStream (`nats-server -js`);
+//!   the node creates the stream, or updates it, each time it connects.
 //! - **Up and down.** async-nats reconnects by itself (with the backoff
 //!   below) and subscribes its subscriptions again; the node follows the
 //!   connection's state: while it is not connected publishes are delivered
@@ -51,7 +54,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::channel::{nats_subject, nats_subjects};
+use super::channel::{nats_ingest_subject, nats_subjects};
 use super::{Feeds, Link, Outgoing, Seen, Settle, Shared, Wanted};
 use crate::hub::Interest;
 
@@ -76,6 +79,38 @@ const PARKED: usize = 1024;
 /// again on every tick, so a dropped event only delays it.
 const EVENTS: usize = 64;
 const TICK: Duration = Duration::from_millis(250);
+/// What the ordering stream keeps, at most: it exists to number and
+/// republish, not to store, so one message per subject for a minute, and
+/// a bound on the whole.
+const STREAM_MSGS: u64 = 10_000;
+const STREAM_BYTES: u64 = 64 * 1024 * 1024;
+const STREAM_AGE: Duration = Duration::from_secs(60);
+/// JetStream's error code for a stream that exists with another
+/// configuration (then it is updated).
+const STREAM_EXISTS: u64 = 10_058;
+
+/// The cluster's ordering stream: it takes in what nodes publish on
+/// `<prefix>.in.>` and republishes each message, in the stream's order,
+/// on the same subject under `<prefix>.t`. Kept in memory: losing it loses
+/// nothing but a minute of last messages, which only the stream reads.
+pub fn stream_config(prefix: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": format!("{prefix}-backplane"),
+        "subjects": [format!("{prefix}.in.>")],
+        "storage": "memory",
+        "retention": "limits",
+        "discard": "old",
+        "num_replicas": 1,
+        "max_msgs_per_subject": 1,
+        "max_msgs": STREAM_MSGS,
+        "max_bytes": STREAM_BYTES,
+        "max_age": u64::try_from(STREAM_AGE.as_nanos()).unwrap_or(u64::MAX),
+        "republish": {
+            "src": format!("{prefix}.in.>"),
+            "dest": format!("{prefix}.t.>"),
+        },
+    })
+}
 
 /// What [`Tasks::run`] needs to connect and start the writer and the
 /// subscriber.
@@ -227,7 +262,7 @@ async fn writer(
             // One copy per named room, in order, on the one connection.
             let mut handed = 0;
             for room in &out.rooms {
-                let subject = nats_subject(&shared.prefix, room);
+                let subject = nats_ingest_subject(&shared.prefix, room);
                 match timed("publish", client.publish(subject, out.body.clone())).await {
                     Ok(()) => handed += 1,
                     Err(e) => {
@@ -612,6 +647,7 @@ impl Subscriber {
 
     fn on_event(&mut self, event: &Event) {
         if let Event::SlowConsumer(_) = event {
+            self.shared.count("dropped");
             // One event per message dropped: say it once a minute at most.
             let now = Instant::now();
             if self
@@ -646,7 +682,10 @@ impl Subscriber {
         // server has all of it.
         let missing = self.wanted.missing();
         let synced = match self.subscribe(&missing).await {
-            Ok(()) => self.round_trip().await,
+            Ok(()) => match self.ensure_stream().await {
+                Ok(()) => self.round_trip().await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = synced {
@@ -726,6 +765,42 @@ impl Subscriber {
         }
         self.count_subscriptions();
         result
+    }
+
+    /// Creates the ordering stream ([`stream_config`]), or brings an
+    /// existing one to this configuration. Every connection does it: a
+    /// restarted NATS server has lost the stream, and a publish on
+    /// `<prefix>.in` with no stream would reach nobody.
+    async fn ensure_stream(&self) -> Result<(), String> {
+        let config = stream_config(&self.shared.prefix);
+        let name = config["name"].as_str().unwrap_or_default().to_string();
+        let body = Bytes::from(config.to_string());
+        for verb in ["CREATE", "UPDATE"] {
+            let subject = format!("$JS.API.STREAM.{verb}.{name}");
+            let request = self.client.request(subject, body.clone());
+            let reply = match tokio::time::timeout(COMMAND_TIMEOUT, request).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {
+                    return Err("the NATS server runs without JetStream (start it with -js): the backplane needs its stream to give every connection one order".into());
+                }
+                Ok(Err(e)) => return Err(format!("stream {name}: {e}")),
+                Err(_) => return Err(format!("stream {name}: timed out")),
+            };
+            let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
+                .map_err(|e| format!("stream {name}: unreadable answer: {e}"))?;
+            match answer.get("error") {
+                None => return Ok(()),
+                Some(err)
+                    if verb == "CREATE" && err["err_code"].as_u64() == Some(STREAM_EXISTS) => {}
+                Some(err) => {
+                    return Err(format!(
+                        "stream {name}: {}",
+                        err["description"].as_str().unwrap_or("refused")
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A request nobody answers: the server says "no responders" once it

@@ -127,7 +127,13 @@ impl TestServer {
     /// Waits until `check` holds on the hub (polling the in-process state,
     /// bounded by [`WAIT`]).
     pub async fn until(&self, what: &str, check: impl Fn(&Gateway) -> bool) {
-        let deadline = tokio::time::Instant::now() + WAIT;
+        self.until_within(what, WAIT, check).await
+    }
+
+    /// [`TestServer::until`] with a longer wait, for what takes longer by
+    /// design (a silent connection detected by its ping, say).
+    pub async fn until_within(&self, what: &str, wait: Duration, check: impl Fn(&Gateway) -> bool) {
+        let deadline = tokio::time::Instant::now() + wait;
         while !check(&self.gw) {
             assert!(
                 tokio::time::Instant::now() < deadline,

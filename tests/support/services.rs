@@ -98,6 +98,25 @@ impl RedisServer {
         }
     }
 
+    /// Stops it answering without closing a connection (SIGSTOP), as a
+    /// server that hangs or a link that goes silent would.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().map(|c| c.id()).expect("running");
+        let status = Command::new("kill")
+            .args([which, &pid.to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill {which} {pid}");
+    }
+
     /// Starts it again on the same port.
     pub async fn restart(&mut self) {
         self.kill();
@@ -112,7 +131,8 @@ impl Drop for RedisServer {
     }
 }
 
-/// A `nats-server` of the test's own (core NATS, no JetStream), killed
+/// A `nats-server` of the test's own, with JetStream (the backplane's
+/// ordering stream needs it) storing under a directory of its own, killed
 /// when dropped.
 pub struct NatsServer {
     pub port: u16,
@@ -153,8 +173,17 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> bool {
+        let store = std::env::temp_dir().join(format!("pulso-test-nats-{}", self.port));
         let child = Command::new(&self.bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
