@@ -16,7 +16,7 @@
 //! - **Same order everywhere.** A node delivers its own publishes when they
 //!   come back, not before, so every connection of the cluster sees a
 //!   topic's messages in the engine's order. Redis has one order for all;
-//!   NATS keeps only each publishing node's order (see [`nats`]).
+//!   over NATS a small JetStream stream makes one (see [`nats`]).
 //! - **Exactly once.** A publish can reach a node several times: through an
 //!   exact channel and a pattern that both match, or once per named room of
 //!   a broadcast. Every publish carries its origin node and sequence number;
