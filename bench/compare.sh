@@ -22,10 +22,10 @@
 # cluster (a group: cluster-load cluster-max cluster-sio-load cluster-sio-max
 # cluster-sio-sweep cluster-idle-node) measures clustering: the same fan-out
 # against 1 pulso node without a backplane and 1, 2 and 3 nodes over Redis
-# (clients spread over the nodes, publishes into the first), two Node
+# and over NATS (clients spread over the nodes, publishes into the first), two Node
 # socket.io nodes with @socket.io/redis-adapter against two pulso nodes, and
 # a node with no subscriber. It starts its own redis-server on a free port
-# and needs a PostgreSQL ($CLUSTER_DATABASE_URL, default
+# (and a nats-server with JetStream) and needs a PostgreSQL ($CLUSTER_DATABASE_URL, default
 # postgres://postgres@127.0.0.1:5432/test). See docs/cluster.md.
 # Results: one JSON line per run in $OUT (default bench/results/<date>.jsonl).
 set -uo pipefail
@@ -131,19 +131,47 @@ start_redis() { # our own redis-server, on a free port, once per invocation
   return 1
 }
 
+NATS_PID=""
+NATS_PORT=""
+start_nats() { # our own nats-server with JetStream, on a free port, once per invocation
+  [ -n "$NATS_PID" ] && return 0
+  local bin
+  bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+  NATS_PORT=$(free_port)
+  "$bin" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$LOGS/nats.$NATS_PORT" \
+    >"$LOGS/nats.$NATS_PORT.log" 2>&1 &
+  NATS_PID=$!
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && return 0
+    kill -0 "$NATS_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "nats-server did not start; log: $LOGS/nats.$NATS_PORT.log" >&2
+  NATS_PID=""
+  return 1
+}
+
+stop_nats() {
+  [ -n "$NATS_PID" ] || return 0
+  kill "$NATS_PID" 2>/dev/null
+  wait "$NATS_PID" 2>/dev/null
+  NATS_PID=""
+}
+
 stop_redis() {
   [ -n "$REDIS_PID" ] || return 0
   kill "$REDIS_PID" 2>/dev/null
   wait "$REDIS_PID" 2>/dev/null
   REDIS_PID=""
 }
-trap 'stop_server; stop_redis; exit 130' INT TERM
-trap 'stop_server; stop_redis' EXIT
+trap 'stop_server; stop_redis; stop_nats; exit 130' INT TERM
+trap 'stop_server; stop_redis; stop_nats' EXIT
 
 # start_setup SETUP: starts the servers of one cluster setup and sets URLS
 # (their http://127.0.0.1:port, in order; publishes go to the first).
 #   pulso-1          one pulso node, no backplane (PostgreSQL like the others)
 #   pulso-redis-N    N pulso nodes over our Redis
+#   pulso-nats-N     N pulso nodes over our NATS
 #   node-redis-N     N Node baselines with @socket.io/redis-adapter on it
 #   node-1           one Node baseline, no Redis
 URLS=()
@@ -161,13 +189,17 @@ start_setup() {
       SERVER_PID=$!; SERVER_PIDS+=("$SERVER_PID")
       wait_up "$setup.n1" "$port" /readyz || return 1
       URLS+=("http://127.0.0.1:$port") ;;
-    pulso-redis-*)
-      n=${setup#pulso-redis-}
+    pulso-redis-*|pulso-nats-*)
+      local engine
+      case $setup in
+        pulso-redis-*) n=${setup#pulso-redis-}; engine=(--cluster-redis-url "redis://127.0.0.1:$REDIS_PORT") ;;
+        *) n=${setup#pulso-nats-}; engine=(--cluster-nats-url "nats://127.0.0.1:$NATS_PORT") ;;
+      esac
       for i in $(seq 1 "$n"); do
         port=$(free_port)
         "$PULSO_BIN" --jwt-secret "$SECRET" --demo-enabled false --listen "127.0.0.1:$port" \
           --database-url "$CLUSTER_DATABASE_URL" --node-id "$prefix-n$i" \
-          --cluster-redis-url "redis://127.0.0.1:$REDIS_PORT" --cluster-prefix "$prefix" \
+          "${engine[@]}" --cluster-prefix "$prefix" \
           >"$LOGS/$setup.n$i.$port.log" 2>&1 &
         SERVER_PID=$!; SERVER_PIDS+=("$SERVER_PID")
         wait_up "$setup.n$i" "$port" /readyz || return 1
@@ -293,15 +325,16 @@ run_sweep() { # SCEN SETUP
 cluster_scenario() { # SCEN
   local scen=$1 setup
   start_redis || { failed=1; return; }
+  start_nats || { failed=1; return; }
   local c m r
   c=$(scaled 2000); m=$(scaled 1000)
   case $scen in
     cluster-load)
-      for setup in pulso-1 pulso-redis-1 pulso-redis-2 pulso-redis-3; do
+      for setup in pulso-1 pulso-redis-1 pulso-redis-2 pulso-redis-3 pulso-nats-1 pulso-nats-2 pulso-nats-3; do
         run_cluster "$scen" "$setup" 3 fanout --clients "$c" --messages "$m" --rate 50
       done ;;
     cluster-max)
-      for setup in pulso-1 pulso-redis-1 pulso-redis-2 pulso-redis-3; do
+      for setup in pulso-1 pulso-redis-1 pulso-redis-2 pulso-redis-3 pulso-nats-1 pulso-nats-2 pulso-nats-3; do
         run_cluster "$scen" "$setup" 3 fanout --clients "$c" --messages "$m" --max
       done ;;
     cluster-sio-load)

@@ -129,15 +129,25 @@ impl Server {
         let cluster = match &config.cluster.engine {
             None => None,
             Some(engine) => {
-                use crate::cluster::{Shared, Tasks, nats, redis};
+                use crate::cluster::{HistoryRules, Shared, Tasks, nats, redis};
                 use crate::config::cluster::Engine;
-                let shared = Arc::new(Shared::new(
+                let shared = Shared::new(
                     hub.clone(),
                     metrics.clone(),
                     &config.cluster.prefix,
                     &config.node_id,
                     config.mqtt.last_value_filters(),
-                ));
+                );
+                // Redis keeps the history for the cluster; over NATS each
+                // node keeps its own (see docs/history.md).
+                let shared = Arc::new(match engine {
+                    Engine::Redis(_) => shared.with_history(HistoryRules {
+                        filters: config.history.topics.clone(),
+                        size: config.history.size,
+                        ttl: config.history.ttl,
+                    }),
+                    Engine::Nats(_) => shared,
+                });
                 let (link, tasks) = match engine {
                     Engine::Redis(url) => redis::prepare(url, shared.clone())
                         .map(|(link, tasks)| (link, Tasks::Redis(tasks)))

@@ -102,8 +102,13 @@ impl Server {
 
 /// A node of a cluster on `server` with `prefix`.
 async fn node(server: &Server, pg: &str, prefix: &str) -> TestServer {
+    node_with(server, pg, prefix, "").await
+}
+
+/// [`node`] with more settings (TOML).
+async fn node_with(server: &Server, pg: &str, prefix: &str, extra: &str) -> TestServer {
     let toml = format!(
-        "node_id = \"{}\"\ndatabase_url = \"{pg}\"\n[cluster]\n{}\nprefix = \"{prefix}\"\n[acl.admin]\npublish = [\"#\"]\n",
+        "node_id = \"{}\"\ndatabase_url = \"{pg}\"\n[cluster]\n{}\nprefix = \"{prefix}\"\n[acl.admin]\npublish = [\"#\"]\n{extra}",
         unique("node"),
         server.setting(),
     );
@@ -669,7 +674,19 @@ impl Process {
 
     /// Starts it and waits until `/readyz` answers 200.
     async fn start(redis: &str, pg: &str, prefix: &str, id: &str) -> Process {
+        Self::start_with(redis, pg, prefix, id, &[]).await
+    }
+
+    /// [`Process::start`] with more `PULSO_*` variables.
+    async fn start_with(
+        redis: &str,
+        pg: &str,
+        prefix: &str,
+        id: &str,
+        env: &[(&str, &str)],
+    ) -> Process {
         let (mut c, port) = Self::command(redis, pg, prefix, id);
+        c.envs(env.iter().copied());
         let log = std::env::temp_dir().join(format!("{}.log", unique("pulso-node")));
         c.stderr(std::fs::File::create(&log).unwrap());
         let mut p = Process {
@@ -1124,4 +1141,193 @@ async fn mqtt_messages_enter_the_cluster_once_and_the_last_value_is_served_on_an
         }
     }
     assert_eq!(got, Some((json!(topic), json!(last))));
+}
+
+// ---- History in the backplane ----------------------------------------------
+
+/// History on `h/#`, `size` messages per topic.
+fn history_toml(size: usize) -> String {
+    format!("[history]\ntopics = [\"h/#\"]\nsize = {size}\n")
+}
+
+/// The next published message on `ws` (skipping replies).
+async fn published(ws: &mut WsClient) -> Value {
+    loop {
+        let m = ws.recv().await;
+        if m.get("topic").is_some() {
+            return m;
+        }
+    }
+}
+
+/// `sub` with `since` on `ws`; returns the ack.
+async fn sub_since(ws: &mut WsClient, topic: &str, offset: u64, epoch: &Value) -> Value {
+    ws.send(json!({"type":"sub","topic":topic,"since":{"offset":offset,"epoch":epoch},"id":"r"}))
+        .await;
+    ws.recv().await
+}
+
+/// With Redis the history lives in the backplane: every node hands out the
+/// same offsets, and a `/ws` client whose connection was cut recovers on
+/// another node what was published meanwhile through a third, then goes
+/// live with no gap; with more missed than `history.size` it is told to
+/// reload.
+#[tokio::test]
+async fn a_ws_client_recovers_on_another_node_from_the_history_in_redis() {
+    let Some(pg) = postgres_url().await else {
+        return;
+    };
+    let Some(server) = Server::start(Engine::Redis).await else {
+        return;
+    };
+    let prefix = unique("h");
+    let extra = history_toml(20);
+    let a = node_with(&server, &pg, &prefix, &extra).await;
+    let b = node_with(&server, &pg, &prefix, &extra).await;
+    let c = node_with(&server, &pg, &prefix, &extra).await;
+    let mut ws = subscriber(&a, &["h/feed"]).await;
+    let mut on_b = subscriber(&b, &["h/feed"]).await;
+    a.publish("h/feed", json!(0)).await;
+    let first = published(&mut ws).await;
+    let (offset, epoch) = (first["offset"].as_u64().unwrap(), first["epoch"].clone());
+    assert!(epoch.is_string(), "{first}");
+    let seen_on_b = published(&mut on_b).await;
+    assert_eq!(
+        (seen_on_b["offset"].clone(), seen_on_b["epoch"].clone()),
+        (json!(offset), epoch.clone()),
+        "one numbering for the cluster"
+    );
+    // The TCP connection is cut: no close frame.
+    drop(ws);
+    for n in 1..=15 {
+        b.publish("h/feed", json!(n)).await;
+    }
+    let mut back = c.ws("assistant", &unique("back")).await;
+    let ack = sub_since(&mut back, "h/feed", offset, &epoch).await;
+    assert_eq!(ack, json!({"type":"ack","id":"r","recovered":true}));
+    for n in 1..=15u64 {
+        let m = published(&mut back).await;
+        assert_eq!(
+            (
+                m["payload"].clone(),
+                m["offset"].clone(),
+                m["epoch"].clone()
+            ),
+            (json!(n), json!(offset + n), epoch.clone())
+        );
+    }
+    a.publish("h/feed", json!("live")).await;
+    let m = published(&mut back).await;
+    assert_eq!(
+        (m["payload"].clone(), m["offset"].clone()),
+        (json!("live"), json!(offset + 16))
+    );
+    // 26 missed with 20 kept: reload, nothing replayed, live follows.
+    for n in 17..=25 {
+        b.publish("h/feed", json!(n)).await;
+    }
+    let mut late = c.ws("assistant", &unique("late")).await;
+    let ack = sub_since(&mut late, "h/feed", offset, &epoch).await;
+    assert_eq!(ack, json!({"type":"ack","id":"r","recovered":false}));
+    a.publish("h/feed", json!("after")).await;
+    assert_eq!(published(&mut late).await["payload"], json!("after"));
+    // Another epoch: reload.
+    let mut other = b.ws("assistant", &unique("other")).await;
+    let ack = sub_since(&mut other, "h/feed", offset, &json!("not-the-epoch")).await;
+    assert_eq!(ack["recovered"], json!(false));
+}
+
+/// A node killed with `kill -9` while its client was away: the client
+/// recovers everything on a survivor, since nothing was only on that node.
+#[tokio::test]
+async fn a_client_of_a_killed_node_recovers_on_a_survivor() {
+    let Some(pg) = postgres_url().await else {
+        return;
+    };
+    let Some(server) = Server::start(Engine::Redis).await else {
+        return;
+    };
+    let Server::Redis(redis) = &server else {
+        unreachable!("a Redis cluster")
+    };
+    let prefix = fresh_prefix();
+    let env = [("PULSO_HISTORY_TOPICS", "h/#")];
+    let mut a = Process::start_with(&redis.url(), &pg, &prefix, &unique("a"), &env).await;
+    let b = Process::start_with(&redis.url(), &pg, &prefix, &unique("b"), &env).await;
+    let token = common::token("assistant", &unique("k"), Some(Duration::from_secs(60)));
+    let mut ws = WsClient::connect(&format!("ws://{}/ws?token={token}", a.addr)).await;
+    assert_eq!(ws.sub("h/k").await["type"], "ack");
+    let admin = common::token("admin", "test-admin", Some(Duration::from_secs(60)));
+    let publish = |addr: std::net::SocketAddr, n: Value| {
+        let admin = admin.clone();
+        async move {
+            let body = json!({"topic":"h/k","payload":n}).to_string();
+            let (status, _) =
+                common::post_json(&format!("http://{addr}/api/publish"), Some(&admin), &body).await;
+            assert_eq!(status, 200);
+        }
+    };
+    publish(a.addr, json!(0)).await;
+    let first = published(&mut ws).await;
+    let (offset, epoch) = (first["offset"].as_u64().unwrap(), first["epoch"].clone());
+    drop(ws);
+    a.kill9();
+    for n in 1..=50 {
+        publish(b.addr, json!(n)).await;
+    }
+    let mut back = WsClient::connect(&format!("ws://{}/ws?token={token}", b.addr)).await;
+    let ack = sub_since(&mut back, "h/k", offset, &epoch).await;
+    assert_eq!(ack, json!({"type":"ack","id":"r","recovered":true}));
+    for n in 1..=50u64 {
+        let m = published(&mut back).await;
+        assert_eq!(
+            (m["payload"].clone(), m["offset"].clone()),
+            (json!(n), json!(offset + n))
+        );
+    }
+}
+
+/// The seam between replay and live messages while another node publishes
+/// without pause: every offset once, in order.
+#[tokio::test]
+async fn recovery_from_redis_has_no_gap_and_no_duplicate_at_the_seam() {
+    let Some(pg) = postgres_url().await else {
+        return;
+    };
+    let Some(server) = Server::start(Engine::Redis).await else {
+        return;
+    };
+    let prefix = unique("h");
+    let extra = history_toml(1000);
+    let a = node_with(&server, &pg, &prefix, &extra).await;
+    let c = node_with(&server, &pg, &prefix, &extra).await;
+    let mut first = subscriber(&a, &["h/s"]).await;
+    a.publish("h/s", json!(0)).await;
+    let m = published(&mut first).await;
+    let (base, epoch) = (m["offset"].as_u64().unwrap(), m["epoch"].clone());
+    let total = 400u64;
+    let publisher = {
+        let url = a.url("/api/publish");
+        let admin = a.token("admin", "p");
+        tokio::spawn(async move {
+            for n in 1..=total {
+                let body = json!({"topic":"h/s","payload":n}).to_string();
+                common::post_json(&url, Some(&admin), &body).await;
+            }
+        })
+    };
+    // Wait until some are published, so the replay is not empty.
+    for _ in 0..20 {
+        published(&mut first).await;
+    }
+    let mut back = c.ws("assistant", &unique("seam")).await;
+    let ack = sub_since(&mut back, "h/s", base, &epoch).await;
+    assert_eq!(ack, json!({"type":"ack","id":"r","recovered":true}));
+    let mut offsets = Vec::new();
+    while offsets.last() != Some(&(base + total)) {
+        offsets.push(published(&mut back).await["offset"].as_u64().unwrap());
+    }
+    let want: Vec<u64> = (base + 1..=base + total).collect();
+    assert_eq!(offsets, want, "every offset once, in order");
+    publisher.await.unwrap();
 }

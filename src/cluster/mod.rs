@@ -45,7 +45,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{Backplane, Filter, Hub, Interest};
+use crate::hub::history::{Position, Seq};
+use crate::hub::{Backplane, Fetch, Filter, Hub, Interest, Placed};
 use crate::metrics::Metrics;
 
 /// How long a node stays subscribed to a channel nobody here wants any
@@ -88,6 +89,29 @@ pub struct Link {
     out: mpsc::Sender<Outgoing>,
     /// The hub's interest changes acted on so far (see [`Settle`]).
     settled: watch::Receiver<u64>,
+    /// Where the engine keeps the history, when it keeps it.
+    history: Option<Arc<dyn HistorySource>>,
+}
+
+/// An engine that keeps the history of the topics `history.topics`
+/// matches (SPEC §11): it gives their messages their positions as it
+/// carries them, and hands out what it holds of a topic.
+pub trait HistorySource: Send + Sync + 'static {
+    fn fetch(&self, topic: Arc<str>) -> Fetch;
+}
+
+/// The history rules of the cluster, as `history.*` sets them.
+#[derive(Debug, Clone)]
+pub struct HistoryRules {
+    pub filters: Vec<Filter>,
+    pub size: usize,
+    pub ttl: Duration,
+}
+
+impl HistoryRules {
+    pub fn tracks(&self, topic: &str) -> bool {
+        self.filters.iter().any(|f| f.matches(topic))
+    }
 }
 
 /// The engine's side of a [`Link`]: what its writer and subscriber consume.
@@ -99,14 +123,17 @@ pub struct Feeds {
 
 impl Link {
     /// A link for `shared`'s hub; its interest is followed from now on.
-    pub fn new(shared: Arc<Shared>) -> (Arc<Link>, Feeds) {
+    /// `history`: where the engine keeps the history, if it does.
+    pub fn new(shared: Arc<Shared>, history: Option<Arc<dyn HistorySource>>) -> (Arc<Link>, Feeds) {
         let (tx, rx) = mpsc::channel(OUT_QUEUE);
         let (interest, base) = shared.hub.watch_interest_counted();
         let (settled_tx, settled) = watch::channel(base);
+        let history = history.filter(|_| shared.history.is_some());
         let link = Arc::new(Link {
             shared,
             out: tx,
             settled,
+            history,
         });
         let feeds = Feeds {
             out: rx,
@@ -155,6 +182,14 @@ impl Backplane for Link {
                 false
             }
         }
+    }
+
+    fn keeps_history(&self) -> bool {
+        self.history.is_some()
+    }
+
+    fn fetch_history(&self, topic: &Arc<str>) -> Option<Fetch> {
+        Some(self.history.as_ref()?.fetch(topic.clone()))
     }
 }
 
@@ -322,6 +357,53 @@ pub struct Envelope<'a> {
     pub ts: u64,
     #[serde(rename = "p", borrow)]
     pub payload: &'a RawValue,
+    /// With a history in the engine (added by the engine as it takes the
+    /// publish in): each room's offset (0: the room keeps no history)…
+    #[serde(rename = "o", default, skip_serializing_if = "Vec::is_empty")]
+    pub offsets: Vec<u64>,
+    /// …and its epoch,
+    #[serde(rename = "h", borrow, default, skip_serializing_if = "Vec::is_empty")]
+    pub epochs: Vec<Cow<'a, str>>,
+    /// and the publish's place in the cluster-wide sequence, with that
+    /// sequence's epoch.
+    #[serde(rename = "g", default, skip_serializing_if = "Option::is_none")]
+    pub global: Option<u64>,
+    #[serde(
+        rename = "ge",
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub global_epoch: Option<Cow<'a, str>>,
+}
+
+impl Envelope<'_> {
+    /// Where the engine placed this publish, if it did.
+    pub fn placed(&self) -> Option<Placed> {
+        if self.offsets.is_empty() {
+            return None;
+        }
+        let positions = self
+            .rooms
+            .iter()
+            .enumerate()
+            .map(|(i, _)| match (self.offsets.get(i), self.epochs.get(i)) {
+                (Some(&offset), Some(epoch)) if offset > 0 => Some(Position {
+                    offset,
+                    epoch: Arc::from(&**epoch),
+                }),
+                _ => None,
+            })
+            .collect();
+        let seq = match (self.global, &self.global_epoch) {
+            (Some(n), Some(epoch)) => Some(Seq {
+                epoch: Arc::from(&**epoch),
+                n,
+            }),
+            _ => None,
+        };
+        Some(Placed { positions, seq })
+    }
 }
 
 /// A publish handed to the engine's writer.
@@ -332,6 +414,8 @@ pub struct Outgoing {
     pub ts: u64,
     /// The encoded [`Envelope`].
     pub body: Bytes,
+    /// Which of `rooms` keep a history in the engine (empty: none).
+    pub tracked: Vec<bool>,
 }
 
 /// What the engine tasks and the hub share.
@@ -345,6 +429,8 @@ pub struct Shared {
     /// MQTT topics that keep a last value, so that a client subscribing
     /// on any node gets the current reading at once.
     pub always: Vec<crate::hub::Filter>,
+    /// The history the engine keeps, if `history.topics` is set.
+    pub history: Option<HistoryRules>,
     node_tag: u64,
     seq: AtomicU64,
 }
@@ -363,9 +449,16 @@ impl Shared {
             prefix: prefix.to_string(),
             up: AtomicBool::new(false),
             always,
+            history: None,
             node_tag: tag_of(node_id),
             seq: AtomicU64::new(0),
         }
+    }
+
+    /// Keeps the history of the topics `rules` match in the engine.
+    pub fn with_history(mut self, rules: HistoryRules) -> Shared {
+        self.history = (!rules.filters.is_empty()).then_some(rules);
+        self
     }
 
     pub fn count(&self, kind: &'static str) {
@@ -395,14 +488,25 @@ impl Shared {
             event: event.map(|e| Cow::Borrowed(&**e)),
             ts,
             payload,
+            offsets: Vec::new(),
+            epochs: Vec::new(),
+            global: None,
+            global_epoch: None,
         };
         let body = serde_json::to_vec(&envelope).ok()?;
+        let tracked = match &self.history {
+            Some(rules) if rooms.iter().any(|r| rules.tracks(r)) => {
+                rooms.iter().map(|r| rules.tracks(r)).collect()
+            }
+            _ => Vec::new(),
+        };
         Some(Outgoing {
             rooms: rooms.to_vec(),
             event: event.cloned(),
             payload: payload.clone(),
             ts,
             body: Bytes::from(body),
+            tracked,
         })
     }
 
@@ -419,9 +523,15 @@ impl Shared {
         }
         self.count("received");
         let rooms: Vec<Arc<str>> = envelope.rooms.iter().map(|r| Arc::from(&**r)).collect();
+        let placed = envelope.placed();
         let event = envelope.event.map(|e| Arc::from(&*e));
         let payload: Arc<RawValue> = Arc::from(envelope.payload.to_owned());
-        self.hub.deliver_rooms(&rooms, event, payload, envelope.ts);
+        match placed {
+            Some(placed) => self
+                .hub
+                .deliver_placed(&rooms, event, payload, envelope.ts, &placed),
+            None => self.hub.deliver_rooms(&rooms, event, payload, envelope.ts),
+        };
     }
 
     /// A publish the engine could not take: this node's connections get it.

@@ -130,7 +130,7 @@ pub fn prepare(
 ) -> Result<(Arc<Link>, Tasks), String> {
     url.parse::<async_nats::ServerAddr>()
         .map_err(|e| e.to_string())?;
-    let (link, feeds) = Link::new(shared.clone());
+    let (link, feeds) = Link::new(shared.clone(), None);
     Ok((
         link,
         Tasks {

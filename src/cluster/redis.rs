@@ -19,8 +19,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{redis_channel, redis_subscriptions};
-use super::{Feeds, Link, Outgoing, Seen, Settle, Shared, Wanted};
-use crate::hub::{Filter, Interest};
+use super::{Envelope, Feeds, HistorySource, Link, Outgoing, Seen, Settle, Shared, Wanted};
+use crate::hub::history::{Position, Seq};
+use crate::hub::{Fetch, Fetched, Filter, Interest, Message};
 
 /// Publishes sent in one pipeline, at most.
 const BATCH: usize = 256;
@@ -43,7 +44,15 @@ pub struct Tasks {
 /// [`Tasks::run`]. Interest is followed from now on.
 pub fn prepare(url: &str, shared: Arc<Shared>) -> Result<(Arc<Link>, Tasks), String> {
     let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-    let (link, feeds) = Link::new(shared.clone());
+    let history = shared.history.as_ref().map(|rules| {
+        Arc::new(History {
+            client: client.clone(),
+            prefix: shared.prefix.clone(),
+            ttl: rules.ttl,
+            conn: Arc::default(),
+        }) as Arc<dyn HistorySource>
+    });
+    let (link, feeds) = Link::new(shared.clone(), history);
     Ok((
         link,
         Tasks {
@@ -80,6 +89,8 @@ async fn writer(
     stop: CancellationToken,
 ) {
     let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+    // The SHA of the publish script on the current connection's server.
+    let mut script: Option<String> = None;
     let mut batch = Vec::with_capacity(BATCH);
     while shared.next_batch(&mut rx, &mut batch, BATCH, &stop).await {
         if conn.is_none() {
@@ -92,6 +103,21 @@ async fn writer(
                 Ok(Ok(c)) => Some(c),
                 _ => None,
             };
+            script = None;
+        }
+        if let Some(c) = conn.as_mut()
+            && script.is_none()
+            && shared.history.is_some()
+        {
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(PUBLISH_SCRIPT);
+            match timed(load.query_async::<String>(c)).await {
+                Ok(sha) => script = Some(sha),
+                Err(e) => {
+                    tracing::warn!(error = %e, "history script not loaded");
+                    conn = None;
+                }
+            }
         }
         let Some(c) = conn.as_mut() else {
             shared.deliver_all_here(&mut batch);
@@ -103,9 +129,16 @@ async fn writer(
         let mut pipe = redis::pipe();
         pipe.atomic();
         for out in &batch {
-            for room in &out.rooms {
-                pipe.publish(redis_channel(&shared.prefix, room), &out.body[..])
-                    .ignore();
+            match (&script, &shared.history) {
+                (Some(sha), Some(rules)) if !out.tracked.is_empty() => {
+                    history_publish(&mut pipe, sha, &shared.prefix, rules, out);
+                }
+                _ => {
+                    for room in &out.rooms {
+                        pipe.publish(redis_channel(&shared.prefix, room), &out.body[..])
+                            .ignore();
+                    }
+                }
             }
         }
         match tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(c)).await {
@@ -125,6 +158,214 @@ async fn writer(
                 shared.deliver_all_here(&mut batch);
             }
         }
+    }
+}
+
+/// Publishes a message of a topic that keeps a history, atomically: the
+/// script numbers it (per topic, and in the cluster-wide sequence), adds
+/// the numbers to the envelope, appends it to each topic's capped stream,
+/// and publishes it. So every node hands out the same offsets, and a
+/// message is in the history before any node can deliver it.
+///
+/// Keys: `<prefix>:h:seq` (the sequence and its epoch), then for each
+/// tracked room `<prefix>:h:{room}:m` (its last offset `n`, epoch `e`,
+/// and `dg`, the highest sequence it dropped) and `<prefix>:h:{room}` (the
+/// stream: entry `<offset>-1` with fields `g` and `m`, the envelope). A
+/// stream lives `history.ttl` after its topic's last message, the rest
+/// [`META_KEEP`]; a topic whose numbers were lost starts a new epoch.
+const PUBLISH_SCRIPT: &str = r#"
+local g = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('HSETNX', KEYS[1], 'e', ARGV[5])
+local ge = redis.call('HGET', KEYS[1], 'e')
+local size = tonumber(ARGV[2])
+local r = tonumber(ARGV[6])
+local offsets, epochs, streams = {}, {}, {}
+local k = 2
+for i = 1, r do
+  if ARGV[6 + r + i] == '1' then
+    local meta = KEYS[k]
+    local n = redis.call('HINCRBY', meta, 'n', 1)
+    redis.call('HSETNX', meta, 'e', ARGV[5])
+    offsets[i] = n
+    epochs[i] = '"' .. redis.call('HGET', meta, 'e') .. '"'
+    streams[#streams + 1] = {meta, KEYS[k + 1], n}
+    k = k + 2
+  else
+    offsets[i] = 0
+    epochs[i] = '""'
+  end
+end
+local body = string.sub(ARGV[1], 1, -2) .. ',"o":[' .. table.concat(offsets, ',') ..
+  '],"h":[' .. table.concat(epochs, ',') .. '],"g":' .. g .. ',"ge":"' .. ge .. '"}'
+for _, s in ipairs(streams) do
+  if redis.call('XLEN', s[2]) >= size then
+    local oldest = redis.call('XRANGE', s[2], '-', '+', 'COUNT', 1)
+    if oldest[1] then
+      redis.call('HSET', s[1], 'dg', oldest[1][2][2])
+    end
+  end
+  redis.call('XADD', s[2], 'MAXLEN', size, s[3] .. '-1', 'g', g, 'm', body)
+  redis.call('PEXPIRE', s[2], ARGV[3])
+  redis.call('PEXPIRE', s[1], ARGV[4])
+end
+for i = 1, r do
+  redis.call('PUBLISH', ARGV[6 + i], body)
+end
+return g
+"#;
+
+/// How long a topic's numbers (last offset, epoch) outlive its last
+/// message, at least: a client that comes back after a quiet spell finds
+/// the same epoch, and is told it missed nothing.
+const META_KEEP: Duration = Duration::from_secs(24 * 3600);
+
+fn history_key(prefix: &str, topic: &str) -> String {
+    format!("{prefix}:h:{{{topic}}}")
+}
+
+fn history_publish(
+    pipe: &mut redis::Pipeline,
+    sha: &str,
+    prefix: &str,
+    rules: &super::HistoryRules,
+    out: &Outgoing,
+) {
+    let tracked = out.tracked.iter().filter(|t| **t).count();
+    let cmd = pipe.cmd("EVALSHA").arg(sha).arg(1 + 2 * tracked);
+    cmd.arg(format!("{prefix}:h:seq"));
+    for (room, _) in out.rooms.iter().zip(&out.tracked).filter(|(_, t)| **t) {
+        let key = history_key(prefix, room);
+        cmd.arg(format!("{key}:m")).arg(key);
+    }
+    let ttl = rules.ttl.as_millis().max(1);
+    let keep = rules.ttl.max(META_KEEP).as_millis();
+    cmd.arg(&out.body[..])
+        .arg(rules.size)
+        .arg(u64::try_from(ttl).unwrap_or(u64::MAX))
+        .arg(u64::try_from(keep).unwrap_or(u64::MAX))
+        .arg(crate::hub::random_id())
+        .arg(out.rooms.len());
+    for room in &out.rooms {
+        cmd.arg(redis_channel(prefix, room));
+    }
+    for t in &out.tracked {
+        cmd.arg(if *t { "1" } else { "0" });
+    }
+    cmd.ignore();
+}
+
+/// Reads topics' histories for recoveries, on a connection of its own
+/// (made at the first recovery, made again after an error).
+struct History {
+    client: redis::Client,
+    prefix: String,
+    ttl: Duration,
+    conn: Arc<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+}
+
+impl HistorySource for History {
+    fn fetch(&self, topic: Arc<str>) -> Fetch {
+        let client = self.client.clone();
+        let cached = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let key = history_key(&self.prefix, &topic);
+        let ttl = self.ttl;
+        let slot = self.conn.clone();
+        Box::pin(async move {
+            let mut conn = match cached {
+                Some(c) => c,
+                None => {
+                    let c = timed(client.get_multiplexed_async_connection()).await?;
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                    c
+                }
+            };
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("HMGET")
+                .arg(format!("{key}:m"))
+                .arg("n")
+                .arg("e")
+                .arg("dg")
+                .cmd("XRANGE")
+                .arg(&key)
+                .arg("-")
+                .arg("+");
+            type Meta = (Option<u64>, Option<String>, Option<u64>);
+            type Entries = Vec<(String, Vec<Vec<u8>>)>;
+            let answer: Result<(Meta, Entries), String> = timed(pipe.query_async(&mut conn)).await;
+            let ((last, epoch, dropped), entries) = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    // Connected again at the next recovery.
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    return Err(e);
+                }
+            };
+            Ok(fetched(&topic, ttl, last, epoch, dropped, entries))
+        })
+    }
+}
+
+/// The messages of a topic's stream, as delivered live.
+fn fetched(
+    topic: &Arc<str>,
+    ttl: Duration,
+    last: Option<u64>,
+    epoch: Option<String>,
+    dropped: Option<u64>,
+    entries: Vec<(String, Vec<Vec<u8>>)>,
+) -> Fetched {
+    let Some(epoch) = epoch else {
+        return Fetched::default();
+    };
+    let epoch: Arc<str> = Arc::from(epoch);
+    let oldest =
+        crate::hub::now_ms().saturating_sub(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+    let mut messages = Vec::with_capacity(entries.len());
+    for (_, fields) in &entries {
+        let Some(body) = fields
+            .chunks(2)
+            .find(|f| f[0] == b"m")
+            .and_then(|f| f.get(1))
+        else {
+            continue;
+        };
+        let Ok(env) = serde_json::from_slice::<Envelope<'_>>(body) else {
+            continue;
+        };
+        let Some(i) = env.rooms.iter().position(|r| **r == **topic) else {
+            continue;
+        };
+        let Some(&offset) = env.offsets.get(i) else {
+            continue;
+        };
+        if env.ts < oldest {
+            continue;
+        }
+        let mut msg = Message::with_ts(
+            topic.clone(),
+            env.event.as_deref().map(Arc::from),
+            Arc::from(env.payload.to_owned()),
+            env.ts,
+        );
+        msg.position = Some(Position {
+            offset,
+            epoch: epoch.clone(),
+        });
+        msg.seq = match (env.global, &env.global_epoch) {
+            (Some(n), Some(e)) => Some(Seq {
+                epoch: Arc::from(&**e),
+                n,
+            }),
+            _ => None,
+        };
+        messages.push(Arc::new(msg));
+    }
+    Fetched {
+        epoch,
+        last: last.unwrap_or(0),
+        messages,
+        dropped_seq: dropped.unwrap_or(0),
     }
 }
 

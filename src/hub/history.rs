@@ -54,6 +54,9 @@ pub struct Since {
     pub epoch: String,
 }
 
+/// A kept message and when it was published, on this node's clock.
+type Entry = (Instant, Arc<Message>);
+
 /// One topic's history.
 struct Stream {
     epoch: Arc<str>,
@@ -197,6 +200,113 @@ impl History {
             self.held.bytes += bytes;
             self.held.less(s.trim(size, ttl, Instant::now()));
         }
+    }
+
+    /// Keeps a message whose position a cluster's backplane gave (so that
+    /// every node hands out the same offsets): appended when it follows
+    /// the topic's stream; otherwise (another epoch, or a gap: this node
+    /// did not follow the topic meanwhile) the stream starts again from it,
+    /// and a client asking for what came before is sent to the backplane's
+    /// copy ([`History::seed`]). False when the stream holds it already (it
+    /// was fetched before it arrived): it was replayed, and is not
+    /// delivered again.
+    pub fn place(&mut self, msg: &Arc<Message>) -> bool {
+        let Some(pos) = &msg.position else {
+            return true;
+        };
+        self.tick += 1;
+        match self.streams.get(&msg.topic) {
+            Some(s) if s.epoch == pos.epoch && pos.offset < s.next => return false,
+            Some(s) if s.epoch == pos.epoch && pos.offset == s.next => {}
+            _ => self.restart(&msg.topic, &pos.epoch, pos.offset, Vec::new()),
+        }
+        if let Some(s) = self.streams.get_mut(&msg.topic) {
+            s.last_used = self.tick;
+        }
+        self.record(msg);
+        true
+    }
+
+    /// Joins what a cluster's backplane holds of `topic`'s history
+    /// (`fetched`: its messages in offset order, `last` the last offset the
+    /// backplane gave, `epoch` the topic's there) with what this node kept
+    /// of the topic since it began to follow it, so that the stream holds
+    /// every message from the first fetched on. Called with the topic
+    /// followed (pinned) from before the fetch, so the two overlap or meet.
+    pub fn seed(
+        &mut self,
+        topic: &Arc<str>,
+        epoch: &Arc<str>,
+        last: u64,
+        fetched: Vec<Arc<Message>>,
+    ) {
+        let now = Instant::now();
+        let now_ms = crate::hub::now_ms();
+        let dated = |m: Arc<Message>| {
+            let age = Duration::from_millis(now_ms.saturating_sub(m.ts));
+            (now.checked_sub(age).unwrap_or(now), m)
+        };
+        let offset_of = |m: &Message| m.position.as_ref().map_or(0, |p| p.offset);
+        let local = self.streams.get(topic).filter(|s| s.epoch == *epoch);
+        let joined: Option<(Vec<Entry>, u64)> = match local {
+            // Nothing here of this epoch: the backplane's copy. What it
+            // holds and this node has not received yet arrives later, and
+            // is dropped then ([`History::place`]).
+            None => Some((fetched.into_iter().map(dated).collect(), last + 1)),
+            Some(s) => {
+                let first_local = s.entries.front().map_or(s.next, |(_, m)| offset_of(m));
+                if first_local > last + 1 {
+                    // Newer than the copy and not joined to it: keep ours.
+                    None
+                } else {
+                    // The older part from the copy; this node's from its
+                    // first on, and what it has yet to receive comes live.
+                    let mut all: Vec<Entry> = fetched
+                        .into_iter()
+                        .filter(|m| offset_of(m) < first_local)
+                        .map(dated)
+                        .collect();
+                    all.extend(s.entries.iter().cloned());
+                    Some((all, s.next))
+                }
+            }
+        };
+        let Some((entries, next)) = joined else {
+            return;
+        };
+        self.tick += 1;
+        self.restart(topic, epoch, next, entries);
+        let (size, ttl) = (self.size, self.ttl);
+        if let Some(s) = self.streams.get_mut(topic) {
+            self.held.less(s.trim(size, ttl, now));
+        }
+    }
+
+    /// Puts a new stream for `topic` in place of the old one (if any).
+    fn restart(&mut self, topic: &Arc<str>, epoch: &Arc<str>, next: u64, entries: Vec<Entry>) {
+        match self.streams.remove(topic) {
+            Some(old) => self.held.less(Held {
+                messages: old.entries.len(),
+                bytes: old.bytes,
+            }),
+            None if self.streams.len() >= MAX_TOPICS => self.evict_one(),
+            None => {}
+        }
+        let bytes: usize = entries.iter().map(|(_, m)| weight(m)).sum();
+        self.held.messages += entries.len();
+        self.held.bytes += bytes;
+        self.streams.insert(
+            topic.clone(),
+            Stream {
+                epoch: epoch.clone(),
+                next,
+                entries: entries.into(),
+                bytes,
+                last_used: self.tick,
+                created: self.seq,
+                dropped: 0,
+            },
+        );
     }
 
     /// The messages of `topic` after `since`, if the history still holds
@@ -411,6 +521,54 @@ mod tests {
             .is_none()
         );
         assert_eq!(h.held().messages, 4);
+    }
+
+    /// A message as a backplane placed it: offset `n` of epoch `e`.
+    fn placed(topic: &str, e: &str, n: u64) -> Arc<Message> {
+        let mut m = Message::new(Arc::from(topic), None, payload_of(&n));
+        m.position = Some(Position {
+            offset: n,
+            epoch: Arc::from(e),
+        });
+        Arc::new(m)
+    }
+
+    #[test]
+    fn a_fetched_copy_joins_what_arrived_live_and_what_it_held_is_not_delivered_twice() {
+        let mut h = History::new(
+            vec![Filter::parse("#").unwrap()],
+            100,
+            Duration::from_secs(60),
+        );
+        let since = |offset| Since {
+            offset,
+            epoch: "e".into(),
+        };
+        // Followed from offset 5 on: a gap before it, so no recovery yet.
+        assert!(h.place(&placed("t", "e", 5)) && h.place(&placed("t", "e", 6)));
+        assert!(h.since("t", &since(2)).is_none());
+        // The backplane held 1..=7 (7 is still on its way here).
+        let fetched = (1..=7).map(|n| placed("t", "e", n)).collect();
+        h.seed(&Arc::from("t"), &Arc::from("e"), 7, fetched);
+        assert_eq!(
+            h.since("t", &since(2)).map(|m| offsets(&m)),
+            Some(vec![3, 4, 5, 6])
+        );
+        assert!(h.place(&placed("t", "e", 7)), "7 arrives live: new here");
+        // Fetched with nothing here: 1..=3; 2 and 3 then arrive, already held.
+        let fetched = (1..=3).map(|n| placed("u", "e", n)).collect();
+        h.seed(&Arc::from("u"), &Arc::from("e"), 3, fetched);
+        assert!(!h.place(&placed("u", "e", 2)) && !h.place(&placed("u", "e", 3)));
+        assert!(h.place(&placed("u", "e", 4)));
+        assert_eq!(
+            h.since("u", &since(0)).map(|m| offsets(&m)),
+            Some(vec![1, 2, 3, 4])
+        );
+        // A gap or another epoch starts the stream again.
+        assert!(h.place(&placed("u", "e", 9)));
+        assert!(h.since("u", &since(4)).is_none());
+        assert!(h.place(&placed("u", "f", 1)));
+        assert!(h.since("u", &since(8)).is_none());
     }
 
     #[test]

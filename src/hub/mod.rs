@@ -241,6 +241,9 @@ struct Table {
     exact: HashMap<Arc<str>, Subscribers>,
     /// Wildcard filters → subscribers, indexed by first level.
     wild: wild::WildTable,
+    /// Topic names followed with no subscriber here (see [`Hub::pin`]):
+    /// how many times each.
+    pins: HashMap<Arc<str>, usize>,
 }
 
 /// Something to wait for before answering a client (see
@@ -275,6 +278,45 @@ pub trait Backplane: Send + Sync + 'static {
         payload: &Arc<RawValue>,
         ts: u64,
     ) -> bool;
+
+    /// Whether the backplane keeps the history of the topics
+    /// `history.topics` matches (SPEC §11): it then gives every message of
+    /// them its position ([`Hub::deliver_placed`]), and this node's history
+    /// is a copy of what it received, completed from the backplane's when
+    /// a client recovers ([`Hub::prepare_recovery`]).
+    fn keeps_history(&self) -> bool {
+        false
+    }
+
+    /// What the backplane holds of `topic`'s history; `None` when it keeps
+    /// none.
+    fn fetch_history(&self, _topic: &Arc<str>) -> Option<Fetch> {
+        None
+    }
+}
+
+/// What a backplane holds of one topic's history.
+#[derive(Default)]
+pub struct Fetched {
+    /// The topic's epoch there (empty: it has no history).
+    pub epoch: Arc<str>,
+    /// The last offset given.
+    pub last: u64,
+    /// Its messages, in offset order, with their positions and sequences.
+    pub messages: Vec<Arc<Message>>,
+    /// The highest global sequence of a message it dropped (0: none).
+    pub dropped_seq: u64,
+}
+
+/// A fetch of [`Fetched`] under way.
+pub type Fetch = std::pin::Pin<Box<dyn Future<Output = Result<Fetched, String>> + Send + 'static>>;
+
+/// Where a backplane placed one publish: a position for each of its rooms
+/// that keeps a history (`None` for the others), and its global sequence.
+#[derive(Clone, Default)]
+pub struct Placed {
+    pub positions: Vec<Option<history::Position>>,
+    pub seq: Option<history::Seq>,
 }
 
 pub struct Hub {
@@ -438,6 +480,7 @@ impl Hub {
         let t = self.read();
         t.exact
             .keys()
+            .chain(t.pins.keys().filter(|k| !t.exact.contains_key(*k)))
             .map(|k| Filter::parse(k))
             .filter_map(Result::ok)
             .chain(t.wild.filters().cloned())
@@ -555,7 +598,7 @@ impl Hub {
             let slot = t.exact.entry(filter.text().clone()).or_default();
             slot.add(conn, recipient, capacity)
         };
-        if first {
+        if first && !t.pins.contains_key(filter.as_str()) {
             announce.push(Interest {
                 filter: filter.clone(),
                 active: true,
@@ -683,6 +726,98 @@ impl Hub {
         self.replay(entry, batch);
     }
 
+    /// Follows the topic `name` on the backplane although no connection
+    /// here subscribes it (yet): its interest is announced as a
+    /// subscription's would be, and what the backplane brings of it is
+    /// kept in this node's history copy. Undone by [`Hub::unpin`].
+    pub fn pin(&self, name: &Filter) {
+        let mut announce = Vec::new();
+        {
+            let mut t = self.write();
+            let count = t.pins.entry(name.text().clone()).or_insert(0);
+            *count += 1;
+            if *count == 1 && !t.exact.contains_key(name.as_str()) {
+                announce.push(Interest {
+                    filter: name.clone(),
+                    active: true,
+                });
+            }
+            self.announce(announce);
+        }
+    }
+
+    pub fn unpin(&self, name: &Filter) {
+        let mut announce = Vec::new();
+        {
+            let mut t = self.write();
+            let Some(count) = t.pins.get_mut(name.as_str()) else {
+                return;
+            };
+            *count -= 1;
+            if *count == 0 {
+                t.pins.remove(name.as_str());
+                if !t.exact.contains_key(name.as_str()) {
+                    announce.push(Interest {
+                        filter: name.clone(),
+                        active: false,
+                    });
+                }
+            }
+            self.announce(announce);
+        }
+    }
+
+    /// Before a recovery from a backplane that keeps the history: follows
+    /// each of `names` ([`Hub::pin`]), waits until the backplane carries
+    /// them, then fetches what it holds of each and joins it to this node's
+    /// copy, so that [`Hub::subscribe_since`] or [`Hub::resume`] finds
+    /// every message there: those fetched, and those that arrived since
+    /// the pin, merged by offset. Returns the pins (dropped once the
+    /// subscription is made) and the highest sequence a fetched topic
+    /// dropped; `None` when a fetch failed (nothing can be promised).
+    pub async fn prepare_recovery(self: &Arc<Self>, names: &[Filter]) -> (Pins, Option<u64>) {
+        let pins = Pins {
+            hub: self.clone(),
+            names: names.to_vec(),
+        };
+        for name in names {
+            self.pin(name);
+        }
+        let Some(backplane) = self.backplane.get().cloned() else {
+            return (pins, None);
+        };
+        if let Some(subscribed) = self.backplane_subscribed() {
+            subscribed.await;
+        }
+        let mut dropped = 0;
+        for name in names {
+            let topic = name.text().clone();
+            if !self.history_lock().is_some_and(|h| h.tracks(&topic)) {
+                continue;
+            }
+            let Some(fetch) = backplane.fetch_history(&topic) else {
+                return (pins, None);
+            };
+            match fetch.await {
+                Ok(f) => {
+                    dropped = dropped.max(f.dropped_seq);
+                    if f.epoch.is_empty() {
+                        // Nothing kept there: nothing to join.
+                        continue;
+                    }
+                    if let Some(mut h) = self.history_lock() {
+                        h.seed(&topic, &f.epoch, f.last, f.messages);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, topic = %topic, "history not fetched from the backplane; the client reloads");
+                    return (pins, None);
+                }
+            }
+        }
+        (pins, Some(dropped))
+    }
+
     /// Unsubscribes; returns whether there was such a subscription.
     pub fn unsubscribe(&self, conn: ConnId, filter: &Filter) -> bool {
         let mut announce = Vec::new();
@@ -806,7 +941,40 @@ impl Hub {
         payload: Arc<RawValue>,
         ts: u64,
     ) -> usize {
+        self.deliver_inner(rooms, event, payload, ts, None)
+    }
+
+    /// [`Hub::deliver_rooms`] for a publish whose history positions a
+    /// backplane gave (see [`Backplane::keeps_history`]).
+    pub fn deliver_placed(
+        &self,
+        rooms: &[Arc<str>],
+        event: Option<Arc<str>>,
+        payload: Arc<RawValue>,
+        ts: u64,
+        placed: &Placed,
+    ) -> usize {
+        self.deliver_inner(rooms, event, payload, ts, Some(placed))
+    }
+
+    /// Whether a backplane keeps the history (and this node only a copy).
+    pub fn history_in_backplane(&self) -> bool {
+        self.history.is_some() && self.backplane.get().is_some_and(|b| b.keeps_history())
+    }
+
+    fn deliver_inner(
+        &self,
+        rooms: &[Arc<str>],
+        event: Option<Arc<str>>,
+        payload: Arc<RawValue>,
+        ts: u64,
+        placed: Option<&Placed>,
+    ) -> usize {
         let started = Instant::now();
+        // With the history in a backplane, positions are the backplane's
+        // only: a publish it did not place (delivered here while it was
+        // down) has none.
+        let external = placed.is_some() || self.history_in_backplane();
         let (reached, appended, wake) = {
             let t = self.read();
             // Held until the rings have the messages: offsets follow the
@@ -814,19 +982,39 @@ impl Hub {
             let mut history = self
                 .history_lock()
                 .filter(|h| rooms.iter().any(|r| h.tracks(r)));
-            let seq = history.as_mut().map(|h| h.next_seq());
+            let seq = match placed {
+                Some(p) => p.seq.clone(),
+                None if external => None,
+                None => history.as_mut().map(|h| h.next_seq()),
+            };
+            // A room's copy that this node replayed already (fetched from
+            // the backplane before it arrived) is not delivered again.
+            let mut kept_rooms: Vec<Arc<str>> = Vec::with_capacity(rooms.len());
             let messages: Vec<Arc<Message>> = rooms
                 .iter()
-                .map(|room| {
+                .enumerate()
+                .filter_map(|(i, room)| {
                     let mut msg =
                         Message::with_ts(room.clone(), event.clone(), payload.clone(), ts);
                     msg.seq = seq.clone();
-                    if let Some(h) = history.as_mut().filter(|h| h.tracks(room)) {
-                        msg.position = Some(h.next_position(room));
+                    match placed {
+                        Some(p) => {
+                            msg.position = p.positions.get(i).cloned().flatten();
+                        }
+                        None if external => {}
+                        None => {
+                            if let Some(h) = history.as_mut().filter(|h| h.tracks(room)) {
+                                msg.position = Some(h.next_position(room));
+                            }
+                        }
                     }
                     let msg = Arc::new(msg);
                     if let Some(h) = history.as_mut() {
-                        h.record(&msg);
+                        if !external {
+                            h.record(&msg);
+                        } else if !h.place(&msg) {
+                            return None;
+                        }
                     }
                     // Under the table lock, so a concurrent new subscriber gets
                     // this message either as its last value or live, not both.
@@ -835,9 +1023,11 @@ impl Hub {
                         let held = kept.record(&msg);
                         self.metrics.last_value_topics.set(held as i64);
                     }
-                    msg
+                    kept_rooms.push(room.clone());
+                    Some(msg)
                 })
                 .collect();
+            let rooms = kept_rooms.as_slice();
             let single_exact = match (rooms, messages.as_slice()) {
                 ([room], [msg]) if t.wild.matching(room).next().is_none() => Some(msg),
                 _ => None,
@@ -895,6 +1085,21 @@ impl Hub {
     }
 }
 
+/// Topics followed for a recovery under way ([`Hub::prepare_recovery`]),
+/// no longer once dropped.
+pub struct Pins {
+    hub: Arc<Hub>,
+    names: Vec<Filter>,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        for name in &self.names {
+            self.hub.unpin(name);
+        }
+    }
+}
+
 fn remove_sub(
     t: &mut Table,
     conn: ConnId,
@@ -914,6 +1119,9 @@ fn remove_sub(
     if emptied {
         if !filter.is_wildcard() {
             t.exact.remove(filter.as_str());
+            if t.pins.contains_key(filter.as_str()) {
+                return;
+            }
         }
         announce.push(Interest {
             filter: filter.clone(),

@@ -310,6 +310,10 @@ impl Session {
         id: Option<&RawValue>,
     ) -> Result<Reply, ClientError> {
         let gw = &self.gw;
+        if gw.hub.history_in_backplane() {
+            self.recover_from_backplane(filter, since, id);
+            return Ok(Reply::Sent);
+        }
         let clustered = gw.hub.clustered();
         let outbox = link.outbox;
         let mut answer = None;
@@ -362,6 +366,50 @@ impl Session {
                 Ok(Reply::Sent)
             }
         }
+    }
+}
+
+impl Session {
+    /// `sub` with `since` when the cluster's backplane keeps the history:
+    /// in a task of its own, so this connection's other requests go on
+    /// meanwhile. The topic is followed on the backplane first, then what
+    /// the backplane holds of it is fetched and joined to what arrived
+    /// since, so the replay and the live messages meet with no gap and no
+    /// duplicate; the ack (with `recovered`) goes ahead of the replay.
+    fn recover_from_backplane(
+        &self,
+        filter: &crate::hub::Filter,
+        since: &crate::hub::history::Since,
+        id: Option<&RawValue>,
+    ) {
+        let (gw, outbox, conn) = (self.gw.clone(), self.outbox.clone(), self.id);
+        let (filter, since) = (filter.clone(), since.clone());
+        let id: Option<Box<RawValue>> = id.map(ToOwned::to_owned);
+        tokio::spawn(async move {
+            let id = id.as_deref();
+            let (_pins, _) = gw.hub.prepare_recovery(std::slice::from_ref(&filter)).await;
+            let limit = gw.config.ws.max_subscriptions;
+            let subscribed = gw
+                .hub
+                .subscribe_since(conn, &filter, limit, &since, |recovered| {
+                    outbox.push(Outbound::Frame(protocol::ack_recovered(id, recovered)));
+                });
+            match subscribed {
+                Ok(true) | Err(SubscribeError::Closed) => {}
+                // A subscription that existed: nothing was replayed.
+                Ok(false) => {
+                    outbox.push(Outbound::Frame(protocol::ack_recovered(id, false)));
+                }
+                Err(SubscribeError::TooMany) => {
+                    let err = ClientError::new(
+                        "too_many_subscriptions",
+                        format!("at most {limit} subscriptions per connection"),
+                    );
+                    gw.metrics.client_error(err.code);
+                    outbox.push(Outbound::Frame(protocol::error(id, &err)));
+                }
+            }
+        });
     }
 }
 
