@@ -80,6 +80,51 @@ pub struct Verifier {
     hmac: Option<Key>,
     public: Option<Key>,
     leeway: Duration,
+    /// `jwt.issuer` and `jwt.audience`, to say why a token was refused.
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+/// Why a token was refused, before it becomes an [`AuthError`] (for a
+/// client) or a sentence (for `pulso token --check`).
+enum Failure {
+    Missing,
+    Header(jsonwebtoken::errors::Error),
+    Algorithm(Algorithm),
+    /// With the token's algorithm, which picked the key.
+    Decode(jsonwebtoken::errors::Error, Algorithm),
+    Claims(AuthError),
+}
+
+impl From<Failure> for AuthError {
+    fn from(f: Failure) -> Self {
+        use jsonwebtoken::errors::ErrorKind;
+        match f {
+            Failure::Missing => AuthError::Missing,
+            Failure::Header(e) => AuthError::Invalid(e.to_string()),
+            Failure::Algorithm(alg) => {
+                AuthError::Invalid(format!("algorithm {alg:?} is not accepted"))
+            }
+            Failure::Decode(e, _) => match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                _ => AuthError::Invalid(e.to_string()),
+            },
+            Failure::Claims(e) => e,
+        }
+    }
+}
+
+/// A token as `pulso token --check` reports it.
+pub struct Inspection {
+    /// The header, when it can be read.
+    pub header: Option<Header>,
+    /// The claims as written in the token, read without verifying anything
+    /// (`None` when the payload is not a JSON object in base64url).
+    pub claims: Option<Map<String, Value>>,
+    /// What the server would do: the identity, or the error a client would
+    /// get and, in words, why.
+    pub verdict: Result<Identity, (AuthError, String)>,
 }
 
 const HMAC_ALGS: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
@@ -118,16 +163,21 @@ impl Verifier {
             hmac,
             public,
             leeway: cfg.leeway,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
         })
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.decode(token).map_err(AuthError::from)
+    }
+
+    fn decode(&self, token: &str) -> Result<Identity, Failure> {
         let token = token.trim();
         if token.is_empty() {
-            return Err(AuthError::Missing);
+            return Err(Failure::Missing);
         }
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(Failure::Header)?;
         let key = if HMAC_ALGS.contains(&header.alg) {
             self.hmac.as_ref()
         } else {
@@ -135,18 +185,127 @@ impl Verifier {
                 .as_ref()
                 .filter(|k| k.validation.algorithms.contains(&header.alg))
         }
-        .ok_or_else(|| AuthError::Invalid(format!("algorithm {:?} is not accepted", header.alg)))?;
+        .ok_or(Failure::Algorithm(header.alg))?;
 
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation)
-            .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind;
-                match e.kind() {
-                    ErrorKind::ExpiredSignature => AuthError::Expired,
-                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                    _ => AuthError::Invalid(e.to_string()),
-                }
-            })?;
-        identity(data.claims)
+            .map_err(|e| Failure::Decode(e, header.alg))?;
+        identity(data.claims).map_err(Failure::Claims)
+    }
+
+    /// Verifies `token` as [`Verifier::verify`] does, and says why in words
+    /// when it is refused (for operators: `pulso token --check`).
+    pub fn inspect(&self, token: &str) -> Inspection {
+        let token = token.trim();
+        let header = jsonwebtoken::decode_header(token).ok();
+        let claims = token
+            .split('.')
+            .nth(1)
+            .and_then(|p| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(p.trim_end_matches('='))
+                    .ok()
+            })
+            .and_then(|json| serde_json::from_slice::<Map<String, Value>>(&json).ok());
+        let verdict = self.decode(token).map_err(|f| {
+            let why = self.explain(&f, claims.as_ref());
+            (AuthError::from(f), why)
+        });
+        Inspection {
+            header,
+            claims,
+            verdict,
+        }
+    }
+
+    fn explain(&self, failure: &Failure, claims: Option<&Map<String, Value>>) -> String {
+        use jsonwebtoken::errors::ErrorKind;
+        let claim = |name: &str| claims.and_then(|c| c.get(name));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let accepted = |k: &Key| {
+            k.validation
+                .algorithms
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match failure {
+            Failure::Missing => "no token was given".into(),
+            Failure::Header(e) => format!("malformed: the header cannot be read ({e})"),
+            Failure::Algorithm(alg) if HMAC_ALGS.contains(alg) => format!(
+                "wrong algorithm: signed with {alg:?} (HMAC), but no jwt.secret is configured"
+            ),
+            Failure::Algorithm(alg) => match &self.public {
+                None => format!(
+                    "wrong algorithm: signed with {alg:?}, but no jwt.public_key_file is configured{}",
+                    if self.hmac.is_some() {
+                        " (jwt.secret accepts HS256, HS384, HS512)"
+                    } else {
+                        ""
+                    }
+                ),
+                Some(k) => format!(
+                    "wrong algorithm: signed with {alg:?}; the key in jwt.public_key_file accepts {}",
+                    accepted(k)
+                ),
+            },
+            Failure::Decode(e, alg) => match e.kind() {
+                ErrorKind::InvalidSignature if HMAC_ALGS.contains(alg) => format!(
+                    "bad signature: this {alg:?} token was not signed with the configured jwt.secret"
+                ),
+                ErrorKind::InvalidSignature => format!(
+                    "bad signature: this {alg:?} token was not signed with the private key of jwt.public_key_file"
+                ),
+                ErrorKind::ExpiredSignature => match claim("exp").and_then(Value::as_u64) {
+                    Some(exp) => format!(
+                        "expired {} ago (exp {exp}; jwt.leeway is {} s)",
+                        span(now.saturating_sub(exp)),
+                        self.leeway.as_secs()
+                    ),
+                    None => "expired".into(),
+                },
+                ErrorKind::ImmatureSignature => match claim("nbf").and_then(Value::as_u64) {
+                    Some(nbf) => format!(
+                        "not valid yet: valid in {} (nbf {nbf}; jwt.leeway is {} s)",
+                        span(nbf.saturating_sub(now)),
+                        self.leeway.as_secs()
+                    ),
+                    None => "not valid yet".into(),
+                },
+                ErrorKind::InvalidIssuer => format!(
+                    "wrong issuer: iss is {}, jwt.issuer is {:?}",
+                    claim("iss").map_or("missing".into(), Value::to_string),
+                    self.issuer.as_deref().unwrap_or_default()
+                ),
+                ErrorKind::InvalidAudience => format!(
+                    "wrong audience: aud is {}, jwt.audience is {:?}",
+                    claim("aud").map_or("missing".into(), Value::to_string),
+                    self.audience.as_deref().unwrap_or_default()
+                ),
+                ErrorKind::MissingRequiredClaim(c) => format!(
+                    "the `{c}` claim is missing, and {} requires it",
+                    match c.as_str() {
+                        "exp" => "jwt.require_exp = true",
+                        "iss" => "jwt.issuer",
+                        "aud" => "jwt.audience",
+                        _ => "the configuration",
+                    }
+                ),
+                // The payload is a JSON object (it was read above), so
+                // jsonwebtoken refused the type of a claim it checks.
+                ErrorKind::Json(_) if claims.is_some() => format!(
+                    "invalid claims: exp, nbf, iat, sub, iss or aud has the wrong type ({e})"
+                ),
+                ErrorKind::InvalidToken
+                | ErrorKind::Base64(_)
+                | ErrorKind::Json(_)
+                | ErrorKind::Utf8(_) => format!("malformed: {e}"),
+                _ => format!("invalid: {e}"),
+            },
+            Failure::Claims(e) => format!("invalid claims: {e}"),
+        }
     }
 
     /// When a connection authenticated with this identity must be closed:
@@ -156,6 +315,16 @@ impl Verifier {
         UNIX_EPOCH
             .checked_add(Duration::from_secs(identity.exp?))?
             .checked_add(self.leeway)
+    }
+}
+
+/// A duration in words: `42 s`, `17 min`, `5 h`, `3 d`.
+pub fn span(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        7200..172_800 => format!("{} h", secs / 3600),
+        _ => format!("{} d", secs / 86_400),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The command line: every setting as a global flag (with its `PULSO_*`
-//! environment variable), and the verbs `run` (default), `check-config` and
-//! `token`.
+//! environment variable), and the verbs `run` (default), `check-config`,
+//! `config-reference`, `metrics-reference` and `token` (which also checks a
+//! token with `--check`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
-use crate::auth::Signer;
+use crate::auth::{Signer, Verifier};
 use crate::config::value::{Raw, parse_duration};
 use crate::config::{Config, Kind, Layered, SETTINGS, Source};
 
@@ -28,12 +29,28 @@ pub fn command() -> Command {
         )
         .subcommand(Command::new("run").about("Serve (the default when no verb is given)"))
         .subcommand(Command::new("config-reference").about("Print the configuration reference (Markdown)"))
+        .subcommand(Command::new("metrics-reference").about("Print the metrics reference (Markdown)"))
         .subcommand(Command::new("check-config").about("Validate the configuration and print the effective settings, secrets masked"))
         .subcommand(
             Command::new("token")
-                .about("Print a JWT signed with the configured jwt.secret (or --key-file)")
-                .arg(Arg::new("role").long("role").required(true).help("The `role` claim"))
-                .arg(Arg::new("sub").long("sub").required(true).help("The `sub` claim"))
+                .about("Print a JWT signed with the configured jwt.secret (or --key-file), or check one (--check)")
+                .arg(
+                    Arg::new("check")
+                        .long("check")
+                        .value_name("TOKEN")
+                        .conflicts_with_all(["role", "sub", "claim", "ttl", "key-file"])
+                        .help("Verify TOKEN (`-`: read it from stdin) with the configured keys as the server would, print its claims and, if it would be refused, why; exit 0 when valid, 1 when refused"),
+                )
+                .arg(
+                    Arg::new("for")
+                        .long("for")
+                        .value_name("ENDPOINT")
+                        .requires("check")
+                        .value_parser(["ws", "socketio", "api"])
+                        .help("With --check: exit 1 also when the token's role is refused there (socketio: socketio.allowed_roles; api: publisher_roles)"),
+                )
+                .arg(Arg::new("role").long("role").required_unless_present("check").help("The `role` claim"))
+                .arg(Arg::new("sub").long("sub").required_unless_present("check").help("The `sub` claim"))
                 .arg(
                     Arg::new("claim")
                         .long("claim")
@@ -100,6 +117,10 @@ pub fn main() -> ExitCode {
         print!("{}", crate::config::settings::reference_markdown());
         return ExitCode::SUCCESS;
     }
+    if verb == "metrics-reference" {
+        print!("{}", crate::metrics::reference_markdown());
+        return ExitCode::SUCCESS;
+    }
     let (config, layered) = match load(sub) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -114,7 +135,10 @@ pub fn main() -> ExitCode {
             println!("# node_id resolves to {:?}", config.node_id);
             ExitCode::SUCCESS
         }
-        "token" => token(sub, &config),
+        "token" => match sub.get_one::<String>("check") {
+            Some(t) => check_token(t, sub.get_one::<String>("for").map(String::as_str), &config),
+            None => token(sub, &config),
+        },
         _ => serve(config),
     }
 }
@@ -183,6 +207,157 @@ fn token(m: &ArgMatches, config: &Config) -> ExitCode {
         }
         Err(e) => fail(format!("cannot sign: {e}")),
     }
+}
+
+/// The longest token `--check -` reads from stdin.
+const MAX_TOKEN: u64 = 64 * 1024;
+
+/// `pulso token --check TOKEN`: verifies it with the configured keys as the
+/// server would, prints what it says and what it is allowed; exit 0 when
+/// the server would accept it (at `endpoint`, when given), 1 when it would
+/// refuse it, 2 when it cannot tell (no key, unreadable input).
+fn check_token(arg: &str, endpoint: Option<&str>, config: &Config) -> ExitCode {
+    use std::fmt::Write as _;
+    use std::io::Read as _;
+
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::from(2)
+    };
+    let token = if arg == "-" {
+        let mut text = String::new();
+        match std::io::stdin()
+            .take(MAX_TOKEN + 1)
+            .read_to_string(&mut text)
+        {
+            Ok(n) if n as u64 > MAX_TOKEN => {
+                return fail(format!(
+                    "the token on stdin is longer than {MAX_TOKEN} bytes"
+                ));
+            }
+            Ok(_) => text,
+            Err(e) => return fail(format!("cannot read the token from stdin: {e}")),
+        }
+    } else {
+        arg.to_string()
+    };
+    if config.jwt.secret.is_none() && config.jwt.public_key_file.is_none() {
+        return fail(
+            "no key to verify with: set `jwt.secret` (--jwt-secret or PULSO_JWT_SECRET) or `jwt.public_key_file`; without either the server makes a random secret at every start".into(),
+        );
+    }
+    let verifier = match Verifier::new(&config.jwt, config.jwt.secret.as_deref()) {
+        Ok(v) => v,
+        Err(e) => return fail(e.to_string()),
+    };
+    let inspection = verifier.inspect(&token);
+    let mut out = String::new();
+    if let Some(h) = &inspection.header {
+        let kid = h
+            .kid
+            .as_deref()
+            .map(|k| format!(", kid {k:?}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "algorithm: {:?}{kid}", h.alg);
+    }
+    match &inspection.claims {
+        Some(claims) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let _ = writeln!(out, "claims:");
+            for (k, v) in claims {
+                let when = match (k.as_str(), v.as_u64()) {
+                    ("exp" | "nbf" | "iat", Some(t)) => {
+                        let at = i64::try_from(t)
+                            .ok()
+                            .and_then(|t| t.checked_mul(1000))
+                            .map(crate::presence::time::rfc3339_ms);
+                        let rel = if t > now {
+                            format!("in {}", crate::auth::span(t - now))
+                        } else {
+                            format!("{} ago", crate::auth::span(now - t))
+                        };
+                        match at {
+                            Some(at) => format!("  ({at}, {rel})"),
+                            None => format!("  ({rel})"),
+                        }
+                    }
+                    _ => String::new(),
+                };
+                let _ = writeln!(out, "  {k}: {v}{when}");
+            }
+        }
+        None => {
+            let _ = writeln!(out, "claims: unreadable (not a JWT)");
+        }
+    }
+    let code = match &inspection.verdict {
+        Err((error, why)) => {
+            let _ = writeln!(out, "refused ({}): {why}", error.code());
+            ExitCode::from(1)
+        }
+        Ok(id) => {
+            let _ = writeln!(
+                out,
+                "valid: sub {:?}, role {:?}{}",
+                id.sub,
+                id.role,
+                match id.exp {
+                    Some(_) => "",
+                    None => ", no expiry",
+                }
+            );
+            let list = |roles: &[String]| roles.join(", ");
+            let _ = writeln!(out, "  /ws: accepted");
+            let allowed = &config.socketio.allowed_roles;
+            let socketio = allowed.is_empty() || allowed.contains(&id.role);
+            let publisher = config.publisher_roles.contains(&id.role);
+            if socketio {
+                let _ = writeln!(out, "  Socket.IO: accepted");
+            } else {
+                let _ = writeln!(
+                    out,
+                    "  Socket.IO: refused (403-1): role {:?} is not in socketio.allowed_roles ({})",
+                    id.role,
+                    list(allowed)
+                );
+            }
+            if publisher {
+                let _ = writeln!(out, "  HTTP API: may publish (role in publisher_roles)");
+            } else {
+                let _ = writeln!(
+                    out,
+                    "  HTTP API: refused (403): role {:?} is not in publisher_roles ({})",
+                    id.role,
+                    list(&config.publisher_roles)
+                );
+            }
+            if let Some(acl) = config.acl.get(&id.role) {
+                let filters = |f: &[crate::topic::Filter]| {
+                    f.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(", ")
+                };
+                let _ = writeln!(
+                    out,
+                    "  acl.{}: subscribe {}; publish {}",
+                    id.role,
+                    acl.subscribe.as_deref().map_or("any topic".into(), filters),
+                    if acl.publish.is_empty() {
+                        "nothing".into()
+                    } else {
+                        filters(&acl.publish)
+                    }
+                );
+            }
+            match endpoint {
+                Some("socketio") if !socketio => ExitCode::from(1),
+                Some("api") if !publisher => ExitCode::from(1),
+                _ => ExitCode::SUCCESS,
+            }
+        }
+    };
+    print!("{out}");
+    code
 }
 
 fn init_logging(config: &Config) {

@@ -326,3 +326,255 @@ fn sigterm_stops_pulso_even_with_its_stderr_closed() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+fn sign(secret: &str, claims: serde_json::Value) -> String {
+    pulso::auth::Signer::hmac(secret)
+        .sign(claims.as_object().unwrap())
+        .unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `token --check` with `PULSO_JWT_SECRET=check-secret` and `env`.
+fn check(token: &str, env: &[(&str, &str)], extra: &[&str]) -> (i32, String, String) {
+    let mut c = pulso();
+    c.args(["token", "--check", token])
+        .args(extra)
+        .env("PULSO_JWT_SECRET", "check-secret");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run(&mut c)
+}
+
+#[test]
+fn token_check_accepts_a_valid_token_and_prints_its_claims_and_rights() {
+    let exp = now() + 600;
+    let t = sign(
+        "check-secret",
+        serde_json::json!({"sub":"42","role":"assistant","tournamentId":2,"exp":exp}),
+    );
+    let (code, out, err) = check(&t, &[], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("algorithm: HS256"), "{out}");
+    assert!(out.contains("  tournamentId: 2"), "{out}");
+    assert!(out.contains(&format!("  exp: {exp}  (")), "{out}");
+    assert!(
+        out.contains("in 9 min") || out.contains("in 10 min"),
+        "{out}"
+    );
+    assert!(
+        out.contains("valid: sub \"42\", role \"assistant\""),
+        "{out}"
+    );
+    assert!(out.contains("/ws: accepted"), "{out}");
+    assert!(out.contains("Socket.IO: accepted"), "{out}");
+    assert!(
+        out.contains("HTTP API: refused (403): role \"assistant\" is not in publisher_roles"),
+        "{out}"
+    );
+    // The same token read from stdin.
+    let mut child = pulso()
+        .args(["token", "--check", "-"])
+        .env("PULSO_JWT_SECRET", "check-secret")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{t}").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid: sub \"42\""));
+}
+
+#[test]
+fn token_check_says_why_a_token_is_refused() {
+    let t = now();
+    // Token, extra environment, why it is refused, a claim line shown.
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            sign(
+                "check-secret",
+                serde_json::json!({"sub":"1","exp": t - 300}),
+            ),
+            vec![],
+            "refused (token_expired): expired 5 min ago",
+            "exp",
+        ),
+        (
+            sign(
+                "another-secret",
+                serde_json::json!({"sub":"1","exp": t + 60}),
+            ),
+            vec![],
+            "refused (invalid_token): bad signature: this HS256 token was not signed with the configured jwt.secret",
+            "sub",
+        ),
+        (
+            sign(
+                "check-secret",
+                serde_json::json!({"sub":"1","nbf": t + 12_600}),
+            ),
+            vec![],
+            "refused (invalid_token): not valid yet: valid in 3 h",
+            "nbf",
+        ),
+        (
+            sign("check-secret", serde_json::json!({"sub":"1","iss":"them"})),
+            vec![("PULSO_JWT_ISSUER", "us")],
+            "refused (invalid_token): wrong issuer: iss is \"them\", jwt.issuer is \"us\"",
+            "iss",
+        ),
+        (
+            sign("check-secret", serde_json::json!({"sub":"1"})),
+            vec![("PULSO_JWT_REQUIRE_EXP", "true")],
+            "refused (invalid_token): the `exp` claim is missing, and jwt.require_exp = true requires it",
+            "sub",
+        ),
+        (
+            sign("check-secret", serde_json::json!({"sub":["a"]})),
+            vec![],
+            "refused (invalid_token): invalid claims: exp, nbf, iat, sub, iss or aud has the wrong type",
+            "sub: [\"a\"]",
+        ),
+        (
+            sign("check-secret", serde_json::json!({"sub":"1","role":5})),
+            vec![],
+            "refused (invalid_token): invalid claims: invalid token: `role` must be a string",
+            "role: 5",
+        ),
+        (
+            pulso::auth::Signer::private_pem(
+                &std::fs::read(format!(
+                    "{}/tests/fixtures/ec_private.pem",
+                    env!("CARGO_MANIFEST_DIR")
+                ))
+                .unwrap(),
+            )
+            .unwrap()
+            .token("r", "1", None, &Default::default())
+            .unwrap(),
+            vec![],
+            "refused (invalid_token): wrong algorithm: signed with ES256, but no jwt.public_key_file is configured",
+            "role",
+        ),
+        (
+            "not.a-token".to_string(),
+            vec![],
+            "refused (invalid_token): malformed",
+            "claims: unreadable",
+        ),
+    ];
+    for (token, env, why, shown) in cases {
+        let (code, out, err) = check(&token, &env, &[]);
+        assert_eq!(code, 1, "{why}: {out}{err}");
+        assert!(out.contains(why), "expected `{why}` in:\n{out}");
+        assert!(out.contains(shown), "expected `{shown}` in:\n{out}");
+        assert!(!out.contains("valid: "), "{out}");
+    }
+}
+
+#[test]
+fn token_check_for_an_endpoint_refuses_a_role_it_does_not_allow() {
+    let t = sign(
+        "check-secret",
+        serde_json::json!({"sub":"7","role":"timer","exp": now() + 60}),
+    );
+    let roles = [("PULSO_SOCKETIO_ALLOWED_ROLES", "assistant,admin")];
+    let (code, out, _) = check(&t, &roles, &["--for", "socketio"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("Socket.IO: refused (403-1): role \"timer\" is not in socketio.allowed_roles (assistant, admin)"),
+        "{out}"
+    );
+    // The token itself is valid: without --for, and for /ws, exit 0.
+    assert_eq!(check(&t, &roles, &[]).0, 0);
+    assert_eq!(check(&t, &roles, &["--for", "ws"]).0, 0);
+    // No role claim at all: not a publisher.
+    let no_role = sign("check-secret", serde_json::json!({"sub":"7"}));
+    let (code, out, _) = check(&no_role, &[], &["--for", "api"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("HTTP API: refused (403): role \"\" is not in publisher_roles"),
+        "{out}"
+    );
+    let admin = sign(
+        "check-secret",
+        serde_json::json!({"sub":"7","role":"admin"}),
+    );
+    let (code, out, _) = check(&admin, &[], &["--for", "api"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("HTTP API: may publish"), "{out}");
+    assert!(out.contains("no expiry"), "{out}");
+}
+
+#[test]
+fn token_check_uses_the_configured_public_key_and_needs_a_key() {
+    let fixture = |n: &str| format!("{}/tests/fixtures/{n}", env!("CARGO_MANIFEST_DIR"));
+    let t = pulso::auth::Signer::private_pem(&std::fs::read(fixture("ec_private.pem")).unwrap())
+        .unwrap()
+        .token(
+            "assistant",
+            "9",
+            Some(Duration::from_secs(60)),
+            &Default::default(),
+        )
+        .unwrap();
+    let dir = tempdir();
+    let file = dir.join("keys.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[jwt]\npublic_key_file = \"{}\"\n",
+            fixture("ec_public.pem")
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(pulso()
+        .args(["token", "--check", &t, "--config"])
+        .arg(&file));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("algorithm: ES256"), "{out}");
+    assert!(out.contains("valid: sub \"9\""), "{out}");
+    // An HS256 token against that configuration (no jwt.secret).
+    let hs = sign("x", serde_json::json!({"sub":"1"}));
+    let (code, out, _) = run(pulso()
+        .args(["token", "--check", &hs, "--config"])
+        .arg(&file));
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("wrong algorithm: signed with HS256 (HMAC), but no jwt.secret is configured"),
+        "{out}"
+    );
+    // No key at all: it cannot tell, exit 2.
+    let (code, _, err) = run(pulso().args(["token", "--check", &hs]));
+    assert_eq!(code, 2);
+    assert!(err.contains("no key to verify with"), "{err}");
+    // --check signs nothing: --role with it is a usage error.
+    let (code, _, _) = run(pulso()
+        .args(["token", "--check", &hs, "--role", "r"])
+        .env("PULSO_JWT_SECRET", "x"));
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn docs_metrics_md_is_the_generated_reference() {
+    let (code, out, _) = run(pulso().arg("metrics-reference"));
+    assert_eq!(code, 0);
+    let path = format!("{}/docs/metrics.md", env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        doc == out,
+        "docs/metrics.md is stale: run `cargo run -q -- metrics-reference > docs/metrics.md`"
+    );
+}

@@ -523,6 +523,7 @@ async fn attempt(link: &mut Link, writes: &[Write<'_>], attempts: u32) -> Outcom
             outcome = Outcome::Unavailable;
             break;
         };
+        let started = std::time::Instant::now();
         let result = tokio::time::timeout(
             DB_TIMEOUT,
             conn.write_batch(&shared.node, &shared.entities, writes),
@@ -530,6 +531,10 @@ async fn attempt(link: &mut Link, writes: &[Write<'_>], attempts: u32) -> Outcom
         .await;
         match result {
             Ok(Ok(())) => {
+                shared
+                    .metrics
+                    .stage_latency(crate::metrics::Stage::PresenceCommit)
+                    .observe(started.elapsed().as_secs_f64());
                 shared
                     .metrics
                     .presence_writes
