@@ -45,6 +45,13 @@ pub struct Metrics {
     pub dropped: Counter,
     pub auth_failures: Family<Label, Counter>,
     pub slow_consumer_closes: Counter,
+    /// Connections refused before they opened, by `reason`:
+    /// `max_connections`, `max_connections_per_ip`, `max_polling_sessions`.
+    pub connections_refused: Family<Label, Counter>,
+    /// Requests refused for their `Origin`, by `endpoint` (`ws`, `socketio`).
+    pub origin_refusals: Family<Label, Counter>,
+    /// Open Engine.IO long-polling sessions.
+    pub sio_polling_sessions: Gauge,
     pub client_errors: Family<Label, Counter>,
     /// Socket.IO authentication requests by result (`ok`, `refreshed`, or the error code).
     pub sio_auth: Family<Label, Counter>,
@@ -123,6 +130,9 @@ impl Metrics {
             dropped: Counter::default(),
             auth_failures: Family::default(),
             slow_consumer_closes: Counter::default(),
+            connections_refused: Family::default(),
+            origin_refusals: Family::default(),
+            sio_polling_sessions: Gauge::default(),
             client_errors: Family::default(),
             sio_auth: Family::default(),
             presence_writes: Family::default(),
@@ -194,6 +204,21 @@ impl Metrics {
             "slow_consumer_closes",
             "Connections closed because they could not keep up",
             m.slow_consumer_closes.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused before they opened, by reason (max_connections, max_connections_per_ip, max_polling_sessions)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "origin_refused",
+            "Requests refused because their Origin is not in allowed_origins, by endpoint (ws, socketio)",
+            m.origin_refusals.clone(),
+        );
+        registry.register(
+            "socketio_polling_sessions",
+            "Open Engine.IO long-polling sessions",
+            m.sio_polling_sessions.clone(),
         );
         registry.register(
             "client_errors",
@@ -333,6 +358,18 @@ impl Metrics {
 
     pub fn client_error(&self, code: &'static str) {
         self.client_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn origin_refused(&self, endpoint: &'static str) {
+        self.origin_refusals
+            .get_or_create(&[("endpoint", endpoint)])
+            .inc();
     }
 
     pub fn sio_auth_result(&self, result: &'static str) {
