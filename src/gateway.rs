@@ -6,6 +6,8 @@
 //! implementations in (`presence::Presence`, `mqtt::Bridge`), so no front
 //! end depends on a store or a bridge, and this module on neither.
 
+pub mod admission;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,9 @@ pub struct Gateway {
     pub upstream: Option<Arc<dyn Upstream>>,
     /// Who holds which socket (SPEC §7); writes never block.
     pub presence: Arc<dyn PresenceStore>,
+    /// Which browser origins may connect, and how many connections may be
+    /// open.
+    pub admission: Arc<admission::Admission>,
 }
 
 /// A socket that authenticated: the row (role, sub) now points at it.

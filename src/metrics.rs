@@ -53,6 +53,13 @@ pub struct Metrics {
     pub dropped: Counter,
     pub auth_failures: Family<Label, Counter>,
     pub slow_consumer_closes: Counter,
+    /// Connections refused before they opened, by `reason`:
+    /// `max_connections`, `max_connections_per_ip`, `max_polling_sessions`.
+    pub connections_refused: Family<Label, Counter>,
+    /// Requests refused for their `Origin`, by `endpoint` (`ws`, `socketio`).
+    pub origin_refusals: Family<Label, Counter>,
+    /// Open Engine.IO long-polling sessions.
+    pub sio_polling_sessions: Gauge,
     pub client_errors: Family<Label, Counter>,
     /// Socket.IO authentication requests by result (`ok`, `refreshed`, or the error code).
     pub sio_auth: Family<Label, Counter>,
@@ -133,6 +140,9 @@ impl Metrics {
             dropped: Counter::default(),
             auth_failures: Family::default(),
             slow_consumer_closes: Counter::default(),
+            connections_refused: Family::default(),
+            origin_refusals: Family::default(),
+            sio_polling_sessions: Gauge::default(),
             client_errors: Family::default(),
             sio_auth: Family::default(),
             presence_writes: Family::default(),
@@ -177,6 +187,17 @@ impl Metrics {
             &mut registry,
             "slow_consumer_closes",
             m.slow_consumer_closes.clone(),
+        );
+        reg(
+            &mut registry,
+            "connections_refused",
+            m.connections_refused.clone(),
+        );
+        reg(&mut registry, "origin_refused", m.origin_refusals.clone());
+        reg(
+            &mut registry,
+            "socketio_polling_sessions",
+            m.sio_polling_sessions.clone(),
         );
         reg(&mut registry, "client_errors", m.client_errors.clone());
         reg(&mut registry, "socketio_auth", m.sio_auth.clone());
@@ -278,6 +299,18 @@ impl Metrics {
         self.client_errors.get_or_create(&[("code", code)]).inc();
     }
 
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn origin_refused(&self, endpoint: &'static str) {
+        self.origin_refusals
+            .get_or_create(&[("endpoint", endpoint)])
+            .inc();
+    }
+
     pub fn sio_auth_result(&self, result: &'static str) {
         self.sio_auth.get_or_create(&[("result", result)]).inc();
     }
@@ -369,6 +402,27 @@ pub const METRICS: &[MetricDoc] = &[
         area: "Connections",
         label: None,
         help: "Connections closed (1013) because they fell more than ws.outbound_queue messages behind",
+    },
+    MetricDoc {
+        name: "connections_refused",
+        area: "Connections",
+        label: Some((
+            "reason",
+            "`max_connections`, `max_connections_per_ip`, `max_polling_sessions`",
+        )),
+        help: "Connections refused before they opened (HTTP 503), by the limit they hit",
+    },
+    MetricDoc {
+        name: "origin_refused",
+        area: "Connections",
+        label: Some(("endpoint", "`ws`, `socketio`")),
+        help: "Requests refused (HTTP 403) because their Origin is not in allowed_origins, by endpoint",
+    },
+    MetricDoc {
+        name: "socketio_polling_sessions",
+        area: "Connections",
+        label: None,
+        help: "Open Engine.IO long-polling sessions (capped by socketio.max_polling_sessions)",
     },
     MetricDoc {
         name: "messages_published",
@@ -595,6 +649,10 @@ fn specimen() -> Metrics {
     let _ = m.presence_writes.get_or_create(&label("presence_writes"));
     let _ = m.recoveries.get_or_create(&label("recoveries"));
     let _ = m.cluster_messages.get_or_create(&label("cluster_messages"));
+    let _ = m
+        .connections_refused
+        .get_or_create(&label("connections_refused"));
+    let _ = m.origin_refusals.get_or_create(&label("origin_refused"));
     m
 }
 

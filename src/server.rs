@@ -171,7 +171,12 @@ impl Server {
                 Some(tasks)
             }
         };
+        let admission = Arc::new(crate::gateway::admission::Admission::new(
+            &config.limits,
+            metrics.clone(),
+        ));
         let gateway = Arc::new(Gateway {
+            admission,
             hub,
             config: Arc::new(config),
             verifier,
@@ -230,7 +235,9 @@ impl Server {
                 crate::sio::Transport::new(gw),
                 crate::sio::serve,
             ))
-            .layer(crate::sio::cors::SocketIoCors)
+            .layer(crate::http::cors::CorsFor::new(
+                gw.config.limits.allowed_origins.clone(),
+            ))
     }
 
     /// Serves until the shutdown token is cancelled, then closes every

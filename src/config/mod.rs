@@ -312,6 +312,8 @@ pub struct SocketIoConfig {
     pub rooms: Vec<RoomTemplate>,
     /// Empty: any role may authenticate.
     pub allowed_roles: Vec<String>,
+    /// Most open long-polling sessions.
+    pub max_polling_sessions: usize,
 }
 
 /// Application-table mode for one role: the socket id is written straight
@@ -353,6 +355,7 @@ pub struct Config {
     pub api_key: Option<String>,
     pub api_max_body: usize,
     pub http: HttpConfig,
+    pub limits: LimitsConfig,
     pub jwt: JwtConfig,
     pub ws: WsConfig,
     pub acl: HashMap<String, RoleAcl>,
@@ -362,6 +365,79 @@ pub struct Config {
     pub presence: PresenceConfig,
     pub cluster: cluster::ClusterConfig,
     pub history: HistoryConfig,
+}
+
+/// Who may open a client connection, and how many may be open.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Open `/ws` connections and Socket.IO sessions, all transports.
+    pub max_connections: usize,
+    /// The same, from one IP address; 0: no per-address limit.
+    pub max_connections_per_ip: usize,
+    pub allowed_origins: AllowedOrigins,
+}
+
+/// Browser origins allowed to connect (`allowed_origins`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    /// `*`: any origin.
+    Any,
+    /// These origins, lower-case, as a browser writes them
+    /// (`scheme://host[:port]`).
+    Only(Vec<String>),
+}
+
+impl AllowedOrigins {
+    /// From the setting's entries: `*`, or origins such as
+    /// `https://app.example.com` or `http://localhost:3000`.
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        if entries.iter().any(|e| e.trim() == "*") {
+            return Ok(AllowedOrigins::Any);
+        }
+        let mut only = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let origin = entry.trim();
+            // A trailing slash is forgiven: browsers never send one.
+            let origin = origin.strip_suffix('/').unwrap_or(origin);
+            let valid = origin.split_once("://").is_some_and(|(scheme, authority)| {
+                scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                    && scheme
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+                    && !authority.is_empty()
+                    && !authority
+                        .chars()
+                        .any(|c| matches!(c, '/' | '?' | '#' | '*') || c.is_whitespace())
+            });
+            if !valid {
+                return Err(format!(
+                    "`{entry}` is not an origin like https://app.example.com (scheme, host and optional port, no path), nor `*`"
+                ));
+            }
+            only.push(origin.to_ascii_lowercase());
+        }
+        Ok(AllowedOrigins::Only(only))
+    }
+
+    /// Whether a request that carries `Origin: origin` may go on. A page
+    /// served by this server itself (its origin names the request's `Host`)
+    /// always may: the console, or any page behind the same address.
+    pub fn allows(&self, origin: &[u8], host: Option<&[u8]>) -> bool {
+        let AllowedOrigins::Only(list) = self else {
+            return true;
+        };
+        if list
+            .iter()
+            .any(|o| o.as_bytes().eq_ignore_ascii_case(origin))
+        {
+            return true;
+        }
+        let authority = origin
+            .windows(3)
+            .position(|w| w == b"://")
+            .map(|at| &origin[at + 3..]);
+        matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
+    }
 }
 
 /// Per-topic history for recovery (SPEC §11).
@@ -506,6 +582,14 @@ impl Config {
                 idle_timeout: l.positive_duration("http.idle_timeout")?,
                 body_timeout: l.positive_duration("http.body_timeout")?,
             },
+            limits: LimitsConfig {
+                max_connections: l.number("max_connections", 1)?,
+                max_connections_per_ip: l.number("max_connections_per_ip", 0)?,
+                allowed_origins: AllowedOrigins::parse(
+                    &l.req("allowed_origins", value::parse_list)?,
+                )
+                .map_err(|e| ConfigError::setting("allowed_origins", e))?,
+            },
             jwt,
             ws,
             acl: parse_acl(&l.req("acl", value::parse_table)?)?,
@@ -552,6 +636,7 @@ fn parse_socketio(l: &Layered) -> Result<SocketIoConfig, ConfigError> {
         auth_timeout,
         rooms,
         allowed_roles: l.req("socketio.allowed_roles", value::parse_list)?,
+        max_polling_sessions: l.number("socketio.max_polling_sessions", 1)?,
     })
 }
 
@@ -763,5 +848,43 @@ mod tests {
         assert!(d.contains("mqtt.url = \"mqtt://u:********@h:1883\""), "{d}");
         assert_eq!(mask_url_password("\"mqtt://h:1883\""), "\"mqtt://h:1883\"");
         assert_eq!(mask_url_password("\"mqtt://u@h\""), "\"mqtt://u@h\"");
+    }
+
+    #[test]
+    fn allowed_origins_are_exact_origins_or_any() {
+        let parse = |v: &[&str]| {
+            AllowedOrigins::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(parse(&["*"]), Ok(AllowedOrigins::Any));
+        assert_eq!(parse(&["https://a.example", "*"]), Ok(AllowedOrigins::Any));
+        let only = parse(&["https://App.example.com/", "http://localhost:3000"]).unwrap();
+        assert_eq!(
+            only,
+            AllowedOrigins::Only(vec![
+                "https://app.example.com".into(),
+                "http://localhost:3000".into()
+            ])
+        );
+        assert!(only.allows(b"https://app.example.com", None));
+        assert!(only.allows(b"HTTPS://APP.EXAMPLE.COM", Some(b"other")));
+        assert!(only.allows(b"http://localhost:3000", None));
+        assert!(!only.allows(b"http://localhost:3001", None));
+        assert!(!only.allows(b"https://app.example.com.evil.test", None));
+        assert!(!only.allows(b"null", None));
+        // A page pulso serves itself: its origin names the request's Host.
+        assert!(only.allows(b"https://pulso.example.com", Some(b"pulso.example.com")));
+        assert!(!only.allows(
+            b"https://pulso.example.com",
+            Some(b"pulso.example.com:8443")
+        ));
+        for bad in [
+            "app.example.com",
+            "https://",
+            "https://a.example/path",
+            "https://*.example.com",
+            "://x",
+        ] {
+            assert!(parse(&[bad]).is_err(), "{bad}");
+        }
     }
 }

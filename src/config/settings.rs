@@ -139,6 +139,24 @@ pub const SETTINGS: &[Setting] = &[
         "Longest pause while a request body arrives; a stalled body is answered 408 and the connection closed. No http.* timeout applies while a request is answered (a held Socket.IO long-poll GET) or to an upgraded WebSocket"
     ),
     setting!(
+        "max_connections",
+        Number,
+        Some("100000"),
+        "Most open client connections: /ws WebSockets and Socket.IO sessions of every transport (polling included); more are answered 503 before any upgrade"
+    ),
+    setting!(
+        "max_connections_per_ip",
+        Number,
+        Some("0"),
+        "Most open client connections from one IP address, the TCP peer's (behind a proxy or load balancer that is the proxy's, so keep it 0 there); more are answered 503. 0: no per-address limit"
+    ),
+    setting!(
+        "allowed_origins",
+        List,
+        Some("*"),
+        "Browser origins (`https://app.example.com`) allowed on /ws and Socket.IO, and in CORS answers for /socket.io/ and /api/; other origins are refused 403. Requests without `Origin` (non-browser clients) and pages served by pulso itself always pass. `*`: any origin"
+    ),
+    setting!(
         "jwt.secret",
         Secret,
         None,
@@ -322,6 +340,12 @@ pub const SETTINGS: &[Setting] = &[
         Duration,
         Some("10s"),
         "Socket.IO connections not authenticated within this time are closed"
+    ),
+    setting!(
+        "socketio.max_polling_sessions",
+        Number,
+        Some("10000"),
+        "Most open Engine.IO long-polling sessions (authenticated or not; a session that upgrades to WebSocket leaves them); more are answered 503"
     ),
     setting!(
         "socketio.rooms",

@@ -32,11 +32,13 @@
 //! whatever the client still sends is read and discarded, for at most
 //! [`LINGER`], before the socket is closed.
 
+pub mod cors;
 pub mod error;
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
+use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -82,8 +84,8 @@ pub async fn serve(
             () = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let tcp = match accepted {
-            Ok((tcp, _peer)) => tcp,
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
             // The peer gave up before accept: nothing to do.
             Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
@@ -102,7 +104,7 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        tasks.spawn(connection(tcp, app.clone(), config, stop.clone()));
+        tasks.spawn(connection(tcp, peer, app.clone(), config, stop.clone()));
     }
 }
 
@@ -237,7 +239,13 @@ impl ConnState {
 }
 
 /// Serves one connection until it closes, is upgraded, or misses a clock.
-async fn connection(tcp: TcpStream, app: Router, config: HttpConfig, stop: CancellationToken) {
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    config: HttpConfig,
+    stop: CancellationToken,
+) {
     let state = Arc::new(ConnState::new());
     let io = TokioIo::new(Watched {
         tcp,
@@ -246,6 +254,7 @@ async fn connection(tcp: TcpStream, app: Router, config: HttpConfig, stop: Cance
     });
     let service = Service {
         app,
+        peer: PeerAddr(peer),
         state: state.clone(),
         body_timeout: config.body_timeout,
     };
@@ -301,6 +310,7 @@ async fn connection(tcp: TcpStream, app: Router, config: HttpConfig, stop: Cance
 /// and each response tells the connection when it is done.
 struct Service {
     app: Router,
+    peer: PeerAddr,
     state: Arc<ConnState>,
     body_timeout: Duration,
 }
@@ -312,7 +322,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.state.request_started();
-        let request = request.map(|body| {
+        let mut request = request.map(|body| {
             // Most requests (GETs) have no body: nothing to watch.
             if body.is_end_stream() {
                 Body::new(body)
@@ -327,6 +337,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
                 })
             }
         });
+        request.extensions_mut().insert(self.peer);
         let app = self.app.clone();
         let state = self.state.clone();
         Box::pin(async move {
@@ -569,6 +580,16 @@ impl AsyncWrite for Watched {
             _ => Poll::Ready(Ok(())),
         }
     }
+}
+
+/// The TCP peer of the connection a request came on, in its extensions.
+/// Behind a proxy it is the proxy's address: `X-Forwarded-For` is not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// The IP address of the client a request came from, as the TCP peer.
+pub fn peer_ip(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions.get::<PeerAddr>().map(|p| p.0.ip())
 }
 
 /// The token of an `Authorization: Bearer …` header.

@@ -651,8 +651,8 @@ impl Hub {
             && let Some(entry) = t.conns.get(&conn)
         {
             let n = missed.len() as u64;
-            // One queue item, as a last-value replay: what a client missed
-            // is bounded by the history, not by its queue.
+            // One replay, as last values are: what a client missed is
+            // bounded by the history, and may exceed its queue once.
             if entry.recipient.deliver_batch(missed) {
                 self.metrics.delivered.inc_by(n);
             } else {
@@ -692,8 +692,9 @@ impl Hub {
     }
 
     /// Queues a replay (last values, missed messages) to a connection as
-    /// one queue item: a replay longer than the queue is one answer, not a
-    /// slow consumer.
+    /// one batch: a replay longer than the queue still reaches a client
+    /// that reads, and a client that does not is closed as a slow consumer
+    /// (see `transport::outbox`).
     fn replay(&self, entry: &ConnEntry, batch: Vec<Arc<Message>>) {
         if batch.is_empty() {
             return;

@@ -11,7 +11,6 @@
 //! encoded once as a Socket.IO event and those bytes go to every Socket.IO
 //! recipient, whatever its transport.
 
-pub mod cors;
 pub mod packet;
 pub mod payload;
 pub mod polling;
@@ -32,7 +31,9 @@ use serde_json::Value;
 
 use crate::auth::Identity;
 use crate::gateway::Gateway;
+use crate::gateway::admission::Refused;
 use crate::gateway::{Committed, Holder};
+use crate::http::peer_ip;
 use crate::hub::{ConnId, Filter};
 use request::{Failure, Token};
 
@@ -74,7 +75,10 @@ impl Transport {
             gw: gw.clone(),
             nsp,
             events: Box::leak(Box::new(packet::Events::namespace(nsp))),
-            sessions: Arc::default(),
+            sessions: Arc::new(polling::Sessions::new(
+                gw.config.socketio.max_polling_sessions,
+                gw.metrics.clone(),
+            )),
             recovery,
         }
     }
@@ -97,6 +101,25 @@ const SESSION_UNKNOWN: EngineError = EngineError(1, "Session ID unknown");
 const BAD_HANDSHAKE_METHOD: EngineError = EngineError(2, "Bad handshake method");
 const BAD_REQUEST: EngineError = EngineError(3, "Bad request");
 const UNSUPPORTED_VERSION: EngineError = EngineError(5, "Unsupported protocol version");
+
+/// Engine.IO's refusal (socket.io's `allowRequest` answers so): code 4,
+/// with this status and message.
+pub(crate) fn engine_refusal(status: StatusCode, message: &'static str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"code": 4, "message": message})),
+    )
+        .into_response()
+}
+
+/// The answer to a refused connection: 403 for its origin, 503 when full.
+pub(crate) fn refusal(refused: Refused) -> Response {
+    let status = match refused {
+        Refused::Origin => StatusCode::FORBIDDEN,
+        Refused::Full | Refused::FullForAddress => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    engine_refusal(status, refused.message())
+}
 
 impl IntoResponse for EngineError {
     fn into_response(self) -> Response {
@@ -144,6 +167,11 @@ pub async fn serve(State(t): State<Transport>, request: Request, next: Next) -> 
     if request.uri().path().trim_end_matches('/') != PATH.trim_end_matches('/') {
         return next.run(request).await;
     }
+    // Every request of a browser page on a foreign origin, not only the
+    // first: a session id must not let another page in.
+    if let Err(refused) = t.gw.admission.check_origin(request.headers(), "socketio") {
+        return refusal(refused);
+    }
     let query = match EngineQuery::parse(request.uri().query()) {
         Ok(q) => q,
         Err(e) => return e.into_response(),
@@ -157,9 +185,14 @@ pub async fn serve(State(t): State<Transport>, request: Request, next: Next) -> 
         },
     };
     match (websocket, session) {
-        (true, None) => websocket::direct(&t, request, eio3),
+        (true, None) => match t.gw.admission.admit(peer_ip(request.extensions())) {
+            Ok(permit) => websocket::direct(&t, request, eio3, permit),
+            Err(refused) => refusal(refused),
+        },
         (true, Some(session)) => websocket::upgrade(&t, request, session),
-        (false, None) if request.method() == Method::GET => polling::open(&t, eio3),
+        (false, None) if request.method() == Method::GET => {
+            polling::open(&t, eio3, peer_ip(request.extensions()))
+        }
         (false, None) => BAD_HANDSHAKE_METHOD.into_response(),
         (false, Some(session)) => {
             let (parts, body) = request.into_parts();

@@ -15,6 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -29,6 +30,7 @@ use super::payload;
 use super::socket::Socket;
 use super::{BAD_REQUEST, SESSION_UNKNOWN};
 use crate::gateway::Gateway;
+use crate::metrics::Metrics;
 use crate::transport::close;
 use crate::transport::connection::{Keepalive, Link, Protocol};
 use crate::transport::frame;
@@ -41,13 +43,23 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// 2.x does not split its batches at `maxPayload` (4.x does).
 const POST_MESSAGES: usize = 16;
 
-/// The sessions that poll, by engine id.
-#[derive(Default)]
+/// The sessions that poll, by engine id: at most `max` of them
+/// (`socketio.max_polling_sessions`).
 pub struct Sessions {
     map: Mutex<HashMap<Box<str>, Arc<Session>>>,
+    max: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl Sessions {
+    pub(crate) fn new(max: usize, metrics: Arc<Metrics>) -> Self {
+        Sessions {
+            map: Mutex::default(),
+            max,
+            metrics,
+        }
+    }
+
     fn map(&self) -> MutexGuard<'_, HashMap<Box<str>, Arc<Session>>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -57,7 +69,24 @@ impl Sessions {
     }
 
     pub(crate) fn remove(&self, id: &str) {
-        self.map().remove(id);
+        if self.map().remove(id).is_some() {
+            self.metrics.sio_polling_sessions.dec();
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.map().len() >= self.max
+    }
+
+    /// Adds a session unless `max` are open.
+    fn insert(&self, id: Box<str>, sess: Arc<Session>) -> bool {
+        let mut map = self.map();
+        if map.len() >= self.max {
+            return false;
+        }
+        map.insert(id, sess);
+        self.metrics.sio_polling_sessions.inc();
+        true
     }
 }
 
@@ -211,9 +240,18 @@ impl Session {
 }
 
 /// `GET ?EIO=..&transport=polling` without a session: opens one and answers
-/// with the OPEN packet (and Engine.IO 3's root CONNECT).
-pub(crate) fn open(t: &super::Transport, eio3: bool) -> Response {
-    let (socket, outbox) = Socket::open(t, eio3, true);
+/// with the OPEN packet (and Engine.IO 3's root CONNECT), unless
+/// `socketio.max_polling_sessions` are open or the client at `ip` may not
+/// open another connection (503, counted).
+pub(crate) fn open(t: &super::Transport, eio3: bool, ip: Option<IpAddr>) -> Response {
+    if t.sessions.full() {
+        return polling_full(&t.gw);
+    }
+    let permit = match t.gw.admission.admit(ip) {
+        Ok(permit) => permit,
+        Err(refused) => return super::refusal(refused),
+    };
+    let (socket, outbox) = Socket::open(t, eio3, true, permit);
     let keepalive = socket.keepalive();
     let id: Box<str> = socket.engine_id().into();
     let mut first = VecDeque::new();
@@ -236,10 +274,24 @@ pub(crate) fn open(t: &super::Transport, eio3: bool) -> Response {
         }),
         changed: Notify::new(),
     });
-    t.sessions.map().insert(id, sess.clone());
+    if !t.sessions.insert(id, sess.clone()) {
+        // Others opened meanwhile: this one never starts.
+        if let Some(mut socket) = sess.state().socket.take() {
+            socket.close();
+        }
+        return polling_full(&t.gw);
+    }
     t.gw.connections
         .spawn(run(t.gw.clone(), t.sessions.clone(), sess));
     text(payload_of(first, eio3))
+}
+
+fn polling_full(gw: &Gateway) -> Response {
+    gw.metrics.connection_refused("max_polling_sessions");
+    super::engine_refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many polling sessions (socketio.max_polling_sessions)",
+    )
 }
 
 /// A request for an existing session.
@@ -506,6 +558,8 @@ async fn run(gw: Arc<Gateway>, sessions: Arc<Sessions>, sess: Arc<Session>) {
         socket
     };
     socket.close();
+    // Its place among the open connections is free from now.
+    drop(socket);
     // Wait for the client to collect the CLOSE packet, briefly.
     let grace = tokio::time::sleep(CLOSE_GRACE);
     tokio::pin!(grace);

@@ -22,6 +22,7 @@ use super::packet::{self, engine, kind};
 use super::recovery::{self, Store};
 use super::{Answer, LABEL, Notifications, Transport};
 use crate::gateway::Gateway;
+use crate::gateway::admission::Permit;
 use crate::hub::ConnId;
 use crate::transport::close;
 use crate::transport::connection::{Keepalive, Link, Protocol};
@@ -56,6 +57,8 @@ pub(crate) struct Socket {
     /// `history.topics` is empty).
     recovery: Option<Arc<Store>>,
     closed: bool,
+    /// Its place among the open connections, freed with it.
+    _permit: Permit,
 }
 
 /// The notifications namespace's slot in [`Socket::sockets`].
@@ -67,7 +70,12 @@ impl Socket {
     /// Opens a session: its outbox is in the hub, and holds the OPEN packet
     /// (offering the upgrade to WebSocket when `upgrades`) and, for
     /// Engine.IO 3, the root namespace's CONNECT.
-    pub(crate) fn open(t: &Transport, eio3: bool, upgrades: bool) -> (Socket, Arc<Outbox>) {
+    pub(crate) fn open(
+        t: &Transport,
+        eio3: bool,
+        upgrades: bool,
+        permit: Permit,
+    ) -> (Socket, Arc<Outbox>) {
         let (gw, nsp, events) = (&t.gw, t.nsp, t.events);
         let cfg = &gw.config;
         let outbox = Arc::new(Outbox::new(
@@ -111,6 +119,7 @@ impl Socket {
             // Engine.IO 3 clients (socket.io-client 2.x) have no recovery.
             recovery: if eio3 { None } else { t.recovery.clone() },
             closed: false,
+            _permit: permit,
         };
         (socket, outbox)
     }

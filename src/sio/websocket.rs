@@ -25,6 +25,7 @@ use super::Transport;
 use super::packet;
 use super::polling::{Session, Sessions};
 use super::socket::Socket;
+use crate::gateway::admission::Permit;
 use crate::transport::connection::{Connection, Link, Protocol};
 use crate::transport::handshake;
 
@@ -60,12 +61,12 @@ where
 }
 
 /// `transport=websocket` without a session: a new one on this WebSocket.
-pub(crate) fn direct(t: &Transport, request: Request, eio3: bool) -> Response {
+pub(crate) fn direct(t: &Transport, request: Request, eio3: bool, permit: Permit) -> Response {
     let t2 = t.clone();
-    accept(t, request, move |io| run(t2, io, eio3))
+    accept(t, request, move |io| run(t2, io, eio3, permit))
 }
 
-async fn run<S>(t: Transport, io: S, eio3: bool)
+async fn run<S>(t: Transport, io: S, eio3: bool, permit: Permit)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -73,7 +74,7 @@ where
     // otherwise still take room in this task's state (its storage lives
     // until the end of its scope, across the awaits below).
     let mut connection = {
-        let (socket, outbox) = Socket::open(&t, eio3, false);
+        let (socket, outbox) = Socket::open(&t, eio3, false, permit);
         let (keepalive, conn) = (socket.keepalive(), socket.conn());
         Connection::new(
             io,

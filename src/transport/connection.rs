@@ -31,6 +31,11 @@ use super::outbox::{CloseReason, Outbound, Outbox};
 
 /// Bytes read at a time into the shared buffer.
 const SCRATCH_SIZE: usize = 16 * 1024;
+/// How far a frame's private buffer grows ahead of the bytes that arrived:
+/// a header announces a length, but memory is spent only as the payload
+/// comes (a client that sends headers of large frames and nothing more
+/// costs this much per connection, not `ws.max_message_size`).
+const GROW_AHEAD: usize = 16 * 1024;
 /// Frames written by one `writev`, when they are not copied together.
 const MAX_SLICES: usize = 64;
 /// Frames up to this size in all are copied into one buffer and sent with
@@ -322,8 +327,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
             let used = self.consume(data);
             if used < n && self.ending.is_none() {
                 let rest = &data[used..];
-                self.partial = vec![0; self.need.max(rest.len())];
-                self.partial[..rest.len()].copy_from_slice(rest);
+                self.partial = rest.to_vec();
                 self.filled = rest.len();
             }
             Poll::Ready(Ok(n))
@@ -331,10 +335,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
     }
 
     /// Reads more of the frame in `partial` (and possibly what follows).
-    /// The buffer only grows (zero-filled once), so a frame trickling in a
-    /// byte at a time costs no more than its length in copying.
+    /// The buffer grows with what arrives, at most [`GROW_AHEAD`] past it
+    /// whatever length the frame's header announced, and only grows
+    /// (zero-filled once, its capacity doubling), so a frame trickling in a
+    /// byte at a time costs no more than twice its length in copying.
     fn read_partial(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        let want = self.need.max(self.filled + 512);
+        let want = self
+            .need
+            .max(self.filled + 512)
+            .min(self.filled + GROW_AHEAD);
         if self.partial.len() < want {
             self.partial.resize(want, 0);
         }

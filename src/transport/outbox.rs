@@ -55,9 +55,15 @@ pub type CloseReason = Option<(u16, &'static str)>;
 
 struct Queue {
     items: VecDeque<Outbound>,
-    /// Items of last-value replays beyond the first of each: a replay
-    /// counts as one item against the limit, as it is one answer.
-    uncounted: usize,
+    /// The largest replay (last values, missed messages) queued since the
+    /// writer last took the queue: the queue may hold that many items
+    /// beyond its limit, so that a replay larger than the limit still
+    /// reaches a client that reads. Every item counts, replayed or not: a
+    /// client that stops reading and asks for replay after replay (`sub #`,
+    /// `unsub #`, again) is closed as a slow consumer within two replays,
+    /// so what it makes the server hold is bounded by the limit and the
+    /// largest replay, not by their product.
+    excess: usize,
     /// Set once; the first reason wins.
     closing: Option<CloseReason>,
 }
@@ -102,7 +108,7 @@ impl Outbox {
         Outbox {
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
-                uncounted: 0,
+                excess: 0,
                 closing: None,
             }),
             waker: AtomicWaker::new(),
@@ -155,11 +161,10 @@ impl Outbox {
             return false;
         };
         if items.is_empty() {
-            return self.push_all(std::iter::once(item), 1);
+            return self.push_all(std::iter::once(item), 0);
         }
         items.push(item);
-        let counted = items.len();
-        self.push_all(items.into_iter(), counted)
+        self.push_all(items.into_iter(), 0)
     }
 
     /// What the rings hold for this connection, taken out of them, so that
@@ -184,22 +189,23 @@ impl Outbox {
         }
     }
 
-    /// Queues items in order, `counted` of them against the limit (a
-    /// last-value replay counts as one item, as it is one answer).
-    fn push_all(&self, items: impl ExactSizeIterator<Item = Outbound>, counted: usize) -> bool {
+    /// Queues items in order, the last `replay` of them a replay (see
+    /// [`Queue::excess`]); false, and the connection closes as a slow
+    /// consumer, when the queue is at its limit already.
+    fn push_all(&self, items: impl ExactSizeIterator<Item = Outbound>, replay: usize) -> bool {
         {
             let mut q = self.lock();
             if q.closing.is_some() {
                 return false;
             }
-            if q.items.len() - q.uncounted >= self.limit {
+            if q.items.len() >= self.limit.saturating_add(q.excess) {
                 q.closing = Some(Some((close::TRY_AGAIN_LATER, "slow consumer")));
                 drop(q);
                 self.metrics.slow_consumer_closes.inc();
                 self.waker.wake();
                 return false;
             }
-            q.uncounted += items.len().saturating_sub(counted);
+            q.excess = q.excess.max(replay);
             q.items.extend(items);
         }
         self.waker.wake();
@@ -238,7 +244,7 @@ impl Outbox {
             } else {
                 into.append(&mut q.items);
             }
-            q.uncounted = 0;
+            q.excess = 0;
             if q.closing.is_some() {
                 return q.closing;
             }
@@ -296,15 +302,15 @@ impl Outbox {
 }
 
 impl Recipient for Outbox {
-    /// A last-value replay: behind what the rings already hold for this
-    /// connection, counted as one item.
+    /// A replay: behind what the rings already hold for this connection,
+    /// each item counted (see [`Queue::excess`]).
     fn deliver_batch(&self, msgs: Vec<Arc<Message>>) -> bool {
         let Some(mut items) = self.pending() else {
             return false;
         };
-        let counted = items.len() + 1;
+        let replay = msgs.len();
         items.extend(msgs.into_iter().map(|m| self.outbound(m)));
-        self.push_all(items.into_iter(), counted)
+        self.push_all(items.into_iter(), replay)
     }
 
     fn shutdown(&self) {
@@ -319,8 +325,7 @@ impl Recipient for Outbox {
         if let Some(items) = self.pending()
             && !items.is_empty()
         {
-            let counted = items.len();
-            self.push_all(items.into_iter(), counted);
+            self.push_all(items.into_iter(), 0);
         }
     }
 }
@@ -330,10 +335,10 @@ impl Recipient for LaneRecipient {
         let Some(mut items) = self.outbox.pending() else {
             return false;
         };
-        let counted = items.len() + 1;
+        let replay = msgs.len();
         let encoding = self.lane.encoding;
         items.extend(msgs.into_iter().map(|m| Outbound::Message(m, encoding)));
-        self.outbox.push_all(items.into_iter(), counted)
+        self.outbox.push_all(items.into_iter(), replay)
     }
 
     fn reader(&self) -> &Mutex<Reader> {
@@ -358,12 +363,14 @@ mod tests {
     }
 
     #[test]
-    fn a_replay_counts_as_one_item_and_the_limit_still_holds() {
+    fn a_replay_larger_than_the_limit_is_taken_and_counted_item_by_item() {
         let outbox = Outbox::new(3, Arc::new(Metrics::new()), &TEST_ENCODING);
+        // Ten replayed items in a queue of three: the queue may now hold
+        // three more than the replay.
         assert!(outbox.deliver_batch((0..10).map(|_| msg()).collect()));
         assert!(outbox.push(Outbound::Frame(Bytes::from_static(b"ack"))));
         assert!(outbox.push(Outbound::Message(msg(), &TEST_ENCODING)));
-        // Three counted items: the replay, the reply, the message.
+        assert!(outbox.push(Outbound::Message(msg(), &TEST_ENCODING)));
         assert!(!outbox.push(Outbound::Message(msg(), &TEST_ENCODING)));
         assert_eq!(
             outbox.close_requested(),
@@ -371,7 +378,24 @@ mod tests {
         );
         let mut taken = VecDeque::new();
         assert!(outbox.take(&mut taken, Waker::noop()).is_some());
-        assert_eq!(taken.len(), 12);
+        assert_eq!(taken.len(), 13);
+    }
+
+    /// A client that does not read and asks for the same replay again and
+    /// again is closed at the second one that finds the queue full: what it
+    /// holds is bounded by the limit and the replay, not by their product.
+    #[test]
+    fn repeated_replays_to_a_client_that_does_not_read_close_it() {
+        let metrics = Arc::new(Metrics::new());
+        let outbox = Outbox::new(4, metrics.clone(), &TEST_ENCODING);
+        let replay = || (0..100).map(|_| msg()).collect::<Vec<_>>();
+        assert!(outbox.deliver_batch(replay()));
+        assert!(outbox.deliver_batch(replay()), "100 queued < 4 + 100");
+        assert!(!outbox.deliver_batch(replay()), "200 queued: full");
+        assert_eq!(metrics.slow_consumer_closes.get(), 1);
+        let mut taken = VecDeque::new();
+        assert!(outbox.take(&mut taken, Waker::noop()).is_some());
+        assert_eq!(taken.len(), 200);
     }
 
     #[test]

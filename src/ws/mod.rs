@@ -12,16 +12,28 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 
+use axum::http::StatusCode;
+
 use crate::gateway::Gateway;
+use crate::gateway::admission::Refused;
 use crate::http::error::ApiError;
-use crate::http::request_token;
+use crate::http::{peer_ip, request_token};
 use crate::transport::handshake;
 
-/// `GET /ws`: checks the token (a `401` JSON error before any upgrade),
+/// `GET /ws`: checks the browser origin (`403`), the connection limits
+/// (`503`) and the token (`401`), each a JSON error before any upgrade,
 /// then the WebSocket handshake, and hands the raw connection to
 /// [`session::run`].
 pub async fn upgrade(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     let (parts, _body) = request.into_parts();
+    if let Err(refused) = gw.admission.check_origin(&parts.headers, "ws") {
+        return refusal(refused).into_response();
+    }
+    // Counted from here; the place is freed when the connection ends.
+    let permit = match gw.admission.admit(peer_ip(&parts.extensions)) {
+        Ok(permit) => permit,
+        Err(refused) => return refusal(refused).into_response(),
+    };
     let token = request_token(&parts.headers, parts.uri.query()).unwrap_or_default();
     let identity = match gw.verifier.verify(&token) {
         Ok(identity) => identity,
@@ -46,6 +58,17 @@ pub async fn upgrade(State(gw): State<Arc<Gateway>>, request: Request) -> Respon
         // hyper hands back bytes the client sent right behind the request
         // before anything newer, so nothing is lost here.
         session::run(gw, TokioIo::new(upgraded), identity).await;
+        drop(permit);
     }));
     response
+}
+
+/// The HTTP answer to a refused connection: 403 for an origin, 503 when
+/// full.
+fn refusal(refused: Refused) -> ApiError {
+    let status = match refused {
+        Refused::Origin => StatusCode::FORBIDDEN,
+        Refused::Full | Refused::FullForAddress => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError::new(status, refused.code(), refused.message())
 }

@@ -152,9 +152,10 @@ export function dumpDom(chromium, url) {
  * body]), loads it in headless Chromium and returns the JSON the page wrote
  * after `marker` in its `<pre id="out">`. `/slow` answers after 3 s: a page
  * that includes `<img src="/slow">` holds its load event (and so
- * --dump-dom) until its socket has had time to finish.
+ * --dump-dom) until its socket has had time to finish. `port` serves the
+ * page from that port (an origin known in advance), else from a free one.
  */
-export async function runPage(chromium, page, marker, extra = {}) {
+export async function runPage(chromium, page, marker, extra = {}, port = 0) {
   const site = createHttpServer((req, res) => {
     if (extra[req.url]) {
       const [type, body] = extra[req.url];
@@ -165,11 +166,10 @@ export async function runPage(chromium, page, marker, extra = {}) {
     res.setHeader('content-type', 'text/html');
     res.end(page);
   });
-  await new Promise((r) => site.listen(0, '127.0.0.1', r));
+  await new Promise((r) => site.listen(port, '127.0.0.1', r));
   try {
-    const { port } = site.address();
     // Not spawnSync: this process serves the page meanwhile.
-    const run = await dumpDom(chromium, `http://127.0.0.1:${port}/`);
+    const run = await dumpDom(chromium, `http://127.0.0.1:${site.address().port}/`);
     const m = new RegExp(`<pre id="out">${marker} ([^<]*)</pre>`).exec(run.stdout.replaceAll('&quot;', '"'));
     if (!m) throw new Error(`the page did not finish: ${run.stdout.slice(0, 500)} ${run.stderr.slice(-300)}`);
     return JSON.parse(m[1]);
