@@ -97,6 +97,19 @@ pub struct Metrics {
     pub cluster_nodes: Gauge,
     /// Dead nodes whose heartbeat and presence rows this node cleared.
     pub cluster_dead_nodes: Counter,
+    /// Socket.IO virtual requests forwarded to the application's backend
+    /// (`socketio.proxy_url`), by the `status` the client was answered:
+    /// the backend's, or pulso's own when it refused or the backend failed
+    /// (413, 429, 502, 503, 504).
+    pub proxy_requests: Family<[(&'static str, u16); 1], Counter>,
+    /// How long the backend took to answer a forwarded request, answer
+    /// body included (timeouts and failures too).
+    pub proxy_latency: Histogram,
+}
+
+fn proxy_histogram() -> Histogram {
+    // 1 ms … ~16 s: a backend's answer, up to past the default timeout.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
 fn latency_histogram() -> Histogram {
@@ -148,6 +161,8 @@ impl Metrics {
             cluster_reconnects: Counter::default(),
             cluster_nodes: Gauge::default(),
             cluster_dead_nodes: Counter::default(),
+            proxy_requests: Family::default(),
+            proxy_latency: proxy_histogram(),
             registry: Registry::default(),
         };
         registry.register(
@@ -309,6 +324,16 @@ impl Metrics {
             "last_value_topics",
             "Topics whose last message is kept for new subscribers",
             m.last_value_topics.clone(),
+        );
+        registry.register(
+            "socketio_proxy_requests",
+            "Socket.IO virtual requests forwarded to the application's backend, by the status answered",
+            m.proxy_requests.clone(),
+        );
+        registry.register(
+            "socketio_proxy_latency_seconds",
+            "Time for the application's backend to answer a forwarded Socket.IO request",
+            m.proxy_latency.clone(),
         );
         Metrics {
             registry,
