@@ -431,6 +431,14 @@ async fn bodies_over_proxy_max_body_are_refused_both_ways() {
         .await;
     assert_eq!(code_of(&ack), "413-1", "{ack}");
     assert_eq!(ack["statusCode"], 413);
+    // A get's data goes in the query string, bounded the same.
+    let ack = c
+        .request(
+            "get",
+            &[json!({"url": "/quiet", "data": {"q": "z".repeat(3000)}})],
+        )
+        .await;
+    assert_eq!(code_of(&ack), "413-1", "{ack}");
     assert_eq!(backend.seen.load(Ordering::SeqCst), before, "never sent");
 
     // An answer announced too large, and one that only turns out so.

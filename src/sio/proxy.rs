@@ -179,8 +179,17 @@ impl Proxy {
         let url = url.split('#').next().unwrap_or_default();
         target.extend(utf8_percent_encode(url, URL_ESCAPED));
 
+        let too_large = || {
+            Failure::too_large(format!(
+                "the request is larger than {} bytes",
+                self.cfg.max_body
+            ))
+        };
         let body = if method == Method::GET {
             let query = query_of(&data)?;
+            if query.len() > self.cfg.max_body {
+                return Err(too_large());
+            }
             if !query.is_empty() {
                 target.push(if url.contains('?') { '&' } else { '?' });
                 target.push_str(&query);
@@ -189,15 +198,11 @@ impl Proxy {
         } else {
             let body = serde_json::to_vec(&data)
                 .map_err(|e| Failure::malformed(format!("`data` cannot be sent: {e}")))?;
+            if body.len() > self.cfg.max_body {
+                return Err(too_large());
+            }
             Bytes::from(body)
         };
-        if body.len() > self.cfg.max_body || target.len() > 2 * request::MAX_URL + self.cfg.max_body
-        {
-            return Err(Failure::too_large(format!(
-                "the request is larger than {} bytes",
-                self.cfg.max_body
-            )));
-        }
         let uri =
             Uri::try_from(target).map_err(|_| Failure::malformed("`url` is not a valid url"))?;
 

@@ -144,3 +144,23 @@ test('behind pulso: errors of the app come back as the app made them, and a page
   const missing = await c.request('get', '/no/such/route');
   assert.equal(missing.statusCode, 404);
 });
+
+test('behind pulso over long-polling: forwarded answers reach a polling socket', async () => {
+  const socket = io4(pulso.url, { transports: ['polling'], reconnection: false, forceNew: true });
+  opened.push(() => socket.close());
+  await new Promise((resolve, reject) => {
+    socket.once('connect', resolve);
+    socket.once('connect_error', reject);
+  });
+  const ask = (method, url, data) =>
+    new Promise((resolve) => socket.emit(method, { method, headers: {}, data, url }, resolve));
+  const auth = await ask('get', '/notifications', { 'jwt-api-key': token('assistant', '8') });
+  assert.equal(auth.statusCode, 200);
+  const tournament = await ask('get', '/tournament/3');
+  assert.equal(tournament.statusCode, 200);
+  assert.deepEqual(tournament.body.viewer, { sub: '8', role: 'assistant' });
+  const heard = new Promise((resolve) => socket.once('checkin', resolve));
+  const checkin = await ask('post', '/checkin', { tournamentId: 3, nick: 'x' });
+  assert.equal(checkin.statusCode, 201);
+  assert.deepEqual(await heard, { check_in_id: { tournamentId: 3, nick: 'x', by: '8' } });
+});
