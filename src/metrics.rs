@@ -114,6 +114,19 @@ pub struct Metrics {
     pub cluster_nodes: Gauge,
     /// Dead nodes whose heartbeat and presence rows this node cleared.
     pub cluster_dead_nodes: Counter,
+    /// Socket.IO virtual requests forwarded to the application's backend
+    /// (`socketio.proxy_url`), by the `status` the client was answered:
+    /// the backend's, or pulso's own when it refused or the backend failed
+    /// (413, 429, 502, 503, 504).
+    pub proxy_requests: Family<[(&'static str, u16); 1], Counter>,
+    /// How long the backend took to answer a forwarded request, answer
+    /// body included (timeouts and failures too).
+    pub proxy_latency: Histogram,
+}
+
+fn proxy_histogram() -> Histogram {
+    // 1 ms … ~16 s: a backend's answer, up to past the default timeout.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
 fn latency_histogram() -> Histogram {
@@ -169,6 +182,8 @@ impl Metrics {
             cluster_reconnects: Counter::default(),
             cluster_nodes: Gauge::default(),
             cluster_dead_nodes: Counter::default(),
+            proxy_requests: Family::default(),
+            proxy_latency: proxy_histogram(),
             registry: Registry::default(),
         };
         reg(&mut registry, "connections", m.connections.clone());
@@ -270,6 +285,16 @@ impl Metrics {
             "last_value_topics",
             m.last_value_topics.clone(),
         );
+        reg(
+            &mut registry,
+            "socketio_proxy_requests",
+            m.proxy_requests.clone(),
+        );
+        reg(
+            &mut registry,
+            "socketio_proxy_latency_seconds",
+            m.proxy_latency.clone(),
+        );
         Metrics {
             registry,
             fanout_latency: m.latency.get_or_create_owned(&Stage::Fanout.label()),
@@ -359,7 +384,7 @@ pub struct MetricDoc {
 }
 
 /// The reference's sections, in order.
-pub const AREAS: [&str; 8] = [
+pub const AREAS: [&str; 9] = [
     "Connections",
     "Messages",
     "Authentication and client errors",
@@ -368,6 +393,7 @@ pub const AREAS: [&str; 8] = [
     "History and recovery",
     "MQTT bridge",
     "Cluster",
+    "Socket.IO proxy",
 ];
 
 /// Every metric pulso exports; a unit test checks that this list and the
@@ -423,6 +449,21 @@ pub const METRICS: &[MetricDoc] = &[
         area: "Connections",
         label: None,
         help: "Open Engine.IO long-polling sessions (capped by socketio.max_polling_sessions)",
+    },
+    MetricDoc {
+        name: "socketio_proxy_requests",
+        area: "Socket.IO proxy",
+        label: Some((
+            "status",
+            "the HTTP status answered: the backend's, or pulso's own (413, 429, 502, 503, 504)",
+        )),
+        help: "Socket.IO virtual requests forwarded to the application's backend (socketio.proxy_url), by the status answered",
+    },
+    MetricDoc {
+        name: "socketio_proxy_latency_seconds",
+        area: "Socket.IO proxy",
+        label: None,
+        help: "Time for the application's backend to answer a forwarded Socket.IO request, body included (timeouts and failures too)",
     },
     MetricDoc {
         name: "messages_published",
@@ -653,6 +694,7 @@ fn specimen() -> Metrics {
         .connections_refused
         .get_or_create(&label("connections_refused"));
     let _ = m.origin_refusals.get_or_create(&label("origin_refused"));
+    let _ = m.proxy_requests.get_or_create(&[("status", 200)]);
     m
 }
 

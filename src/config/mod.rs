@@ -314,7 +314,43 @@ pub struct SocketIoConfig {
     pub allowed_roles: Vec<String>,
     /// Most open long-polling sessions.
     pub max_polling_sessions: usize,
+    /// Where virtual requests for other urls go (`None`: they are 404-1).
+    pub proxy: Option<ProxyConfig>,
 }
+
+/// The application's HTTP backend behind Socket.IO virtual requests.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// `http://host:port` plus an optional path prefix, without a trailing
+    /// `/`; a request's url is appended to it.
+    pub url: String,
+    /// Client header names passed on, lower-case.
+    pub headers: Vec<String>,
+    pub timeout: Duration,
+    pub max_body: usize,
+    /// In flight on this node.
+    pub concurrency: usize,
+    /// In flight per connection.
+    pub socket_concurrency: usize,
+    /// Whether `X-Pulso-Join`/`X-Pulso-Leave` in an answer are obeyed.
+    pub rooms: bool,
+}
+
+/// Headers a client may never have passed on, whatever
+/// `socketio.proxy_headers` says: pulso sets them itself, or they describe
+/// the connection rather than the request.
+pub const PROXY_RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+];
 
 /// Application-table mode for one role: the socket id is written straight
 /// into `table.socket_column` of the row whose `id_column` is the `sub`.
@@ -637,7 +673,73 @@ fn parse_socketio(l: &Layered) -> Result<SocketIoConfig, ConfigError> {
         rooms,
         allowed_roles: l.req("socketio.allowed_roles", value::parse_list)?,
         max_polling_sessions: l.number("socketio.max_polling_sessions", 1)?,
+        proxy: parse_proxy(l)?,
     })
+}
+
+fn parse_proxy(l: &Layered) -> Result<Option<ProxyConfig>, ConfigError> {
+    let Some(url) = l.opt_text("socketio.proxy_url")? else {
+        return Ok(None);
+    };
+    let url = url.trim().trim_end_matches('/').to_string();
+    let bad = |why: &str| ConfigError::setting("socketio.proxy_url", format!("`{url}`: {why}"));
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(if url.starts_with("https://") {
+            bad(
+                "only http:// backends are served (put the backend on a private network or a local port)",
+            )
+        } else {
+            bad("must look like http://127.0.0.1:3000")
+        });
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let authority_ok = !authority.is_empty()
+        && !authority.contains('@')
+        && authority
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c));
+    let path_ok = !rest.contains(['?', '#', ' ']) && rest.is_ascii();
+    if !authority_ok || !path_ok {
+        return Err(bad(
+            "must look like http://127.0.0.1:3000 or http://app:3000/prefix",
+        ));
+    }
+    let mut headers = Vec::new();
+    for h in l.req("socketio.proxy_headers", value::parse_list)? {
+        let name = h.trim().to_ascii_lowercase();
+        let token_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token_ok {
+            return Err(ConfigError::setting(
+                "socketio.proxy_headers",
+                format!("`{h}` is not a header name"),
+            ));
+        }
+        if name.starts_with("x-pulso-") || PROXY_RESERVED_HEADERS.contains(&name.as_str()) {
+            return Err(ConfigError::setting(
+                "socketio.proxy_headers",
+                format!("`{h}` is set by pulso itself and cannot be passed on"),
+            ));
+        }
+        if !headers.contains(&name) {
+            headers.push(name);
+        }
+    }
+    Ok(Some(ProxyConfig {
+        url,
+        headers,
+        timeout: l.positive_duration("socketio.proxy_timeout")?,
+        max_body: to_usize(
+            "socketio.proxy_max_body",
+            l.req("socketio.proxy_max_body", value::parse_size)?,
+            1,
+        )?,
+        concurrency: l.number("socketio.proxy_concurrency", 1)?,
+        socket_concurrency: l.number("socketio.proxy_socket_concurrency", 1)?,
+        rooms: l.req("socketio.proxy_rooms", value::parse_bool)?,
+    }))
 }
 
 /// Accepts `sqlite:` and `postgres(ql):` URLs; the drivers check the rest.

@@ -360,6 +360,48 @@ pub const SETTINGS: &[Setting] = &[
         "Roles allowed to authenticate on Socket.IO (empty: any)"
     ),
     setting!(
+        "socketio.proxy_url",
+        Text,
+        None,
+        "The application's HTTP backend (http://host:port, optionally with a path prefix): Socket.IO virtual requests for any other url than socketio.namespace are forwarded to it; off when unset"
+    ),
+    setting!(
+        "socketio.proxy_headers",
+        List,
+        Some(""),
+        "Headers of a virtual request (its `headers` field) passed on to socketio.proxy_url; any other, Authorization included, is dropped"
+    ),
+    setting!(
+        "socketio.proxy_timeout",
+        Duration,
+        Some("10s"),
+        "How long a forwarded request may take, answer body included; then the client is answered 504"
+    ),
+    setting!(
+        "socketio.proxy_max_body",
+        Size,
+        Some("1MiB"),
+        "Largest body of a forwarded request (else 413) and of the backend's answer (else 502)"
+    ),
+    setting!(
+        "socketio.proxy_concurrency",
+        Number,
+        Some("256"),
+        "Forwarded requests in flight on this node at once; more are answered 503"
+    ),
+    setting!(
+        "socketio.proxy_socket_concurrency",
+        Number,
+        Some("8"),
+        "Forwarded requests in flight per Socket.IO connection at once; more are answered 429"
+    ),
+    setting!(
+        "socketio.proxy_rooms",
+        Bool,
+        Some("false"),
+        "Let the backend's answer join an authenticated socket to rooms or make it leave them (X-Pulso-Join, X-Pulso-Leave headers)"
+    ),
+    setting!(
         "history.topics",
         List,
         Some(""),

@@ -14,13 +14,14 @@
 pub mod packet;
 pub mod payload;
 pub mod polling;
+pub mod proxy;
 pub(crate) mod recovery;
 pub mod request;
 pub mod rooms;
 pub mod socket;
 pub mod websocket;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use axum::extract::{Request, State};
@@ -34,7 +35,7 @@ use crate::gateway::Gateway;
 use crate::gateway::admission::Refused;
 use crate::gateway::{Committed, Holder};
 use crate::http::peer_ip;
-use crate::hub::{ConnId, Filter};
+use crate::hub::{ConnId, Filter, Hub};
 use request::{Failure, Token};
 
 const PROTOCOL: &str = "socketio";
@@ -55,6 +56,8 @@ pub struct Transport {
     /// Sessions kept for connection state recovery (`None`: history is
     /// off, so there is none).
     recovery: Option<Arc<recovery::Store>>,
+    /// The application's backend (`None`: `socketio.proxy_url` is unset).
+    proxy: Option<Arc<proxy::Proxy>>,
 }
 
 impl Transport {
@@ -71,6 +74,12 @@ impl Transport {
             recovery::sweep_periodically(&store, period, gw.shutdown.clone());
             store
         });
+        let proxy = gw
+            .config
+            .socketio
+            .proxy
+            .clone()
+            .map(|cfg| Arc::new(proxy::Proxy::new(cfg, gw.metrics.clone())));
         Transport {
             gw: gw.clone(),
             nsp,
@@ -80,6 +89,7 @@ impl Transport {
                 gw.metrics.clone(),
             )),
             recovery,
+            proxy,
         }
     }
 }
@@ -230,6 +240,104 @@ pub(crate) struct Notifications {
     /// Its private session id, told to the client on CONNECT when
     /// connection state recovery is on (Engine.IO 4 with `history.topics`).
     pid: Option<Box<str>>,
+    /// The rooms the application's backend joined it to, shared with its
+    /// forwarded requests in flight.
+    backend_rooms: Arc<BackendRooms>,
+}
+
+/// The rooms the application's backend joined a socket to with
+/// `X-Pulso-Join` (`socketio.proxy_rooms`), as a Sails action calls
+/// `sails.sockets.join(req, room)`. Only an authenticated socket has any:
+/// the set opens when it authenticates and closes when it leaves, so an
+/// answer that comes back later changes nothing. Its own-id room and its
+/// template rooms are pulso's and the backend can neither join nor leave
+/// them.
+#[derive(Default)]
+pub(crate) struct BackendRooms(Mutex<Joined>);
+
+#[derive(Default)]
+struct Joined {
+    open: bool,
+    /// The socket's own-id room and template rooms.
+    fixed: Vec<String>,
+    rooms: Vec<String>,
+}
+
+impl BackendRooms {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Joined> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The socket authenticated: from now on the backend may add rooms.
+    fn open(&self, fixed: Vec<String>, rooms: Vec<String>) {
+        *self.lock() = Joined {
+            open: true,
+            fixed,
+            rooms,
+        };
+    }
+
+    /// The socket left: the rooms to leave in the hub.
+    fn close(&self) -> Vec<String> {
+        let mut j = self.lock();
+        j.open = false;
+        std::mem::take(&mut j.rooms)
+    }
+
+    fn rooms(&self) -> Vec<String> {
+        self.lock().rooms.clone()
+    }
+
+    /// Leaves `leave` and joins `join` on `conn` in the hub (through
+    /// [`Hub::subscribe`], which in a cluster subscribes the backplane),
+    /// keeping at most `limit` rooms. Names that are not literal room
+    /// names are skipped. Returns whether a room was joined.
+    pub(crate) fn apply(
+        &self,
+        hub: &Hub,
+        conn: ConnId,
+        join: &[String],
+        leave: &[String],
+        limit: usize,
+    ) -> bool {
+        let mut j = self.lock();
+        if !j.open {
+            return false;
+        }
+        for name in leave {
+            if let Some(i) = j.rooms.iter().position(|r| r == name) {
+                j.rooms.swap_remove(i);
+                if let Ok(filter) = Filter::parse(name) {
+                    hub.unsubscribe(conn, &filter);
+                }
+            }
+        }
+        let mut joined = false;
+        for name in join {
+            if j.fixed.contains(name) || j.rooms.contains(name) {
+                continue;
+            }
+            let filter = match Filter::parse(name) {
+                Ok(f) if !f.is_wildcard() => f,
+                _ => {
+                    tracing::debug!(room = %name.chars().take(64).collect::<String>(), "X-Pulso-Join: not a room name; skipped");
+                    continue;
+                }
+            };
+            if j.rooms.len() >= limit {
+                tracing::debug!(
+                    limit,
+                    "X-Pulso-Join: the socket has as many rooms as it may; skipped"
+                );
+                break;
+            }
+            if hub.subscribe(conn, &filter, usize::MAX).is_ok() {
+                j.rooms.push(name.clone());
+                joined = true;
+            }
+        }
+        joined
+    }
 }
 
 impl Notifications {
@@ -245,6 +353,7 @@ impl Notifications {
             conn,
             auth: None,
             pid: pid.map(String::into_boxed_str),
+            backend_rooms: Arc::default(),
         }
     }
 
@@ -261,6 +370,7 @@ impl Notifications {
     ) -> Self {
         let mut n = Notifications::new(gw, saved.socket_id, conn, Some(pid.to_string()));
         let _ = n.gw.presence.set(n.holder(&saved.identity));
+        n.open_backend_rooms(&saved.rooms);
         n.auth = Some(Authed {
             identity: saved.identity,
             rooms: saved.rooms,
@@ -276,12 +386,15 @@ impl Notifications {
     /// authenticated socket that was told a pid has anything to recover.
     pub(crate) fn to_keep(&self, namespace: &'static str) -> Option<(&str, recovery::Saved)> {
         let (pid, a) = (self.pid.as_deref()?, self.auth.as_ref()?);
+        // Rooms the backend joined come back as the socket's own.
+        let mut rooms = a.rooms.clone();
+        rooms.extend(self.backend_rooms.rooms());
         Some((
             pid,
             recovery::Saved {
                 socket_id: self.socket_id.clone(),
                 namespace,
-                rooms: a.rooms.clone(),
+                rooms,
                 identity: a.identity.clone(),
                 deadline: self.deadline(),
             },
@@ -312,6 +425,36 @@ impl Notifications {
 
     pub(crate) fn socket_id(&self) -> &str {
         &self.socket_id
+    }
+
+    /// Its hub handle.
+    pub(crate) fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// Who it is, for a request forwarded to the application's backend.
+    pub(crate) fn caller(&self) -> proxy::Caller<'_> {
+        proxy::Caller {
+            socket_id: &self.socket_id,
+            identity: self.auth.as_ref().map(|a| &a.identity),
+        }
+    }
+
+    pub(crate) fn backend_rooms(&self) -> &Arc<BackendRooms> {
+        &self.backend_rooms
+    }
+
+    fn open_backend_rooms(&self, rooms: &[String]) {
+        let fixed = std::iter::once(self.socket_id.clone())
+            .chain(rooms.iter().cloned())
+            .collect();
+        self.backend_rooms.open(fixed, Vec::new());
+    }
+
+    /// Whether the claims stay with the socket after authentication: only
+    /// the backend's `X-Pulso-Claims` needs them.
+    fn keeps_claims(&self) -> bool {
+        self.gw.config.socketio.proxy.is_some()
     }
 
     /// Handles one virtual request.
@@ -367,7 +510,9 @@ impl Notifications {
                     "the token belongs to another identity",
                 ));
             }
-            identity.claims = Default::default();
+            if gw.config.socketio.proxy.is_none() {
+                identity.claims = Default::default();
+            }
             current.identity = identity;
             gw.metrics.sio_auth_result("refreshed");
             return Ok(request::success(&self.socket_id, &current.rooms));
@@ -378,12 +523,16 @@ impl Notifications {
             return Err(Failure::forbidden_role(&identity.role));
         }
         let rooms = rooms::rooms_for(&gw.config.socketio.rooms, &identity, &req.params);
-        // Rooms are decided; only role, sub and exp are needed from here on.
-        identity.claims = Default::default();
+        // Rooms are decided; only role, sub and exp are needed from here
+        // on, and the claims only for a backend.
+        if !self.keeps_claims() {
+            identity.claims = Default::default();
+        }
 
         for filter in Self::names(&self.socket_id, &rooms) {
             let _ = gw.hub.subscribe(self.conn, &filter, usize::MAX);
         }
+        self.open_backend_rooms(&rooms);
         *committed = Some(gw.presence.set(self.holder(&identity)));
         tracing::debug!(socket = %self.socket_id, sub = %identity.sub, role = %identity.role, ?rooms, "socket.io authenticated");
         gw.metrics.sio_auth_result("ok");
@@ -425,6 +574,11 @@ impl Notifications {
         };
         for filter in Self::names(&self.socket_id, &a.rooms) {
             self.gw.hub.unsubscribe(self.conn, &filter);
+        }
+        for name in self.backend_rooms.close() {
+            if let Ok(filter) = Filter::parse(&name) {
+                self.gw.hub.unsubscribe(self.conn, &filter);
+            }
         }
         self.gw.presence.clear(self.holder(&a.identity));
     }

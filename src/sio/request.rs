@@ -60,6 +60,42 @@ impl Failure {
         Self::new(429, "429-1", "too many messages; slow down")
     }
 
+    /// A forwarded request's body over `socketio.proxy_max_body`.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(413, "413-1", message)
+    }
+
+    /// More forwarded requests in flight on this connection than
+    /// `socketio.proxy_socket_concurrency`.
+    pub fn proxy_socket_busy() -> Self {
+        Self::new(
+            429,
+            "429-2",
+            "too many requests in flight on this connection; wait for an answer",
+        )
+    }
+
+    /// More forwarded requests in flight on this node than
+    /// `socketio.proxy_concurrency`.
+    pub fn proxy_busy() -> Self {
+        Self::new(503, "503-1", "the server is busy; try again")
+    }
+
+    /// The backend could not be reached, or broke off its answer.
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(502, "502-1", message)
+    }
+
+    /// The backend's answer is over `socketio.proxy_max_body`.
+    pub fn answer_too_large(message: impl Into<String>) -> Self {
+        Self::new(502, "502-2", message)
+    }
+
+    /// The backend did not answer within `socketio.proxy_timeout`.
+    pub fn gateway_timeout(message: impl Into<String>) -> Self {
+        Self::new(504, "504-1", message)
+    }
+
     pub fn ack(&self) -> Value {
         json!({
             "body": {"error": {"code": self.code, "message": self.message}},
@@ -101,6 +137,41 @@ pub struct VirtualRequest {
     pub params: Map<String, Value>,
 }
 
+/// Longest url a virtual request may name.
+pub const MAX_URL: usize = 2048;
+
+/// A request's url: its top-level `url`, else `header.url`.
+pub fn url_of(obj: &Map<String, Value>) -> Result<&str, Failure> {
+    let header_url = match obj.get("header") {
+        Some(Value::Object(h)) => h.get("url"),
+        _ => None,
+    };
+    match obj.get("url").or(header_url) {
+        Some(Value::String(u)) if !u.is_empty() && u.len() <= MAX_URL => Ok(u.as_str()),
+        Some(_) => Err(Failure::malformed("`url` must be a non-empty string")),
+        None => Err(Failure::malformed("the request has no `url`")),
+    }
+}
+
+/// A url's path: no query string or fragment, no trailing `/`.
+pub fn path_of(url: &str) -> &str {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    match path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    }
+}
+
+/// Whether a request names a url other than `own` (the notifications
+/// url): what `socketio.proxy_url` forwards. A request without a valid
+/// url is not.
+pub fn names_other_url(v: &Value, own: &str) -> bool {
+    match v {
+        Value::Object(obj) => url_of(obj).is_ok_and(|u| path_of(u) != own),
+        _ => false,
+    }
+}
+
 /// Reads a virtual request. Only its shape is checked here.
 pub fn parse(v: &Value) -> Result<VirtualRequest, Failure> {
     let Value::Object(obj) = v else {
@@ -108,24 +179,13 @@ pub fn parse(v: &Value) -> Result<VirtualRequest, Failure> {
             "the request must be an object such as {url: '/notifications', params: {...}}",
         ));
     };
-    let header_url = match obj.get("header") {
-        Some(Value::Object(h)) => h.get("url"),
-        _ => None,
-    };
-    let url = match obj.get("url").or(header_url) {
-        Some(Value::String(u)) if !u.is_empty() && u.len() <= 2048 => u.as_str(),
-        Some(_) => return Err(Failure::malformed("`url` must be a non-empty string")),
-        None => return Err(Failure::malformed("the request has no `url`")),
-    };
-    let (path, query) = match url.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (url, None),
-    };
-    let path = path.split('#').next().unwrap_or_default();
-    let path = match path.trim_end_matches('/') {
-        "" => "/",
-        p => p,
-    };
+    let url = url_of(obj)?;
+    let query = url
+        .split('#')
+        .next()
+        .and_then(|u| u.split_once('?'))
+        .map(|(_, q)| q);
+    let path = path_of(url);
 
     let mut params = Map::new();
     for key in CONTAINERS {

@@ -14,11 +14,13 @@
 //! ([`Socket::join`]).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::packet::{self, engine, kind};
+use super::proxy::{self, Proxy};
 use super::recovery::{self, Store};
 use super::{Answer, LABEL, Notifications, Transport};
 use crate::gateway::Gateway;
@@ -56,6 +58,10 @@ pub(crate) struct Socket {
     /// Where sockets are kept for recovery (`None`: Engine.IO 3, or
     /// `history.topics` is empty).
     recovery: Option<Arc<Store>>,
+    /// The application's backend (`socketio.proxy_url`).
+    proxy: Option<Arc<Proxy>>,
+    /// This connection's requests in flight to the backend.
+    proxied: Arc<AtomicUsize>,
     closed: bool,
     /// Its place among the open connections, freed with it.
     _permit: Permit,
@@ -118,6 +124,8 @@ impl Socket {
             rate: RateLimit::new(cfg.ws.rate_limit, std::time::Instant::now()),
             // Engine.IO 3 clients (socket.io-client 2.x) have no recovery.
             recovery: if eio3 { None } else { t.recovery.clone() },
+            proxy: t.proxy.clone(),
+            proxied: Arc::default(),
             closed: false,
             _permit: permit,
         };
@@ -414,15 +422,30 @@ impl Socket {
             }
         } else {
             match packet::event_args(p.data) {
-                Some((name, args)) if name == "get" || name == "post" => {
+                Some((name, args)) if proxy::method_of(&name).is_some() => {
                     // The first argument is the request; others are ignored.
                     let v: Value = args
                         .first()
                         .and_then(|a| serde_json::from_str(a.get()).ok())
                         .unwrap_or(Value::Null);
-                    let answer = n.request(&v);
-                    self.update_deadlines();
-                    answer
+                    if let Some(backend) = &self.proxy
+                        && super::request::names_other_url(&v, &self.gw.config.socketio.namespace)
+                        && let Some(method) = proxy::method_of(&name)
+                    {
+                        let backend = backend.clone();
+                        return self.forward(link, &backend, method, &v, slot, p.ack);
+                    }
+                    if name == "get" || name == "post" {
+                        let answer = n.request(&v);
+                        self.update_deadlines();
+                        answer
+                    } else {
+                        Answer {
+                            ack: n.other_event(&name),
+                            disconnect: false,
+                            committed: None,
+                        }
+                    }
                 }
                 Some((name, _)) => Answer {
                     ack: n.other_event(&name),
@@ -459,6 +482,59 @@ impl Socket {
         if answer.disconnect {
             self.disconnect(link, slot, "");
         }
+    }
+}
+
+impl Socket {
+    /// Forwards a virtual request to the application's backend: checked
+    /// and admitted here, sent on a task of its own, which queues the ack
+    /// when the answer comes (SPEC §4). The socket is never disconnected
+    /// for what the backend answers.
+    fn forward(
+        &mut self,
+        link: &mut Link<'_>,
+        backend: &Arc<Proxy>,
+        method: axum::http::Method,
+        v: &Value,
+        slot: usize,
+        ack: Option<u64>,
+    ) {
+        let nsp = self.name(slot);
+        let Some(n) = self.sockets[slot].as_ref() else {
+            return;
+        };
+        let admitted = backend
+            .prepare(method, v, &n.caller())
+            .and_then(|prepared| Ok((prepared, backend.admit(&self.proxied)?)));
+        let (prepared, admitted) = match admitted {
+            Ok(ok) => ok,
+            Err(failure) => {
+                backend.refused(&failure);
+                self.gw.metrics.client_error(failure.code);
+                if let Some(id) = ack {
+                    link.send(packet::ack(nsp, id, &failure.ack()));
+                }
+                return;
+            }
+        };
+        let (hub, conn, rooms) = (self.gw.hub.clone(), n.conn(), n.backend_rooms().clone());
+        let limit = self.gw.config.ws.max_subscriptions;
+        let outbox = self.outbox.clone();
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let reply = backend.send(prepared).await;
+            drop(admitted);
+            let joined = (!reply.join.is_empty() || !reply.leave.is_empty())
+                && rooms.apply(&hub, conn, &reply.join, &reply.leave, limit);
+            // In a cluster the ack waits for the backplane to carry the
+            // new rooms, as an authentication's does (SPEC §8).
+            if joined && let Some(subscribed) = hub.backplane_subscribed() {
+                subscribed.await;
+            }
+            if let Some(id) = ack {
+                outbox.push(Outbound::Frame(packet::ack(nsp, id, &reply.ack)));
+            }
+        });
     }
 }
 

@@ -277,6 +277,38 @@ impl SioClient {
         }
     }
 
+    /// Emits with an ack id and returns it without waiting for the ack
+    /// (see [`SioClient::next_ack`]).
+    pub async fn send_request(&mut self, event: &str, args: &[Value]) -> u64 {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        let mut items = vec![json!(event)];
+        items.extend_from_slice(args);
+        let ns = self.ns_prefix();
+        self.send_raw(&format!("42{ns}{id}{}", Value::Array(items)))
+            .await;
+        id
+    }
+
+    /// The next ack (its id and first argument), skipping events. Panics
+    /// on disconnect.
+    pub async fn next_ack(&mut self) -> (u64, Value) {
+        loop {
+            match self.next().await {
+                Packet::Ack(id, mut args) => {
+                    let first = if args.is_empty() {
+                        Value::Null
+                    } else {
+                        args.remove(0)
+                    };
+                    return (id, first);
+                }
+                Packet::Disconnect | Packet::Closed => panic!("disconnected before the ack"),
+                Packet::Event(..) => continue,
+            }
+        }
+    }
+
     /// `get /notifications` with the token under `params` (in the
     /// client's current namespace, the root one included).
     pub async fn auth(&mut self, token: &str, params: Value) -> Value {
