@@ -43,7 +43,32 @@ pub struct Gateway {
     /// Which browser origins may connect, and how many connections may be
     /// open.
     pub admission: Arc<admission::Admission>,
+    /// Where Socket.IO recovery sessions are shared with the other nodes
+    /// of a cluster (`None`: kept on this node only).
+    pub sessions: Option<Arc<dyn SharedSessions>>,
 }
+
+/// Socket.IO recovery sessions shared by the nodes of a cluster (SPEC
+/// §11), so that a client recovers on any node, also after the node it
+/// was on died: a session is written when its socket authenticates (and
+/// kept alive while it is connected), again when its transport is lost,
+/// and taken once, by whichever node the client comes back to. Sessions
+/// are opaque bytes here; the front end that made one reads it.
+pub trait SharedSessions: Send + Sync + 'static {
+    /// Writes `session` under `pid`. `live`: its socket is connected, and
+    /// the session is kept as long as this node lives, then `history.ttl`;
+    /// otherwise `history.ttl` from now. Never waits.
+    fn save(&self, pid: &str, session: Vec<u8>, live: bool);
+    /// The socket ended for good: its session goes. Never waits.
+    fn forget(&self, pid: &str);
+    /// Takes the session under `pid` (it is gone for every node after).
+    fn take(&self, pid: &str) -> SessionFetch;
+}
+
+/// A [`SharedSessions::take`] under way.
+pub type SessionFetch = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<Vec<u8>>, String>> + Send + 'static>,
+>;
 
 /// A socket that authenticated: the row (role, sub) now points at it.
 #[derive(Debug, Clone, PartialEq, Eq)]

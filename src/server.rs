@@ -150,7 +150,7 @@ impl Server {
                 });
                 let (link, tasks) = match engine {
                     Engine::Redis(url) => redis::prepare(url, shared.clone())
-                        .map(|(link, tasks)| (link, Tasks::Redis(tasks)))
+                        .map(|(link, tasks)| (link, Tasks::Redis(Box::new(tasks))))
                         .map_err(|e| {
                             ConfigError::setting("cluster.redis_url", format!("`{url}`: {e}"))
                         })?,
@@ -186,6 +186,7 @@ impl Server {
             readiness,
             upstream: mqtt.clone().map(|b| b as Arc<dyn crate::gateway::Upstream>),
             presence: Arc::new(presence.clone()),
+            sessions: cluster.as_ref().and_then(crate::cluster::Tasks::sessions),
         });
         Ok(Server {
             listener,

@@ -1331,3 +1331,139 @@ async fn recovery_from_redis_has_no_gap_and_no_duplicate_at_the_seam() {
     assert_eq!(offsets, want, "every offset once, in order");
     publisher.await.unwrap();
 }
+
+// ---- Socket.IO recovery sessions in the backplane ---------------------------
+
+/// History for the assistants' rooms of tournament 2.
+const SIO_HISTORY: &str = "[history]\ntopics = [\"assistant\", \"assistant_2\"]\n";
+
+async fn broadcast_at(addr: std::net::SocketAddr, rooms: &[&str], data: Value) {
+    let admin = common::token("admin", "test-admin", Some(Duration::from_secs(60)));
+    let body = json!({"rooms": rooms, "event": "check_in", "data": data}).to_string();
+    let (status, body) =
+        common::post_json(&format!("http://{addr}/api/broadcast"), Some(&admin), &body).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The next event's payload and offset (its last argument).
+async fn check_in(c: &mut SioClient) -> (Value, Option<String>) {
+    let (name, args) = c.event().await;
+    assert_eq!(name, "check_in");
+    let offset = match args.as_slice() {
+        [_, Value::String(o)] => Some(o.clone()),
+        _ => None,
+    };
+    (args[0].clone(), offset)
+}
+
+/// An authenticated assistant of tournament 2 on `addr` that has seen one
+/// tracked event; returns it with its socket id, pid and offset.
+async fn sio_assistant(addr: std::net::SocketAddr) -> (SioClient, String, String, String) {
+    let mut c = SioClient::connect(addr, 4, NS).await;
+    let token = common::token("assistant", &unique("sio"), Some(Duration::from_secs(60)));
+    let ack = c.auth(&token, json!({"tournamentId": 2})).await;
+    assert_eq!(
+        ack["body"]["rooms"],
+        json!(["assistant", "assistant_2"]),
+        "{ack}"
+    );
+    broadcast_at(addr, &["assistant_2"], json!("first")).await;
+    let (payload, offset) = check_in(&mut c).await;
+    assert_eq!(payload, json!("first"));
+    let (sid, pid) = (c.socket_id(), c.pid.clone().expect("a pid"));
+    (c, sid, pid, offset.expect("an offset"))
+}
+
+/// Receives `n` missed events `1..=n` in order, each with an offset.
+async fn missed_in_order(c: &mut SioClient, n: u64) {
+    for k in 1..=n {
+        let (payload, offset) = check_in(c).await;
+        assert_eq!(payload, json!(k));
+        assert!(offset.is_some(), "tracked events carry an offset");
+    }
+}
+
+/// Over Redis, Socket.IO recovery sessions live in the backplane: a
+/// socket.io client whose connection was cut on one node comes back on
+/// another and gets its socket id, rooms and the 50 events published
+/// meanwhile on a third, then live ones.
+#[tokio::test]
+async fn a_socketio_client_recovers_on_another_node() {
+    let Some(pg) = postgres_url().await else {
+        return;
+    };
+    let Some(server) = Server::start(Engine::Redis).await else {
+        return;
+    };
+    let prefix = unique("s");
+    let a = node_with(&server, &pg, &prefix, SIO_HISTORY).await;
+    let b = node_with(&server, &pg, &prefix, SIO_HISTORY).await;
+    let c = node_with(&server, &pg, &prefix, SIO_HISTORY).await;
+    let (client, sid, pid, offset) = sio_assistant(a.addr).await;
+    // The TCP connection is cut: no DISCONNECT, no close frame.
+    drop(client);
+    for n in 1..=50 {
+        let rooms: &[&str] = if n % 2 == 0 {
+            &["assistant"]
+        } else {
+            &["assistant_2", "assistant"]
+        };
+        broadcast_at(b.addr, rooms, json!(n)).await;
+    }
+    let mut back = SioClient::reconnect(c.addr, NS, &pid, &offset).await;
+    assert!(back.recovered(&pid), "same pid: socket.recovered === true");
+    assert_eq!(back.socket_id(), sid, "same socket id");
+    missed_in_order(&mut back, 50).await;
+    broadcast_at(a.addr, &["assistant_2"], json!("live")).await;
+    assert_eq!(check_in(&mut back).await.0, json!("live"));
+    // Taken once: the session is gone for every node.
+    let again = SioClient::reconnect(b.addr, NS, &pid, &offset).await;
+    assert!(!again.recovered(&pid), "a session is used once");
+}
+
+/// The node a socket.io client was on is killed with `kill -9` while the
+/// client is away: the session was in Redis from the authentication on,
+/// and the client recovers everything on a survivor.
+#[tokio::test]
+async fn a_socketio_client_of_a_killed_node_recovers_on_a_survivor() {
+    let Some(pg) = postgres_url().await else {
+        return;
+    };
+    let Some(server) = Server::start(Engine::Redis).await else {
+        return;
+    };
+    let Server::Redis(redis) = &server else {
+        unreachable!("a Redis cluster")
+    };
+    let prefix = fresh_prefix();
+    let env = [("PULSO_HISTORY_TOPICS", "assistant,assistant_2")];
+    let mut a = Process::start_with(&redis.url(), &pg, &prefix, &unique("a"), &env).await;
+    let b = Process::start_with(&redis.url(), &pg, &prefix, &unique("b"), &env).await;
+    let (client, sid, pid, offset) = sio_assistant(a.addr).await;
+    // The session reached Redis when the socket authenticated.
+    let key = format!("{prefix}:s:{pid}");
+    let mut redis_conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + common::WAIT;
+    while !redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async::<bool>(&mut redis_conn)
+        .await
+        .unwrap()
+    {
+        assert!(Instant::now() < deadline, "session {key} in Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill9();
+    drop(client);
+    for n in 1..=50 {
+        broadcast_at(b.addr, &["assistant_2"], json!(n)).await;
+    }
+    let mut back = SioClient::reconnect(b.addr, NS, &pid, &offset).await;
+    assert!(back.recovered(&pid), "recovered on the survivor");
+    assert_eq!(back.socket_id(), sid);
+    missed_in_order(&mut back, 50).await;
+}

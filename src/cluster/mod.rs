@@ -66,15 +66,24 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
 
 /// The engine's tasks, started by the server once it runs.
 pub enum Tasks {
-    Redis(redis::Tasks),
+    Redis(Box<redis::Tasks>),
     Nats(nats::Tasks),
 }
 
 impl Tasks {
+    /// Where Socket.IO recovery sessions are shared with the other nodes,
+    /// when the engine keeps them (Redis, with the history on).
+    pub fn sessions(&self) -> Option<Arc<dyn crate::gateway::SharedSessions>> {
+        match self {
+            Tasks::Redis(t) => t.sessions(),
+            Tasks::Nats(_) => None,
+        }
+    }
+
     /// Runs the engine's writer and subscriber until `stop`.
     pub async fn run(self, stop: CancellationToken) {
         match self {
-            Tasks::Redis(t) => t.run(stop).await,
+            Tasks::Redis(t) => (*t).run(stop).await,
             Tasks::Nats(t) => t.run(stop).await,
         }
     }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::channel::{redis_channel, redis_subscriptions};
 use super::{Envelope, Feeds, HistorySource, Link, Outgoing, Seen, Settle, Shared, Wanted};
+use crate::gateway::{SessionFetch, SharedSessions};
 use crate::hub::history::{Position, Seq};
 use crate::hub::{Fetch, Fetched, Filter, Interest, Message};
 
@@ -38,6 +39,8 @@ pub struct Tasks {
     client: redis::Client,
     shared: Arc<Shared>,
     feeds: Feeds,
+    /// Socket.IO recovery sessions, when the history is kept here.
+    sessions: Option<(Arc<Sessions>, mpsc::Receiver<SessionOp>)>,
 }
 
 /// Checks `url` and prepares the backplane; nothing connects before
@@ -53,17 +56,37 @@ pub fn prepare(url: &str, shared: Arc<Shared>) -> Result<(Arc<Link>, Tasks), Str
         }) as Arc<dyn HistorySource>
     });
     let (link, feeds) = Link::new(shared.clone(), history);
+    let sessions = shared.history.as_ref().map(|rules| {
+        let (tx, rx) = mpsc::channel(SESSION_OPS);
+        let sessions = Arc::new(Sessions {
+            client: client.clone(),
+            prefix: shared.prefix.clone(),
+            ttl: rules.ttl,
+            ops: tx,
+            conn: Arc::default(),
+            metrics: shared.metrics.clone(),
+        });
+        (sessions, rx)
+    });
     Ok((
         link,
         Tasks {
             client,
             shared,
             feeds,
+            sessions,
         },
     ))
 }
 
 impl Tasks {
+    /// Where Socket.IO recovery sessions are shared (with the history on).
+    pub fn sessions(&self) -> Option<Arc<dyn SharedSessions>> {
+        self.sessions
+            .as_ref()
+            .map(|(s, _)| s.clone() as Arc<dyn SharedSessions>)
+    }
+
     /// Runs the writer and the subscriber until `stop`.
     pub async fn run(self, stop: CancellationToken) {
         let Feeds {
@@ -71,6 +94,9 @@ impl Tasks {
             interest,
             settle,
         } = self.feeds;
+        if let Some((sessions, ops)) = self.sessions {
+            tokio::spawn(sessions_task(sessions, ops, stop.clone()));
+        }
         let writer = tokio::spawn(writer(
             self.client.clone(),
             self.shared.clone(),
@@ -268,6 +294,7 @@ impl HistorySource for History {
         let client = self.client.clone();
         let cached = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let key = history_key(&self.prefix, &topic);
+        let seq_key = format!("{}:h:seq", self.prefix);
         let ttl = self.ttl;
         let slot = self.conn.clone();
         Box::pin(async move {
@@ -289,11 +316,15 @@ impl HistorySource for History {
                 .cmd("XRANGE")
                 .arg(&key)
                 .arg("-")
-                .arg("+");
+                .arg("+")
+                .cmd("HGET")
+                .arg(&seq_key)
+                .arg("e");
             type Meta = (Option<u64>, Option<String>, Option<u64>);
             type Entries = Vec<(String, Vec<Vec<u8>>)>;
-            let answer: Result<(Meta, Entries), String> = timed(pipe.query_async(&mut conn)).await;
-            let ((last, epoch, dropped), entries) = match answer {
+            let answer: Result<(Meta, Entries, Option<String>), String> =
+                timed(pipe.query_async(&mut conn)).await;
+            let ((last, epoch, dropped), entries, global_epoch) = match answer {
                 Ok(a) => a,
                 Err(e) => {
                     // Connected again at the next recovery.
@@ -301,7 +332,9 @@ impl HistorySource for History {
                     return Err(e);
                 }
             };
-            Ok(fetched(&topic, ttl, last, epoch, dropped, entries))
+            let mut f = fetched(&topic, ttl, last, epoch, dropped, entries);
+            f.global_epoch = global_epoch.map(Arc::from);
+            Ok(f)
         })
     }
 }
@@ -322,6 +355,7 @@ fn fetched(
     let oldest =
         crate::hub::now_ms().saturating_sub(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
     let mut messages = Vec::with_capacity(entries.len());
+    let mut dropped = dropped.unwrap_or(0);
     for (_, fields) in &entries {
         let Some(body) = fields
             .chunks(2)
@@ -340,6 +374,8 @@ fn fetched(
             continue;
         };
         if env.ts < oldest {
+            // Past `history.ttl`: as good as dropped.
+            dropped = dropped.max(env.global.unwrap_or(0));
             continue;
         }
         let mut msg = Message::with_ts(
@@ -365,7 +401,159 @@ fn fetched(
         epoch,
         last: last.unwrap_or(0),
         messages,
-        dropped_seq: dropped.unwrap_or(0),
+        dropped_seq: dropped,
+        global_epoch: None,
+    }
+}
+
+/// Session writes waiting for the sessions task; beyond this a write is
+/// dropped (counted) and that session recovers on its own node only.
+const SESSION_OPS: usize = 4096;
+/// Session writes sent in one pipeline, at most.
+const SESSION_BATCH: usize = 256;
+
+/// A write to the shared Socket.IO sessions.
+pub enum SessionOp {
+    Save {
+        pid: String,
+        session: Vec<u8>,
+        live: bool,
+    },
+    Forget(String),
+}
+
+/// Socket.IO recovery sessions in Redis, one key per session:
+/// `<prefix>:s:<pid>`, expiring `history.ttl` after it was written. The
+/// sessions of sockets connected here are written again (their expiry
+/// pushed back) every third of that, so a session outlives its node by
+/// `history.ttl` at most; a client whose node died recovers on another
+/// within that. `GETDEL` takes one once, whichever node asks.
+pub struct Sessions {
+    client: redis::Client,
+    prefix: String,
+    ttl: Duration,
+    ops: mpsc::Sender<SessionOp>,
+    conn: Arc<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Sessions {
+    fn key(prefix: &str, pid: &str) -> String {
+        format!("{prefix}:s:{pid}")
+    }
+
+    fn send(&self, op: SessionOp) {
+        if self.ops.try_send(op).is_err() {
+            self.metrics
+                .cluster_messages
+                .get_or_create(&[("kind", "session_unsent")])
+                .inc();
+        }
+    }
+}
+
+impl SharedSessions for Sessions {
+    fn save(&self, pid: &str, session: Vec<u8>, live: bool) {
+        self.send(SessionOp::Save {
+            pid: pid.to_string(),
+            session,
+            live,
+        });
+    }
+
+    fn forget(&self, pid: &str) {
+        self.send(SessionOp::Forget(pid.to_string()));
+    }
+
+    fn take(&self, pid: &str) -> SessionFetch {
+        let client = self.client.clone();
+        let slot = self.conn.clone();
+        let key = Self::key(&self.prefix, pid);
+        Box::pin(async move {
+            let cached = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut conn = match cached {
+                Some(c) => c,
+                None => {
+                    let c = timed(client.get_multiplexed_async_connection()).await?;
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                    c
+                }
+            };
+            let mut cmd = redis::cmd("GETDEL");
+            cmd.arg(&key);
+            let taken: Result<Option<Vec<u8>>, String> = timed(cmd.query_async(&mut conn)).await;
+            if taken.is_err() {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            taken
+        })
+    }
+}
+
+/// Writes the sessions, and pushes back the expiry of those still live.
+async fn sessions_task(
+    sessions: Arc<Sessions>,
+    mut ops: mpsc::Receiver<SessionOp>,
+    stop: CancellationToken,
+) {
+    let ttl_ms = u64::try_from(sessions.ttl.as_millis().max(1)).unwrap_or(u64::MAX);
+    let refresh_every = (sessions.ttl / 3).max(Duration::from_millis(100));
+    let mut refresh = tokio::time::interval(refresh_every);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut live: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+    let mut batch = Vec::with_capacity(SESSION_BATCH);
+    loop {
+        let mut pipe = redis::pipe();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            n = ops.recv_many(&mut batch, SESSION_BATCH) => {
+                if n == 0 {
+                    return;
+                }
+                for op in batch.drain(..) {
+                    match op {
+                        SessionOp::Save { pid, session, live: is_live } => {
+                            let key = Sessions::key(&sessions.prefix, &pid);
+                            pipe.cmd("SET").arg(key).arg(session).arg("PX").arg(ttl_ms).ignore();
+                            if is_live {
+                                live.insert(pid);
+                            } else {
+                                live.remove(&pid);
+                            }
+                        }
+                        SessionOp::Forget(pid) => {
+                            pipe.cmd("DEL").arg(Sessions::key(&sessions.prefix, &pid)).ignore();
+                            live.remove(&pid);
+                        }
+                    }
+                }
+            }
+            _ = refresh.tick() => {
+                if live.is_empty() {
+                    continue;
+                }
+                for pid in &live {
+                    pipe.cmd("PEXPIRE")
+                        .arg(Sessions::key(&sessions.prefix, pid))
+                        .arg(ttl_ms)
+                        .ignore();
+                }
+            }
+        }
+        if conn.is_none() {
+            conn = timed(sessions.client.get_multiplexed_async_connection())
+                .await
+                .ok();
+        }
+        let Some(c) = conn.as_mut() else {
+            tracing::warn!("recovery sessions not written: Redis unavailable");
+            continue;
+        };
+        if let Err(e) = timed(pipe.query_async::<()>(c)).await {
+            tracing::warn!(error = %e, "recovery sessions not written");
+            conn = None;
+        }
     }
 }
 

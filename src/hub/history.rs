@@ -385,6 +385,43 @@ impl History {
         Some(found)
     }
 
+    /// [`History::missed`] when a backplane numbered the publishes: the
+    /// tracked topics' streams were just joined to the backplane's copies
+    /// ([`History::seed`]) and the caller checked that the backplane
+    /// dropped nothing after `after` in `epoch`; here, every message of
+    /// them after it, in global order, each publish once.
+    pub fn missed_placed<'t>(
+        &mut self,
+        topics: impl IntoIterator<Item = &'t str>,
+        epoch: &str,
+        after: u64,
+    ) -> Vec<Arc<Message>> {
+        let (size, ttl, now) = (self.size, self.ttl, Instant::now());
+        let mut found: Vec<Arc<Message>> = Vec::new();
+        for topic in topics {
+            if !self.tracks(topic) {
+                continue;
+            }
+            let Some(s) = self.streams.get_mut(topic) else {
+                continue;
+            };
+            self.held.less(s.trim(size, ttl, now));
+            found.extend(
+                s.entries
+                    .iter()
+                    .filter(|(_, m)| {
+                        m.seq
+                            .as_ref()
+                            .is_some_and(|q| q.n > after && *q.epoch == *epoch)
+                    })
+                    .map(|(_, m)| m.clone()),
+            );
+        }
+        found.sort_by_key(|m| m.seq.as_ref().map_or(0, |q| q.n));
+        found.dedup_by_key(|m| m.seq.as_ref().map_or(0, |q| q.n));
+        found
+    }
+
     pub fn held(&self) -> Held {
         self.held
     }

@@ -306,6 +306,24 @@ pub struct Fetched {
     pub messages: Vec<Arc<Message>>,
     /// The highest global sequence of a message it dropped (0: none).
     pub dropped_seq: u64,
+    /// The epoch of the cluster-wide sequence, if it has one.
+    pub global_epoch: Option<Arc<str>>,
+}
+
+/// A recovery made ready by [`Hub::prepare_recovery`]: the topics are
+/// followed until it is dropped.
+pub struct Prepared {
+    _pins: Pins,
+    /// `None`: a fetch failed, nothing can be promised.
+    fetched: Option<FetchedAll>,
+}
+
+/// What the fetches of a recovery found, across its topics.
+struct FetchedAll {
+    /// The highest sequence any of them dropped.
+    dropped: u64,
+    /// The cluster-wide sequence's epoch (`None`: no topic was fetched).
+    global_epoch: Option<Arc<str>>,
 }
 
 /// A fetch of [`Fetched`] under way.
@@ -623,12 +641,16 @@ impl Hub {
     /// publish once: all under the table lock, like
     /// [`Hub::subscribe_since`], so the live messages that follow join them
     /// with no gap and no duplicate.
+    ///
+    /// With the history in a backplane, `prepared` is what
+    /// [`Hub::prepare_recovery`] made ready for `names`.
     pub fn resume(
         &self,
         conn: ConnId,
         names: &[Filter],
         epoch: &str,
         after: u64,
+        prepared: Option<&Prepared>,
         on_resumed: impl FnOnce(),
     ) -> Result<bool, SubscribeError> {
         let mut announce = Vec::new();
@@ -637,10 +659,25 @@ impl Hub {
         if !t.conns.contains_key(&conn) {
             return Err(SubscribeError::Closed);
         }
-        let Some(missed) = self
-            .history_lock()
-            .and_then(|mut h| h.missed(names.iter().map(Filter::as_str), epoch, after))
-        else {
+        let topics = names.iter().map(Filter::as_str);
+        let missed = match prepared {
+            None => self
+                .history_lock()
+                .and_then(|mut h| h.missed(topics, epoch, after)),
+            Some(Prepared { fetched: None, .. }) => None,
+            Some(Prepared {
+                fetched: Some(f), ..
+            }) => {
+                let epoch_ok = f.global_epoch.as_deref().is_none_or(|e| e == epoch);
+                match self.history_lock() {
+                    Some(mut h) if epoch_ok && f.dropped <= after => {
+                        Some(h.missed_placed(topics, epoch, after))
+                    }
+                    _ => None,
+                }
+            }
+        };
+        let Some(missed) = missed else {
             return Ok(false);
         };
         for name in names {
@@ -776,7 +813,7 @@ impl Hub {
     /// the pin, merged by offset. Returns the pins (dropped once the
     /// subscription is made) and the highest sequence a fetched topic
     /// dropped; `None` when a fetch failed (nothing can be promised).
-    pub async fn prepare_recovery(self: &Arc<Self>, names: &[Filter]) -> (Pins, Option<u64>) {
+    pub async fn prepare_recovery(self: &Arc<Self>, names: &[Filter]) -> Prepared {
         let pins = Pins {
             hub: self.clone(),
             names: names.to_vec(),
@@ -784,39 +821,45 @@ impl Hub {
         for name in names {
             self.pin(name);
         }
-        let Some(backplane) = self.backplane.get().cloned() else {
-            return (pins, None);
-        };
+        let fetched = self.fetch_for_recovery(names).await;
+        Prepared {
+            _pins: pins,
+            fetched,
+        }
+    }
+
+    async fn fetch_for_recovery(&self, names: &[Filter]) -> Option<FetchedAll> {
+        let backplane = self.backplane.get().cloned()?;
         if let Some(subscribed) = self.backplane_subscribed() {
             subscribed.await;
         }
-        let mut dropped = 0;
+        let mut all = FetchedAll {
+            dropped: 0,
+            global_epoch: None,
+        };
         for name in names {
             let topic = name.text().clone();
             if !self.history_lock().is_some_and(|h| h.tracks(&topic)) {
                 continue;
             }
-            let Some(fetch) = backplane.fetch_history(&topic) else {
-                return (pins, None);
-            };
-            match fetch.await {
-                Ok(f) => {
-                    dropped = dropped.max(f.dropped_seq);
-                    if f.epoch.is_empty() {
-                        // Nothing kept there: nothing to join.
-                        continue;
-                    }
-                    if let Some(mut h) = self.history_lock() {
-                        h.seed(&topic, &f.epoch, f.last, f.messages);
-                    }
-                }
+            let f = match backplane.fetch_history(&topic)?.await {
+                Ok(f) => f,
                 Err(e) => {
                     tracing::warn!(error = %e, topic = %topic, "history not fetched from the backplane; the client reloads");
-                    return (pins, None);
+                    return None;
                 }
+            };
+            all.dropped = all.dropped.max(f.dropped_seq);
+            all.global_epoch = f.global_epoch.or(all.global_epoch);
+            if f.epoch.is_empty() {
+                // Nothing kept there: nothing to join.
+                continue;
+            }
+            if let Some(mut h) = self.history_lock() {
+                h.seed(&topic, &f.epoch, f.last, f.messages);
             }
         }
-        (pins, Some(dropped))
+        Some(all)
     }
 
     /// Unsubscribes; returns whether there was such a subscription.
@@ -1477,7 +1520,7 @@ mod tests {
         let names = [f("h/1"), f("h/2"), f("u")];
         let mut before = None;
         let resumed = hub
-            .resume(b, &names, &last.epoch, last.n, || {
+            .resume(b, &names, &last.epoch, last.n, None, || {
                 before = Some(back.all().len());
             })
             .unwrap();
@@ -1496,7 +1539,7 @@ mod tests {
         let other = Arc::new(Pull::default());
         let c = hub.register(other.clone());
         assert!(
-            !hub.resume(c, &names, "nope", last.n, || panic!("not resumed"))
+            !hub.resume(c, &names, "nope", last.n, None, || panic!("not resumed"))
                 .unwrap()
         );
         assert_eq!(hub.stats().subscriptions, 3);
@@ -1504,6 +1547,10 @@ mod tests {
         // History off: never.
         let plain = Hub::new(Arc::new(Metrics::new()));
         let d = plain.register(Arc::new(Pull::default()));
-        assert!(!plain.resume(d, &names, &last.epoch, 0, || {}).unwrap());
+        assert!(
+            !plain
+                .resume(d, &names, &last.epoch, 0, None, || {})
+                .unwrap()
+        );
     }
 }

@@ -128,6 +128,11 @@ impl Store {
         kept.map(|k| k.saved)
     }
 
+    /// Whether a session is kept here under `pid`.
+    pub(crate) fn has(&self, pid: &str) -> bool {
+        self.lock().by_pid.contains_key(pid)
+    }
+
     /// Drops the sessions older than `history.ttl`.
     pub(crate) fn sweep(&self) {
         let mut inner = self.lock();
@@ -158,6 +163,63 @@ impl Inner {
             }
         }
     }
+}
+
+/// A session as the nodes of a cluster share it (JSON).
+pub(crate) fn encode(saved: &Saved) -> Vec<u8> {
+    let deadline_ms = saved.deadline.map(|d| {
+        d.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+    });
+    serde_json::json!({
+        "id": saved.socket_id,
+        "nsp": saved.namespace,
+        "rooms": saved.rooms,
+        "sub": saved.identity.sub,
+        "role": saved.identity.role,
+        "claims": saved.identity.claims,
+        "exp": saved.identity.exp,
+        "deadline": deadline_ms,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A shared session back, if it is one and names `nsp` or the root
+/// namespace (the only two a connection serves).
+pub(crate) fn decode(bytes: &[u8], nsp: &'static str) -> Option<Saved> {
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        id: String,
+        nsp: String,
+        rooms: Vec<String>,
+        sub: String,
+        role: String,
+        #[serde(default)]
+        claims: serde_json::Map<String, serde_json::Value>,
+        exp: Option<u64>,
+        deadline: Option<u64>,
+    }
+    let w: Wire = serde_json::from_slice(bytes).ok()?;
+    let namespace = match w.nsp.as_str() {
+        "/" => "/",
+        n if n == nsp => nsp,
+        _ => return None,
+    };
+    Some(Saved {
+        socket_id: w.id,
+        namespace,
+        rooms: w.rooms,
+        identity: Identity {
+            sub: w.sub,
+            role: w.role,
+            claims: w.claims,
+            exp: w.exp,
+        },
+        deadline: w
+            .deadline
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+    })
 }
 
 /// A private session id: 128 random bits as 22 URL-safe characters, from

@@ -63,6 +63,10 @@ pub(crate) struct Socket {
     /// This connection's requests in flight to the backend.
     proxied: Arc<AtomicUsize>,
     closed: bool,
+    /// A socket recovered from a session another node kept, made ready by
+    /// a task of its own ([`Socket::recover_elsewhere`]), installed in its
+    /// slot before anything else happens on the connection.
+    pending: Arc<std::sync::Mutex<Option<(usize, Notifications)>>>,
     /// Its place among the open connections, freed with it.
     _permit: Permit,
 }
@@ -127,6 +131,7 @@ impl Socket {
             proxy: t.proxy.clone(),
             proxied: Arc::default(),
             closed: false,
+            pending: Arc::default(),
             _permit: permit,
         };
         (socket, outbox)
@@ -167,12 +172,17 @@ impl Socket {
         if std::mem::replace(&mut self.closed, true) {
             return;
         }
+        self.install_pending();
         if let Some(store) = &self.recovery {
             for slot in [NSP, ROOT] {
                 if let Some((pid, saved)) = self.sockets[slot]
                     .as_ref()
                     .and_then(|n| n.to_keep(self.name(slot)))
                 {
+                    // The other nodes' copy: `history.ttl` from now.
+                    if let Some(shared) = &self.gw.sessions {
+                        shared.save(pid, recovery::encode(&saved), false);
+                    }
                     store.keep(pid, saved);
                 }
             }
@@ -270,6 +280,7 @@ impl Socket {
     fn disconnect(&mut self, link: &mut Link<'_>, slot: usize, reason: &'static str) {
         if self.sockets[slot].is_some() {
             link.send(packet::disconnect(self.name(slot)));
+            self.forget_session(slot);
             self.leave(slot);
         }
         if self.sockets.iter().all(Option::is_none) {
@@ -302,6 +313,7 @@ impl Socket {
         match p.kind {
             kind::CONNECT => self.join(link, slot, p.data),
             kind::DISCONNECT => {
+                self.forget_session(slot);
                 self.leave(slot);
                 // Its last namespace is gone: so is the connection.
                 if self.sockets.iter().all(Option::is_none) {
@@ -332,11 +344,15 @@ impl Socket {
     /// to recover, or else a new one (or the one already open: answered
     /// again).
     fn join(&mut self, link: &mut Link<'_>, slot: usize, data: &str) {
+        if self.sockets[slot].is_none() && self.recover_elsewhere(slot, data) {
+            return;
+        }
         if self.sockets[slot].is_none()
             && let Some(n) = self.recover(link, slot, data)
         {
             self.sockets[slot] = Some(n);
             self.update_deadlines();
+            self.share_session(slot);
             return;
         }
         let (eio3, name) = (self.eio3, self.name(slot));
@@ -375,7 +391,7 @@ impl Socket {
                 match self
                     .gw
                     .hub
-                    .resume(conn, &names, epoch, after, || link.send(answer))
+                    .resume(conn, &names, epoch, after, None, || link.send(answer))
                 {
                     Ok(true) => Ok((conn, saved)),
                     _ => Err("reload"),
@@ -399,6 +415,119 @@ impl Socket {
             asked.pid,
             saved,
         ))
+    }
+
+    /// Puts in its slot a socket [`Socket::recover_elsewhere`] made ready.
+    fn install_pending(&mut self) {
+        let ready = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((slot, n)) = ready {
+            if let Some(mut old) = self.sockets[slot].replace(n) {
+                old.finish();
+            }
+            self.update_deadlines();
+            self.share_session(slot);
+        }
+    }
+
+    /// The cluster's half of [`Socket::recover`]: a CONNECT naming a pid
+    /// this node does not keep, with the sessions shared by the nodes. The
+    /// session is taken from the backplane, its rooms followed and their
+    /// history fetched, then resumed, all on a task of its own; the CONNECT
+    /// answer (recovered, or a new socket) is queued by that task, after
+    /// the socket is ready to be installed. True when the task took it.
+    fn recover_elsewhere(&mut self, slot: usize, data: &str) -> bool {
+        let (Some(store), Some(shared)) = (&self.recovery, &self.gw.sessions) else {
+            return false;
+        };
+        let Some(asked) = packet::recovery(data) else {
+            return false;
+        };
+        if store.has(asked.pid) {
+            // Kept here: the synchronous path takes it.
+            return false;
+        }
+        let take = shared.take(asked.pid);
+        let (gw, outbox, pending) = (self.gw.clone(), self.outbox.clone(), self.pending.clone());
+        let (conn, name, nsp) = (self.slot_conn(slot), self.name(slot), self.nsp);
+        let (pid, offset) = (asked.pid.to_string(), asked.offset.to_string());
+        tokio::spawn(async move {
+            let saved = match take.await {
+                Ok(Some(bytes)) => recovery::decode(&bytes, nsp).filter(|s| s.namespace == name),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "recovery session not read from the backplane");
+                    None
+                }
+            };
+            let outcome = match (saved, packet::parse_offset(&offset)) {
+                (None, _) => Err("unknown_session"),
+                (Some(s), _)
+                    if s.deadline
+                        .is_some_and(|d| d <= std::time::SystemTime::now()) =>
+                {
+                    Err("token_expired")
+                }
+                (Some(_), None) => Err("reload"),
+                (Some(saved), Some((epoch, after))) => {
+                    let names = Notifications::saved_names(&saved);
+                    let prepared = gw.hub.prepare_recovery(&names).await;
+                    let answer = packet::connected(name, &saved.socket_id, Some(&pid), false);
+                    let n = Notifications::recovered(gw.clone(), conn, &pid, saved);
+                    // Installed before the client can hear it was recovered.
+                    *pending.lock().unwrap_or_else(|e| e.into_inner()) = Some((slot, n));
+                    let resumed =
+                        gw.hub
+                            .resume(conn, &names, epoch, after, Some(&prepared), || {
+                                outbox.push(Outbound::Frame(answer));
+                            });
+                    if matches!(resumed, Ok(true)) {
+                        Ok(())
+                    } else {
+                        let taken = pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Some((_, mut n)) = taken {
+                            n.finish();
+                        }
+                        Err("reload")
+                    }
+                }
+            };
+            gw.metrics
+                .recoveries
+                .get_or_create(&[("outcome", outcome.err().unwrap_or("recovered"))])
+                .inc();
+            if outcome.is_err() {
+                // Connects as new: a new id and pid tell the client.
+                let n = Notifications::new(gw.clone(), new_sid(), conn, Some(recovery::new_pid()));
+                let answer = packet::connected(name, n.socket_id(), n.pid(), false);
+                *pending.lock().unwrap_or_else(|e| e.into_inner()) = Some((slot, n));
+                outbox.push(Outbound::Frame(answer));
+            }
+        });
+        true
+    }
+
+    /// Shares the session of the socket in `slot` with the other nodes
+    /// while it is connected (after it authenticated).
+    fn share_session(&self, slot: usize) {
+        if let (Some(shared), Some(n)) = (&self.gw.sessions, self.sockets[slot].as_ref())
+            && let Some((pid, saved)) = n.to_keep(self.name(slot))
+        {
+            shared.save(pid, recovery::encode(&saved), true);
+        }
+    }
+
+    /// The socket in `slot` ends for good: no node may recover it.
+    fn forget_session(&self, slot: usize) {
+        if let (Some(shared), Some(pid)) = (
+            &self.gw.sessions,
+            self.sockets[slot].as_ref().and_then(Notifications::pid),
+        ) {
+            shared.forget(pid);
+        }
     }
 
     fn on_event(&mut self, link: &mut Link<'_>, p: &packet::Packet<'_>, slot: usize) {
@@ -438,6 +567,7 @@ impl Socket {
                     if name == "get" || name == "post" {
                         let answer = n.request(&v);
                         self.update_deadlines();
+                        self.share_session(slot);
                         answer
                     } else {
                         Answer {
@@ -540,6 +670,7 @@ impl Socket {
 
 impl Protocol for Socket {
     fn on_text(&mut self, link: &mut Link<'_>, text: &str) {
+        self.install_pending();
         let Some(&first) = text.as_bytes().first() else {
             return link.end(Some((close::PROTOCOL_ERROR, "empty Engine.IO packet")));
         };
@@ -566,6 +697,7 @@ impl Protocol for Socket {
     }
 
     fn on_deadline(&mut self, link: &mut Link<'_>) {
+        self.install_pending();
         let now = Instant::now();
         if self.auth_deadline.is_some_and(|d| now >= d) {
             if self.sockets.iter().any(Option::is_some) {

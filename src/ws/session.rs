@@ -387,7 +387,7 @@ impl Session {
         let id: Option<Box<RawValue>> = id.map(ToOwned::to_owned);
         tokio::spawn(async move {
             let id = id.as_deref();
-            let (_pins, _) = gw.hub.prepare_recovery(std::slice::from_ref(&filter)).await;
+            let _prepared = gw.hub.prepare_recovery(std::slice::from_ref(&filter)).await;
             let limit = gw.config.ws.max_subscriptions;
             let subscribed = gw
                 .hub
