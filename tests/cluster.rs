@@ -1237,23 +1237,28 @@ async fn a_ws_client_recovers_on_another_node_from_the_history_in_redis() {
     assert_eq!(ack["recovered"], json!(false));
 }
 
-/// A node killed with `kill -9` while its client was away: the client
-/// recovers everything on a survivor, since nothing was only on that node.
-#[tokio::test]
-async fn a_client_of_a_killed_node_recovers_on_a_survivor() {
-    let Some(pg) = postgres_url().await else {
-        return;
-    };
-    let Some(server) = Server::start(Engine::Redis).await else {
-        return;
-    };
+/// Two real `pulso` nodes on a Redis of the test's own, with history on
+/// `topics`: the server, the cluster prefix and the nodes.
+async fn two_processes(topics: &str) -> Option<(Server, String, Process, Process)> {
+    let pg = postgres_url().await?;
+    let server = Server::start(Engine::Redis).await?;
     let Server::Redis(redis) = &server else {
         unreachable!("a Redis cluster")
     };
     let prefix = fresh_prefix();
-    let env = [("PULSO_HISTORY_TOPICS", "h/#")];
-    let mut a = Process::start_with(&redis.url(), &pg, &prefix, &unique("a"), &env).await;
+    let env = [("PULSO_HISTORY_TOPICS", topics)];
+    let a = Process::start_with(&redis.url(), &pg, &prefix, &unique("a"), &env).await;
     let b = Process::start_with(&redis.url(), &pg, &prefix, &unique("b"), &env).await;
+    Some((server, prefix, a, b))
+}
+
+/// A node killed with `kill -9` while its client was away: the client
+/// recovers everything on a survivor, since nothing was only on that node.
+#[tokio::test]
+async fn a_client_of_a_killed_node_recovers_on_a_survivor() {
+    let Some((_server, _prefix, mut a, b)) = two_processes("h/#").await else {
+        return;
+    };
     let token = common::token("assistant", &unique("k"), Some(Duration::from_secs(60)));
     let mut ws = WsClient::connect(&format!("ws://{}/ws?token={token}", a.addr)).await;
     assert_eq!(ws.sub("h/k").await["type"], "ack");
@@ -1426,19 +1431,12 @@ async fn a_socketio_client_recovers_on_another_node() {
 /// and the client recovers everything on a survivor.
 #[tokio::test]
 async fn a_socketio_client_of_a_killed_node_recovers_on_a_survivor() {
-    let Some(pg) = postgres_url().await else {
-        return;
-    };
-    let Some(server) = Server::start(Engine::Redis).await else {
+    let Some((server, prefix, mut a, b)) = two_processes("assistant,assistant_2").await else {
         return;
     };
     let Server::Redis(redis) = &server else {
         unreachable!("a Redis cluster")
     };
-    let prefix = fresh_prefix();
-    let env = [("PULSO_HISTORY_TOPICS", "assistant,assistant_2")];
-    let mut a = Process::start_with(&redis.url(), &pg, &prefix, &unique("a"), &env).await;
-    let b = Process::start_with(&redis.url(), &pg, &prefix, &unique("b"), &env).await;
     let (client, sid, pid, offset) = sio_assistant(a.addr).await;
     // The session reached Redis when the socket authenticated.
     let key = format!("{prefix}:s:{pid}");

@@ -197,6 +197,23 @@ impl Socket {
     }
 }
 
+/// A kept session a client may have back with its last `offset`, and
+/// where that offset is (epoch, sequence); else the recovery's outcome.
+fn usable(
+    saved: Option<recovery::Saved>,
+    offset: &str,
+) -> Result<(recovery::Saved, &str, u64), &'static str> {
+    let saved = saved.ok_or("unknown_session")?;
+    if saved
+        .deadline
+        .is_some_and(|d| d <= std::time::SystemTime::now())
+    {
+        return Err("token_expired");
+    }
+    let (epoch, after) = packet::parse_offset(offset).ok_or("reload")?;
+    Ok((saved, epoch, after))
+}
+
 /// A 16-character id, like socket.io's.
 pub(crate) fn new_sid() -> String {
     crate::hub::random_id()
@@ -375,16 +392,9 @@ impl Socket {
         let name = self.name(slot);
         // Taken whatever follows: a session is used once.
         let saved = store.take(asked.pid).filter(|s| s.namespace == name);
-        let resumed = match (saved, packet::parse_offset(asked.offset)) {
-            (None, _) => Err("unknown_session"),
-            (Some(s), _)
-                if s.deadline
-                    .is_some_and(|d| d <= std::time::SystemTime::now()) =>
-            {
-                Err("token_expired")
-            }
-            (Some(_), None) => Err("reload"),
-            (Some(saved), Some((epoch, after))) => {
+        let resumed = match usable(saved, asked.offset) {
+            Err(why) => Err(why),
+            Ok((saved, epoch, after)) => {
                 let conn = self.slot_conn(slot);
                 let names = Notifications::saved_names(&saved);
                 let answer = packet::connected(name, &saved.socket_id, Some(asked.pid), false);
@@ -463,16 +473,9 @@ impl Socket {
                     None
                 }
             };
-            let outcome = match (saved, packet::parse_offset(&offset)) {
-                (None, _) => Err("unknown_session"),
-                (Some(s), _)
-                    if s.deadline
-                        .is_some_and(|d| d <= std::time::SystemTime::now()) =>
-                {
-                    Err("token_expired")
-                }
-                (Some(_), None) => Err("reload"),
-                (Some(saved), Some((epoch, after))) => {
+            let outcome = match usable(saved, &offset) {
+                Err(why) => Err(why),
+                Ok((saved, epoch, after)) => {
                     let names = Notifications::saved_names(&saved);
                     let prepared = gw.hub.prepare_recovery(&names).await;
                     let answer = packet::connected(name, &saved.socket_id, Some(&pid), false);
