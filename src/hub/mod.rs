@@ -1032,8 +1032,9 @@ impl Hub {
                 None => history.as_mut().map(|h| h.next_seq()),
             };
             // A room's copy that this node replayed already (fetched from
-            // the backplane before it arrived) is not delivered again.
-            let mut kept_rooms: Vec<Arc<str>> = Vec::with_capacity(rooms.len());
+            // the backplane before it arrived) is not delivered again: the
+            // rooms left are listed then (only then: no allocation else).
+            let mut kept_rooms: Option<Vec<Arc<str>>> = None;
             let messages: Vec<Arc<Message>> = rooms
                 .iter()
                 .enumerate()
@@ -1057,6 +1058,7 @@ impl Hub {
                         if !external {
                             h.record(&msg);
                         } else if !h.place(&msg) {
+                            kept_rooms.get_or_insert_with(|| rooms[..i].to_vec());
                             return None;
                         }
                     }
@@ -1067,11 +1069,13 @@ impl Hub {
                         let held = kept.record(&msg);
                         self.metrics.last_value_topics.set(held as i64);
                     }
-                    kept_rooms.push(room.clone());
+                    if let Some(kept) = kept_rooms.as_mut() {
+                        kept.push(room.clone());
+                    }
                     Some(msg)
                 })
                 .collect();
-            let rooms = kept_rooms.as_slice();
+            let rooms = kept_rooms.as_deref().unwrap_or(rooms);
             let single_exact = match (rooms, messages.as_slice()) {
                 ([room], [msg]) if t.wild.matching(room).next().is_none() => Some(msg),
                 _ => None,
