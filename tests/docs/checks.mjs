@@ -2,14 +2,13 @@
 // (`<!-- run: NAME [OPTION ...] -->`). Each check says how pulso is
 // configured for it (`server`), and `run(ctx)` drives and judges the block
 // while it runs: ctx = { block, pulso, broker, snippet: { output, exit },
-// token, sub, options, shell }.
+// token, sub, shell }.
 import assert from 'node:assert/strict';
 import { until, wsClient } from './lib/harness.mjs';
 
 /** Options a marker may add after the check's name. */
 export const OPTIONS = {
   'socket.io-client@2': 'a Node snippet whose `socket.io-client` is the 2.x client',
-  'sails.io.js': 'a browser snippet with sails.io.js (and its socket.io-client 2.x) as the page loads it',
 };
 
 /** The demo feed: the client subscribes to `metricas/demo` and prints the ack and a message. */

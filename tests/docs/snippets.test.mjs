@@ -57,7 +57,7 @@ for (const block of runnable) {
     try {
       const serverEnv = {};
       for (const [k, v] of Object.entries({ ...check.server, ...shell?.serverEnv })) {
-        serverEnv[k] = localize(v, { port: 0, brokerPort: broker?.port });
+        serverEnv[k] = localize(v, { brokerPort: broker?.port });
       }
       if (serverEnv.PULSO_MQTT_URL) {
         serverEnv.PULSO_MQTT_TOPICS = `${serverEnv.PULSO_MQTT_TOPICS ?? 'temperature/#'},pulso-docs/probe`;
@@ -66,13 +66,13 @@ for (const block of runnable) {
       const token = await mintToken(serverEnv, 'assistant', sub, check.claims ?? {});
       const env = { TOKEN: token, ADMIN: pulso.admin };
       if (broker) env.XDG_CONFIG_HOME = broker.xdg;
-      const ctx = { block, pulso, broker, token, sub, options: block.marker.options, shell };
+      const ctx = { block, pulso, broker, token, sub, shell };
       if (check.before) await check.before(ctx);
       const code = localize(shell ? shell.script : block.code, { port: pulso.port, brokerPort: broker?.port });
       if (kind === 'node') {
         snippet = runNode(code, { env, sio2: block.marker.options.includes('socket.io-client@2') });
       } else if (kind === 'browser') {
-        snippet = await runBrowser(code, { env, sails: block.marker.options.includes('sails.io.js') });
+        snippet = await runBrowser(code, { env });
       } else if (kind === 'python') {
         snippet = await runPython(code, { env });
       } else {

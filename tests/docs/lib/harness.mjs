@@ -34,9 +34,9 @@ function tempDir(what) {
 const DOC_SERVER = /\b(?:127\.0\.0\.1|localhost|pulso-host):1337\b/g;
 const DOC_BROKER = /\b(?:127\.0\.0\.1|localhost):1883\b/g;
 
-/** `code` with the docs' addresses replaced by the test's. */
+/** `code` with the docs' addresses replaced by the test's (those given). */
 export function localize(code, { port, brokerPort }) {
-  let out = code.replace(DOC_SERVER, `127.0.0.1:${port}`);
+  let out = port ? code.replace(DOC_SERVER, `127.0.0.1:${port}`) : code;
   if (brokerPort) out = out.replace(DOC_BROKER, `127.0.0.1:${brokerPort}`);
   return out;
 }
@@ -326,18 +326,16 @@ export async function runPython(code, { env }) {
 
 /**
  * Runs a browser snippet in headless Chromium: a page served from another
- * origin loads socket.io-client 4's browser bundle (the global `io`) and
- * sails.io.js's when asked, defines `TOKEN`, and runs the snippet. Its
+ * origin loads socket.io-client 4's browser bundle (the global `io`),
+ * defines `TOKEN`, and runs the snippet. Its
  * console.log lines come back as the Output. The page's load event (and so
  * Chromium's exit) is held until `stop()`.
  */
-export async function runBrowser(code, { env, sails = false }) {
+export async function runBrowser(code, { env }) {
   const output = new Output();
   let release;
   const held = new Promise((r) => (release = r));
-  const bundle = sails
-    ? readFileSync(join(DOCS_DIR, 'node_modules/sails.io.js/dist/sails.io.js'))
-    : readFileSync(join(DOCS_DIR, 'node_modules/socket.io-client/dist/socket.io.js'));
+  const bundle = readFileSync(join(DOCS_DIR, 'node_modules/socket.io-client/dist/socket.io.js'));
   const page = `<!doctype html><html><body><pre id="out"></pre>
 <script>
   const send = (line) => fetch('/log', { method: 'POST', body: line });
