@@ -130,6 +130,15 @@ pub fn main() -> ExitCode {
     };
     match verb {
         "check-config" => {
+            if let Some(files) = &config.tls
+                && let Err(e) = crate::http::tls::check(files)
+            {
+                eprintln!(
+                    "error: {}",
+                    crate::config::ConfigError::setting(e.setting, e)
+                );
+                return ExitCode::from(2);
+            }
             println!("# configuration is valid; effective settings:");
             print!("{}", layered.describe());
             println!("# node_id resolves to {:?}", config.node_id);
@@ -390,6 +399,7 @@ fn serve(config: Config) -> ExitCode {
         // Before anything listens: a SIGTERM from the moment clients can
         // connect stops the server gracefully.
         let signalled = wait_for_signal();
+        let hangups = hangups();
         let server = match crate::server::Server::bind(config).await {
             Ok(s) => s,
             Err(
@@ -414,14 +424,37 @@ fn serve(config: Config) -> ExitCode {
                  Set PULSO_JWT_SECRET (or jwt.secret in pulso.toml) for tokens that survive a restart.\n\n  \
                  Sample token (role assistant, sub demo, valid 24 h):\n\n  {client}\n\n  \
                  Publisher token for the HTTP API (valid 24 h):\n\n  {publisher}\n\n  \
-                 Try: websocat 'ws://127.0.0.1:{port}/ws?token={client}'\n       \
-                 or open http://127.0.0.1:{port}/?token={client}\n",
+                 Try: websocat '{ws}://127.0.0.1:{port}/ws?token={client}'\n       \
+                 or open {http}://127.0.0.1:{port}/?token={client}\n",
                 client = tokens.client,
                 publisher = tokens.publisher,
-                port = addr.port()
+                port = addr.port(),
+                ws = if server.tls().is_some() { "wss" } else { "ws" },
+                http = if server.tls().is_some() { "https" } else { "http" },
             );
         }
-        tracing::info!(%addr, node = %server.gateway().config.node_id, "pulso listening");
+        if let Some(mut hangups) = hangups {
+            let tls = server.tls().cloned();
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    match &tls {
+                        // Logged and counted by `reload`; a failure keeps
+                        // the certificate in use.
+                        Some(tls) => {
+                            tracing::info!("SIGHUP: reloading the TLS certificate");
+                            let _ = tls.reload();
+                        }
+                        None => tracing::info!("SIGHUP: nothing to reload (no tls.cert_file)"),
+                    }
+                }
+            });
+        }
+        tracing::info!(
+            %addr,
+            node = %server.gateway().config.node_id,
+            tls = server.tls().is_some(),
+            "pulso listening"
+        );
         let stop = server.shutdown_token();
         tokio::spawn(async move {
             signalled.await;
@@ -437,6 +470,20 @@ fn serve(config: Config) -> ExitCode {
             }
         }
     })
+}
+
+/// Listens for SIGHUP from now on: it reloads the TLS certificate, and
+/// never stops the server (its default action would), TLS or not, so a
+/// supervisor's reload command is safe either way.
+fn hangups() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate reload is off");
+            None
+        }
+    }
 }
 
 /// Listens for SIGINT and SIGTERM from now on (the handlers are installed

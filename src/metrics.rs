@@ -122,6 +122,12 @@ pub struct Metrics {
     /// How long the backend took to answer a forwarded request, answer
     /// body included (timeouts and failures too).
     pub proxy_latency: Histogram,
+    /// Certificate reloads (SIGHUP) by `result`: `ok`, or `error` (the
+    /// files did not load and the previous certificate stays in use).
+    pub tls_reloads: Family<Label, Counter>,
+    /// TLS connections dropped before their handshake completed, by
+    /// `reason`: `timeout` (`http.header_timeout`) or `error`.
+    pub tls_handshake_failures: Family<Label, Counter>,
 }
 
 fn proxy_histogram() -> Histogram {
@@ -184,6 +190,8 @@ impl Metrics {
             cluster_dead_nodes: Counter::default(),
             proxy_requests: Family::default(),
             proxy_latency: proxy_histogram(),
+            tls_reloads: Family::default(),
+            tls_handshake_failures: Family::default(),
             registry: Registry::default(),
         };
         reg(&mut registry, "connections", m.connections.clone());
@@ -295,6 +303,12 @@ impl Metrics {
             "socketio_proxy_latency_seconds",
             m.proxy_latency.clone(),
         );
+        reg(&mut registry, "tls_reloads", m.tls_reloads.clone());
+        reg(
+            &mut registry,
+            "tls_handshake_failures",
+            m.tls_handshake_failures.clone(),
+        );
         Metrics {
             registry,
             fanout_latency: m.latency.get_or_create_owned(&Stage::Fanout.label()),
@@ -355,6 +369,16 @@ impl Metrics {
             .sum()
     }
 
+    pub fn tls_reload(&self, result: &'static str) {
+        self.tls_reloads.get_or_create(&[("result", result)]).inc();
+    }
+
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
     pub fn published_from(&self, source: &'static str) {
         self.published.get_or_create(&[("source", source)]).inc();
     }
@@ -384,7 +408,7 @@ pub struct MetricDoc {
 }
 
 /// The reference's sections, in order.
-pub const AREAS: [&str; 9] = [
+pub const AREAS: [&str; 10] = [
     "Connections",
     "Messages",
     "Authentication and client errors",
@@ -394,6 +418,7 @@ pub const AREAS: [&str; 9] = [
     "MQTT bridge",
     "Cluster",
     "Socket.IO proxy",
+    "TLS",
 ];
 
 /// Every metric pulso exports; a unit test checks that this list and the
@@ -642,6 +667,18 @@ pub const METRICS: &[MetricDoc] = &[
         label: None,
         help: "Dead cluster nodes whose heartbeat and presence rows this node cleared",
     },
+    MetricDoc {
+        name: "tls_reloads",
+        area: "TLS",
+        label: Some(("result", "`ok`, `error`")),
+        help: "Reloads of tls.cert_file and tls.key_file on SIGHUP, by result; after an error the previous certificate stays in use and the log says why",
+    },
+    MetricDoc {
+        name: "tls_handshake_failures",
+        area: "TLS",
+        label: Some(("reason", "`timeout`, `error`")),
+        help: "Connections to the TLS listener dropped before their handshake completed: timeout (no complete handshake within http.header_timeout) or error (not TLS, no shared protocol version, cipher or ALPN, a client that does not trust the certificate)",
+    },
 ];
 
 /// The help text of `name` in [`METRICS`] (empty for a name not there,
@@ -695,6 +732,10 @@ fn specimen() -> Metrics {
         .get_or_create(&label("connections_refused"));
     let _ = m.origin_refusals.get_or_create(&label("origin_refused"));
     let _ = m.proxy_requests.get_or_create(&[("status", 200)]);
+    let _ = m.tls_reloads.get_or_create(&label("tls_reloads"));
+    let _ = m
+        .tls_handshake_failures
+        .get_or_create(&label("tls_handshake_failures"));
     m
 }
 

@@ -43,6 +43,8 @@ pub struct Server {
     mqtt: Option<Arc<crate::mqtt::Bridge>>,
     /// The presence store, whose rows [`Server::run`] clears at the end.
     presence: crate::presence::Presence,
+    /// TLS on the listener, when `tls.cert_file` is set.
+    tls: Option<Arc<crate::http::tls::Tls>>,
 }
 
 /// Tokens printed at start-up when the JWT secret was generated.
@@ -97,6 +99,13 @@ impl Server {
         });
 
         let metrics = Arc::new(Metrics::new());
+        let tls = match &config.tls {
+            None => None,
+            Some(files) => Some(Arc::new(
+                crate::http::tls::Tls::new(files, metrics.clone())
+                    .map_err(|e| ConfigError::setting(e.setting, e))?,
+            )),
+        };
         let mqtt = crate::mqtt::Bridge::new(&config, metrics.clone())?;
         let hub = Hub::new(metrics.clone())
             .with_ring_capacity(config.ws.outbound_queue)
@@ -195,6 +204,7 @@ impl Server {
             cluster,
             mqtt,
             presence,
+            tls,
         })
     }
 
@@ -212,6 +222,12 @@ impl Server {
     /// look at its state).
     pub fn mqtt_bridge(&self) -> Option<&Arc<crate::mqtt::Bridge>> {
         self.mqtt.as_ref()
+    }
+
+    /// TLS on the listener, when configured: [`crate::http::tls::Tls::reload`]
+    /// loads the certificate files again.
+    pub fn tls(&self) -> Option<&Arc<crate::http::tls::Tls>> {
+        self.tls.as_ref()
     }
 
     /// Ready-made tokens, when the secret was generated at start.
@@ -266,6 +282,7 @@ impl Server {
             self.listener,
             app,
             gw.config.http,
+            self.tls.clone(),
             stop.clone(),
             http.clone(),
         ));

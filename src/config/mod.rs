@@ -294,6 +294,14 @@ pub struct HttpConfig {
     pub body_timeout: Duration,
 }
 
+/// The certificate and key pulso serves TLS with (`tls.*`). Only the
+/// paths: the files are read when the server starts and on every reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
 #[derive(Debug, Clone)]
 pub struct WsConfig {
     pub max_message_size: usize,
@@ -391,6 +399,8 @@ pub struct Config {
     pub api_key: Option<String>,
     pub api_max_body: usize,
     pub http: HttpConfig,
+    /// HTTPS and WSS on `listen`, when set.
+    pub tls: Option<TlsConfig>,
     pub limits: LimitsConfig,
     pub jwt: JwtConfig,
     pub ws: WsConfig,
@@ -401,6 +411,25 @@ pub struct Config {
     pub presence: PresenceConfig,
     pub cluster: cluster::ClusterConfig,
     pub history: HistoryConfig,
+}
+
+/// `tls.cert_file` and `tls.key_file`: both or neither.
+fn parse_tls(l: &Layered) -> Result<Option<TlsConfig>, ConfigError> {
+    match (l.opt_text("tls.cert_file")?, l.opt_text("tls.key_file")?) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some(TlsConfig {
+            cert_file: PathBuf::from(cert),
+            key_file: PathBuf::from(key),
+        })),
+        (Some(_), None) => Err(ConfigError::setting(
+            "tls.key_file",
+            "is needed with tls.cert_file (set both or neither)",
+        )),
+        (None, Some(_)) => Err(ConfigError::setting(
+            "tls.cert_file",
+            "is needed with tls.key_file (set both or neither)",
+        )),
+    }
 }
 
 /// Who may open a client connection, and how many may be open.
@@ -618,6 +647,7 @@ impl Config {
                 idle_timeout: l.positive_duration("http.idle_timeout")?,
                 body_timeout: l.positive_duration("http.body_timeout")?,
             },
+            tls: parse_tls(l)?,
             limits: LimitsConfig {
                 max_connections: l.number("max_connections", 1)?,
                 max_connections_per_ip: l.number("max_connections_per_ip", 0)?,

@@ -139,6 +139,18 @@ pub const SETTINGS: &[Setting] = &[
         "Longest pause while a request body arrives; a stalled body is answered 408 and the connection closed. No http.* timeout applies while a request is answered (a held Socket.IO long-poll GET) or to an upgraded WebSocket"
     ),
     setting!(
+        "tls.cert_file",
+        Text,
+        None,
+        "PEM certificate chain (leaf first) to serve HTTPS and WSS on `listen` with (HTTP/1.1); set with tls.key_file. Read again on SIGHUP: new handshakes get the new certificate, open connections keep theirs, and a file that does not load leaves the old one in use"
+    ),
+    setting!(
+        "tls.key_file",
+        Text,
+        None,
+        "PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC) of tls.cert_file; set with it"
+    ),
+    setting!(
         "max_connections",
         Number,
         Some("100000"),

@@ -1,5 +1,6 @@
 //! HTTP/1.1 connections: pulso's own accept loop around hyper, for the
-//! clocks `axum::serve` does not have, and a lingering close.
+//! clocks `axum::serve` does not have, and a lingering close; over TLS
+//! when `tls.cert_file` is set ([`tls`]).
 //!
 //! Without clocks, a client that connects and sends nothing, or sends a
 //! header byte now and then, or stops halfway through a body, holds a file
@@ -7,7 +8,8 @@
 //! do idle keep-alive connections. Each phase of a connection has its own
 //! clock (`http.*` settings):
 //!
-//! - from accept to the end of the first request's head: `header_timeout`;
+//! - from accept to the end of the first request's head: `header_timeout`
+//!   (over TLS, the handshake comes first, on the same clock);
 //! - between requests on a kept-alive connection, until the next request's
 //!   first byte: `idle_timeout`; from that byte to the end of its head:
 //!   `header_timeout` again;
@@ -34,6 +36,7 @@
 
 pub mod cors;
 pub mod error;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
@@ -69,12 +72,13 @@ pub const LINGER: Duration = Duration::from_secs(5);
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Accepts connections until `stop` is cancelled and serves each on its own
-/// task in `tasks`; those finish their current request and close once
-/// `stop` is cancelled.
+/// task in `tasks`, over TLS when `tls` is given; those finish their
+/// current request and close once `stop` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     config: HttpConfig,
+    tls: Option<Arc<tls::Tls>>,
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -104,7 +108,14 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        tasks.spawn(connection(tcp, peer, app.clone(), config, stop.clone()));
+        tasks.spawn(connection(
+            tcp,
+            peer,
+            app.clone(),
+            config,
+            tls.clone(),
+            stop.clone(),
+        ));
     }
 }
 
@@ -238,17 +249,42 @@ impl ConnState {
     }
 }
 
-/// Serves one connection until it closes, is upgraded, or misses a clock.
+/// Serves one connection, after its TLS handshake when `tls` is given.
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     app: Router,
     config: HttpConfig,
+    tls: Option<Arc<tls::Tls>>,
     stop: CancellationToken,
 ) {
     let state = Arc::new(ConnState::new());
+    match tls {
+        None => http_connection(tcp, peer, app, config, state, stop).await,
+        Some(tls) => {
+            // The handshake is on the first request head's clock, which
+            // starts at accept: both must be done within header_timeout.
+            let deadline = state.accepted + config.header_timeout;
+            if let Some(stream) = tls.handshake(tcp, deadline, &stop).await {
+                http_connection(stream, peer, app, config, state, stop).await;
+            }
+        }
+    }
+}
+
+/// Serves one connection until it closes, is upgraded, or misses a clock.
+async fn http_connection<S>(
+    io: S,
+    peer: SocketAddr,
+    app: Router,
+    config: HttpConfig,
+    state: Arc<ConnState>,
+    stop: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(Watched {
-        tcp,
+        io,
         state: Some(state.clone()),
         linger: None,
     });
@@ -471,10 +507,10 @@ impl Drop for RequestBody {
     }
 }
 
-/// The TCP stream as hyper sees it: reads start the head clock of an idle
-/// connection, and a shutdown after an unread body lingers.
-struct Watched {
-    tcp: TcpStream,
+/// The TCP (or TLS) stream as hyper sees it: reads start the head clock of
+/// an idle connection, and a shutdown after an unread body lingers.
+struct Watched<S> {
+    io: S,
     /// Let go once the connection is upgraded: a WebSocket has no use for
     /// it, and its allocation is freed with the connection's task.
     state: Option<Arc<ConnState>>,
@@ -482,7 +518,7 @@ struct Watched {
     linger: Option<Pin<Box<Sleep>>>,
 }
 
-impl Watched {
+impl<S> Watched<S> {
     /// Lets the state go once the connection is upgraded.
     fn release_if_upgraded(&mut self) {
         if let Some(state) = &self.state
@@ -499,14 +535,14 @@ impl Watched {
     }
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let result = ready!(Pin::new(&mut self.tcp).poll_read(cx, buf));
+        let result = ready!(Pin::new(&mut self.io).poll_read(cx, buf));
         if buf.filled().len() > before
             && let Some(state) = self.state()
         {
@@ -516,7 +552,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -525,7 +561,7 @@ impl AsyncWrite for Watched {
         // The first write of an upgraded connection is its 101: the state
         // is let go there, before the connection changes hands.
         self.release_if_upgraded();
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -534,15 +570,15 @@ impl AsyncWrite for Watched {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.release_if_upgraded();
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     /// Shuts the write side down (the client reads the answer and then the
@@ -552,7 +588,7 @@ impl AsyncWrite for Watched {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.linger.is_none() {
-            ready!(Pin::new(&mut this.tcp).poll_shutdown(cx))?;
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
             if !this.state().is_some_and(ConnState::should_linger) {
                 return Poll::Ready(Ok(()));
             }
@@ -565,7 +601,7 @@ impl AsyncWrite for Watched {
         let mut scratch = [0u8; 8192];
         loop {
             let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut this.tcp).poll_read(cx, &mut buf) {
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
                 // The client closed its side: nothing more can arrive.
                 Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
                 Poll::Ready(Ok(())) => continue,

@@ -4,6 +4,7 @@
 import { spawn, execFileSync } from 'node:child_process';
 import { createServer } from 'node:net';
 import { createServer as createHttpServer } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
@@ -57,9 +58,28 @@ export function token(role, sub, extra = {}, opts = { expiresIn: '1h' }) {
 }
 
 /**
- * Starts pulso. `env` adds PULSO_* settings. Returns { url, wsUrl, port, stop, post, get, logs }.
+ * A request over HTTPS trusting only `ca` (Node's fetch cannot be given a
+ * CA): resolves with { status, headers, text }.
  */
-export async function startPulso(env = {}) {
+export function httpsFetch(url, { method = 'GET', headers = {}, body, ca }) {
+  return new Promise((res, rej) => {
+    const req = httpsRequest(url, { method, headers, ca }, (r) => {
+      let text = '';
+      r.on('data', (d) => (text += d));
+      r.on('end', () => res({ status: r.statusCode, headers: r.headers, text }));
+    });
+    req.on('error', rej);
+    req.setTimeout(5000, () => req.destroy(new Error(`no answer from ${url}`)));
+    req.end(body);
+  });
+}
+
+/**
+ * Starts pulso. `env` adds PULSO_* settings. With `ca` (the certificate
+ * pulso's PULSO_TLS_CERT_FILE chains to), pulso is reached over HTTPS and
+ * WSS trusting that CA only. Returns { url, wsUrl, port, stop, post, get, logs }.
+ */
+export async function startPulso(env = {}, { ca } = {}) {
   const port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), 'pulso-interop-'));
   const bin = process.env.PULSO_BIN || defaultBin;
@@ -80,25 +100,29 @@ export async function startPulso(env = {}) {
   child.stdout.on('data', (d) => (logs += d));
   child.stderr.on('data', (d) => (logs += d));
   const exited = new Promise((res) => child.on('exit', (code, signal) => res({ code, signal })));
-  const url = `http://127.0.0.1:${port}`;
+  const url = `${ca ? 'https' : 'http'}://127.0.0.1:${port}`;
+  const send = async (target, init) => {
+    if (ca) return httpsFetch(target, { ...init, ca });
+    const res = await fetch(target, init);
+    return { status: res.status, headers: res.headers, text: await res.text() };
+  };
   await until('pulso /healthz', async () => {
     if (child.exitCode !== null) throw new Error(`pulso exited early:\n${logs}`);
     try {
-      return (await fetch(`${url}/healthz`)).ok;
+      return (await send(`${url}/healthz`, {})).status === 200;
     } catch {
       return false;
     }
   }, 15000);
   const admin = token('admin', 'interop-admin');
   const request = async (method, path, body, bearer = admin) => {
-    const res = await fetch(url + path, {
+    const res = await send(url + path, {
       method,
       headers: { 'content-type': 'application/json', ...(bearer ? { authorization: `Bearer ${bearer}` } : {}) },
       body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
     });
-    const text = await res.text();
     let json;
-    try { json = JSON.parse(text); } catch { json = text; }
+    try { json = JSON.parse(res.text); } catch { json = res.text; }
     return { status: res.status, body: json };
   };
   return {
@@ -106,7 +130,7 @@ export async function startPulso(env = {}) {
     url,
     dir,
     pid: child.pid,
-    wsUrl: `ws://127.0.0.1:${port}/ws`,
+    wsUrl: `${ca ? 'wss' : 'ws'}://127.0.0.1:${port}/ws`,
     logs: () => logs,
     post: (path, body, bearer) => request('POST', path, body, bearer),
     get: (path, bearer) => request('GET', path, undefined, bearer),
