@@ -43,6 +43,8 @@ pub struct Gateway {
     /// Which browser origins may connect, and how many connections may be
     /// open.
     pub admission: Arc<admission::Admission>,
+    /// When the server was built: the console's uptime.
+    pub started: std::time::Instant,
 }
 
 /// A socket that authenticated: the row (role, sub) now points at it.

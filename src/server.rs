@@ -186,6 +186,7 @@ impl Server {
             readiness,
             upstream: mqtt.clone().map(|b| b as Arc<dyn crate::gateway::Upstream>),
             presence: Arc::new(presence.clone()),
+            started: std::time::Instant::now(),
         });
         Ok(Server {
             listener,
