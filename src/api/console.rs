@@ -160,7 +160,7 @@ fn counters(
 ) -> BTreeMap<&'static str, u64> {
     values
         .iter()
-        .map(|v| (*v, counter(family, key, *v)))
+        .map(|v| (*v, counter(family, key, v)))
         .collect()
 }
 

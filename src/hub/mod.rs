@@ -917,8 +917,8 @@ impl Hub {
         let t = self.read();
         // Ordered by count, then by name reversed (`a` before `b`): the
         // heap's top (it holds `Reverse`d keys) is the weakest kept.
-        let mut best: BinaryHeap<Reverse<(usize, Reverse<&Arc<str>>, bool)>> =
-            BinaryHeap::with_capacity(n + 1);
+        type Ranked<'a> = Reverse<(usize, Reverse<&'a Arc<str>>, bool)>;
+        let mut best: BinaryHeap<Ranked> = BinaryHeap::with_capacity(n + 1);
         let exact = t.exact.iter().map(|(name, subs)| (name, subs.len(), false));
         let wild = t.wild.counts().map(|(name, count)| (name, count, true));
         for (name, count, wildcard) in exact.chain(wild) {
