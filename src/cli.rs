@@ -425,7 +425,7 @@ fn serve(config: Config) -> ExitCode {
                  Sample token (role assistant, sub demo, valid 24 h):\n\n  {client}\n\n  \
                  Publisher token for the HTTP API (valid 24 h):\n\n  {publisher}\n\n  \
                  Try: websocat '{ws}://127.0.0.1:{port}/ws?token={client}'\n       \
-                 or open {http}://127.0.0.1:{port}/?token={client}\n",
+                 Console: {http}://127.0.0.1:{port}/#token={publisher}\n",
                 client = tokens.client,
                 publisher = tokens.publisher,
                 port = addr.port(),

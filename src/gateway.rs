@@ -46,6 +46,8 @@ pub struct Gateway {
     /// Where Socket.IO recovery sessions are shared with the other nodes
     /// of a cluster (`None`: kept on this node only).
     pub sessions: Option<Arc<dyn SharedSessions>>,
+    /// When the server was built: the console's uptime.
+    pub started: std::time::Instant,
 }
 
 /// Socket.IO recovery sessions shared by the nodes of a cluster (SPEC

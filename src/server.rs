@@ -196,6 +196,7 @@ impl Server {
             upstream: mqtt.clone().map(|b| b as Arc<dyn crate::gateway::Upstream>),
             presence: Arc::new(presence.clone()),
             sessions: cluster.as_ref().and_then(crate::cluster::Tasks::sessions),
+            started: std::time::Instant::now(),
         });
         Ok(Server {
             listener,

@@ -250,21 +250,230 @@ async fn demo_feed_publishes_sine_values() {
 }
 
 #[tokio::test]
-async fn console_page_is_served() {
+async fn console_page_and_its_assets_are_served_from_the_binary() {
     let srv = TestServer::start().await;
-    let r = reqwest::get(srv.url("/")).await.unwrap();
+    let get = |path: &str| reqwest::get(srv.url(path));
+    let r = get("/").await.unwrap();
     assert_eq!(r.status(), 200);
+    let kind = |r: &reqwest::Response| r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(kind(&r).starts_with("text/html"));
+    // Nothing inline, nothing from another origin.
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(
-        r.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
+        csp.contains("script-src 'self'") && csp.contains("connect-src 'self'"),
+        "{csp}"
     );
-    let body = r.text().await.unwrap();
+    let page = r.text().await.unwrap();
+    for asset in [
+        "/console/uPlot.iife.min.js",
+        "/console/uPlot.min.css",
+        "/console/console.js",
+        "/console/console.css",
+    ] {
+        assert!(page.contains(asset), "the page loads {asset}");
+        let r = get(asset).await.unwrap();
+        assert_eq!(r.status(), 200, "{asset}");
+        let want = if asset.ends_with(".js") {
+            "text/javascript"
+        } else {
+            "text/css"
+        };
+        assert!(kind(&r).starts_with(want), "{asset}: {}", kind(&r));
+        assert!(!r.text().await.unwrap().is_empty());
+    }
     assert!(
-        body.contains("metricas/demo")
-            && body.contains("/api/publish")
-            && body.contains("/ws?token=")
+        !page.contains("<script>") && !page.contains("://"),
+        "no inline script, no CDN"
     );
+    let script = get("/console/console.js")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "/ws?token=",
+        "/api/console",
+        "/api/publish",
+        "sessionStorage",
+    ] {
+        assert!(script.contains(needle), "console.js uses {needle}");
+    }
+    let license = get("/console/uPlot.LICENSE")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(license.contains("MIT"), "{license}");
+    let r = get("/console/../Cargo.toml").await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = get("/console/nope.js").await.unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    srv.stop().await;
+}
+
+/// `GET /api/console` with `admin`'s token.
+async fn console_state(srv: &TestServer, query: &str) -> (u16, serde_json::Value) {
+    get_json(
+        &srv.url(&format!("/api/console{query}")),
+        Some(&srv.token("admin", "console")),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn console_endpoint_needs_a_publisher() {
+    let srv = TestServer::start_toml("api_key = \"k3y\"\n").await;
+    let url = srv.url("/api/console");
+    let (s, b) = get_json(&url, None).await;
+    assert_eq!(
+        (s, b["error"]["code"].clone()),
+        (401, json!("unauthorized"))
+    );
+    let (s, b) = get_json(&url, Some("nonsense")).await;
+    assert_eq!(
+        (s, b["error"]["code"].clone()),
+        (401, json!("invalid_token"))
+    );
+    let (s, b) = get_json(&url, Some(&srv.token("assistant", "1"))).await;
+    assert_eq!((s, b["error"]["code"].clone()), (403, json!("forbidden")));
+    for ok in [
+        srv.token("admin", "a"),
+        srv.token("service", "s"),
+        "k3y".into(),
+    ] {
+        let (s, b) = get_json(&url, Some(&ok)).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    for bad in ["0", "101", "ten", "-1", "99999999999999999999999"] {
+        let (s, b) = console_state(&srv, &format!("?top={bad}")).await;
+        assert_eq!(
+            (s, b["error"]["code"].clone()),
+            (400, json!("bad_request")),
+            "top={bad}"
+        );
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn console_endpoint_counts_connections_and_subscribers() {
+    let srv = TestServer::start().await;
+    // Every client is also subscribed to `temperature` (auto_subscribe).
+    let mut busy = Vec::new();
+    for i in 0..3 {
+        let mut c = srv.ws("assistant", &format!("busy-{i}")).await;
+        c.sub("console/busy").await;
+        busy.push(c);
+    }
+    let mut quiet = srv.ws("assistant", "quiet").await;
+    quiet.sub("console/quiet").await;
+    quiet.sub("console/+").await;
+
+    let (s, d) = console_state(&srv, "").await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(d["node"], srv.gw.config.node_id.as_str());
+    assert_eq!(d["version"], env!("CARGO_PKG_VERSION"));
+    assert!(d["uptime_seconds"].is_u64());
+    assert_eq!(d["ready"], true);
+    assert_eq!(
+        d["connections"],
+        json!({"ws": 4, "socketio": 0, "total": 4, "polling_sessions": 0})
+    );
+    assert_eq!(d["subscriptions"], 4 + 3 + 2);
+    assert_eq!(d["topics"], 4);
+    assert_eq!(
+        d["top"],
+        json!([
+            {"name": "temperature", "subscribers": 4, "wildcard": false},
+            {"name": "console/busy", "subscribers": 3, "wildcard": false},
+            {"name": "console/+", "subscribers": 1, "wildcard": true},
+            {"name": "console/quiet", "subscribers": 1, "wildcard": false},
+        ])
+    );
+    let (_, two) = console_state(&srv, "?top=2").await;
+    assert_eq!(two["top"].as_array().unwrap().len(), 2);
+    assert_eq!(two["top"][1]["name"], "console/busy");
+
+    // Messages by source; `console/+` matches too.
+    assert_eq!(
+        srv.publish("console/busy", json!({"value": 1})).await.1["recipients"],
+        4
+    );
+    for c in busy.iter_mut().chain([&mut quiet]) {
+        assert_eq!(c.recv().await["payload"]["value"], 1);
+    }
+    let (_, d) = console_state(&srv, "").await;
+    assert_eq!(d["messages"]["published"]["api"], 1);
+    assert_eq!(d["messages"]["published"]["demo"], 0);
+    assert_eq!(d["messages"]["delivered"], 4);
+    assert_eq!(d["messages"]["dropped"], 0);
+
+    // The state of what is (not) configured here.
+    assert_eq!(d["mqtt"]["enabled"], false);
+    assert_eq!(d["mqtt"]["connected"], false);
+    assert_eq!(d["presence"]["store"], "sqlite");
+    assert_eq!(d["presence"]["status"], "ok");
+    assert_eq!(d["cluster"]["engine"], serde_json::Value::Null);
+    assert_eq!(d["cluster"]["up"], serde_json::Value::Null);
+    let nodes = d["cluster"]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{d}");
+    assert_eq!(nodes[0]["node"], srv.gw.config.node_id.as_str());
+    assert_eq!(nodes[0]["self"], true);
+    assert_eq!(d["history"]["enabled"], false);
+    assert_eq!(d["history"]["recoveries"]["recovered"], 0);
+
+    // A client that leaves is gone from the counts.
+    drop(busy.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let d = loop {
+        let (_, d) = console_state(&srv, "").await;
+        if d["connections"]["ws"] == 3 {
+            break d;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {d}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        d["top"][1],
+        json!({"name": "console/busy", "subscribers": 2, "wildcard": false})
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn console_endpoint_shows_history_and_a_broker_that_is_down() {
+    // A broker port nothing listens on: the bridge is configured and down.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let srv = TestServer::start_toml(&format!(
+        "[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\ntopics = [\"sensors/#\"]\n[history]\ntopics = [\"orders/#\"]\n"
+    ))
+    .await;
+    let mut c = srv.ws("assistant", "h").await;
+    c.sub("orders/1").await;
+    srv.publish("orders/1", json!(1)).await;
+    c.recv().await;
+    let (s, d) = console_state(&srv, "").await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(d["mqtt"]["enabled"], true);
+    assert_eq!(d["mqtt"]["broker"], format!("127.0.0.1:{port}"));
+    assert_eq!(d["mqtt"]["connected"], false);
+    assert_eq!(d["mqtt"]["topics"], json!(["sensors/#"]));
+    assert_eq!(d["ready"], false);
+    assert!(
+        d["checks"]["mqtt"].as_str().is_some_and(|s| s != "ok"),
+        "{d}"
+    );
+    assert_eq!(d["history"]["enabled"], true);
+    assert_eq!(d["history"]["topics"], json!(["orders/#"]));
+    assert_eq!(d["history"]["messages"], 1);
     srv.stop().await;
 }

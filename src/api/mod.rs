@@ -1,11 +1,13 @@
 //! The HTTP API: publishing, presence and cluster listings, health,
-//! readiness and metrics.
+//! readiness and metrics, and the operator console (`GET /` and what it
+//! reads, `GET /api/console`).
 //!
 //! Handlers take typed extractors: [`Publisher`] proves the caller may
 //! publish, [`JsonBody`] reads a bounded body and turns every failure into an
 //! [`ApiError`].
 
 pub mod cluster;
+pub mod console;
 pub mod health;
 pub mod presence;
 pub mod publish;
@@ -13,9 +15,10 @@ pub mod publish;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::header::CONTENT_LENGTH;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::header::{self, CONTENT_LENGTH};
 use axum::http::request::Parts;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
@@ -31,10 +34,12 @@ pub fn router() -> Router<Arc<Gateway>> {
         .route("/api/broadcast", post(publish::broadcast))
         .route("/api/presence", get(presence::presence))
         .route("/api/cluster", get(cluster::cluster))
+        .route("/api/console", get(console::console))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .route("/", get(console))
+        .route("/", get(console_page))
+        .route("/console/{asset}", get(console_asset))
 }
 
 /// Any other path: the API's JSON error, not an empty 404.
@@ -51,9 +56,59 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
     )
 }
 
-/// The live console: one static page that uses the public endpoints only.
-async fn console() -> axum::response::Html<&'static str> {
-    axum::response::Html(include_str!("assets/console.html"))
+/// What the console page may load and connect to: its own files and this
+/// server, nothing inline and nothing from elsewhere.
+const CONSOLE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
+
+/// The console: a static page, its script and style, and the vendored
+/// uPlot (`assets/uPlot.LICENSE`), all in the binary. It reads
+/// `/api/console` and `/ws` with the token the operator pastes.
+async fn console_page() -> impl IntoResponse {
+    console_file(
+        "text/html; charset=utf-8",
+        include_str!("assets/console.html"),
+    )
+}
+
+async fn console_asset(Path(asset): Path<String>) -> axum::response::Response {
+    let (kind, body) = match asset.as_str() {
+        "console.js" => (
+            "text/javascript; charset=utf-8",
+            include_str!("assets/console.js"),
+        ),
+        "console.css" => (
+            "text/css; charset=utf-8",
+            include_str!("assets/console.css"),
+        ),
+        "uPlot.iife.min.js" => (
+            "text/javascript; charset=utf-8",
+            include_str!("assets/uPlot.iife.min.js"),
+        ),
+        "uPlot.min.css" => (
+            "text/css; charset=utf-8",
+            include_str!("assets/uPlot.min.css"),
+        ),
+        "uPlot.LICENSE" => (
+            "text/plain; charset=utf-8",
+            include_str!("assets/uPlot.LICENSE"),
+        ),
+        _ => return ApiError::not_found(format!("no route for /console/{asset}")).into_response(),
+    };
+    console_file(kind, body).into_response()
+}
+
+fn console_file(kind: &'static str, body: &'static str) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CONTENT_SECURITY_POLICY, CONSOLE_CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
 }
 
 /// A caller allowed to publish: a JWT whose role is in `publisher_roles`, or

@@ -25,6 +25,17 @@ pub struct ClusterConfig {
     pub node_ttl: Duration,
 }
 
+impl ClusterConfig {
+    /// `redis`, `nats`, or `None` for a single node.
+    pub fn engine_name(&self) -> Option<&'static str> {
+        match self.engine {
+            Some(Engine::Redis(_)) => Some("redis"),
+            Some(Engine::Nats(_)) => Some("nats"),
+            None => None,
+        }
+    }
+}
+
 pub fn parse(l: &Layered, database_url: &str) -> Result<ClusterConfig, ConfigError> {
     let redis = l.opt_text("cluster.redis_url")?;
     let nats = l.opt_text("cluster.nats_url")?;

@@ -18,7 +18,8 @@ pub mod ring;
 pub use crate::topic;
 mod wild;
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::Waker;
@@ -358,6 +359,19 @@ pub struct Hub {
     /// the table, and held from a message's offset to its ring append, so
     /// offsets and delivery order agree.
     history: Option<Mutex<history::History>>,
+}
+
+/// Most entries [`Hub::top_topics`] returns.
+pub const MAX_TOP_TOPICS: usize = 100;
+
+/// A topic, room or wildcard filter and how many of this node's
+/// connections are subscribed to it (see [`Hub::top_topics`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TopicCount {
+    pub name: Arc<str>,
+    pub subscribers: usize,
+    /// A filter with `+` or `#` levels rather than one topic or room.
+    pub wildcard: bool,
 }
 
 /// Sizes of the tables, for tests and the churn benchmark.
@@ -922,6 +936,55 @@ impl Hub {
         }
     }
 
+    /// How many topics, rooms and wildcard filters have a subscriber on
+    /// this node (O(1), unlike [`Hub::stats`]).
+    pub fn topic_count(&self) -> usize {
+        let t = self.read();
+        t.exact.len() + t.wild.len()
+    }
+
+    /// The `n` (at most [`MAX_TOP_TOPICS`]) names with the most subscribers
+    /// on this node, most first, ties in name order. Socket.IO rooms and
+    /// `/ws` topics are one namespace, so a room's count includes both
+    /// protocols; a wildcard filter is its own entry, not added to the
+    /// topics it matches.
+    ///
+    /// One pass over the table under its read lock, keeping the best `n`
+    /// in a heap: O(filters × log n) and no allocation per filter; only the
+    /// `n` results are copied out.
+    pub fn top_topics(&self, n: usize) -> Vec<TopicCount> {
+        let n = n.min(MAX_TOP_TOPICS);
+        if n == 0 {
+            return Vec::new();
+        }
+        let t = self.read();
+        // Ordered by count, then by name reversed (`a` before `b`): the
+        // heap's top (it holds `Reverse`d keys) is the weakest kept.
+        type Ranked<'a> = Reverse<(usize, Reverse<&'a Arc<str>>, bool)>;
+        let mut best: BinaryHeap<Ranked> = BinaryHeap::with_capacity(n + 1);
+        let exact = t.exact.iter().map(|(name, subs)| (name, subs.len(), false));
+        let wild = t.wild.counts().map(|(name, count)| (name, count, true));
+        for (name, count, wildcard) in exact.chain(wild) {
+            if count == 0 {
+                continue;
+            }
+            best.push(Reverse((count, Reverse(name), wildcard)));
+            if best.len() > n {
+                best.pop();
+            }
+        }
+        best.into_sorted_vec()
+            .into_iter()
+            .map(
+                |Reverse((subscribers, Reverse(name), wildcard))| TopicCount {
+                    name: name.clone(),
+                    subscribers,
+                    wildcard,
+                },
+            )
+            .collect()
+    }
+
     /// Publishes a message: every connection with a matching subscription
     /// gets it once. Returns how many connections of this node it reaches.
     pub fn publish(&self, msg: Message) -> usize {
@@ -1278,6 +1341,49 @@ mod tests {
         );
         assert_eq!(n, 1);
         assert_eq!(&*c.all()[0].topic, "r3");
+    }
+
+    #[test]
+    fn top_topics_are_the_busiest_names_most_first() {
+        let hub = hub();
+        let ids: Vec<_> = (0..4)
+            .map(|_| hub.register(Arc::new(Pull::default())))
+            .collect();
+        // b: 3, a/#: 2, c: 2, d: 1, e: 0 (left again).
+        for id in &ids[..3] {
+            hub.subscribe(*id, &f("b"), 10).unwrap();
+        }
+        for id in &ids[..2] {
+            hub.subscribe(*id, &f("c"), 10).unwrap();
+            hub.subscribe(*id, &f("a/#"), 10).unwrap();
+        }
+        hub.subscribe(ids[3], &f("d"), 10).unwrap();
+        hub.subscribe(ids[3], &f("e"), 10).unwrap();
+        hub.unsubscribe(ids[3], &f("e"));
+        let top = |n| {
+            hub.top_topics(n)
+                .into_iter()
+                .map(|t| {
+                    format!(
+                        "{}={}{}",
+                        t.name,
+                        t.subscribers,
+                        if t.wildcard { "*" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(top(10), ["b=3", "a/#=2*", "c=2", "d=1"]);
+        assert_eq!(top(2), ["b=3", "a/#=2*"]);
+        assert!(top(0).is_empty());
+        hub.unregister(ids[0]);
+        assert_eq!(top(10), ["b=2", "a/#=1*", "c=1", "d=1"]);
+        // Never more than the cap, however many are asked for.
+        for i in 0..MAX_TOP_TOPICS + 5 {
+            hub.subscribe(ids[3], &f(&format!("many/{i}")), 1000)
+                .unwrap();
+        }
+        assert_eq!(hub.top_topics(usize::MAX).len(), MAX_TOP_TOPICS);
     }
 
     #[test]

@@ -32,6 +32,13 @@ impl WildTable {
         self.filters.values().map(|(f, _)| f)
     }
 
+    /// Every wildcard filter with its number of subscribers.
+    pub(super) fn counts(&self) -> impl Iterator<Item = (&Arc<str>, usize)> {
+        self.filters
+            .iter()
+            .map(|(text, (_, subs))| (text, subs.len()))
+    }
+
     /// The subscribers of `filter`, added to the index if it is new.
     pub(super) fn subscribers(&mut self, filter: &Filter) -> &mut Subscribers {
         &mut self
