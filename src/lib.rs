@@ -33,6 +33,8 @@ pub mod mqtt;
 pub mod presence;
 pub mod server;
 pub mod sio;
+#[cfg(test)]
+mod test_seed;
 pub mod topic;
 pub mod transport;
 pub mod ws;

@@ -290,6 +290,7 @@ impl Encoding for Events {
 mod tests {
     use super::*;
     use crate::hub::payload_of;
+    use rand::Rng;
     use std::sync::Arc;
 
     fn text(frame: &[u8]) -> &str {
@@ -325,6 +326,7 @@ mod tests {
     /// borrows from the input.
     #[test]
     fn random_packets_never_panic() {
+        let mut rng = crate::test_seed::rng("random_packets_never_panic");
         const PIECES: [&str; 14] = [
             "0",
             "2",
@@ -342,9 +344,9 @@ mod tests {
             "notifications",
         ];
         for _ in 0..20_000 {
-            let len = rand::random_range(0..12);
+            let len = rng.random_range(0..12);
             let text: String = (0..len)
-                .map(|_| PIECES[rand::random_range(0..PIECES.len())])
+                .map(|_| PIECES[rng.random_range(0..PIECES.len())])
                 .collect();
             if let Ok(p) = parse(&text) {
                 assert!(p.nsp.starts_with('/'), "{text:?} -> {p:?}");

@@ -36,6 +36,9 @@ const SCRATCH_SIZE: usize = 16 * 1024;
 /// comes (a client that sends headers of large frames and nothing more
 /// costs this much per connection, not `ws.max_message_size`).
 const GROW_AHEAD: usize = 16 * 1024;
+/// How far past the frame it waits for a connection reads into its own
+/// buffer (so the start of the next frames comes in the same read).
+pub const READ_AHEAD: usize = 512;
 /// Frames written by one `writev`, when they are not copied together.
 const MAX_SLICES: usize = 64;
 /// Frames up to this size in all are copied into one buffer and sent with
@@ -212,6 +215,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
         &mut self.proto
     }
 
+    /// Bytes held for the client's unfinished input: the frame not fully
+    /// read yet and the fragmented message being put together. Bounded by
+    /// the message size limit plus a frame header and [`READ_AHEAD`]; the
+    /// fuzz target `ws_frame` checks it after every read.
+    #[doc(hidden)]
+    pub fn buffered(&self) -> usize {
+        self.partial.len() + self.message.len()
+    }
+
     /// Serves the connection until it must end, and says how.
     pub async fn serve(&mut self) -> CloseReason {
         let mut timer = pin!(tokio::time::sleep_until(self.next_deadline()));
@@ -342,7 +354,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
     fn read_partial(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         let want = self
             .need
-            .max(self.filled + 512)
+            .max(self.filled + READ_AHEAD)
             .min(self.filled + GROW_AHEAD);
         if self.partial.len() < want {
             self.partial.resize(want, 0);
@@ -371,7 +383,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
         let max = self.max_message;
         let mut at = 0;
         while self.ending.is_none() && at < data.len() {
-            match frame::parse(&mut data[at..], max) {
+            // A continuation frame may only bring what the message being
+            // put together has left of the limit: one announcing more is
+            // refused at its header, so at most one limit's worth of
+            // message and frame is ever held.
+            let limit = if data[at] & 0x0F == frame::CONTINUATION {
+                max.saturating_sub(self.message.len())
+            } else {
+                max
+            };
+            match frame::parse(&mut data[at..], limit) {
                 Ok(Parsed::Frame(f, used)) => {
                     at += used;
                     self.on_frame(f.fin, f.opcode, f.payload);
@@ -938,5 +959,45 @@ mod tests {
         );
         assert_eq!(own.last(), Some(&(frame::TEXT, b"answer".to_vec())));
         assert_eq!(frames.len(), queued + 2, "then only the close: {frames:?}");
+    }
+
+    /// A fragmented message close to the limit, then a continuation frame
+    /// whose header alone shows the message would pass it: refused with
+    /// 1009 at the header, before its payload is waited for or buffered
+    /// (a client cannot make the connection hold twice the limit).
+    #[tokio::test]
+    async fn a_continuation_over_the_limit_is_refused_at_its_header() {
+        let limit = 1000;
+        let (server, mut client) = tokio::io::duplex(4096);
+        let outbox = Arc::new(Outbox::new(
+            16,
+            Arc::new(Metrics::new()),
+            &crate::transport::encoding::TEST_ENCODING,
+        ));
+        let keepalive = Keepalive {
+            period: Duration::from_secs(60),
+            ping: None,
+        };
+        let mut conn = Connection::new(server, Quiet, outbox, keepalive, limit, 1);
+        let serving = tokio::spawn(async move {
+            let reason = conn.serve().await;
+            conn.finish(reason).await;
+        });
+        let mut wire = Vec::new();
+        frame::encode_client(&mut wire, false, frame::TEXT, &[b'a'; 990], [1, 2, 3, 4]);
+        // The continuation's header only: 100 bytes announced, 10 allowed.
+        wire.extend_from_slice(&[frame::CONTINUATION | 0x80, 0x80 | 100, 9, 9, 9, 9]);
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            client.write_all(&wire).await.unwrap();
+            client.read_to_end(&mut got).await.unwrap();
+        })
+        .await
+        .expect("the server closes without waiting for the payload");
+        let frames = server_frames(&got);
+        let close = frames.last().expect("a close frame");
+        assert_eq!(close.0, frame::CLOSE);
+        assert_eq!(close.1[..2], close::TOO_BIG.to_be_bytes());
+        serving.await.unwrap();
     }
 }

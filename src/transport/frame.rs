@@ -258,6 +258,7 @@ pub fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::Rng;
 
     /// `server_payload` undoes `encode` for each header length (7-bit,
     /// 16-bit and 64-bit lengths).
@@ -358,6 +359,7 @@ mod tests {
     /// and a parsed frame never claims more bytes than the buffer holds.
     #[test]
     fn arbitrary_bytes_never_panic() {
+        let mut rng = crate::test_seed::rng("arbitrary_bytes_never_panic");
         let valid = [
             client(true, TEXT, b"{\"type\":\"ping\"}", [9, 8, 7, 6]),
             client(false, BINARY, &[0; 300], [1, 1, 1, 1]),
@@ -365,13 +367,13 @@ mod tests {
         ];
         for i in 0..50_000u32 {
             let mut buf: Vec<u8> = if i % 2 == 0 {
-                let len = rand::random_range(0..40);
-                (0..len).map(|_| rand::random()).collect()
+                let len = rng.random_range(0..40);
+                (0..len).map(|_| rng.random()).collect()
             } else {
                 let mut b = valid[(i as usize / 2) % valid.len()].clone();
-                let at = rand::random_range(0..b.len());
-                b[at] = rand::random();
-                b.truncate(rand::random_range(0..=b.len()));
+                let at = rng.random_range(0..b.len());
+                b[at] = rng.random();
+                b.truncate(rng.random_range(0..=b.len()));
                 b
             };
             let len = buf.len();

@@ -298,6 +298,7 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
 mod tests {
     use super::*;
     use crate::hub::payload_of;
+    use rand::Rng;
     use serde_json::{Value, json};
 
     fn code(text: &str) -> (Option<String>, &'static str) {
@@ -428,6 +429,7 @@ mod tests {
     /// and always yield either a request or a coded error.
     #[test]
     fn arbitrary_input_never_panics() {
+        let mut rng = crate::test_seed::rng("arbitrary_input_never_panics");
         let seeds = [
             r#"{"type":"sub","topic":"a/+/#","id":1}"#,
             r#"{"type":"pub","topic":"x","payload":{"a":[1,2,{"b":null}]},"event":"e","id":"z"}"#,
@@ -437,15 +439,15 @@ mod tests {
         for i in 0..20_000u32 {
             let mut text: Vec<char> = seeds[(i % 3) as usize].chars().collect();
             for _ in 0..(1 + i % 5) {
-                let pos = rand::random_range(0..=text.len());
-                match rand::random_range(0..3) {
+                let pos = rng.random_range(0..=text.len());
+                match rng.random_range(0..3) {
                     0 if pos < text.len() => {
                         text.remove(pos);
                     }
                     1 if pos < text.len() => {
-                        text[pos] = alphabet[rand::random_range(0..alphabet.len())]
+                        text[pos] = alphabet[rng.random_range(0..alphabet.len())]
                     }
-                    _ => text.insert(pos, alphabet[rand::random_range(0..alphabet.len())]),
+                    _ => text.insert(pos, alphabet[rng.random_range(0..alphabet.len())]),
                 }
             }
             let text: String = text.into_iter().collect();
