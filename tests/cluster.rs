@@ -484,6 +484,37 @@ async fn a_frozen_redis_is_detected_and_local_clients_keep_being_served() {
     assert!(metric(&a, "pulso_cluster_reconnects_total").await >= 1);
 }
 
+/// A publish whose batch Redis does not confirm within the command timeout
+/// is delivered on its own node at once; when Redis runs it after all (it
+/// was only slow), the copy that comes back is dropped, not delivered again.
+#[tokio::test]
+async fn a_publish_confirmed_too_late_is_delivered_once() {
+    let Some((server, [a, b, _c])) = cluster(Engine::Redis).await else {
+        return;
+    };
+    let Server::Redis(redis) = &server else {
+        unreachable!("a Redis cluster")
+    };
+    let mut on_a = subscriber(&a, &["late/+"]).await;
+    redis.freeze();
+    a.publish("late/1", json!(1)).await;
+    // Delivered here once the batch timed out (3 s)…
+    assert_eq!(next(&mut on_a).await, ("late/1".into(), json!(1)));
+    // …and Redis, thawed, runs the batch it had received.
+    redis.thaw();
+    let long = std::time::Duration::from_secs(15);
+    for node in [&a, &b] {
+        node.until_within("up", long, |gw| gw.readiness.report().0)
+            .await;
+    }
+    b.publish("late/2", json!(2)).await;
+    assert_eq!(
+        next(&mut on_a).await,
+        ("late/2".into(), json!(2)),
+        "late/1 once only"
+    );
+}
+
 /// The backplane connection is pinged every 5 s (a subscribed Redis
 /// connection answers `["pong", ""]`), and an answer must count as alive.
 /// The test lets one ping period pass (nothing to await: what is checked

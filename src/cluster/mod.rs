@@ -425,6 +425,8 @@ pub struct Outgoing {
     pub body: Bytes,
     /// Which of `rooms` keep a history in the engine (empty: none).
     pub tracked: Vec<bool>,
+    /// Its number among this node's publishes (the envelope's `s`).
+    pub seq: u64,
 }
 
 /// What the engine tasks and the hub share.
@@ -442,6 +444,13 @@ pub struct Shared {
     pub history: Option<HistoryRules>,
     node_tag: u64,
     seq: AtomicU64,
+    /// This node's publishes it delivered itself because the engine did
+    /// not confirm them in time: the engine may still have carried them,
+    /// and a copy that comes back is then dropped (the last 4 096).
+    local_only: std::sync::Mutex<Seen>,
+    /// Whether `local_only` holds anything (read on every receive, so the
+    /// lock is taken only after a failure).
+    any_local_only: AtomicBool,
 }
 
 impl Shared {
@@ -461,6 +470,8 @@ impl Shared {
             history: None,
             node_tag: tag_of(node_id),
             seq: AtomicU64::new(0),
+            local_only: std::sync::Mutex::default(),
+            any_local_only: AtomicBool::new(false),
         }
     }
 
@@ -490,9 +501,10 @@ impl Shared {
         payload: &Arc<RawValue>,
         ts: u64,
     ) -> Option<Outgoing> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let envelope = Envelope {
             node: self.node_tag,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            seq,
             rooms: rooms.iter().map(|r| Cow::Borrowed(&**r)).collect(),
             event: event.map(|e| Cow::Borrowed(&**e)),
             ts,
@@ -516,6 +528,7 @@ impl Shared {
             ts,
             body: Bytes::from(body),
             tracked,
+            seq,
         })
     }
 
@@ -526,7 +539,7 @@ impl Shared {
             self.count("invalid");
             return;
         };
-        if !seen.first(envelope.node, envelope.seq) {
+        if !seen.first(envelope.node, envelope.seq) || self.delivered_here(&envelope) {
             self.count("duplicate");
             return;
         }
@@ -543,8 +556,27 @@ impl Shared {
         };
     }
 
-    /// A publish the engine could not take: this node's connections get it.
+    /// Whether this node delivered a publish of its own itself (see
+    /// `local_only`).
+    fn delivered_here(&self, envelope: &Envelope<'_>) -> bool {
+        envelope.node == self.node_tag
+            && self.any_local_only.load(Ordering::Acquire)
+            && self
+                .local_only
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .has(envelope.node, envelope.seq)
+    }
+
+    /// A publish the engine could not take, or did not confirm in time
+    /// (it may have carried it all the same): this node's connections get
+    /// it now, and a copy that comes back later is dropped.
     pub fn deliver_here(&self, out: Outgoing) {
+        self.local_only
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first(self.node_tag, out.seq);
+        self.any_local_only.store(true, Ordering::Release);
         self.count("unsent");
         self.hub
             .deliver_rooms(&out.rooms, out.event, out.payload, out.ts);
