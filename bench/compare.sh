@@ -31,7 +31,8 @@
 # history (a group: history-max history-load) measures what history costs on
 # the publish path: the same /ws fan-out with history.topics covering the
 # topic and without history, on one node and on two nodes over Redis (the
-# same setups as cluster's, off and on back to back). See docs/history.md.
+# same setups as cluster's, off and on back to back; it needs redis-server
+# and a PostgreSQL as cluster does). See docs/history.md.
 # Results: one JSON line per run in $OUT (default bench/results/<date>.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
