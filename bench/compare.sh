@@ -27,6 +27,12 @@
 # a node with no subscriber. It starts its own redis-server on a free port
 # (and a nats-server with JetStream) and needs a PostgreSQL ($CLUSTER_DATABASE_URL, default
 # postgres://postgres@127.0.0.1:5432/test). See docs/cluster.md.
+#
+# history (a group: history-max history-load) measures what history costs on
+# the publish path: the same /ws fan-out with history.topics covering the
+# topic and without history, on one node and on two nodes over Redis (the
+# same setups as cluster's, off and on back to back; it needs redis-server
+# and a PostgreSQL as cluster does). See docs/history.md.
 # Results: one JSON line per run in $OUT (default bench/results/<date>.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -175,6 +181,9 @@ trap 'stop_server; stop_redis; stop_nats' EXIT
 #   node-redis-N     N Node baselines with @socket.io/redis-adapter on it
 #   node-1           one Node baseline, no Redis
 URLS=()
+# Extra flags for every pulso node start_setup starts (the history scenarios
+# set --history-topics here).
+SETUP_ARGS=()
 start_setup() {
   local setup=$1 n i port prefix
   URLS=()
@@ -184,7 +193,7 @@ start_setup() {
     pulso-1)
       port=$(free_port)
       "$PULSO_BIN" --jwt-secret "$SECRET" --demo-enabled false --listen "127.0.0.1:$port" \
-        --database-url "$CLUSTER_DATABASE_URL" --node-id "$prefix-n1" \
+        --database-url "$CLUSTER_DATABASE_URL" --node-id "$prefix-n1" "${SETUP_ARGS[@]}" \
         >"$LOGS/$setup.n1.$port.log" 2>&1 &
       SERVER_PID=$!; SERVER_PIDS+=("$SERVER_PID")
       wait_up "$setup.n1" "$port" /readyz || return 1
@@ -199,7 +208,7 @@ start_setup() {
         port=$(free_port)
         "$PULSO_BIN" --jwt-secret "$SECRET" --demo-enabled false --listen "127.0.0.1:$port" \
           --database-url "$CLUSTER_DATABASE_URL" --node-id "$prefix-n$i" \
-          "${engine[@]}" --cluster-prefix "$prefix" \
+          "${engine[@]}" --cluster-prefix "$prefix" "${SETUP_ARGS[@]}" \
           >"$LOGS/$setup.n$i.$port.log" 2>&1 &
         SERVER_PID=$!; SERVER_PIDS+=("$SERVER_PID")
         wait_up "$setup.n$i" "$port" /readyz || return 1
@@ -355,6 +364,41 @@ cluster_scenario() { # SCEN
   esac
 }
 
+# The history scenarios: the same /ws fan-out with history.topics covering
+# the topic ("on") and without history ("off"), on one node and on two
+# nodes over Redis, on fresh servers each time. Every setup runs
+# HISTORY_ROUNDS rounds of an off and an on run back to back (the order
+# alternating between rounds), so a ratio compares neighbours in time.
+HISTORY_ROUNDS="${HISTORY_ROUNDS:-2}"
+history_scenario() { # SCEN
+  local scen=$1 setup round h c m mode=() nodes
+  start_redis || { failed=1; return; }
+  c=$(scaled 2000); m=$(scaled 1000)
+  case $scen in
+    history-max) mode=(--max) ;;
+    history-load) mode=(--rate 50) ;;
+  esac
+  for setup in pulso-1 pulso-redis-2; do
+    nodes=${setup##*-}
+    for round in $(seq 1 "$HISTORY_ROUNDS"); do
+      local order=(false true)
+      [ $((round % 2)) -eq 0 ] && order=(true false)
+      for h in "${order[@]}"; do
+        SETUP_ARGS=()
+        [ "$h" = true ] && SETUP_ARGS=(--history-topics 'bench/#')
+        if start_setup "$setup"; then
+          bench_cluster "$scen" "$setup" "$nodes" "{\"history\": $h, \"round\": $round}" \
+            fanout --clients "$c" --messages "$m" "${mode[@]}" || failed=1
+        else
+          failed=1
+        fi
+        stop_server
+      done
+    done
+  done
+  SETUP_ARGS=()
+}
+
 # run SCENARIO SERVER: starts the server fresh, runs, appends the JSON line.
 run() {
   local scen=$1 server=$2 port args=()
@@ -403,6 +447,8 @@ expanded=()
 for scen in "${scenarios[@]}"; do
   if [ "$scen" = cluster ]; then
     expanded+=(cluster-load cluster-max cluster-sio-load cluster-sio-max cluster-sio-sweep cluster-idle-node)
+  elif [ "$scen" = history ]; then
+    expanded+=(history-max history-load)
   else
     expanded+=("$scen")
   fi
@@ -412,6 +458,8 @@ for scen in "${expanded[@]}"; do
   case $scen in
     cluster-load|cluster-max|cluster-sio-load|cluster-sio-max|cluster-sio-sweep|cluster-idle-node)
       cluster_scenario "$scen"; continue ;;
+    history-max|history-load)
+      history_scenario "$scen"; continue ;;
     sio-load|sio-idle|sio-max|sio-upgrade-idle|sio-upgrade-load|sio-upgrade-max|sio-connect)
       servers=(node)
       if has_sio; then servers=(pulso node); else echo "(pulso has no /socket.io/ endpoint on this build: node only)" >&2; fi ;;

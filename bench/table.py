@@ -137,9 +137,38 @@ def cluster_tables(lines):
                      if two else ""))
 
 
+def history_tables(lines):
+    """history-max / history-load: each run with history on against the run
+    with it off of the same setup and round (its neighbour in time)."""
+    by_run = {}
+    for r in lines:
+        by_run.setdefault(r["run"], []).append(r)
+    for scen in ("history-max", "history-load"):
+        rs = by_run.get(scen)
+        if not rs:
+            continue
+        print()
+        print(f"{scen} (on/off: history on over history off, same setup and round)")
+        print()
+        print("| setup | round | history | deliveries/s | p50 ms | p99 ms | node CPU µs/delivery "
+              "| Redis commands/msg | errors | deliveries/s on/off | p99 on/off |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rs:
+            off = next((x for x in rs if x["server"] == r["server"] and x.get("round") == r.get("round")
+                        and not x.get("history")), None)
+            on = r.get("history")
+            print(f"| {r['server']} | {r.get('round', '-')} | {'on' if on else 'off'} "
+                  f"| {num(r.get('deliveries_per_s'))} | {num(r.get('p50_ms'))} | {num(r.get('p99_ms'))} "
+                  f"| {num(r.get('cpu_us_per_delivery'))} | {num(r.get('redis_commands_per_message'))} "
+                  f"| {errors(r)} "
+                  f"| {ratio(r.get('deliveries_per_s'), off.get('deliveries_per_s')) if on and off else '-'} "
+                  f"| {ratio(r.get('p99_ms'), off.get('p99_ms')) if on and off else '-'} |")
+
+
 def main(path):
     runs = {}
     cluster = []
+    history = []
     for line in open(path):
         line = line.strip()
         if line:
@@ -147,11 +176,16 @@ def main(path):
             if r["run"].startswith("cluster"):
                 cluster.append(r)
                 continue
+            if r["run"].startswith("history"):
+                history.append(r)
+                continue
             runs.setdefault(r["run"], {})[r["server"]] = r
     if runs:
         table(runs)
     if cluster:
         cluster_tables(cluster)
+    if history:
+        history_tables(history)
 
 
 def table(runs):

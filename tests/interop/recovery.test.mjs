@@ -4,11 +4,14 @@
 // no close frame) it reconnects with {pid, offset} and sees
 // `socket.recovered === true`, its old `socket.id`, the events it missed in
 // order, then live ones. Without history, after `history.ttl`, or with a pid
-// the server does not know, it connects as new.
+// the server does not know, it connects as new. The same in headless
+// Chromium with the client's browser build, its transport closed under it
+// (`socket.io.engine.close()`, as socket.io's documentation shows).
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { io } from 'socket.io-client';
-import { startPulso, token, once, until } from './lib/pulso.mjs';
+import { startPulso, token, once, until, findChromium, runPage } from './lib/pulso.mjs';
 
 const NS = '/notifications';
 const HISTORY = { PULSO_HISTORY_TOPICS: 'assistant,assistant_2,assistant_3' };
@@ -199,4 +202,161 @@ test('after history.ttl the client connects as new', async () => {
   } finally {
     assert.equal(await short.stop(), 0);
   }
+});
+
+// ---------------------------------------------------------------- browser
+
+/**
+ * A page that runs `body` (an async function body with `io`, `URL`, `TOKEN`,
+ * `N` and the helpers below in scope) with socket.io-client's browser build,
+ * and writes `RESULT <json>` or `ERROR <message>`. Its load event (and so
+ * the DOM dump) waits for `/hold`, which the test answers once the page
+ * has reported.
+ */
+function recoveryPage(body, vars) {
+  return `<html><body><pre id="out">pending</pre>
+<script src="/io.js"></script>
+<script>
+const URL = ${JSON.stringify(vars.url)};
+const TOKEN = ${JSON.stringify(vars.token)};
+const N = ${vars.n};
+const out = (text) => { document.getElementById('out').textContent = text; };
+const until = async (what, check, ms = 10000) => {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error('timed out waiting for ' + what);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+};
+const event = (socket, name) => new Promise((resolve) => socket.once(name, (...a) => resolve(a)));
+(async () => { ${body} })()
+  .then((r) => out('RESULT ' + JSON.stringify(r)), (e) => out('ERROR ' + e.message))
+  .finally(() => fetch('/done'));
+</script>
+<img src="/hold">
+</body></html>`;
+}
+
+/**
+ * Runs a recovery page against `server`: `/publish` broadcasts `check_in`
+ * 0 to `assistant_2`; `/away` broadcasts 1..n, once the server keeps the
+ * page's session when `waitKept` (when the page reconnects by itself, it
+ * may have taken its session back already). Returns what the page reported.
+ */
+async function runRecoveryPage(t, server, sub, n, waitKept, body) {
+  const chromium = findChromium();
+  if (!chromium) {
+    if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
+    t.skip('no chromium on this machine');
+    return null;
+  }
+  const bundle = readFileSync(new URL('./node_modules/socket.io-client/dist/socket.io.min.js', import.meta.url));
+  const before = await kept(server);
+  let release;
+  const done = new Promise((r) => { release = r; });
+  const guard = setTimeout(release, 25000);
+  const answer = (res, status, text) => {
+    res.writeHead(status, { 'content-type': 'text/plain' });
+    res.end(text);
+  };
+  const handlers = {
+    '/io.js': ['text/javascript', bundle],
+    '/publish': async (req, res) => {
+      answer(res, 200, String(await broadcast(server, ['assistant_2'], 0)));
+    },
+    '/away': async (req, res) => {
+      try {
+        if (waitKept) await until('the session kept', async () => (await kept(server)) === before + 1);
+        for (let i = 1; i <= n; i++) await broadcast(server, ['assistant_2'], i);
+        answer(res, 200, 'published');
+      } catch (e) {
+        answer(res, 500, e.message);
+      }
+    },
+    '/done': (req, res) => {
+      release();
+      answer(res, 200, 'ok');
+    },
+    '/hold': async (req, res) => {
+      await done;
+      answer(res, 200, '');
+    },
+  };
+  const page = recoveryPage(body, { url: server.url, token: token('assistant', sub), n });
+  try {
+    return await runPage(chromium, page, 'RESULT', handlers);
+  } finally {
+    clearTimeout(guard);
+  }
+}
+
+// What every page does first: connects, authenticates as an assistant of
+// tournament 2 (rooms assistant, assistant_2), records every check_in with
+// its offset, and has the test publish event 0, which gives it an offset.
+const CONNECT_AND_AUTHENTICATE = (options) => `
+  const socket = io(URL + '/notifications', ${options});
+  const got = [];
+  socket.on('check_in', (data, offset) => got.push([data, offset]));
+  await event(socket, 'connect');
+  const first = { id: socket.id, recovered: socket.recovered };
+  const ack = await socket.timeout(5000).emitWithAck('get', {
+    url: '/notifications', params: { 'jwt-api-key': TOKEN, tournamentId: 2 } });
+  if (ack.statusCode !== 200) throw new Error('get /notifications: ' + JSON.stringify(ack));
+  await fetch('/publish');
+  await until('event 0', () => got.length === 1);
+`;
+
+test('headless Chromium: the transport closed under it, the page recovers the events published meanwhile', async (t) => {
+  const N = 30;
+  const r = await runRecoveryPage(t, pulso, 'browser-ws', N, true, `
+    ${CONNECT_AND_AUTHENTICATE("{ transports: ['websocket'], reconnection: false }")}
+    const gone = event(socket, 'disconnect');
+    socket.io.engine.close();
+    const [reason] = await gone;
+    // Published while the page is away: every one of them is missed.
+    const away = await fetch('/away');
+    if (!away.ok) throw new Error('/away: ' + await away.text());
+    const back = event(socket, 'connect');
+    socket.connect();
+    await back;
+    const recovered = socket.recovered;
+    const sameId = socket.id === first.id;
+    await until('the missed events', () => got.length === N + 1);
+    socket.close();
+    return { first, reason, recovered, sameId, got };
+  `);
+  if (!r) return;
+  assert.equal(r.first.recovered, false, 'a first connection is not a recovery');
+  assert.equal(r.reason, 'forced close');
+  assert.equal(r.recovered, true);
+  assert.ok(r.sameId, 'the same socket.id');
+  assert.deepEqual(r.got.map((a) => a[0]), [...Array(N + 1).keys()]);
+  const seqs = r.got.map((a) => Number(a[1].split(':')[1]));
+  assert.ok(seqs.every((s, i) => i === 0 || s > seqs[i - 1]), `offsets grow: ${seqs}`);
+});
+
+test("headless Chromium: polling then upgrade, the client's own reconnection recovers", async (t) => {
+  const N = 30;
+  const r = await runRecoveryPage(t, pulso, 'browser-upgrade', N, false, `
+    // The browser's default: long-polling first, then the upgrade.
+    ${CONNECT_AND_AUTHENTICATE('{ reconnectionDelay: 500, randomizationFactor: 0 }')}
+    await until('the upgrade', () => socket.io.engine.transport.name === 'websocket');
+    const back = event(socket, 'connect');
+    socket.io.engine.close();
+    // Published while the page is away or coming back: each arrives once,
+    // in order, replayed or live.
+    const away = await fetch('/away');
+    if (!away.ok) throw new Error('/away: ' + await away.text());
+    await back;
+    const recovered = socket.recovered;
+    const sameId = socket.id === first.id;
+    await until('every event', () => got.length === N + 1);
+    socket.close();
+    return { first, recovered, sameId, got };
+  `);
+  if (!r) return;
+  assert.equal(r.first.recovered, false);
+  assert.equal(r.recovered, true);
+  assert.ok(r.sameId, 'the same socket.id');
+  assert.deepEqual(r.got.map((a) => a[0]), [...Array(N + 1).keys()]);
 });

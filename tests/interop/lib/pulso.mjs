@@ -173,14 +173,16 @@ export function dumpDom(chromium, url) {
 
 /**
  * Serves `page` from another origin (plus `extra`: path -> [content type,
- * body]), loads it in headless Chromium and returns the JSON the page wrote
- * after `marker` in its `<pre id="out">`. `/slow` answers after 3 s: a page
+ * body], or path -> a `(req, res)` handler the page calls to have the test
+ * act meanwhile), loads it in headless Chromium and returns the JSON the
+ * page wrote after `marker` in its `<pre id="out">`. `/slow` answers after 3 s: a page
  * that includes `<img src="/slow">` holds its load event (and so
  * --dump-dom) until its socket has had time to finish. `port` serves the
  * page from that port (an origin known in advance), else from a free one.
  */
 export async function runPage(chromium, page, marker, extra = {}, port = 0) {
   const site = createHttpServer((req, res) => {
+    if (typeof extra[req.url] === 'function') return extra[req.url](req, res);
     if (extra[req.url]) {
       const [type, body] = extra[req.url];
       res.setHeader('content-type', type);
