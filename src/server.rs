@@ -300,7 +300,8 @@ impl Server {
     /// [`nest`](Router::nest) under a prefix.
     ///
     /// The router has no fallback, so yours applies to every other path.
-    /// Call it once: every call returns routes onto the same server.
+    /// Every call returns routes onto the same server (one table of
+    /// Socket.IO sessions), so it may be mounted more than once.
     ///
     /// What pulso's own listener does per connection is then the
     /// application's business: the HTTP timeouts (`http.header_timeout`,

@@ -164,6 +164,9 @@ async fn the_example_app_serves_its_own_routes_and_pulsos_and_publishes_from_rus
     // the application's server too.
     app.pulso.shutdown();
     assert_eq!(orders.close_code().await, 1001);
+    // Clients that do not answer the close would hold the stop for the
+    // closing handshake's timeout.
+    drop((ws, orders, sio));
     app.stop().await;
 }
 
@@ -253,6 +256,7 @@ async fn publishing_from_rust_is_held_to_the_http_apis_limits() {
     );
     let (status, _) = get_json(&app.url("/readyz"), None).await;
     assert_eq!(status, 200);
+    drop(ws);
     app.stop().await;
     // Publishing after the stop is harmless: nobody is left to reach.
     assert!(pulso.is_stopping());
@@ -293,6 +297,7 @@ async fn nested_under_a_prefix_every_endpoint_moves_with_it() {
     assert_eq!(stray.status(), 404);
     let root = reqwest::get(app.url("/")).await.unwrap();
     assert_eq!(root.text().await.unwrap(), "the application");
+    drop(ws);
     app.stop().await;
 }
 
@@ -306,7 +311,7 @@ async fn the_limit_per_address_applies_under_the_applications_server() {
         .unwrap();
     let router = server.router();
     let app = App::serve(router, server).await;
-    let _first = app.ws("/ws", "assistant", "a").await;
+    let first = app.ws("/ws", "assistant", "a").await;
     let token = token("assistant", "b", Some(Duration::from_secs(60)));
     let second = tokio::time::timeout(
         WAIT,
@@ -320,6 +325,7 @@ async fn the_limit_per_address_applies_under_the_applications_server() {
         }
         other => panic!("expected a 503, got {other:?}"),
     }
+    drop(first);
     app.stop().await;
 }
 
@@ -383,6 +389,7 @@ async fn a_standalone_server_from_the_builder_listens_and_stops() {
     assert_eq!(ws.recv().await["payload"], "hi");
     pulso.shutdown();
     assert_eq!(ws.close_code().await, 1001);
+    drop(ws);
     tokio::time::timeout(WAIT, running)
         .await
         .expect("stops in time")
@@ -411,5 +418,6 @@ async fn without_a_secret_the_builder_makes_one_and_signs_sample_tokens() {
     )
     .await;
     assert_eq!((status, body), (200, json!({"recipients": 1})));
+    drop(ws);
     app.stop().await;
 }
