@@ -1,7 +1,7 @@
 //! The command line: every setting as a global flag (with its `PULSO_*`
 //! environment variable), and the verbs `run` (default), `check-config`,
 //! `config-reference`, `metrics-reference` and `token` (which also checks a
-//! token with `--check`).
+//! token with `--check`). Serving is `main.rs`'s, through the public API.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,10 +104,17 @@ pub fn load(matches: &ArgMatches) -> Result<(Config, Layered), crate::config::Co
     Ok((config, layered))
 }
 
-/// Runs the command line; the exit code is 2 for invalid configuration, and
-/// for a cluster node whose `node_id` a live node holds (starting again
-/// unchanged cannot help either way).
-pub fn main() -> ExitCode {
+/// What the command line asked for.
+pub enum Invocation {
+    /// A verb that has done its work (or a configuration error): exit.
+    Exit(ExitCode),
+    /// `run` (or no verb): serve with these settings, already validated.
+    Serve(Layered, Box<Config>),
+}
+
+/// Reads the command line and runs every verb but `run`; the exit code is
+/// 2 for invalid configuration.
+pub fn parse() -> Invocation {
     let matches = command().get_matches();
     let (verb, sub) = match matches.subcommand() {
         Some((verb, sub)) => (verb, sub),
@@ -115,20 +122,20 @@ pub fn main() -> ExitCode {
     };
     if verb == "config-reference" {
         print!("{}", crate::config::settings::reference_markdown());
-        return ExitCode::SUCCESS;
+        return Invocation::Exit(ExitCode::SUCCESS);
     }
     if verb == "metrics-reference" {
         print!("{}", crate::metrics::reference_markdown());
-        return ExitCode::SUCCESS;
+        return Invocation::Exit(ExitCode::SUCCESS);
     }
     let (config, layered) = match load(sub) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return Invocation::Exit(ExitCode::from(2));
         }
     };
-    match verb {
+    Invocation::Exit(match verb {
         "check-config" => {
             if let Some(files) = &config.tls
                 && let Err(e) = crate::http::tls::check(files)
@@ -137,7 +144,7 @@ pub fn main() -> ExitCode {
                     "error: {}",
                     crate::config::ConfigError::setting(e.setting, e)
                 );
-                return ExitCode::from(2);
+                return Invocation::Exit(ExitCode::from(2));
             }
             println!("# configuration is valid; effective settings:");
             print!("{}", layered.describe());
@@ -148,8 +155,8 @@ pub fn main() -> ExitCode {
             Some(t) => check_token(t, sub.get_one::<String>("for").map(String::as_str), &config),
             None => token(sub, &config),
         },
-        _ => serve(config),
-    }
+        _ => return Invocation::Serve(layered, Box::new(config)),
+    })
 }
 
 fn token(m: &ArgMatches, config: &Config) -> ExitCode {
@@ -369,7 +376,8 @@ fn check_token(arg: &str, endpoint: Option<&str>, config: &Config) -> ExitCode {
     code
 }
 
-fn init_logging(config: &Config) {
+/// Logs to stderr, as `log_level` and `log_format` say.
+pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A log line that cannot be written (stderr closed by a supervisor that
@@ -386,96 +394,59 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
-    init_logging(&config);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        // Before anything listens: a SIGTERM from the moment clients can
-        // connect stops the server gracefully.
-        let signalled = wait_for_signal();
-        let hangups = hangups();
-        let server = match crate::server::Server::bind(config).await {
-            Ok(s) => s,
-            Err(
-                e @ (crate::server::StartError::Config(_)
-                | crate::server::StartError::NodeInUse(_)),
-            ) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let addr = server.local_addr();
-        if let Some(tokens) = server.sample_tokens() {
-            tracing::warn!(
-                "no jwt.secret configured: using a RANDOM secret; tokens stop working when pulso restarts"
-            );
-            eprintln!(
-                "\n  ⚠  No jwt.secret is configured, so pulso generated a random one for this run.\n     \
-                 Set PULSO_JWT_SECRET (or jwt.secret in pulso.toml) for tokens that survive a restart.\n\n  \
-                 Sample token (role assistant, sub demo, valid 24 h):\n\n  {client}\n\n  \
-                 Publisher token for the HTTP API (valid 24 h):\n\n  {publisher}\n\n  \
-                 Try: websocat '{ws}://127.0.0.1:{port}/ws?token={client}'\n       \
-                 Console: {http}://127.0.0.1:{port}/#token={publisher}\n",
-                client = tokens.client,
-                publisher = tokens.publisher,
-                port = addr.port(),
-                ws = if server.tls().is_some() { "wss" } else { "ws" },
-                http = if server.tls().is_some() { "https" } else { "http" },
-            );
-        }
-        if let Some(mut hangups) = hangups {
-            let tls = server.tls().cloned();
-            tokio::spawn(async move {
-                while hangups.recv().await.is_some() {
-                    match &tls {
-                        // Logged and counted by `reload`; a failure keeps
-                        // the certificate in use.
-                        Some(tls) => {
-                            tracing::info!("SIGHUP: reloading the TLS certificate");
-                            let _ = tls.reload();
-                        }
-                        None => tracing::info!("SIGHUP: nothing to reload (no tls.cert_file)"),
-                    }
-                }
-            });
-        }
-        tracing::info!(
-            %addr,
-            node = %server.gateway().config.node_id,
-            tls = server.tls().is_some(),
-            "pulso listening"
+/// Says where the server listens, with sample tokens and how to use them
+/// when it made up its JWT secret.
+pub fn announce(server: &crate::server::Server) {
+    let addr = server.local_addr();
+    let tls = server.tls().is_some();
+    if let Some(tokens) = server.sample_tokens() {
+        tracing::warn!(
+            "no jwt.secret configured: using a RANDOM secret; tokens stop working when pulso restarts"
         );
-        let stop = server.shutdown_token();
-        tokio::spawn(async move {
-            signalled.await;
-            // Stop first: nothing after this may keep the server running.
-            stop.cancel();
-            tracing::info!("signal received");
-        });
-        match server.run().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
+        eprintln!(
+            "\n  ⚠  No jwt.secret is configured, so pulso generated a random one for this run.\n     \
+             Set PULSO_JWT_SECRET (or jwt.secret in pulso.toml) for tokens that survive a restart.\n\n  \
+             Sample token (role assistant, sub demo, valid 24 h):\n\n  {client}\n\n  \
+             Publisher token for the HTTP API (valid 24 h):\n\n  {publisher}\n\n  \
+             Try: websocat '{ws}://127.0.0.1:{port}/ws?token={client}'\n       \
+             Console: {http}://127.0.0.1:{port}/#token={publisher}\n",
+            client = tokens.client,
+            publisher = tokens.publisher,
+            port = addr.port(),
+            ws = if tls { "wss" } else { "ws" },
+            http = if tls { "https" } else { "http" },
+        );
+    }
+    tracing::info!(%addr, node = %server.handle().node_id(), tls, "pulso listening");
+}
+
+/// Reloads the TLS certificate on every SIGHUP from `hangups` (a failure
+/// keeps the certificate in use; `reload` logs and counts it).
+pub fn reload_on_hangup(
+    server: &crate::server::Server,
+    hangups: Option<tokio::signal::unix::Signal>,
+) {
+    let Some(mut hangups) = hangups else {
+        return;
+    };
+    let tls = server.tls().cloned();
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match &tls {
+                Some(tls) => {
+                    tracing::info!("SIGHUP: reloading the TLS certificate");
+                    let _ = tls.reload();
+                }
+                None => tracing::info!("SIGHUP: nothing to reload (no tls.cert_file)"),
             }
         }
-    })
+    });
 }
 
 /// Listens for SIGHUP from now on: it reloads the TLS certificate, and
 /// never stops the server (its default action would), TLS or not, so a
 /// supervisor's reload command is safe either way.
-fn hangups() -> Option<tokio::signal::unix::Signal> {
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -489,7 +460,7 @@ fn hangups() -> Option<tokio::signal::unix::Signal> {
 /// Listens for SIGINT and SIGTERM from now on (the handlers are installed
 /// when this is called, not when the future is first polled), and
 /// completes on the first.
-fn wait_for_signal() -> impl Future<Output = ()> {
+pub fn wait_for_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let streams = (
         signal(SignalKind::interrupt()),

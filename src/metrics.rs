@@ -493,8 +493,8 @@ pub const METRICS: &[MetricDoc] = &[
     MetricDoc {
         name: "messages_published",
         area: "Messages",
-        label: Some(("source", "`api`, `ws`, `mqtt`, `demo`")),
-        help: "Messages published into the hub on this node, by source: api (POST /api/publish and /api/broadcast), ws (/ws clients), mqtt (the broker), demo (the demo feed)",
+        label: Some(("source", "`api`, `ws`, `mqtt`, `demo`, `library`")),
+        help: "Messages published into the hub on this node, by source: api (POST /api/publish and /api/broadcast), ws (/ws clients), mqtt (the broker), demo (the demo feed), library (the Rust code of an application that embeds pulso)",
     },
     MetricDoc {
         name: "messages_delivered",

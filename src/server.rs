@@ -1,6 +1,17 @@
-//! Starting and stopping a pulso server: bind, build the gateway, compose
-//! the routers, serve until the shutdown signal, then close every
-//! connection within `shutdown_timeout`.
+//! Starting and stopping a pulso server: bind (or not, when an application
+//! serves pulso's routes itself), build the gateway, compose the routers,
+//! serve until the shutdown signal, then close every connection within
+//! `shutdown_timeout`.
+//!
+//! This is the library's public face: [`Builder`] takes the settings,
+//! [`Server`] runs, [`Handle`] publishes and stops; `lib.rs` re-exports
+//! them at the crate root.
+
+mod builder;
+mod handle;
+
+pub use builder::Builder;
+pub use handle::{Handle, MAX_ROOMS, PublishError};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,13 +29,21 @@ use crate::gateway::{Gateway, Readiness};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
+/// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
+    /// A setting is invalid (the message names it), or a component could
+    /// not be set up with it (an unparsable broker URL, say). Starting
+    /// again unchanged cannot help: the binary exits with code 2.
     #[error("{0}")]
     Config(#[from] ConfigError),
+    /// The `listen` address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address of the `listen` setting.
         addr: SocketAddr,
+        /// What the operating system said.
         source: std::io::Error,
     },
     /// A cluster node with this `node_id` is alive: like a configuration
@@ -33,9 +52,24 @@ pub enum StartError {
     NodeInUse(#[from] crate::presence::NodeInUse),
 }
 
+/// A prepared pulso server: the gateway is built, the presence store is
+/// open (in a cluster, the node id is claimed), the listener is bound
+/// unless the server was built [without one](Builder::without_listener).
+/// Nothing is served and no background work runs until [`Server::run`].
+///
+/// Made by [`Server::builder`]. Before `run` consumes it, take what you
+/// need from it: a [`Handle`] to publish and stop with, and, when embedding,
+/// the [`router`](Server::router) to mount in your own application.
 pub struct Server {
-    listener: TcpListener,
+    /// `None` when the application serves [`Server::router`] itself.
+    listener: Option<TcpListener>,
+    /// The bound address, or the configured `listen` without a listener.
+    addr: SocketAddr,
     gateway: Arc<Gateway>,
+    /// Every route (HTTP API, console, `/ws`, Socket.IO), built once: the
+    /// Socket.IO sessions live in it, so the standalone listener and
+    /// [`Server::router`] share them.
+    app: Router,
     sample_tokens: Option<SampleTokens>,
     /// The backplane's tasks, started by [`Server::run`].
     cluster: Option<crate::cluster::Tasks>,
@@ -47,7 +81,9 @@ pub struct Server {
     tls: Option<Arc<crate::http::tls::Tls>>,
 }
 
-/// Tokens printed at start-up when the JWT secret was generated.
+/// Tokens signed with the secret a server made up because none was
+/// configured (the binary prints them at start-up).
+#[derive(Debug, Clone)]
 pub struct SampleTokens {
     /// Role `assistant`, sub `demo`.
     pub client: String,
@@ -56,21 +92,40 @@ pub struct SampleTokens {
 }
 
 impl Server {
-    /// Binds the listener and prepares everything; nothing is served until [`Server::run`].
+    /// A builder that starts from the built-in defaults (those of
+    /// `docs/configuration.md`; no file and no environment variable is read).
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// Binds `config.listen` and prepares everything; nothing is served
+    /// until [`Server::run`]. The same as a [`Builder`] with these settings.
+    #[doc(hidden)]
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        Self::start(config, true).await
+    }
+
+    /// Binds `config.listen` when `listen`, and prepares everything.
+    async fn start(config: Config, listen: bool) -> Result<Server, StartError> {
+        let listener = if listen {
+            Some(
+                TcpListener::bind(config.listen)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: config.listen,
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
+        let addr = listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or(config.listen);
         let mut config = config;
         // With port 0 the node id should name the port actually bound.
-        if let Ok(addr) = listener.local_addr()
-            && config.listen.port() == 0
-            && config.node_id.ends_with(":0")
-        {
+        if listener.is_some() && config.listen.port() == 0 && config.node_id.ends_with(":0") {
             config.node_id = format!("{}:{}", config.node_id.trim_end_matches(":0"), addr.port());
         }
 
@@ -198,9 +253,12 @@ impl Server {
             sessions: cluster.as_ref().and_then(crate::cluster::Tasks::sessions),
             started: std::time::Instant::now(),
         });
+        let app = Self::app(&gateway);
         Ok(Server {
             listener,
+            addr,
             gateway,
+            app,
             sample_tokens,
             cluster,
             mqtt,
@@ -209,18 +267,27 @@ impl Server {
         })
     }
 
+    /// The address the listener is bound to (with port 0 in `listen`, the
+    /// port the system chose). Without a listener, the `listen` setting.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.gateway.config.listen)
+        self.addr
     }
 
+    /// A handle to publish through and to stop the server with; it stays
+    /// usable (and cheap to clone) after [`Server::run`] takes the server.
+    pub fn handle(&self) -> Handle {
+        Handle::new(self.gateway.clone())
+    }
+
+    /// The gateway every front end shares.
+    #[doc(hidden)]
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
     }
 
     /// The MQTT bridge, when `mqtt.url` is set (for tests and tools that
     /// look at its state).
+    #[doc(hidden)]
     pub fn mqtt_bridge(&self) -> Option<&Arc<crate::mqtt::Bridge>> {
         self.mqtt.as_ref()
     }
@@ -231,18 +298,81 @@ impl Server {
         self.tls.as_ref()
     }
 
-    /// Ready-made tokens, when the secret was generated at start.
+    /// Ready-made tokens, when no `jwt.secret` or `jwt.public_key_file` was
+    /// set and the server made up a secret for this run.
     pub fn sample_tokens(&self) -> Option<&SampleTokens> {
         self.sample_tokens.as_ref()
     }
 
-    /// Cancelling this token stops the server gracefully.
+    /// Cancelling this token stops the server gracefully
+    /// ([`Handle::shutdown`] does).
+    #[doc(hidden)]
     pub fn shutdown_token(&self) -> CancellationToken {
         self.gateway.shutdown.clone()
     }
 
+    /// pulso's endpoints for an application that serves HTTP itself:
+    /// `/ws`, `/socket.io/` (Engine.IO 3 and 4, WebSocket and long-polling)
+    /// and `/api/…` (publish, broadcast, presence, cluster), to
+    /// [`merge`](Router::merge) into your router or
+    /// [`nest`](Router::nest) under a prefix.
+    ///
+    /// The router has no fallback, so yours applies to every other path.
+    /// Every call returns routes onto the same server (one table of
+    /// Socket.IO sessions), so it may be mounted more than once.
+    ///
+    /// What pulso's own listener does per connection is then the
+    /// application's business: the HTTP timeouts (`http.header_timeout`,
+    /// `http.idle_timeout`, `http.body_timeout`), the lingering close after
+    /// a refused body, TLS. The limit per client address
+    /// (`max_connections_per_ip`) needs the peer's address: serve with
+    /// [`into_make_service_with_connect_info::<SocketAddr>`](Router::into_make_service_with_connect_info),
+    /// else only `max_connections` applies.
+    ///
+    /// [`Server::run`] must run too (it drives the MQTT bridge, the cluster
+    /// backplane, the heartbeats and the graceful stop).
+    pub fn router(&self) -> Router {
+        let app = &self.app;
+        Router::new()
+            .route("/ws", Self::forward(app))
+            .route("/socket.io", Self::forward(app))
+            .route("/socket.io/", Self::forward(app))
+            .route("/api/{*rest}", Self::forward(app))
+            .layer(axum::middleware::from_fn(peer_from_connect_info))
+    }
+
+    /// The operations endpoints, `/healthz`, `/readyz` and `/metrics`
+    /// (Prometheus), for an application that serves HTTP itself: apart
+    /// from [`Server::router`], as an application may have its own on
+    /// those paths. Merge it, nest it under a prefix, or serve it on
+    /// another port.
+    pub fn ops_router(&self) -> Router {
+        let app = &self.app;
+        Router::new()
+            .route("/healthz", Self::forward(app))
+            .route("/readyz", Self::forward(app))
+            .route("/metrics", Self::forward(app))
+    }
+
+    /// A route that hands every method to the complete router, which then
+    /// answers as the standalone server does (its JSON 404 and 405, CORS,
+    /// the Socket.IO middleware).
+    fn forward(app: &Router) -> axum::routing::MethodRouter {
+        let app = app.clone();
+        axum::routing::any(move |request: axum::extract::Request| {
+            let app = app.clone();
+            async move {
+                use tower::ServiceExt as _;
+                match app.oneshot(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            }
+        })
+    }
+
     /// The HTTP routes plus Socket.IO on `/socket.io/`, all on one port.
-    pub fn router(gw: &Arc<Gateway>) -> Router {
+    fn app(gw: &Arc<Gateway>) -> Router {
         Router::new()
             .route("/ws", get(crate::ws::upgrade))
             .merge(crate::api::router())
@@ -258,8 +388,16 @@ impl Server {
             ))
     }
 
-    /// Serves until the shutdown token is cancelled, then closes every
-    /// connection (1001 for `/ws`) and returns within `shutdown_timeout`.
+    /// Serves until the shutdown signal ([`Handle::shutdown`]), then closes
+    /// every connection (1001 for `/ws`; Socket.IO transports without a
+    /// DISCONNECT, so that clients reconnect), clears this node's presence
+    /// rows and returns, within `shutdown_timeout`.
+    ///
+    /// With a listener it serves pulso's HTTP connections. In both cases it
+    /// runs the background work: the MQTT bridge, the cluster backplane,
+    /// the node's heartbeats, the demo feed. An application that serves
+    /// [`Server::router`] itself spawns this and stops its own HTTP server
+    /// on [`Handle::stopping`].
     pub async fn run(self) -> std::io::Result<()> {
         let gw = self.gateway.clone();
         let background = TaskTracker::new();
@@ -274,19 +412,21 @@ impl Server {
         }
         // Heartbeats and dead nodes (returns at once outside a cluster).
         background.spawn(self.presence.clone().heartbeats(gw.shutdown.clone()));
-        let app = Self::router(&gw);
         let stop = gw.shutdown.clone();
         // HTTP connections (not the upgraded ones, which `gw.connections`
         // tracks) finish their request in progress once `stop` is cancelled.
         let http = TaskTracker::new();
-        let serving = tokio::spawn(crate::http::serve(
-            self.listener,
-            app,
-            gw.config.http,
-            self.tls.clone(),
-            stop.clone(),
-            http.clone(),
-        ));
+        let tls = self.tls.clone();
+        let serving = self.listener.map(|listener| {
+            tokio::spawn(crate::http::serve(
+                listener,
+                self.app,
+                gw.config.http,
+                tls,
+                stop.clone(),
+                http.clone(),
+            ))
+        });
 
         stop.cancelled().await;
         tracing::info!("stopping: closing connections");
@@ -303,7 +443,9 @@ impl Server {
         let drained = tokio::time::timeout(limit - reserve, async {
             // HTTP connections first: once they are gone no upgrade can
             // add a connection task.
-            let _ = serving.await;
+            if let Some(serving) = serving {
+                let _ = serving.await;
+            }
             http.close();
             http.wait().await;
             gw.connections.wait().await;
@@ -322,4 +464,23 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Under an application's own server, the TCP peer comes as axum's
+/// `ConnectInfo` (when it serves with connect info); pulso's admission
+/// reads it as [`PeerAddr`](crate::http::PeerAddr), which pulso's own
+/// listener sets.
+async fn peer_from_connect_info(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use crate::http::PeerAddr;
+    use axum::extract::ConnectInfo;
+    let extensions = request.extensions_mut();
+    if extensions.get::<PeerAddr>().is_none()
+        && let Some(ConnectInfo(peer)) = extensions.get::<ConnectInfo<SocketAddr>>().copied()
+    {
+        extensions.insert(PeerAddr(peer));
+    }
+    next.run(request).await
 }
