@@ -66,7 +66,7 @@ for _ in $(seq 1 100); do # the bridge must be up before MQTT publishes start
 done
 
 # One CSV row: the time, pulso's RSS and CPU seconds, the /metrics gauges and
-# counters, the presence rows.
+# counters, the presence rows, the machine's load average (1 min).
 TICK=$(getconf CLK_TCK)
 sample() {
   local t=$1 rss cpu metrics presence
@@ -79,10 +79,10 @@ sample() {
       v["pulso_messages_delivered_total"], v["pulso_slow_consumer_closes_total"],
       v["pulso_connections_opened_total"] }')
   presence=$(curl -s --max-time 4 -H "Authorization: Bearer $KEY" "$URL/api/presence" | jq '.sockets | length')
-  echo "$t,${rss:-},${cpu:-},$metrics,${presence:-}"
+  echo "$t,${rss:-},${cpu:-},$metrics,${presence:-},$(cut -d' ' -f1 /proc/loadavg)"
 }
 mkdir -p "$(dirname "$CSV")"
-echo "t_s,rss_kib,cpu_s,connections,subscriptions,topics,published,mqtt_in,delivered,slow_consumer_closes,opened,presence_rows" >"$CSV"
+echo "t_s,rss_kib,cpu_s,connections,subscriptions,topics,published,mqtt_in,delivered,slow_consumer_closes,opened,presence_rows,load1" >"$CSV"
 START=$(date +%s)
 (
   while kill -0 "$PID" 2>/dev/null; do

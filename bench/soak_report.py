@@ -82,6 +82,7 @@ def main():
         "rss_growth_last_two_thirds_pct": round(growth_pct, 2),
         "cpu_s": round(cpu_s, 1),
         "cpu_pct_of_one_core": round(cpu_s * 100 / max(last["t_s"], 1), 1),
+        "machine_load1_mean": round(sum(r.get("load1", 0) for r in rows) / len(rows), 1),
         "end": {k: int(last[k]) for k in ("connections", "subscriptions", "topics", "presence_rows")},
     }
     failures = []
