@@ -114,6 +114,8 @@ enum Cmd {
 /// Settings every scenario uses.
 pub struct Common {
     pub label: String,
+    /// The HS256 secret (for scenarios that sign a token per client).
+    pub secret: String,
     pub publish_token: String,
     pub groups: usize,
     pub connect_concurrency: usize,
@@ -166,6 +168,7 @@ fn setup(t: &TargetArgs, proto: Proto) -> net::Result<(Target, Common)> {
         },
         Common {
             label: t.label.clone(),
+            secret: t.secret.clone(),
             publish_token: admin,
             groups: t.groups,
             connect_concurrency: t.connect_concurrency,

@@ -25,6 +25,11 @@ struct TestServer {
 
 impl TestServer {
     async fn start() -> Self {
+        Self::start_toml("").await
+    }
+
+    /// Starts with `extra` TOML applied over the base settings.
+    async fn start_toml(extra: &str) -> Self {
         let mut layered = Layered::defaults();
         layered
             .apply_toml(&format!(
@@ -32,6 +37,7 @@ impl TestServer {
                  [jwt]\nsecret = \"{SECRET}\"\n[demo]\nenabled = false\n"
             ))
             .expect("test settings");
+        layered.apply_toml(extra).expect("extra test settings");
         let config = Config::from_layered(&layered).expect("valid test config");
         let server = Server::bind(config).await.expect("bind");
         TestServer {
@@ -160,5 +166,91 @@ async fn clients_spread_over_client_urls_with_cpu_and_counters() {
     assert_eq!(v["server_pids"], serde_json::json!([std::process::id()]));
     assert_eq!(v["cluster_messages"][0]["received"], 0, "{v}");
     assert_eq!(v["cluster_messages"][0]["url"], a.as_str(), "{v}");
+    server.stop().await;
+}
+
+/// `churn --mixed --mqtt`, as `bench/soak.sh` runs it, in small: `/ws` and
+/// Socket.IO clients come and go while messages arrive over HTTP and
+/// through pulso's MQTT bridge from the machine's broker; afterwards the
+/// server's tables are back to empty and nothing failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_over_both_protocols_with_mqtt_leaves_nothing_behind() {
+    const BROKER: &str = "127.0.0.1:1883";
+    if tokio::net::TcpStream::connect(BROKER).await.is_err() {
+        let reason = format!("no MQTT broker on {BROKER}");
+        if std::env::var("PULSO_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
+            panic!("required service missing (PULSO_REQUIRE_SERVICES=1): {reason}");
+        }
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let server = TestServer::start_toml(&format!(
+        "[mqtt]\nurl = \"mqtt://{BROKER}\"\ntopics = [\"bench/+\"]\n"
+    ))
+    .await;
+    let url = server.addr.to_string();
+    let args = [
+        "churn",
+        "--url",
+        &url,
+        "--secret",
+        SECRET,
+        "--mixed",
+        "--distinct-subs",
+        "--workers",
+        "20",
+        "--duration",
+        "3",
+        "--rounds",
+        "1",
+        "--hold-ms",
+        "400",
+        "--topics",
+        "3",
+        "--rate",
+        "20",
+        "--mqtt",
+        BROKER,
+        "--mqtt-rate",
+        "20",
+        "--ramp",
+        "1",
+    ];
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pulso-bench"))
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("pulso-bench finishes in time")
+    .expect("pulso-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pulso-bench failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.lines().next().expect("a JSON line"))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    assert_eq!(v["protocols"], "ws+sio", "{v}");
+    for field in ["errors", "publish_errors", "mqtt_errors"] {
+        assert_eq!(v[field], 0, "{field} in {v}");
+    }
+    for field in [
+        "cycles_ws",
+        "cycles_sio",
+        "messages_received",
+        "mqtt_published",
+    ] {
+        assert!(v[field].as_u64().is_some_and(|n| n > 0), "{field} in {v}");
+    }
+    assert!(
+        v["server_mqtt_in"].as_f64().is_some_and(|n| n > 0.0),
+        "bridged: {v}"
+    );
+    assert_eq!(v["tables_returned"], true, "{v}");
+    assert_eq!(
+        v["tables_after"],
+        serde_json::json!({"connections": 0.0, "subscriptions": 0.0, "topics": 0.0}),
+        "{v}"
+    );
     server.stop().await;
 }
