@@ -202,16 +202,13 @@ impl Server {
                     &config.node_id,
                     config.mqtt.last_value_filters(),
                 );
-                // Redis keeps the history for the cluster; over NATS each
-                // node keeps its own (see docs/history.md).
-                let shared = Arc::new(match engine {
-                    Engine::Redis(_) => shared.with_history(HistoryRules {
-                        filters: config.history.topics.clone(),
-                        size: config.history.size,
-                        ttl: config.history.ttl,
-                    }),
-                    Engine::Nats(_) => shared,
-                });
+                // The engine keeps the history for the cluster (see
+                // docs/history.md).
+                let shared = Arc::new(shared.with_history(HistoryRules {
+                    filters: config.history.topics.clone(),
+                    size: config.history.size,
+                    ttl: config.history.ttl,
+                }));
                 let (link, tasks) = match engine {
                     Engine::Redis(url) => redis::prepare(url, shared.clone())
                         .map(|(link, tasks)| (link, Tasks::Redis(Box::new(tasks))))

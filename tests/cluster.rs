@@ -679,7 +679,13 @@ struct Process {
 }
 
 impl Process {
-    fn command(redis: &str, pg: &str, prefix: &str, id: &str) -> (std::process::Command, u16) {
+    /// `engine`: the backplane's URL, `redis://…` or `nats://…`.
+    fn command(engine: &str, pg: &str, prefix: &str, id: &str) -> (std::process::Command, u16) {
+        let engine_var = if engine.starts_with("nats://") {
+            "PULSO_CLUSTER_NATS_URL"
+        } else {
+            "PULSO_CLUSTER_REDIS_URL"
+        };
         let port = services::free_port();
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pulso"));
         for (k, _) in std::env::vars() {
@@ -691,7 +697,7 @@ impl Process {
             .env("PULSO_LISTEN", format!("127.0.0.1:{port}"))
             .env("PULSO_NODE_ID", id)
             .env("PULSO_DATABASE_URL", pg)
-            .env("PULSO_CLUSTER_REDIS_URL", redis)
+            .env(engine_var, engine)
             .env("PULSO_CLUSTER_PREFIX", prefix)
             .env("PULSO_CLUSTER_HEARTBEAT", "200ms")
             .env("PULSO_CLUSTER_NODE_TTL", "1s")
@@ -704,19 +710,19 @@ impl Process {
     }
 
     /// Starts it and waits until `/readyz` answers 200.
-    async fn start(redis: &str, pg: &str, prefix: &str, id: &str) -> Process {
-        Self::start_with(redis, pg, prefix, id, &[]).await
+    async fn start(engine: &str, pg: &str, prefix: &str, id: &str) -> Process {
+        Self::start_with(engine, pg, prefix, id, &[]).await
     }
 
     /// [`Process::start`] with more `PULSO_*` variables.
     async fn start_with(
-        redis: &str,
+        engine: &str,
         pg: &str,
         prefix: &str,
         id: &str,
         env: &[(&str, &str)],
     ) -> Process {
-        let (mut c, port) = Self::command(redis, pg, prefix, id);
+        let (mut c, port) = Self::command(engine, pg, prefix, id);
         c.envs(env.iter().copied());
         let log = std::env::temp_dir().join(format!("{}.log", unique("pulso-node")));
         c.stderr(std::fs::File::create(&log).unwrap());
@@ -1198,17 +1204,22 @@ async fn sub_since(ws: &mut WsClient, topic: &str, offset: u64, epoch: &Value) -
     ws.recv().await
 }
 
-/// With Redis the history lives in the backplane: every node hands out the
-/// same offsets, and a `/ws` client whose connection was cut recovers on
+on_each_engine!(
+    a_ws_client_recovers_on_another_node_from_the_history_in_the_backplane,
+    a_client_of_a_killed_node_recovers_on_a_survivor,
+    recovery_from_the_backplane_has_no_gap_and_no_duplicate_at_the_seam,
+);
+
+/// The history lives in the backplane: every node hands out the same
+/// offsets, and a `/ws` client whose connection was cut recovers on
 /// another node what was published meanwhile through a third, then goes
 /// live with no gap; with more missed than `history.size` it is told to
 /// reload.
-#[tokio::test]
-async fn a_ws_client_recovers_on_another_node_from_the_history_in_redis() {
+async fn a_ws_client_recovers_on_another_node_from_the_history_in_the_backplane(engine: Engine) {
     let Some(pg) = postgres_url().await else {
         return;
     };
-    let Some(server) = Server::start(Engine::Redis).await else {
+    let Some(server) = Server::start(engine).await else {
         return;
     };
     let prefix = unique("h");
@@ -1268,26 +1279,26 @@ async fn a_ws_client_recovers_on_another_node_from_the_history_in_redis() {
     assert_eq!(ack["recovered"], json!(false));
 }
 
-/// Two real `pulso` nodes on a Redis of the test's own, with history on
-/// `topics`: the server, the cluster prefix and the nodes.
-async fn two_processes(topics: &str) -> Option<(Server, String, Process, Process)> {
+/// Two real `pulso` nodes on an engine server of the test's own, with
+/// history on `topics`: the server, the cluster prefix and the nodes.
+async fn two_processes(engine: Engine, topics: &str) -> Option<(Server, String, Process, Process)> {
     let pg = postgres_url().await?;
-    let server = Server::start(Engine::Redis).await?;
-    let Server::Redis(redis) = &server else {
-        unreachable!("a Redis cluster")
+    let server = Server::start(engine).await?;
+    let url = match &server {
+        Server::Redis(r) => r.url(),
+        Server::Nats(n) => n.url(),
     };
     let prefix = fresh_prefix();
     let env = [("PULSO_HISTORY_TOPICS", topics)];
-    let a = Process::start_with(&redis.url(), &pg, &prefix, &unique("a"), &env).await;
-    let b = Process::start_with(&redis.url(), &pg, &prefix, &unique("b"), &env).await;
+    let a = Process::start_with(&url, &pg, &prefix, &unique("a"), &env).await;
+    let b = Process::start_with(&url, &pg, &prefix, &unique("b"), &env).await;
     Some((server, prefix, a, b))
 }
 
 /// A node killed with `kill -9` while its client was away: the client
 /// recovers everything on a survivor, since nothing was only on that node.
-#[tokio::test]
-async fn a_client_of_a_killed_node_recovers_on_a_survivor() {
-    let Some((_server, _prefix, mut a, b)) = two_processes("h/#").await else {
+async fn a_client_of_a_killed_node_recovers_on_a_survivor(engine: Engine) {
+    let Some((_server, _prefix, mut a, b)) = two_processes(engine, "h/#").await else {
         return;
     };
     let token = common::token("assistant", &unique("k"), Some(Duration::from_secs(60)));
@@ -1325,12 +1336,11 @@ async fn a_client_of_a_killed_node_recovers_on_a_survivor() {
 
 /// The seam between replay and live messages while another node publishes
 /// without pause: every offset once, in order.
-#[tokio::test]
-async fn recovery_from_redis_has_no_gap_and_no_duplicate_at_the_seam() {
+async fn recovery_from_the_backplane_has_no_gap_and_no_duplicate_at_the_seam(engine: Engine) {
     let Some(pg) = postgres_url().await else {
         return;
     };
-    let Some(server) = Server::start(Engine::Redis).await else {
+    let Some(server) = Server::start(engine).await else {
         return;
     };
     let prefix = unique("h");
@@ -1462,7 +1472,9 @@ async fn a_socketio_client_recovers_on_another_node() {
 /// and the client recovers everything on a survivor.
 #[tokio::test]
 async fn a_socketio_client_of_a_killed_node_recovers_on_a_survivor() {
-    let Some((server, prefix, mut a, b)) = two_processes("assistant,assistant_2").await else {
+    let Some((server, prefix, mut a, b)) =
+        two_processes(Engine::Redis, "assistant,assistant_2").await
+    else {
         return;
     };
     let Server::Redis(redis) = &server else {

@@ -81,7 +81,7 @@ pub fn nats_ingest_subject(prefix: &str, topic: &str) -> String {
     topic_subject(prefix, "in", topic)
 }
 
-fn topic_subject(prefix: &str, kind: &str, topic: &str) -> String {
+pub(crate) fn topic_subject(prefix: &str, kind: &str, topic: &str) -> String {
     let mut out = format!("{prefix}.{kind}");
     for level in topic.split('/') {
         out.push('.');

@@ -28,7 +28,9 @@
 //!   its clients want then. Queues are bounded.
 
 pub mod channel;
+pub mod jetstream;
 pub mod nats;
+pub mod nats_history;
 pub mod redis;
 
 use std::borrow::Cow;

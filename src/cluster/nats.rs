@@ -55,7 +55,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{nats_ingest_subject, nats_subjects};
-use super::{Feeds, Link, Outgoing, Seen, Settle, Shared, Wanted};
+use super::nats_history::{NatsHistory, Writes};
+use super::{Feeds, HistorySource, Link, Outgoing, Seen, Settle, Shared, Wanted};
 use crate::hub::Interest;
 
 /// Publishes handed to the connection per batch, at most.
@@ -85,9 +86,6 @@ const TICK: Duration = Duration::from_millis(250);
 const STREAM_MSGS: u64 = 10_000;
 const STREAM_BYTES: u64 = 64 * 1024 * 1024;
 const STREAM_AGE: Duration = Duration::from_secs(60);
-/// JetStream's error code for a stream that exists with another
-/// configuration (then it is updated).
-const STREAM_EXISTS: u64 = 10_058;
 
 /// The cluster's ordering stream: it takes in what nodes publish on
 /// `<prefix>.in.>` and republishes each message, in the stream's order,
@@ -119,6 +117,8 @@ pub struct Tasks {
     name: String,
     shared: Arc<Shared>,
     feeds: Feeds,
+    /// The history in JetStream, when `history.topics` is set.
+    history: Option<Arc<NatsHistory>>,
 }
 
 /// Checks `url` and prepares the backplane; nothing connects before
@@ -130,7 +130,12 @@ pub fn prepare(
 ) -> Result<(Arc<Link>, Tasks), String> {
     url.parse::<async_nats::ServerAddr>()
         .map_err(|e| e.to_string())?;
-    let (link, feeds) = Link::new(shared.clone(), None);
+    let history = shared
+        .history
+        .clone()
+        .map(|rules| Arc::new(NatsHistory::new(&shared.prefix, rules)));
+    let source = history.clone().map(|h| h as Arc<dyn HistorySource>);
+    let (link, feeds) = Link::new(shared.clone(), source);
     Ok((
         link,
         Tasks {
@@ -138,6 +143,7 @@ pub fn prepare(
             name: format!("pulso {node_id}"),
             shared,
             feeds,
+            history,
         },
     ))
 }
@@ -190,9 +196,13 @@ impl Tasks {
             interest,
             settle,
         } = self.feeds;
+        if let Some(history) = &self.history {
+            history.set_client(client.clone());
+        }
         let writer = tokio::spawn(writer(
             client.clone(),
             self.shared.clone(),
+            self.history.clone(),
             out,
             stop.clone(),
         ));
@@ -212,6 +222,7 @@ impl Tasks {
             retry_at: Instant::now(),
             backoff: BACKOFF_MIN,
             warned_slow: None,
+            history: self.history,
         };
         subscriber.run(stop).await;
         let _ = writer.await;
@@ -232,16 +243,26 @@ async fn timed<T, E: std::fmt::Display>(
 async fn writer(
     client: Client,
     shared: Arc<Shared>,
+    history: Option<Arc<NatsHistory>>,
     mut rx: mpsc::Receiver<Outgoing>,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut writes = Writes::default();
+    let mut connects = 0;
     while shared.next_batch(&mut rx, &mut batch, BATCH, &stop).await {
         // Handed to a client that is not connected, a publish would wait in
         // its queue for the next connection: deliver it here now instead.
         if client.connection_state() != State::Connected {
             shared.deliver_all_here(&mut batch);
             continue;
+        }
+        // Another connection may reach another incarnation of the history
+        // stream: its topics' last messages are read again.
+        let now = client.statistics().connects.load(Ordering::Relaxed);
+        if now != connects {
+            connects = now;
+            writes = Writes::default();
         }
         let max = client.max_payload();
         let mut failed: Option<String> = None;
@@ -259,11 +280,25 @@ async fn writer(
                 shared.deliver_here(out);
                 continue;
             }
-            // One copy per named room, in order, on the one connection.
+            // One copy per named room, in order, on the one connection; a
+            // room that keeps a history stores its copy in the history
+            // stream, which republishes it.
             let mut handed = 0;
-            for room in &out.rooms {
-                let subject = nats_ingest_subject(&shared.prefix, room);
-                match timed("publish", client.publish(subject, out.body.clone())).await {
+            for (i, room) in out.rooms.iter().enumerate() {
+                let stored = match &history {
+                    Some(h) if out.tracked.get(i).copied().unwrap_or(false) => {
+                        Some(h.store(&client, &mut writes, &out, i).await)
+                    }
+                    _ => None,
+                };
+                let sent = match stored {
+                    Some(result) => result.map_err(|e| format!("history: {e}")),
+                    None => {
+                        let subject = nats_ingest_subject(&shared.prefix, room);
+                        timed("publish", client.publish(subject, out.body.clone())).await
+                    }
+                };
+                match sent {
                     Ok(()) => handed += 1,
                     Err(e) => {
                         failed = Some(e);
@@ -610,6 +645,7 @@ struct Subscriber {
     retry_at: Instant,
     backoff: Duration,
     warned_slow: Option<Instant>,
+    history: Option<Arc<NatsHistory>>,
 }
 
 impl Subscriber {
@@ -712,6 +748,9 @@ impl Subscriber {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         self.up = false;
         self.shared.set_up(false);
+        if let Some(history) = &self.history {
+            history.forget(None);
+        }
     }
 
     fn apply(&mut self, change: &Interest) -> Vec<String> {
@@ -772,33 +811,17 @@ impl Subscriber {
     /// restarted NATS server has lost the stream, and a publish on
     /// `<prefix>.in` with no stream would reach nobody.
     async fn ensure_stream(&self) -> Result<(), String> {
-        let config = stream_config(&self.shared.prefix);
-        let name = config["name"].as_str().unwrap_or_default().to_string();
-        let body = Bytes::from(config.to_string());
-        for verb in ["CREATE", "UPDATE"] {
-            let subject = format!("$JS.API.STREAM.{verb}.{name}");
-            let request = self.client.request(subject, body.clone());
-            let reply = match tokio::time::timeout(COMMAND_TIMEOUT, request).await {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {
-                    return Err("the NATS server runs without JetStream (start it with -js): the backplane needs its stream to give every connection one order".into());
+        super::jetstream::ensure_stream(&self.client, &stream_config(&self.shared.prefix))
+            .await
+            .map_err(|e| {
+                if e.contains("without JetStream") {
+                    "the NATS server runs without JetStream (start it with -js): the backplane needs its stream to give every connection one order".to_string()
+                } else {
+                    e
                 }
-                Ok(Err(e)) => return Err(format!("stream {name}: {e}")),
-                Err(_) => return Err(format!("stream {name}: timed out")),
-            };
-            let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
-                .map_err(|e| format!("stream {name}: unreadable answer: {e}"))?;
-            match answer.get("error") {
-                None => return Ok(()),
-                Some(err)
-                    if verb == "CREATE" && err["err_code"].as_u64() == Some(STREAM_EXISTS) => {}
-                Some(err) => {
-                    return Err(format!(
-                        "stream {name}: {}",
-                        err["description"].as_str().unwrap_or("refused")
-                    ));
-                }
-            }
+            })?;
+        if let Some(history) = &self.history {
+            history.ensure(&self.client).await?;
         }
         Ok(())
     }
@@ -879,7 +902,19 @@ impl Subscriber {
         self.count_subscriptions();
     }
 
-    fn on_message(&mut self, via: u64, msg: Message) {
+    fn on_message(&mut self, via: u64, mut msg: Message) {
+        // From the history stream: its sequence is the cluster-wide one.
+        if let (Some(history), Some(headers)) = (&self.history, &msg.headers)
+            && headers
+                .get("Nats-Stream")
+                .is_some_and(|s| history.is_stream(s.as_str()))
+            && let Some(seq) = headers
+                .get("Nats-Sequence")
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+            && let Some(body) = super::nats_history::with_sequence(&msg.payload, seq)
+        {
+            msg.payload = body;
+        }
         match self.registry.routes.take(via, msg, &self.seen) {
             Take::Deliver(payload) => self.shared.receive(&payload, &mut self.seen),
             Take::Duplicate => self.shared.count("duplicate"),
