@@ -30,8 +30,8 @@
 #
 # history (a group: history-max history-load) measures what history costs on
 # the publish path: the same /ws fan-out with history.topics covering the
-# topic and without history, on one node and on two nodes over Redis (the
-# same setups as cluster's, off and on back to back; it needs redis-server
+# topic and without history, on one node and on two nodes over Redis and over NATS (the
+# same setups as cluster's, off and on back to back; it needs redis-server, nats-server
 # and a PostgreSQL as cluster does). See docs/history.md.
 # Results: one JSON line per run in $OUT (default bench/results/<date>.jsonl).
 set -uo pipefail
@@ -366,19 +366,20 @@ cluster_scenario() { # SCEN
 
 # The history scenarios: the same /ws fan-out with history.topics covering
 # the topic ("on") and without history ("off"), on one node and on two
-# nodes over Redis, on fresh servers each time. Every setup runs
+# nodes over Redis and over NATS, on fresh servers each time. Every setup runs
 # HISTORY_ROUNDS rounds of an off and an on run back to back (the order
 # alternating between rounds), so a ratio compares neighbours in time.
 HISTORY_ROUNDS="${HISTORY_ROUNDS:-2}"
 history_scenario() { # SCEN
   local scen=$1 setup round h c m mode=() nodes
   start_redis || { failed=1; return; }
+  start_nats || { failed=1; return; }
   c=$(scaled 2000); m=$(scaled 1000)
   case $scen in
     history-max) mode=(--max) ;;
     history-load) mode=(--rate 50) ;;
   esac
-  for setup in pulso-1 pulso-redis-2; do
+  for setup in pulso-1 pulso-redis-2 pulso-nats-2; do
     nodes=${setup##*-}
     for round in $(seq 1 "$HISTORY_ROUNDS"); do
       local order=(false true)

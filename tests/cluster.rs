@@ -29,7 +29,7 @@ fn unique(tag: &str) -> String {
 }
 
 /// The engine a scenario runs on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Engine {
     Redis,
     Nats,
@@ -1208,6 +1208,7 @@ on_each_engine!(
     a_ws_client_recovers_on_another_node_from_the_history_in_the_backplane,
     a_client_of_a_killed_node_recovers_on_a_survivor,
     recovery_from_the_backplane_has_no_gap_and_no_duplicate_at_the_seam,
+    a_broadcast_to_two_tracked_rooms_and_recovery,
 );
 
 /// The history lives in the backplane: every node hands out the same
@@ -1277,6 +1278,73 @@ async fn a_ws_client_recovers_on_another_node_from_the_history_in_the_backplane(
     let mut other = b.ws("assistant", &unique("other")).await;
     let ack = sub_since(&mut other, "h/feed", offset, &json!("not-the-epoch")).await;
     assert_eq!(ack["recovered"], json!(false));
+}
+
+/// A broadcast naming two tracked rooms, missed or not. Redis stores it
+/// once with both offsets, so a client that missed it recovers it; over
+/// NATS each room stores its own copy and the copies have no one place in
+/// the cluster's order, so a client that missed it is told to reload
+/// rather than risk a duplicate, and one that had it recovers what came
+/// after.
+async fn a_broadcast_to_two_tracked_rooms_and_recovery(engine: Engine) {
+    let Some(pg) = postgres_url().await else {
+        return;
+    };
+    let Some(server) = Server::start(engine).await else {
+        return;
+    };
+    let prefix = unique("h");
+    let extra = history_toml(20);
+    let a = node_with(&server, &pg, &prefix, &extra).await;
+    let b = node_with(&server, &pg, &prefix, &extra).await;
+    let mut ws = subscriber(&a, &["h/a"]).await;
+    a.publish("h/a", json!(0)).await;
+    let before = published(&mut ws).await;
+    let (k, epoch) = (before["offset"].as_u64().unwrap(), before["epoch"].clone());
+    broadcast_at(b.addr, &["h/a", "h/b"], json!("both")).await;
+    let both = published(&mut ws).await;
+    assert_eq!(both["payload"], json!("both"));
+    assert_eq!(both["offset"], json!(k + 1), "{both}");
+    drop(ws);
+    for n in 1..=3 {
+        b.publish("h/a", json!(n)).await;
+    }
+    // Had the broadcast: what came after is recovered.
+    let mut had = b.ws("assistant", &unique("had")).await;
+    let ack = sub_since(&mut had, "h/a", k + 1, &epoch).await;
+    assert_eq!(ack, json!({"type":"ack","id":"r","recovered":true}));
+    for n in 1..=3u64 {
+        let m = published(&mut had).await;
+        assert_eq!(
+            (m["payload"].clone(), m["offset"].clone()),
+            (json!(n), json!(k + 1 + n))
+        );
+    }
+    // Missed it: recovered over Redis, told to reload over NATS.
+    let mut missed = b.ws("assistant", &unique("missed")).await;
+    let ack = sub_since(&mut missed, "h/a", k, &epoch).await;
+    match engine {
+        Engine::Redis => {
+            assert_eq!(ack, json!({"type":"ack","id":"r","recovered":true}));
+            let m = published(&mut missed).await;
+            assert_eq!(
+                (m["payload"].clone(), m["offset"].clone()),
+                (json!("both"), json!(k + 1))
+            );
+            for n in 1..=3u64 {
+                assert_eq!(published(&mut missed).await["payload"], json!(n));
+            }
+        }
+        Engine::Nats => {
+            assert_eq!(ack, json!({"type":"ack","id":"r","recovered":false}));
+        }
+    }
+    b.publish("h/a", json!("live")).await;
+    let m = published(&mut missed).await;
+    assert_eq!(m["payload"], json!("live"));
+    if engine == Engine::Redis {
+        assert_eq!(m["offset"], json!(k + 5));
+    }
 }
 
 /// Two real `pulso` nodes on an engine server of the test's own, with
