@@ -1209,6 +1209,7 @@ on_each_engine!(
     a_client_of_a_killed_node_recovers_on_a_survivor,
     recovery_from_the_backplane_has_no_gap_and_no_duplicate_at_the_seam,
     a_broadcast_to_two_tracked_rooms_and_recovery,
+    concurrent_publishers_on_every_node_share_one_numbering,
 );
 
 /// The history lives in the backplane: every node hands out the same
@@ -1344,6 +1345,61 @@ async fn a_broadcast_to_two_tracked_rooms_and_recovery(engine: Engine) {
     assert_eq!(m["payload"], json!("live"));
     if engine == Engine::Redis {
         assert_eq!(m["offset"], json!(k + 5));
+    }
+}
+
+/// Three nodes publishing at once, many publishers each, on one tracked
+/// topic: every message gets its own offset, one after the other with no
+/// gap, and every connection sees the same offsets on the same messages
+/// (over NATS the nodes race for each store and the losers number again).
+async fn concurrent_publishers_on_every_node_share_one_numbering(engine: Engine) {
+    let Some(pg) = postgres_url().await else {
+        return;
+    };
+    let Some(server) = Server::start(engine).await else {
+        return;
+    };
+    let prefix = unique("h");
+    let extra = history_toml(1000);
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(node_with(&server, &pg, &prefix, &extra).await);
+    }
+    let mut subs = Vec::new();
+    for n in &nodes {
+        subs.push(subscriber(n, &["h/race"]).await);
+    }
+    let (per_node, publishers) = (150, 6);
+    let all = nodes.iter().enumerate().flat_map(|(i, n)| {
+        (0..publishers).map(move |p| async move {
+            for k in (p..per_node).step_by(publishers) {
+                let (status, _) = n.publish("h/race", json!(format!("{i}-{k}"))).await;
+                assert_eq!(status, 200);
+            }
+        })
+    });
+    futures_util::future::join_all(all).await;
+    let total = per_node * nodes.len();
+    let mut seen = Vec::new();
+    for ws in &mut subs {
+        let mut got = Vec::new();
+        for _ in 0..total {
+            let m = published(ws).await;
+            got.push((m["offset"].as_u64().unwrap(), m["payload"].clone()));
+        }
+        seen.push(got);
+    }
+    let offsets: Vec<u64> = seen[0].iter().map(|(o, _)| *o).collect();
+    let want: Vec<u64> = (1..=total as u64).collect();
+    assert_eq!(
+        offsets, want,
+        "one offset per message, in order ({engine:?})"
+    );
+    for other in &seen[1..] {
+        assert_eq!(
+            other, &seen[0],
+            "the same numbering on every node ({engine:?})"
+        );
     }
 }
 

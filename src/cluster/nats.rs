@@ -266,10 +266,13 @@ async fn writer(
         }
         let max = client.max_payload();
         let mut failed: Option<String> = None;
-        for out in batch.drain(..) {
+        // Copies handed to the connection (or stored), per publish.
+        let mut handed = vec![0usize; batch.len()];
+        // The copies of rooms that keep a history, per room, in order.
+        let mut stores: HashMap<Arc<str>, Vec<(usize, usize)>> = HashMap::new();
+        for (k, out) in batch.iter().enumerate() {
             if failed.is_some() {
-                shared.deliver_here(out);
-                continue;
+                break;
             }
             if out.body.len() > max {
                 tracing::warn!(
@@ -277,38 +280,67 @@ async fn writer(
                     max_payload = max,
                     "publish larger than the NATS server's max_payload; delivered on this node only"
                 );
-                shared.deliver_here(out);
                 continue;
             }
             // One copy per named room, in order, on the one connection; a
             // room that keeps a history stores its copy in the history
-            // stream, which republishes it.
-            let mut handed = 0;
+            // stream instead, which republishes it.
             for (i, room) in out.rooms.iter().enumerate() {
-                let stored = match &history {
-                    Some(h) if out.tracked.get(i).copied().unwrap_or(false) => {
-                        Some(h.store(&client, &mut writes, &out, i).await)
-                    }
-                    _ => None,
-                };
-                let sent = match stored {
-                    Some(result) => result.map_err(|e| format!("history: {e}")),
-                    None => {
-                        let subject = nats_ingest_subject(&shared.prefix, room);
-                        timed("publish", client.publish(subject, out.body.clone())).await
-                    }
-                };
-                match sent {
-                    Ok(()) => handed += 1,
+                if history.is_some() && out.tracked.get(i).copied().unwrap_or(false) {
+                    stores.entry(room.clone()).or_default().push((k, i));
+                    continue;
+                }
+                let subject = nats_ingest_subject(&shared.prefix, room);
+                match timed("publish", client.publish(subject, out.body.clone())).await {
+                    Ok(()) => handed[k] += 1,
                     Err(e) => {
                         failed = Some(e);
                         break;
                     }
                 }
             }
-            // A copy the client took is sent once it can be, and comes
-            // back here: only a publish none of whose copies it took is
-            // delivered here.
+        }
+        if let Some(h) = &history
+            && !stores.is_empty()
+        {
+            // Each store waits for NATS's answer: the rooms' stores run
+            // side by side, each room's in order.
+            let batch = &batch;
+            let client = &client;
+            let rooms = stores.into_iter().map(|(room, copies)| {
+                let mut last = writes.take(&room);
+                async move {
+                    let mut stored = Vec::with_capacity(copies.len());
+                    let mut error = None;
+                    for (k, i) in copies {
+                        match h.store(client, last.take(), &batch[k], i).await {
+                            Ok(now) => {
+                                last = Some(now);
+                                stored.push(k);
+                            }
+                            Err(e) => {
+                                error = Some(format!("history: {e}"));
+                                break;
+                            }
+                        }
+                    }
+                    (room, last, stored, error)
+                }
+            });
+            for (room, last, stored, error) in futures_util::future::join_all(rooms).await {
+                writes.put(room, last);
+                for k in stored {
+                    handed[k] += 1;
+                }
+                if error.is_some() {
+                    failed = failed.or(error);
+                }
+            }
+        }
+        // A copy the client took is sent once it can be, and comes back
+        // here: only a publish none of whose copies it took is delivered
+        // here.
+        for (out, handed) in batch.drain(..).zip(handed) {
             if handed == 0 {
                 shared.deliver_here(out);
             } else {
@@ -749,7 +781,7 @@ impl Subscriber {
         self.up = false;
         self.shared.set_up(false);
         if let Some(history) = &self.history {
-            history.forget(None);
+            history.forget();
         }
     }
 

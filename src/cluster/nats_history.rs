@@ -11,7 +11,8 @@
 //!   that last message is still the subject's last (JetStream's
 //!   `Nats-Expected-Last-Subject-Sequence`): when another node was first,
 //!   it reads the new last message and numbers again. So each topic takes
-//!   one store per round trip to NATS from each node; its epoch is drawn
+//!   one store per round trip to NATS from each node (the writer stores
+//!   different topics side by side); its epoch is drawn
 //!   when its first message is stored, and lasts while the stream holds a
 //!   message of it (a topic quiet for longer than `history.ttl` starts a
 //!   new epoch).
@@ -40,9 +41,16 @@ use crate::hub::{Fetch, Fetched, Message};
 
 /// The whole history stream's bound, whatever the number of topics.
 const STREAM_BYTES: u64 = 1024 * 1024 * 1024;
-/// Stores of one message tried before it is given up (delivered on this
-/// node only): each retry means another node stored one first.
-const TRIES: usize = 8;
+/// How long the stores of one message are tried before it is given up
+/// (delivered on this node only): each retry means another node stored one
+/// first.
+const STORE_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+/// After a lost race on a topic, for this long, each store on it waits a
+/// random moment first (up to [`JITTER_MS`]): the node that just won would
+/// otherwise win again and again, since its next store needs one round
+/// trip and the losers' two (read, then store).
+const CONTENDED_FOR: std::time::Duration = std::time::Duration::from_millis(200);
+const JITTER_MS: u64 = 3;
 /// Topics whose last message a writer remembers; past this it forgets
 /// them all and reads each again at its next publish.
 const REMEMBERED: usize = 10_000;
@@ -91,16 +99,35 @@ pub struct NatsHistory {
 
 /// A topic's last stored message, as a writer knows it.
 #[derive(Clone)]
-struct Last {
+pub struct Last {
     seq: u64,
     offset: u64,
     epoch: Arc<str>,
+    /// When another node last stored first on this topic.
+    lost_at: Option<tokio::time::Instant>,
 }
 
 /// What a writer remembers of the topics it stored to.
 #[derive(Default)]
 pub struct Writes {
     last: HashMap<Arc<str>, Last>,
+}
+
+impl Writes {
+    /// The last message of `room` as known, taken out (a store under way).
+    pub fn take(&mut self, room: &str) -> Option<Last> {
+        self.last.remove(room)
+    }
+
+    /// Puts back what a store left (nothing after a failure: read again).
+    pub fn put(&mut self, room: Arc<str>, last: Option<Last>) {
+        if let Some(last) = last {
+            if self.last.len() >= REMEMBERED {
+                self.last.clear();
+            }
+            self.last.insert(room, last);
+        }
+    }
 }
 
 impl NatsHistory {
@@ -129,11 +156,8 @@ impl NatsHistory {
     }
 
     /// The connection was lost: the stream may be another one next time.
-    pub fn forget(&self, writes: Option<&mut Writes>) {
+    pub fn forget(&self) {
         *self.epoch.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        if let Some(w) = writes {
-            w.last.clear();
-        }
     }
 
     fn epoch(&self) -> Option<Arc<str>> {
@@ -145,15 +169,16 @@ impl NatsHistory {
     }
 
     /// Stores copy `i` of `out` (its room keeps a history) as the next
-    /// message of that room: numbered after the last one the stream holds,
-    /// and stored only if that is still the last.
+    /// message of that room: numbered after the last one the stream holds
+    /// (`last`, if known, else read), and stored only if that is still the
+    /// last. Returns the room's new last message.
     pub async fn store(
         &self,
         client: &Client,
-        writes: &mut Writes,
+        last: Option<Last>,
         out: &Outgoing,
         i: usize,
-    ) -> Result<(), String> {
+    ) -> Result<Last, String> {
         let Some(room) = out.rooms.get(i) else {
             return Err("no such room".into());
         };
@@ -161,11 +186,16 @@ impl NatsHistory {
             return Err("history stream not made yet".into());
         };
         let subject = subject(&self.prefix, room);
-        let mut last = match writes.last.get(room) {
-            Some(last) => last.clone(),
-            None => self.read_last(client, &subject, room).await?,
+        let mut last = match last {
+            Some(last) => last,
+            None => self.read_last(client, &subject, room, None).await?,
         };
-        for _ in 0..TRIES {
+        let deadline = tokio::time::Instant::now() + STORE_FOR;
+        while tokio::time::Instant::now() < deadline {
+            if last.lost_at.is_some_and(|t| t.elapsed() < CONTENDED_FOR) {
+                let wait = rand::random_range(0..=JITTER_MS);
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            }
             let offset = last.offset + 1;
             let body = numbered(
                 &out.body,
@@ -177,40 +207,41 @@ impl NatsHistory {
             );
             match jetstream::publish_if_last(client, subject.clone(), last.seq, body).await {
                 Ok(seq) => {
-                    if writes.last.len() >= REMEMBERED {
-                        writes.last.clear();
-                    }
-                    writes.last.insert(
-                        room.clone(),
-                        Last {
-                            seq,
-                            offset,
-                            epoch: last.epoch,
-                        },
-                    );
-                    return Ok(());
+                    return Ok(Last {
+                        seq,
+                        offset,
+                        epoch: last.epoch,
+                        lost_at: last.lost_at,
+                    });
                 }
-                Err(Refused::NotLast) => last = self.read_last(client, &subject, room).await?,
-                Err(Refused::Failed(why)) => {
-                    writes.last.remove(room);
-                    return Err(why);
+                Err(Refused::NotLast) => {
+                    let now = Some(tokio::time::Instant::now());
+                    last = self.read_last(client, &subject, room, now).await?;
                 }
+                Err(Refused::Failed(why)) => return Err(why),
             }
         }
-        writes.last.remove(room);
         Err(format!(
-            "{room}: stored first by other nodes {TRIES} times in a row"
+            "{room}: other nodes stored first for {} s",
+            STORE_FOR.as_secs()
         ))
     }
 
     /// The last message the stream holds of `room`: its sequence, offset
     /// and epoch; none, or an unreadable one, starts a new epoch.
-    async fn read_last(&self, client: &Client, subject: &str, room: &str) -> Result<Last, String> {
+    async fn read_last(
+        &self,
+        client: &Client,
+        subject: &str,
+        room: &str,
+        lost_at: Option<tokio::time::Instant>,
+    ) -> Result<Last, String> {
         let stored = jetstream::last_on(client, &self.stream, subject).await?;
         let fresh = |seq| Last {
             seq,
             offset: 0,
             epoch: Arc::from(crate::hub::random_id()),
+            lost_at,
         };
         let Some(stored) = stored else {
             return Ok(fresh(0));
@@ -220,6 +251,7 @@ impl NatsHistory {
                 seq: stored.seq,
                 offset,
                 epoch: Arc::from(epoch),
+                lost_at,
             },
             None => fresh(stored.seq),
         })
