@@ -1429,16 +1429,23 @@ async fn missed_in_order(c: &mut SioClient, n: u64) {
     }
 }
 
-/// Over Redis, Socket.IO recovery sessions live in the backplane: a
-/// socket.io client whose connection was cut on one node comes back on
-/// another and gets its socket id, rooms and the 50 events published
-/// meanwhile on a third, then live ones.
-#[tokio::test]
-async fn a_socketio_client_recovers_on_another_node() {
+on_each_engine!(
+    a_socketio_client_recovers_on_another_node,
+    a_socketio_client_of_a_killed_node_recovers_on_a_survivor,
+);
+
+/// Socket.IO recovery sessions live in the backplane: a socket.io client
+/// whose connection was cut on one node comes back on another and gets
+/// its socket id, rooms and the 50 events published meanwhile on a third,
+/// then live ones. Over Redis the missed events mix broadcasts to one room
+/// and to both; over NATS a broadcast to several tracked rooms cannot be
+/// replayed (see `cluster::nats_history`), so they name one room each, and
+/// a client that missed one to both rooms connects as new.
+async fn a_socketio_client_recovers_on_another_node(engine: Engine) {
     let Some(pg) = postgres_url().await else {
         return;
     };
-    let Some(server) = Server::start(Engine::Redis).await else {
+    let Some(server) = Server::start(engine).await else {
         return;
     };
     let prefix = unique("s");
@@ -1449,10 +1456,10 @@ async fn a_socketio_client_recovers_on_another_node() {
     // The TCP connection is cut: no DISCONNECT, no close frame.
     drop(client);
     for n in 1..=50 {
-        let rooms: &[&str] = if n % 2 == 0 {
-            &["assistant"]
-        } else {
-            &["assistant_2", "assistant"]
+        let rooms: &[&str] = match (n % 2, engine) {
+            (0, _) => &["assistant"],
+            (_, Engine::Redis) => &["assistant_2", "assistant"],
+            (_, Engine::Nats) => &["assistant_2"],
         };
         broadcast_at(b.addr, rooms, json!(n)).await;
     }
@@ -1465,37 +1472,67 @@ async fn a_socketio_client_recovers_on_another_node() {
     // Taken once: the session is gone for every node.
     let again = SioClient::reconnect(b.addr, NS, &pid, &offset).await;
     assert!(!again.recovered(&pid), "a session is used once");
+    if let Engine::Nats = engine {
+        let (client, sid, pid, offset) = sio_assistant(a.addr).await;
+        drop(client);
+        broadcast_at(b.addr, &["assistant_2", "assistant"], json!("both")).await;
+        let back = SioClient::reconnect(c.addr, NS, &pid, &offset).await;
+        assert!(
+            !back.recovered(&pid),
+            "a missed broadcast to two tracked rooms: socket.recovered === false"
+        );
+        assert_ne!(back.socket_id(), sid, "connected as new");
+    }
+}
+
+/// Whether the engine holds the recovery session `pid` of the cluster
+/// `prefix`, read by the engine's own means.
+async fn session_in_engine(server: &Server, prefix: &str, pid: &str) -> bool {
+    match server {
+        Server::Redis(redis) => {
+            let mut conn = redis::Client::open(redis.url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            redis::cmd("EXISTS")
+                .arg(format!("{prefix}:s:{pid}"))
+                .query_async::<bool>(&mut conn)
+                .await
+                .unwrap()
+        }
+        Server::Nats(nats) => {
+            // A direct get of the subject's last message in the stream.
+            let client = async_nats::connect(nats.url()).await.unwrap();
+            let request = json!({ "last_by_subj": format!("{prefix}.s.{pid}") }).to_string();
+            let reply = client
+                .request(
+                    format!("$JS.API.DIRECT.GET.{prefix}-sessions"),
+                    request.into(),
+                )
+                .await;
+            match reply {
+                Ok(m) => m.status.is_none() && !m.payload.is_empty(),
+                // No stream yet.
+                Err(_) => false,
+            }
+        }
+    }
 }
 
 /// The node a socket.io client was on is killed with `kill -9` while the
-/// client is away: the session was in Redis from the authentication on,
-/// and the client recovers everything on a survivor.
-#[tokio::test]
-async fn a_socketio_client_of_a_killed_node_recovers_on_a_survivor() {
-    let Some((server, prefix, mut a, b)) =
-        two_processes(Engine::Redis, "assistant,assistant_2").await
+/// client is away: the session was in the backplane from the
+/// authentication on, and the client recovers everything on a survivor.
+async fn a_socketio_client_of_a_killed_node_recovers_on_a_survivor(engine: Engine) {
+    let Some((server, prefix, mut a, b)) = two_processes(engine, "assistant,assistant_2").await
     else {
         return;
     };
-    let Server::Redis(redis) = &server else {
-        unreachable!("a Redis cluster")
-    };
     let (client, sid, pid, offset) = sio_assistant(a.addr).await;
-    // The session reached Redis when the socket authenticated.
-    let key = format!("{prefix}:s:{pid}");
-    let mut redis_conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    // The session reached the backplane when the socket authenticated.
     let deadline = Instant::now() + common::WAIT;
-    while !redis::cmd("EXISTS")
-        .arg(&key)
-        .query_async::<bool>(&mut redis_conn)
-        .await
-        .unwrap()
-    {
-        assert!(Instant::now() < deadline, "session {key} in Redis");
+    while !session_in_engine(&server, &prefix, &pid).await {
+        assert!(Instant::now() < deadline, "session {pid} in the backplane");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     a.kill9();

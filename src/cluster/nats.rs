@@ -56,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::channel::{nats_ingest_subject, nats_subjects};
 use super::nats_history::{NatsHistory, Writes};
+use super::nats_sessions::{NatsSessions, SessionOp};
 use super::{Feeds, HistorySource, Link, Outgoing, Seen, Settle, Shared, Wanted};
 use crate::hub::Interest;
 
@@ -119,6 +120,8 @@ pub struct Tasks {
     feeds: Feeds,
     /// The history in JetStream, when `history.topics` is set.
     history: Option<Arc<NatsHistory>>,
+    /// Socket.IO recovery sessions in JetStream, with the history.
+    sessions: Option<(Arc<NatsSessions>, mpsc::Receiver<SessionOp>)>,
 }
 
 /// Checks `url` and prepares the backplane; nothing connects before
@@ -136,6 +139,7 @@ pub fn prepare(
         .map(|rules| Arc::new(NatsHistory::new(&shared.prefix, rules)));
     let source = history.clone().map(|h| h as Arc<dyn HistorySource>);
     let (link, feeds) = Link::new(shared.clone(), source);
+    let sessions = NatsSessions::prepare(&shared);
     Ok((
         link,
         Tasks {
@@ -144,6 +148,7 @@ pub fn prepare(
             shared,
             feeds,
             history,
+            sessions,
         },
     ))
 }
@@ -161,6 +166,13 @@ fn backoff(attempt: usize) -> Duration {
 }
 
 impl Tasks {
+    /// Where Socket.IO recovery sessions are shared (with the history on).
+    pub fn sessions(&self) -> Option<Arc<dyn crate::gateway::SharedSessions>> {
+        self.sessions
+            .as_ref()
+            .map(|(s, _)| s.clone() as Arc<dyn crate::gateway::SharedSessions>)
+    }
+
     /// Connects (retrying in the background until NATS answers) and runs
     /// the writer and the subscriber until `stop`.
     pub async fn run(self, stop: CancellationToken) {
@@ -198,6 +210,9 @@ impl Tasks {
         } = self.feeds;
         if let Some(history) = &self.history {
             history.set_client(client.clone());
+        }
+        if let Some((sessions, ops)) = self.sessions {
+            tokio::spawn(sessions.run(client.clone(), ops, stop.clone()));
         }
         let writer = tokio::spawn(writer(
             client.clone(),
