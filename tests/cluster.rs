@@ -1545,3 +1545,110 @@ async fn a_socketio_client_of_a_killed_node_recovers_on_a_survivor(engine: Engin
     assert_eq!(back.socket_id(), sid);
     missed_in_order(&mut back, 50).await;
 }
+
+/// A node's recovery sessions in NATS, without the rest of the node: the
+/// store of `prefix` on `nats`, with `history.ttl` = `ttl`.
+async fn nats_sessions(
+    nats: &NatsServer,
+    prefix: &str,
+    ttl: Duration,
+) -> (
+    std::sync::Arc<pulso::cluster::nats_sessions::NatsSessions>,
+    tokio_util::sync::CancellationToken,
+) {
+    use pulso::cluster::{HistoryRules, Shared, nats_sessions::NatsSessions};
+    use std::sync::Arc;
+    let metrics = Arc::new(pulso::metrics::Metrics::new());
+    let hub = Arc::new(pulso::hub::Hub::new(metrics.clone()));
+    let rules = HistoryRules {
+        filters: vec![pulso::hub::Filter::parse("x").unwrap()],
+        size: 10,
+        ttl,
+    };
+    let shared = Shared::new(hub, metrics, prefix, &unique("n"), Vec::new()).with_history(rules);
+    let (sessions, ops) = NatsSessions::prepare(&shared).unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(sessions.clone().run(client, ops, stop.clone()));
+    (sessions, stop)
+}
+
+/// The recovery sessions in NATS: a live session outlives `history.ttl`
+/// while its node keeps it, one that was let go expires, a forgotten one
+/// is gone at once; of eight takes of one session at the same time only
+/// one gets it, and the node that kept it alive does not bring it back;
+/// a pid that is not one of pulso's (`>` would match any) finds nothing.
+#[tokio::test]
+async fn nats_recovery_sessions_are_kept_alive_taken_once_and_expire() {
+    use pulso::gateway::SharedSessions;
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let prefix = unique("ns");
+    let server = Server::Nats(nats);
+    let Server::Nats(nats) = &server else {
+        unreachable!()
+    };
+    let ttl = Duration::from_millis(1500);
+    let (a, _stop_a) = nats_sessions(nats, &prefix, ttl).await;
+    let (b, _stop_b) = nats_sessions(nats, &prefix, ttl).await;
+    let (c, _stop_c) = nats_sessions(nats, &prefix, ttl).await;
+    let present = |pid: &'static str| session_in_engine(&server, &prefix, pid);
+
+    for (pid, session) in [
+        ("live-1", "one"),
+        ("gone-1", "two"),
+        ("forgotten-1", "three"),
+    ] {
+        a.save(pid, session.as_bytes().to_vec(), true);
+    }
+    within(common::WAIT, "sessions stored", || async {
+        present("live-1").await && present("gone-1").await && present("forgotten-1").await
+    })
+    .await;
+    let stored = Instant::now();
+    // Its transport lost: kept `history.ttl` from now, no longer alive.
+    a.save("gone-1", b"two".to_vec(), false);
+    // Ended for good.
+    a.forget("forgotten-1");
+    within(common::WAIT, "a forgotten session gone", || async {
+        !present("forgotten-1").await
+    })
+    .await;
+    within(ttl * 3, "a session no longer alive expires", || async {
+        !present("gone-1").await
+    })
+    .await;
+    // The live one is there all along, twice the ttl after it was stored.
+    within(ttl * 3, "twice the ttl", || async {
+        assert!(present("live-1").await, "a live session kept alive");
+        stored.elapsed() >= ttl * 2
+    })
+    .await;
+
+    assert_eq!(b.take(">").await.unwrap(), None, "a wildcard is no pid");
+    // Eight takes at once, from two nodes: one gets it.
+    let takes = (0..8).map(|i| {
+        if i % 2 == 0 {
+            b.take("live-1")
+        } else {
+            c.take("live-1")
+        }
+    });
+    let got: Vec<Option<Vec<u8>>> = futures_util::future::join_all(takes)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(Option::is_some)
+        .collect();
+    assert_eq!(got, [Some(b"one".to_vec())], "taken once");
+    assert!(!present("live-1").await);
+    // Past two of `a`'s refreshes, still gone: its node stopped keeping it.
+    let since = Instant::now();
+    within(ttl * 2, "not brought back", || async {
+        assert!(!present("live-1").await, "brought back after the take");
+        since.elapsed() >= ttl
+    })
+    .await;
+    assert_eq!(b.take("live-1").await.unwrap(), None);
+}
