@@ -1503,18 +1503,20 @@ async fn session_in_engine(server: &Server, prefix: &str, pid: &str) -> bool {
         }
         Server::Nats(nats) => {
             // A direct get of the subject's last message in the stream.
+            // Without the stream, JetStream does not answer at all.
             let client = async_nats::connect(nats.url()).await.unwrap();
             let request = json!({ "last_by_subj": format!("{prefix}.s.{pid}") }).to_string();
-            let reply = client
-                .request(
+            let reply = tokio::time::timeout(
+                Duration::from_millis(500),
+                client.request(
                     format!("$JS.API.DIRECT.GET.{prefix}-sessions"),
                     request.into(),
-                )
-                .await;
+                ),
+            )
+            .await;
             match reply {
-                Ok(m) => m.status.is_none() && !m.payload.is_empty(),
-                // No stream yet.
-                Err(_) => false,
+                Ok(Ok(m)) => m.status.is_none() && !m.payload.is_empty(),
+                _ => false,
             }
         }
     }
@@ -1577,7 +1579,8 @@ async fn nats_sessions(
 /// while its node keeps it, one that was let go expires, a forgotten one
 /// is gone at once; of eight takes of one session at the same time only
 /// one gets it, and the node that kept it alive does not bring it back;
-/// a pid that is not one of pulso's (`>` would match any) finds nothing.
+/// a pid that is not one of pulso's (`>` would match any) finds nothing;
+/// a lost stream is made again with the sessions still alive.
 #[tokio::test]
 async fn nats_recovery_sessions_are_kept_alive_taken_once_and_expire() {
     use pulso::gateway::SharedSessions;
@@ -1651,4 +1654,25 @@ async fn nats_recovery_sessions_are_kept_alive_taken_once_and_expire() {
     })
     .await;
     assert_eq!(b.take("live-1").await.unwrap(), None);
+
+    // The stream lost (deleted, or a NATS server that lost its data): the
+    // sessions still alive are stored again.
+    a.save("live-2", b"four".to_vec(), true);
+    within(common::WAIT, "stored", || present("live-2")).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let deleted = client
+        .request(
+            format!("$JS.API.STREAM.DELETE.{prefix}-sessions"),
+            "".into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&deleted.payload).contains("\"success\":true"),
+        "{:?}",
+        deleted.payload
+    );
+    assert!(!present("live-2").await);
+    within(ttl + common::WAIT, "stored again", || present("live-2")).await;
+    assert_eq!(b.take("live-2").await.unwrap(), Some(b"four".to_vec()));
 }

@@ -30,9 +30,10 @@
 //!   (`pulso_cluster_messages_total{kind="session_unsent"}`): that session
 //!   recovers on its own node only.
 //! - **Made on each connection.** The task creates the stream, or brings
-//!   it to this configuration, before its first write on each connection.
-//!   When the stream is a new one (the NATS server lost its data), the
-//!   sessions of the sockets connected here are stored again at once.
+//!   it to this configuration, on each connection (within a second of it,
+//!   or at its first write). When the stream is a new one (the NATS
+//!   server lost its data), the sessions of the sockets connected here are
+//!   stored again then.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -69,6 +70,9 @@ const STREAM_BYTES: u64 = 256 * 1024 * 1024;
 const TAKE_TRIES: usize = 4;
 /// The longest pid looked up.
 const MAX_PID: usize = 64;
+/// How often the task looks for a new connection, to make the stream on
+/// it and store again what a lost stream held.
+const RECONNECT_CHECK: Duration = Duration::from_secs(1);
 
 /// The sessions stream's configuration.
 pub fn stream_config(prefix: &str, ttl: Duration) -> serde_json::Value {
@@ -182,10 +186,13 @@ impl NatsSessions {
             made_on: None,
             created: None,
             warned_full: false,
+            warned_stream: false,
         };
         let every = (self.ttl / 3).max(Duration::from_millis(100));
         let mut refresh = tokio::time::interval(every);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = tokio::time::interval(RECONNECT_CHECK);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             tokio::select! {
@@ -197,6 +204,7 @@ impl NatsSessions {
                     task.write(&mut batch).await;
                 }
                 _ = refresh.tick() => task.refresh().await,
+                _ = watch.tick() => task.reconnected().await,
             }
         }
     }
@@ -251,6 +259,7 @@ struct Task {
     /// The stream's creation time, as last made.
     created: Option<String>,
     warned_full: bool,
+    warned_stream: bool,
 }
 
 /// The outcome of one store or purge.
@@ -285,13 +294,15 @@ impl Task {
                 }
                 self.created = created;
                 self.made_on = Some(connects);
-                if self.live.values().any(|l| l.seq.is_none()) {
-                    self.refresh_now().await;
-                }
+                self.warned_stream = false;
+                self.store_live(true).await;
                 true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "recovery sessions stream not made");
+                // Tried again every second: said once until it works.
+                if !std::mem::replace(&mut self.warned_stream, true) {
+                    tracing::warn!(error = %e, "recovery sessions stream not made");
+                }
                 false
             }
         }
@@ -356,6 +367,8 @@ impl Task {
                 }
                 Done::Failed(e) => {
                     tracing::warn!(error = %e, "recovery session not written");
+                    // The stream may be gone: made again before the next.
+                    self.made_on = None;
                 }
                 _ => {}
             }
@@ -387,15 +400,30 @@ impl Task {
         if self.live.is_empty() || !self.ready().await {
             return;
         }
-        self.refresh_now().await;
+        self.store_live(false).await;
     }
 
-    async fn refresh_now(&mut self) {
+    /// A new connection, or a write that failed (the stream may be gone):
+    /// the stream is made again, and what it lost stored again.
+    async fn reconnected(&mut self) {
+        let connects = self.client.statistics().connects.load(Ordering::Relaxed);
+        if !self.live.is_empty() && self.made_on != Some(connects) {
+            self.ready().await;
+        }
+    }
+
+    /// Stores this node's copies of the live sessions (`unstored`: only
+    /// those not stored yet).
+    async fn store_live(&mut self, unstored: bool) {
         let all: Vec<(String, Option<u64>, Bytes)> = self
             .live
             .iter()
+            .filter(|(_, l)| !unstored || l.seq.is_none())
             .map(|(pid, l)| (pid.clone(), l.seq, l.session.clone()))
             .collect();
+        if all.is_empty() {
+            return;
+        }
         let done: Vec<(String, Done)> = futures_util::stream::iter(all)
             .map(|(pid, seq, session)| {
                 let (client, sessions) = (self.client.clone(), self.sessions.clone());
@@ -423,6 +451,7 @@ impl Task {
         }
         if let Some(e) = failed {
             tracing::warn!(error = %e, "recovery sessions not kept alive");
+            self.made_on = None;
         }
     }
 }
