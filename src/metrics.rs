@@ -639,9 +639,9 @@ pub const METRICS: &[MetricDoc] = &[
         area: "Cluster",
         label: Some((
             "kind",
-            "`sent`, `received`, `duplicate`, `unsent`, `invalid`, `dropped`",
+            "`sent`, `received`, `duplicate`, `unsent`, `invalid`, `dropped`, `session_unsent`",
         )),
-        help: "Backplane messages, by kind: sent, received, duplicate (a copy already seen, dropped), unsent (the backplane could not take it: delivered on this node only), invalid (could not be decoded), dropped (NATS only: lost because this node fell behind its subscriptions)",
+        help: "Backplane messages, by kind: sent, received, duplicate (a copy already seen, dropped), unsent (the backplane could not take it: delivered on this node only), invalid (could not be decoded), dropped (NATS only: lost because this node fell behind its subscriptions), session_unsent (a Socket.IO recovery session write dropped because its queue was full: that session recovers on its own node only)",
     },
     MetricDoc {
         name: "cluster_subscriptions",

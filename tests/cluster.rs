@@ -1197,6 +1197,13 @@ async fn published(ws: &mut WsClient) -> Value {
     }
 }
 
+/// Reads `ws`'s published messages until the one with `payload`: the
+/// backplane carried every publish before it (it stores a tracked message
+/// after the publish is answered).
+async fn until_payload(ws: &mut WsClient, payload: Value) {
+    while published(ws).await["payload"] != payload {}
+}
+
 /// `sub` with `since` on `ws`; returns the ack.
 async fn sub_since(ws: &mut WsClient, topic: &str, offset: u64, epoch: &Value) -> Value {
     ws.send(json!({"type":"sub","topic":topic,"since":{"offset":offset,"epoch":epoch},"id":"r"}))
@@ -1246,6 +1253,7 @@ async fn a_ws_client_recovers_on_another_node_from_the_history_in_the_backplane(
     for n in 1..=15 {
         b.publish("h/feed", json!(n)).await;
     }
+    until_payload(&mut on_b, json!(15)).await;
     let mut back = c.ws("assistant", &unique("back")).await;
     let ack = sub_since(&mut back, "h/feed", offset, &epoch).await;
     assert_eq!(ack, json!({"type":"ack","id":"r","recovered":true}));
@@ -1270,6 +1278,7 @@ async fn a_ws_client_recovers_on_another_node_from_the_history_in_the_backplane(
     for n in 17..=25 {
         b.publish("h/feed", json!(n)).await;
     }
+    until_payload(&mut on_b, json!(25)).await;
     let mut late = c.ws("assistant", &unique("late")).await;
     let ack = sub_since(&mut late, "h/feed", offset, &epoch).await;
     assert_eq!(ack, json!({"type":"ack","id":"r","recovered":false}));
@@ -1553,16 +1562,23 @@ async fn missed_in_order(c: &mut SioClient, n: u64) {
     }
 }
 
-/// Over Redis, Socket.IO recovery sessions live in the backplane: a
-/// socket.io client whose connection was cut on one node comes back on
-/// another and gets its socket id, rooms and the 50 events published
-/// meanwhile on a third, then live ones.
-#[tokio::test]
-async fn a_socketio_client_recovers_on_another_node() {
+on_each_engine!(
+    a_socketio_client_recovers_on_another_node,
+    a_socketio_client_of_a_killed_node_recovers_on_a_survivor,
+);
+
+/// Socket.IO recovery sessions live in the backplane: a socket.io client
+/// whose connection was cut on one node comes back on another and gets
+/// its socket id, rooms and the 50 events published meanwhile on a third,
+/// then live ones. Over Redis the missed events mix broadcasts to one room
+/// and to both; over NATS a broadcast to several tracked rooms cannot be
+/// replayed (see `cluster::nats_history`), so they name one room each, and
+/// a client that missed one to both rooms connects as new.
+async fn a_socketio_client_recovers_on_another_node(engine: Engine) {
     let Some(pg) = postgres_url().await else {
         return;
     };
-    let Some(server) = Server::start(Engine::Redis).await else {
+    let Some(server) = Server::start(engine).await else {
         return;
     };
     let prefix = unique("s");
@@ -1573,10 +1589,10 @@ async fn a_socketio_client_recovers_on_another_node() {
     // The TCP connection is cut: no DISCONNECT, no close frame.
     drop(client);
     for n in 1..=50 {
-        let rooms: &[&str] = if n % 2 == 0 {
-            &["assistant"]
-        } else {
-            &["assistant_2", "assistant"]
+        let rooms: &[&str] = match (n % 2, engine) {
+            (0, _) => &["assistant"],
+            (_, Engine::Redis) => &["assistant_2", "assistant"],
+            (_, Engine::Nats) => &["assistant_2"],
         };
         broadcast_at(b.addr, rooms, json!(n)).await;
     }
@@ -1589,37 +1605,72 @@ async fn a_socketio_client_recovers_on_another_node() {
     // Taken once: the session is gone for every node.
     let again = SioClient::reconnect(b.addr, NS, &pid, &offset).await;
     assert!(!again.recovered(&pid), "a session is used once");
+    if let Engine::Nats = engine {
+        let mut watch = subscriber(&b, &["assistant"]).await;
+        let (client, sid, pid, offset) = sio_assistant(a.addr).await;
+        drop(client);
+        broadcast_at(b.addr, &["assistant_2", "assistant"], json!("both")).await;
+        // Stored: a live subscriber has it.
+        until_payload(&mut watch, json!("both")).await;
+        let back = SioClient::reconnect(c.addr, NS, &pid, &offset).await;
+        assert!(
+            !back.recovered(&pid),
+            "a missed broadcast to two tracked rooms: socket.recovered === false"
+        );
+        assert_ne!(back.socket_id(), sid, "connected as new");
+    }
+}
+
+/// Whether the engine holds the recovery session `pid` of the cluster
+/// `prefix`, read by the engine's own means.
+async fn session_in_engine(server: &Server, prefix: &str, pid: &str) -> bool {
+    match server {
+        Server::Redis(redis) => {
+            let mut conn = redis::Client::open(redis.url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            redis::cmd("EXISTS")
+                .arg(format!("{prefix}:s:{pid}"))
+                .query_async::<bool>(&mut conn)
+                .await
+                .unwrap()
+        }
+        Server::Nats(nats) => {
+            // A direct get of the subject's last message in the stream.
+            // Without the stream, JetStream does not answer at all.
+            let client = async_nats::connect(nats.url()).await.unwrap();
+            let request = json!({ "last_by_subj": format!("{prefix}.s.{pid}") }).to_string();
+            let reply = tokio::time::timeout(
+                Duration::from_millis(500),
+                client.request(
+                    format!("$JS.API.DIRECT.GET.{prefix}-sessions"),
+                    request.into(),
+                ),
+            )
+            .await;
+            match reply {
+                Ok(Ok(m)) => m.status.is_none() && !m.payload.is_empty(),
+                _ => false,
+            }
+        }
+    }
 }
 
 /// The node a socket.io client was on is killed with `kill -9` while the
-/// client is away: the session was in Redis from the authentication on,
-/// and the client recovers everything on a survivor.
-#[tokio::test]
-async fn a_socketio_client_of_a_killed_node_recovers_on_a_survivor() {
-    let Some((server, prefix, mut a, b)) =
-        two_processes(Engine::Redis, "assistant,assistant_2").await
+/// client is away: the session was in the backplane from the
+/// authentication on, and the client recovers everything on a survivor.
+async fn a_socketio_client_of_a_killed_node_recovers_on_a_survivor(engine: Engine) {
+    let Some((server, prefix, mut a, b)) = two_processes(engine, "assistant,assistant_2").await
     else {
         return;
     };
-    let Server::Redis(redis) = &server else {
-        unreachable!("a Redis cluster")
-    };
     let (client, sid, pid, offset) = sio_assistant(a.addr).await;
-    // The session reached Redis when the socket authenticated.
-    let key = format!("{prefix}:s:{pid}");
-    let mut redis_conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    // The session reached the backplane when the socket authenticated.
     let deadline = Instant::now() + common::WAIT;
-    while !redis::cmd("EXISTS")
-        .arg(&key)
-        .query_async::<bool>(&mut redis_conn)
-        .await
-        .unwrap()
-    {
-        assert!(Instant::now() < deadline, "session {key} in Redis");
+    while !session_in_engine(&server, &prefix, &pid).await {
+        assert!(Instant::now() < deadline, "session {pid} in the backplane");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     a.kill9();
@@ -1631,4 +1682,133 @@ async fn a_socketio_client_of_a_killed_node_recovers_on_a_survivor() {
     assert!(back.recovered(&pid), "recovered on the survivor");
     assert_eq!(back.socket_id(), sid);
     missed_in_order(&mut back, 50).await;
+}
+
+/// A node's recovery sessions in NATS, without the rest of the node: the
+/// store of `prefix` on `nats`, with `history.ttl` = `ttl`.
+async fn nats_sessions(
+    nats: &NatsServer,
+    prefix: &str,
+    ttl: Duration,
+) -> (
+    std::sync::Arc<pulso::cluster::nats_sessions::NatsSessions>,
+    tokio_util::sync::CancellationToken,
+) {
+    use pulso::cluster::{HistoryRules, Shared, nats_sessions::NatsSessions};
+    use std::sync::Arc;
+    let metrics = Arc::new(pulso::metrics::Metrics::new());
+    let hub = Arc::new(pulso::hub::Hub::new(metrics.clone()));
+    let rules = HistoryRules {
+        filters: vec![pulso::hub::Filter::parse("x").unwrap()],
+        size: 10,
+        ttl,
+    };
+    let shared = Shared::new(hub, metrics, prefix, &unique("n"), Vec::new()).with_history(rules);
+    let (sessions, ops) = NatsSessions::prepare(&shared).unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(sessions.clone().run(client, ops, stop.clone()));
+    (sessions, stop)
+}
+
+/// The recovery sessions in NATS: a live session outlives `history.ttl`
+/// while its node keeps it, one that was let go expires, a forgotten one
+/// is gone at once; of eight takes of one session at the same time only
+/// one gets it, and the node that kept it alive does not bring it back;
+/// a pid that is not one of pulso's (`>` would match any) finds nothing;
+/// a lost stream is made again with the sessions still alive.
+#[tokio::test]
+async fn nats_recovery_sessions_are_kept_alive_taken_once_and_expire() {
+    use pulso::gateway::SharedSessions;
+    let Some(nats) = NatsServer::start().await else {
+        return;
+    };
+    let prefix = unique("ns");
+    let server = Server::Nats(nats);
+    let Server::Nats(nats) = &server else {
+        unreachable!()
+    };
+    let ttl = Duration::from_millis(1500);
+    let (a, _stop_a) = nats_sessions(nats, &prefix, ttl).await;
+    let (b, _stop_b) = nats_sessions(nats, &prefix, ttl).await;
+    let (c, _stop_c) = nats_sessions(nats, &prefix, ttl).await;
+    let present = |pid: &'static str| session_in_engine(&server, &prefix, pid);
+
+    for (pid, session) in [
+        ("live-1", "one"),
+        ("gone-1", "two"),
+        ("forgotten-1", "three"),
+    ] {
+        a.save(pid, session.as_bytes().to_vec(), true);
+    }
+    within(common::WAIT, "sessions stored", || async {
+        present("live-1").await && present("gone-1").await && present("forgotten-1").await
+    })
+    .await;
+    let stored = Instant::now();
+    // Its transport lost: kept `history.ttl` from now, no longer alive.
+    a.save("gone-1", b"two".to_vec(), false);
+    // Ended for good.
+    a.forget("forgotten-1");
+    within(common::WAIT, "a forgotten session gone", || async {
+        !present("forgotten-1").await
+    })
+    .await;
+    within(ttl * 3, "a session no longer alive expires", || async {
+        !present("gone-1").await
+    })
+    .await;
+    // The live one is there all along, twice the ttl after it was stored.
+    within(ttl * 3, "twice the ttl", || async {
+        assert!(present("live-1").await, "a live session kept alive");
+        stored.elapsed() >= ttl * 2
+    })
+    .await;
+
+    assert_eq!(b.take(">").await.unwrap(), None, "a wildcard is no pid");
+    // Eight takes at once, from two nodes: one gets it.
+    let takes = (0..8).map(|i| {
+        if i % 2 == 0 {
+            b.take("live-1")
+        } else {
+            c.take("live-1")
+        }
+    });
+    let got: Vec<Option<Vec<u8>>> = futures_util::future::join_all(takes)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(Option::is_some)
+        .collect();
+    assert_eq!(got, [Some(b"one".to_vec())], "taken once");
+    assert!(!present("live-1").await);
+    // Past two of `a`'s refreshes, still gone: its node stopped keeping it.
+    let since = Instant::now();
+    within(ttl * 2, "not brought back", || async {
+        assert!(!present("live-1").await, "brought back after the take");
+        since.elapsed() >= ttl
+    })
+    .await;
+    assert_eq!(b.take("live-1").await.unwrap(), None);
+
+    // The stream lost (deleted, or a NATS server that lost its data): the
+    // sessions still alive are stored again.
+    a.save("live-2", b"four".to_vec(), true);
+    within(common::WAIT, "stored", || present("live-2")).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let deleted = client
+        .request(
+            format!("$JS.API.STREAM.DELETE.{prefix}-sessions"),
+            "".into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&deleted.payload).contains("\"success\":true"),
+        "{:?}",
+        deleted.payload
+    );
+    assert!(!present("live-2").await);
+    within(ttl + common::WAIT, "stored again", || present("live-2")).await;
+    assert_eq!(b.take("live-2").await.unwrap(), Some(b"four".to_vec()));
 }

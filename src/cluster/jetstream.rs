@@ -1,8 +1,9 @@
 //! The few JetStream calls the NATS backplane makes, as plain requests on
 //! its one core connection (JetStream's API is request and reply on
-//! `$JS.API.…` subjects): creating a stream, publishing with a
-//! compare-and-set on a subject's last message, reading a subject's last
-//! message, and reading every message a stream holds on one subject.
+//! `$JS.API.…` subjects): creating a stream, publishing (acknowledged,
+//! optionally with a compare-and-set on a subject's last message), reading
+//! a subject's last message, reading every message a stream holds on one
+//! subject, and purging a subject.
 //!
 //! Written against nats-server 2.9 (Debian's), the oldest this project
 //! supports: direct gets (`allow_direct`) and republish exist there, batch
@@ -126,9 +127,24 @@ pub async fn publish_if_last(
     last: u64,
     body: Bytes,
 ) -> Result<u64, Refused> {
-    let mut headers = HeaderMap::new();
-    headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, last.to_string().as_str());
-    let reply = request_with(client, subject, Some(headers), body)
+    publish(client, subject, Some(last), body).await
+}
+
+/// Stores `body` on `subject` and waits for the stream's acknowledgement;
+/// with `last`, only if the last message the stream holds there is the
+/// one with that sequence (0: none). Returns the new message's sequence.
+pub async fn publish(
+    client: &Client,
+    subject: String,
+    last: Option<u64>,
+    body: Bytes,
+) -> Result<u64, Refused> {
+    let headers = last.map(|last| {
+        let mut headers = HeaderMap::new();
+        headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, last.to_string().as_str());
+        headers
+    });
+    let reply = request_with(client, subject, headers, body)
         .await
         .map_err(Refused::Failed)?;
     match answer(&reply).map_err(Refused::Failed)? {
@@ -174,6 +190,34 @@ pub async fn last_on(
         headers: reply.headers,
         payload: reply.payload,
     }))
+}
+
+/// Removes the messages `stream` holds on `subject`; with `before`, only
+/// those whose sequence is lower. Returns how many went: of two purges of
+/// one message, one removes it and the other finds nothing.
+pub async fn purge(
+    client: &Client,
+    stream: &str,
+    subject: &str,
+    before: Option<u64>,
+) -> Result<u64, String> {
+    let body = match before {
+        Some(seq) => serde_json::json!({ "filter": subject, "seq": seq }),
+        None => serde_json::json!({ "filter": subject }),
+    };
+    let reply = request(
+        client,
+        format!("$JS.API.STREAM.PURGE.{stream}"),
+        Bytes::from(body.to_string()),
+    )
+    .await
+    .map_err(|e| format!("stream {stream}: {e}"))?;
+    let answer = answer(&reply)
+        .map_err(|e| format!("stream {stream}: {e}"))?
+        .map_err(|(_, why)| format!("stream {stream}: {why}"))?;
+    answer["purged"]
+        .as_u64()
+        .ok_or_else(|| format!("stream {stream}: a purge answered without its count"))
 }
 
 /// Every message `stream` holds on `subject`, in order, `max` at most:

@@ -31,6 +31,7 @@ pub mod channel;
 pub mod jetstream;
 pub mod nats;
 pub mod nats_history;
+pub mod nats_sessions;
 pub mod redis;
 
 use std::borrow::Cow;
@@ -73,12 +74,12 @@ pub enum Tasks {
 }
 
 impl Tasks {
-    /// Where Socket.IO recovery sessions are shared with the other nodes,
-    /// when the engine keeps them (Redis, with the history on).
+    /// Where Socket.IO recovery sessions are shared with the other nodes
+    /// (with the history on).
     pub fn sessions(&self) -> Option<Arc<dyn crate::gateway::SharedSessions>> {
         match self {
             Tasks::Redis(t) => t.sessions(),
-            Tasks::Nats(_) => None,
+            Tasks::Nats(t) => t.sessions(),
         }
     }
 

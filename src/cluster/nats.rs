@@ -56,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::channel::{nats_ingest_subject, nats_subjects};
 use super::nats_history::{NatsHistory, Writes};
+use super::nats_sessions::{NatsSessions, SessionOp};
 use super::{Feeds, HistorySource, Link, Outgoing, Seen, Settle, Shared, Wanted};
 use crate::hub::Interest;
 
@@ -119,6 +120,8 @@ pub struct Tasks {
     feeds: Feeds,
     /// The history in JetStream, when `history.topics` is set.
     history: Option<Arc<NatsHistory>>,
+    /// Socket.IO recovery sessions in JetStream, with the history.
+    sessions: Option<(Arc<NatsSessions>, mpsc::Receiver<SessionOp>)>,
 }
 
 /// Checks `url` and prepares the backplane; nothing connects before
@@ -136,6 +139,7 @@ pub fn prepare(
         .map(|rules| Arc::new(NatsHistory::new(&shared.prefix, rules)));
     let source = history.clone().map(|h| h as Arc<dyn HistorySource>);
     let (link, feeds) = Link::new(shared.clone(), source);
+    let sessions = NatsSessions::prepare(&shared);
     Ok((
         link,
         Tasks {
@@ -144,6 +148,7 @@ pub fn prepare(
             shared,
             feeds,
             history,
+            sessions,
         },
     ))
 }
@@ -161,6 +166,13 @@ fn backoff(attempt: usize) -> Duration {
 }
 
 impl Tasks {
+    /// Where Socket.IO recovery sessions are shared (with the history on).
+    pub fn sessions(&self) -> Option<Arc<dyn crate::gateway::SharedSessions>> {
+        self.sessions
+            .as_ref()
+            .map(|(s, _)| s.clone() as Arc<dyn crate::gateway::SharedSessions>)
+    }
+
     /// Connects (retrying in the background until NATS answers) and runs
     /// the writer and the subscriber until `stop`.
     pub async fn run(self, stop: CancellationToken) {
@@ -198,6 +210,9 @@ impl Tasks {
         } = self.feeds;
         if let Some(history) = &self.history {
             history.set_client(client.clone());
+        }
+        if let Some((sessions, ops)) = self.sessions {
+            tokio::spawn(sessions.run(client.clone(), ops, stop.clone()));
         }
         let writer = tokio::spawn(writer(
             client.clone(),
@@ -266,13 +281,10 @@ async fn writer(
         }
         let max = client.max_payload();
         let mut failed: Option<String> = None;
-        // Copies handed to the connection (or stored), per publish.
-        let mut handed = vec![0usize; batch.len()];
-        // The copies of rooms that keep a history, per room, in order.
-        let mut stores: HashMap<Arc<str>, Vec<(usize, usize)>> = HashMap::new();
-        for (k, out) in batch.iter().enumerate() {
+        for out in batch.drain(..) {
             if failed.is_some() {
-                break;
+                shared.deliver_here(out);
+                continue;
             }
             if out.body.len() > max {
                 tracing::warn!(
@@ -280,67 +292,43 @@ async fn writer(
                     max_payload = max,
                     "publish larger than the NATS server's max_payload; delivered on this node only"
                 );
+                shared.deliver_here(out);
                 continue;
             }
             // One copy per named room, in order, on the one connection; a
             // room that keeps a history stores its copy in the history
-            // stream instead, which republishes it.
+            // stream instead, which republishes it. A store waits for
+            // NATS's answer, and the next publish waits for it: a socket in
+            // several rooms gets a node's publishes in the order they were
+            // made.
+            let mut handed = 0;
             for (i, room) in out.rooms.iter().enumerate() {
-                if history.is_some() && out.tracked.get(i).copied().unwrap_or(false) {
-                    stores.entry(room.clone()).or_default().push((k, i));
-                    continue;
-                }
-                let subject = nats_ingest_subject(&shared.prefix, room);
-                match timed("publish", client.publish(subject, out.body.clone())).await {
-                    Ok(()) => handed[k] += 1,
+                let sent = match &history {
+                    Some(h) if out.tracked.get(i).copied().unwrap_or(false) => {
+                        match h.store(&client, writes.take(room), &out, i).await {
+                            Ok(last) => {
+                                writes.put(room.clone(), Some(last));
+                                Ok(())
+                            }
+                            Err(e) => Err(format!("history: {e}")),
+                        }
+                    }
+                    _ => {
+                        let subject = nats_ingest_subject(&shared.prefix, room);
+                        timed("publish", client.publish(subject, out.body.clone())).await
+                    }
+                };
+                match sent {
+                    Ok(()) => handed += 1,
                     Err(e) => {
                         failed = Some(e);
                         break;
                     }
                 }
             }
-        }
-        if let Some(h) = &history
-            && !stores.is_empty()
-        {
-            // Each store waits for NATS's answer: the rooms' stores run
-            // side by side, each room's in order.
-            let batch = &batch;
-            let client = &client;
-            let rooms = stores.into_iter().map(|(room, copies)| {
-                let mut last = writes.take(&room);
-                async move {
-                    let mut stored = Vec::with_capacity(copies.len());
-                    let mut error = None;
-                    for (k, i) in copies {
-                        match h.store(client, last.take(), &batch[k], i).await {
-                            Ok(now) => {
-                                last = Some(now);
-                                stored.push(k);
-                            }
-                            Err(e) => {
-                                error = Some(format!("history: {e}"));
-                                break;
-                            }
-                        }
-                    }
-                    (room, last, stored, error)
-                }
-            });
-            for (room, last, stored, error) in futures_util::future::join_all(rooms).await {
-                writes.put(room, last);
-                for k in stored {
-                    handed[k] += 1;
-                }
-                if error.is_some() {
-                    failed = failed.or(error);
-                }
-            }
-        }
-        // A copy the client took is sent once it can be, and comes back
-        // here: only a publish none of whose copies it took is delivered
-        // here.
-        for (out, handed) in batch.drain(..).zip(handed) {
+            // A copy the client took is sent once it can be, and comes
+            // back here: only a publish none of whose copies it took is
+            // delivered here.
             if handed == 0 {
                 shared.deliver_here(out);
             } else {

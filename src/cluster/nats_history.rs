@@ -10,9 +10,10 @@
 //!   message itself, one after the topic's last, and stores it only if
 //!   that last message is still the subject's last (JetStream's
 //!   `Nats-Expected-Last-Subject-Sequence`): when another node was first,
-//!   it reads the new last message and numbers again. So each topic takes
-//!   one store per round trip to NATS from each node (the writer stores
-//!   different topics side by side); its epoch is drawn
+//!   it reads the new last message and numbers again. So a node stores
+//!   one tracked message per round trip to NATS, in the order they were
+//!   published (a socket in several rooms gets them in that order); a
+//!   topic's epoch is drawn
 //!   when its first message is stored, and lasts while the stream holds a
 //!   message of it (a topic quiet for longer than `history.ttl` starts a
 //!   new epoch).
