@@ -222,7 +222,7 @@ pub const SETTINGS: &[Setting] = &[
         "ws.socket_unsent",
         Size,
         Some("16KiB"),
-        "Bytes written to a client connection that the kernel may hold unsent (TCP_NOTSENT_LOWAT on every accepted socket; Linux). What does not fit waits in pulso's queue, where it counts toward ws.outbound_queue, and a slow consumer's close frame (1013) queues behind no more than this. 0: the kernel's own limit (its whole send buffer, up to net.ipv4.tcp_wmem)"
+        "Bytes written to a client connection that the kernel may hold unsent (TCP_NOTSENT_LOWAT on every accepted socket; Linux). What does not fit waits in pulso's queue, where it counts toward ws.outbound_queue, and a slow consumer's close frame (1013) waits behind about this much plus what is in flight. 0: the kernel's own limit (its whole send buffer, up to net.ipv4.tcp_wmem)"
     ),
     setting!(
         "acl",

@@ -127,7 +127,9 @@ pub async fn serve(
 /// Lets the kernel hold at most `bytes` of what is written to `tcp` and
 /// not sent yet (TCP_NOTSENT_LOWAT): the socket takes more, and reports
 /// room to write, only once less than that waits (half of it, for the
-/// wake-up). Data sent and not yet acknowledged is not counted, so a fast
+/// wake-up). The kernel may still add to the segment it is filling (up to
+/// 64 KB when the round trip is well under a millisecond, a few KB on a
+/// slow link). Data sent and not yet acknowledged is not counted, so a fast
 /// client's throughput is the congestion window's, not this limit's; a
 /// client that reads slowly leaves the backlog in the connection's own
 /// bounded queue, where it is counted (`ws.outbound_queue`) and can be
