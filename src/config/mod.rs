@@ -292,6 +292,9 @@ pub struct HttpConfig {
     pub idle_timeout: Duration,
     /// Between two reads of a request body.
     pub body_timeout: Duration,
+    /// Most bytes the kernel may hold unsent for an accepted socket
+    /// (`ws.socket_unsent`, TCP_NOTSENT_LOWAT); 0 leaves the kernel's own.
+    pub socket_unsent: u32,
 }
 
 /// The certificate and key pulso serves TLS with (`tls.*`). Only the
@@ -646,6 +649,10 @@ impl Config {
                 header_timeout: l.positive_duration("http.header_timeout")?,
                 idle_timeout: l.positive_duration("http.idle_timeout")?,
                 body_timeout: l.positive_duration("http.body_timeout")?,
+                socket_unsent: u32::try_from(l.req("ws.socket_unsent", value::parse_size)?)
+                    .ok()
+                    .filter(|n| *n <= MAX_SOCKET_UNSENT)
+                    .ok_or_else(|| ConfigError::setting("ws.socket_unsent", "at most 1GiB"))?,
             },
             tls: parse_tls(l)?,
             limits: LimitsConfig {
@@ -850,6 +857,9 @@ fn parse_entities(table: &toml::Table) -> Result<HashMap<String, EntityTable>, C
     Ok(out)
 }
 
+/// The largest `ws.socket_unsent` (the kernel takes an `int`).
+const MAX_SOCKET_UNSENT: u32 = 1 << 30;
+
 fn to_usize(name: &str, n: u64, min: u64) -> Result<usize, ConfigError> {
     if n < min {
         return Err(ConfigError::setting(
@@ -908,6 +918,18 @@ mod tests {
         assert_eq!(c.http.header_timeout, Duration::from_secs(10));
         assert_eq!(c.http.idle_timeout, Duration::from_secs(75));
         assert_eq!(c.http.body_timeout, Duration::from_secs(30));
+        assert_eq!(c.http.socket_unsent, 16 * 1024);
+    }
+
+    #[test]
+    fn socket_unsent_may_be_off_and_is_bounded() {
+        let mut l = Layered::defaults();
+        l.apply_toml("[ws]\nsocket_unsent = 0\n").unwrap();
+        assert_eq!(Config::from_layered(&l).unwrap().http.socket_unsent, 0);
+        l.set_text("ws.socket_unsent", "2GiB".into(), Source::Env)
+            .unwrap();
+        let e = Config::from_layered(&l).unwrap_err();
+        assert!(e.0.contains("`ws.socket_unsent`"), "{e}");
     }
 
     #[test]

@@ -219,6 +219,12 @@ pub const SETTINGS: &[Setting] = &[
         "Messages a connection may fall behind (and replies it may leave unread) before it is closed as a slow consumer (1013)"
     ),
     setting!(
+        "ws.socket_unsent",
+        Size,
+        Some("16KiB"),
+        "Bytes written to a client connection that the kernel may hold unsent (TCP_NOTSENT_LOWAT on every accepted socket; Linux). What does not fit waits in pulso's queue, where it counts toward ws.outbound_queue, and a slow consumer's close frame (1013) waits behind about this much plus what is in flight. 0: the kernel's own limit (its whole send buffer, up to net.ipv4.tcp_wmem)"
+    ),
+    setting!(
         "acl",
         Table,
         Some(""),

@@ -108,6 +108,11 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        if config.socket_unsent > 0
+            && let Err(e) = limit_unsent(&tcp, config.socket_unsent)
+        {
+            tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
+        }
         tasks.spawn(connection(
             tcp,
             peer,
@@ -117,6 +122,27 @@ pub async fn serve(
             stop.clone(),
         ));
     }
+}
+
+/// Lets the kernel hold at most `bytes` of what is written to `tcp` and
+/// not sent yet (TCP_NOTSENT_LOWAT): the socket takes more, and reports
+/// room to write, only once less than that waits (half of it, for the
+/// wake-up). The kernel may still add to the segment it is filling (up to
+/// 64 KB when the round trip is well under a millisecond, a few KB on a
+/// slow link). Data sent and not yet acknowledged is not counted, so a fast
+/// client's throughput is the congestion window's, not this limit's; a
+/// client that reads slowly leaves the backlog in the connection's own
+/// bounded queue, where it is counted (`ws.outbound_queue`) and can be
+/// dropped, rather than in a send buffer the kernel grows to MiBs, where
+/// it delays the close frame by as many seconds as the link needs for it.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn limit_unsent(tcp: &TcpStream, bytes: u32) -> io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_notsent_lowat(bytes)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn limit_unsent(_: &TcpStream, _: u32) -> io::Result<()> {
+    Ok(())
 }
 
 fn is_connection_error(e: &io::Error) -> bool {

@@ -6,7 +6,11 @@
 //! in, or room to write), by its outbox (a push), or by its timer
 //! (keepalive, the protocol's deadlines), and each time it reads all it can, then writes
 //! all it can with one vectored write of shared frames. A client that stops
-//! reading only fills its own outbox, which then closes it with 1013.
+//! reading only fills its own outbox, which then closes it with 1013: the
+//! kernel holds little of the backlog (`ws.socket_unsent`, set where the
+//! socket is accepted), so the outbox counts what the client has not read,
+//! and the close frame, sent after the queued messages are dropped, waits
+//! behind tens of KB rather than a send buffer of MiBs.
 //!
 //! Per connection this holds the socket, a few counters and two empty
 //! `Vec`s: reads go into a buffer shared by every connection on the worker
@@ -49,6 +53,11 @@ const MAX_SLICES: usize = 64;
 const COALESCE_MAX: usize = 16 * 1024;
 /// How long the close handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// The same for a slow consumer (1013): its close frame queues behind
+/// what the kernel holds for the socket, which is at most `ws.socket_unsent`
+/// plus one segment the kernel was still filling, plus what is in flight
+/// (see `limit_unsent` in `http`): this covers about 80 KB at 64 kbit/s.
+const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// A `sending` deque larger than this is freed once drained, so a burst
 /// does not pin memory on a connection that then goes idle.
 const KEEP_CAPACITY: usize = 32;
@@ -667,7 +676,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Protocol> Connection<S, P> {
     pub fn finish(self, reason: CloseReason) -> impl Future<Output = ()> {
         // Boxed: the closing handshake's state is needed once, at the end,
         // and need not make every connection's task larger.
-        let handshake = tokio::time::timeout(CLOSE_GRACE, Box::pin(self.close_handshake(reason)));
+        let grace = match reason {
+            Some((close::TRY_AGAIN_LATER, _)) => SLOW_CLOSE_GRACE,
+            _ => CLOSE_GRACE,
+        };
+        let handshake = tokio::time::timeout(grace, Box::pin(self.close_handshake(reason)));
         async move {
             let _ = handshake.await;
         }
@@ -959,6 +972,78 @@ mod tests {
         );
         assert_eq!(own.last(), Some(&(frame::TEXT, b"answer".to_vec())));
         assert_eq!(frames.len(), queued + 2, "then only the close: {frames:?}");
+    }
+
+    /// A slow consumer whose socket is full when it is closed: nothing more
+    /// can be written until its peer reads again, which this one does only
+    /// after 5 s (the clock is paused: the runtime moves it on when every
+    /// task waits), longer than the 2 s other closes get. Its close frame
+    /// (1013) still comes, right behind what the socket held; the messages
+    /// still queued are dropped rather than sent ahead of it.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_consumer_whose_socket_is_full_still_gets_its_close_frame() {
+        let (server, mut client) = tokio::io::duplex(4096);
+        let outbox = Arc::new(Outbox::new(
+            8,
+            Arc::new(Metrics::new()),
+            &crate::transport::encoding::TEST_ENCODING,
+        ));
+        let keepalive = Keepalive {
+            period: Duration::from_secs(60),
+            ping: None,
+        };
+        let mut conn = Connection::new(server, Quiet, outbox.clone(), keepalive, 1 << 20, 1);
+        let serving = tokio::spawn(async move {
+            let reason = conn.serve().await;
+            conn.finish(reason).await;
+            reason
+        });
+        // Messages of about 1 KB until the outbox refuses one: the pipe
+        // holds four, the outbox eight more.
+        let pad = "x".repeat(1000);
+        let mut pushed = 0;
+        loop {
+            let msg = Arc::new(crate::hub::Message::new(
+                "t".into(),
+                None,
+                crate::hub::payload_of(&pad),
+            ));
+            if !outbox.push(Outbound::Message(
+                msg,
+                &crate::transport::encoding::TEST_ENCODING,
+            )) {
+                break;
+            }
+            pushed += 1;
+            assert!(pushed < 100, "never closed as a slow consumer");
+            // The connection (on this one thread) writes what fits.
+            tokio::task::yield_now().await;
+        }
+        // The peer that does not read: not a wait for an event.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut got))
+            .await
+            .expect("the server ends the stream")
+            .unwrap();
+        drop(client);
+        let close_frame = frame::close(close::TRY_AGAIN_LATER, "slow consumer");
+        assert!(
+            got.ends_with(&close_frame),
+            "{} bytes read, and no close frame at their end",
+            got.len()
+        );
+        let frames = server_frames(&got);
+        let texts = frames.iter().filter(|(op, _)| *op == frame::TEXT).count();
+        assert_eq!(frames.len(), texts + 1, "only messages, then the close");
+        assert!(
+            texts < pushed,
+            "{texts} of {pushed} messages sent: none dropped"
+        );
+        assert_eq!(
+            serving.await.unwrap(),
+            Some((close::TRY_AGAIN_LATER, "slow consumer"))
+        );
     }
 
     /// A fragmented message close to the limit, then a continuation frame
