@@ -73,15 +73,25 @@ impl Filter {
         if !self.wildcard {
             return &*self.text == topic;
         }
-        let mut f = self.text.split('/');
-        let mut t = topic.split('/');
+        // Level by level, on bytes (`/` is never inside a UTF-8 sequence):
+        // this runs for every publish on a topic that history or a wildcard
+        // subscription may cover.
+        let (mut f, mut t) = (self.text.as_bytes(), topic.as_bytes());
         loop {
-            match (f.next(), t.next()) {
-                (Some("#"), _) => return true,
-                (Some("+"), Some(_)) => {}
-                (Some(fl), Some(tl)) if fl == tl => {}
+            let (level, f_rest) = split_level(f);
+            if level == b"#" {
+                return true;
+            }
+            let (t_level, t_rest) = split_level(t);
+            if level != b"+" && level != t_level {
+                return false;
+            }
+            match (f_rest, t_rest) {
                 (None, None) => return true,
-                _ => return false,
+                (Some(fr), Some(tr)) => (f, t) = (fr, tr),
+                // `a/#` matches `a`.
+                (Some(fr), None) => return split_level(fr).0 == b"#",
+                (None, Some(_)) => return false,
             }
         }
     }
@@ -101,6 +111,14 @@ impl Filter {
                 _ => return false,
             }
         }
+    }
+}
+
+/// The first level of `s`, and what follows its `/` if there is one.
+fn split_level(s: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match s.iter().position(|&b| b == b'/') {
+        Some(i) => (&s[..i], Some(&s[i + 1..])),
+        None => (s, None),
     }
 }
 
@@ -157,6 +175,56 @@ mod tests {
         assert!(!f("a/+").matches("a"));
         assert!(f("/notifications#Ab3").matches("/notifications#Ab3"));
         assert!(!f("a+").matches("ab"));
+    }
+
+    /// Level by level with `str::split`, the definition `matches` follows.
+    fn matches_by_split(filter: &str, topic: &str) -> bool {
+        let mut f = filter.split('/');
+        let mut t = topic.split('/');
+        loop {
+            match (f.next(), t.next()) {
+                (Some("#"), _) => return true,
+                (Some("+"), Some(_)) => {}
+                (Some(fl), Some(tl)) if fl == tl => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn matching_agrees_with_splitting_into_levels() {
+        // Every filter of up to 4 characters over these, on every topic of
+        // up to 4 characters without wildcards.
+        let strings = |alphabet: &[char]| {
+            let mut all = vec![String::new()];
+            let mut last = vec![String::new()];
+            for _ in 0..4 {
+                last = last
+                    .iter()
+                    .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                    .collect();
+                all.extend(last.iter().cloned());
+            }
+            all
+        };
+        let filters: Vec<Filter> = strings(&['a', 'b', '/', '+', '#', 'ñ'])
+            .iter()
+            .filter_map(|s| Filter::parse(s).ok())
+            .collect();
+        let topics = strings(&['a', 'b', '/', 'ñ']);
+        let mut checked = 0;
+        for filter in &filters {
+            for topic in &topics {
+                assert_eq!(
+                    filter.matches(topic),
+                    matches_by_split(filter.as_str(), topic),
+                    "{filter:?} on {topic:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 100_000, "{checked}");
     }
 
     #[test]

@@ -128,7 +128,7 @@ impl History {
     }
 
     /// The global sequence of the next publish (once per publish, before
-    /// its copies' [`History::next_position`]s).
+    /// its copies are kept with [`History::keep_new`]).
     pub fn next_seq(&mut self) -> Seq {
         self.seq += 1;
         Seq {
@@ -142,64 +142,39 @@ impl History {
         &self.seq_epoch
     }
 
-    /// The position the next message of `topic` takes (the caller took the
-    /// publish's [`History::next_seq`], makes the message with both, then
-    /// [`History::record`]s it).
-    pub fn next_position(&mut self, topic: &Arc<str>) -> Position {
+    /// Gives `msg` the next position of its topic's history and keeps it
+    /// (the caller took the publish's [`History::next_seq`] and set it on
+    /// `msg`): one look-up of the topic's stream, one reading of the clock
+    /// and one trim per message.
+    pub fn keep_new(&mut self, msg: Message) -> Arc<Message> {
         let now = Instant::now();
         self.tick += 1;
         let tick = self.tick;
-        if !self.streams.contains_key(topic) {
-            if self.streams.len() >= MAX_TOPICS {
-                self.evict_one();
-            }
-            self.generation += 1;
-            let epoch: Arc<str> = Arc::from(format!("{}-{}", self.node_epoch, self.generation));
-            self.streams.insert(
-                topic.clone(),
-                Stream {
-                    epoch,
-                    next: 1,
-                    entries: VecDeque::new(),
-                    bytes: 0,
-                    last_used: tick,
-                    created: self.seq.saturating_sub(1),
-                    dropped: 0,
-                },
-            );
-        }
         let (size, ttl) = (self.size, self.ttl);
-        match self.streams.get_mut(topic) {
-            Some(s) => {
-                self.held.less(s.trim(size, ttl, now));
-                s.last_used = tick;
-                Position {
-                    offset: s.next,
-                    epoch: s.epoch.clone(),
-                }
-            }
-            None => Position {
-                offset: 0,
-                epoch: Arc::from(""),
-            },
+        if let Some(s) = self.streams.get_mut(&msg.topic) {
+            let (msg, gone) = s.push_next(msg, tick, size, ttl, now);
+            self.held.add(&msg);
+            self.held.less(gone);
+            return msg;
         }
-    }
-
-    /// Keeps `msg` (made with the position [`History::next_position`] gave).
-    pub fn record(&mut self, msg: &Arc<Message>) {
-        let Some(pos) = &msg.position else { return };
-        let (size, ttl) = (self.size, self.ttl);
-        if let Some(s) = self.streams.get_mut(&msg.topic)
-            && s.epoch == pos.epoch
-        {
-            s.next = pos.offset + 1;
-            let bytes = weight(msg);
-            s.bytes += bytes;
-            s.entries.push_back((Instant::now(), msg.clone()));
-            self.held.messages += 1;
-            self.held.bytes += bytes;
-            self.held.less(s.trim(size, ttl, Instant::now()));
+        if self.streams.len() >= MAX_TOPICS {
+            self.evict_one();
         }
+        self.generation += 1;
+        let mut s = Stream {
+            epoch: Arc::from(format!("{}-{}", self.node_epoch, self.generation)),
+            next: 1,
+            entries: VecDeque::new(),
+            bytes: 0,
+            last_used: tick,
+            created: self.seq.saturating_sub(1),
+            dropped: 0,
+        };
+        let (msg, gone) = s.push_next(msg, tick, size, ttl, now);
+        self.held.add(&msg);
+        self.held.less(gone);
+        self.streams.insert(msg.topic.clone(), s);
+        msg
     }
 
     /// Keeps a message whose position a cluster's backplane gave (so that
@@ -225,6 +200,25 @@ impl History {
         }
         self.record(msg);
         true
+    }
+
+    /// Keeps `msg` at the end of its topic's stream, if its position is of
+    /// that stream's epoch.
+    fn record(&mut self, msg: &Arc<Message>) {
+        let Some(pos) = &msg.position else { return };
+        let (size, ttl) = (self.size, self.ttl);
+        if let Some(s) = self.streams.get_mut(&msg.topic)
+            && s.epoch == pos.epoch
+        {
+            let now = Instant::now();
+            s.next = pos.offset + 1;
+            let bytes = weight(msg);
+            s.bytes += bytes;
+            s.entries.push_back((now, msg.clone()));
+            self.held.messages += 1;
+            self.held.bytes += bytes;
+            self.held.less(s.trim(size, ttl, now));
+        }
     }
 
     /// Joins what a cluster's backplane holds of `topic`'s history
@@ -450,6 +444,11 @@ fn weight(msg: &Message) -> usize {
 }
 
 impl Held {
+    fn add(&mut self, kept: &Message) {
+        self.messages += 1;
+        self.bytes += weight(kept);
+    }
+
     fn less(&mut self, gone: Held) {
         self.messages = self.messages.saturating_sub(gone.messages);
         self.bytes = self.bytes.saturating_sub(gone.bytes);
@@ -457,6 +456,29 @@ impl Held {
 }
 
 impl Stream {
+    /// Gives `msg` the stream's next offset, keeps it, and trims; returns
+    /// it shared, and what the trim dropped.
+    fn push_next(
+        &mut self,
+        mut msg: Message,
+        tick: u64,
+        size: usize,
+        ttl: Duration,
+        now: Instant,
+    ) -> (Arc<Message>, Held) {
+        msg.position = Some(Position {
+            offset: self.next,
+            epoch: self.epoch.clone(),
+        });
+        self.next += 1;
+        self.last_used = tick;
+        let msg = Arc::new(msg);
+        self.bytes += weight(&msg);
+        self.entries.push_back((now, msg.clone()));
+        let gone = self.trim(size, ttl, now);
+        (msg, gone)
+    }
+
     /// Drops what is past `size` or `ttl`; returns what it dropped.
     fn trim(&mut self, size: usize, ttl: Duration, now: Instant) -> Held {
         let mut gone = Held::default();
@@ -500,11 +522,10 @@ mod tests {
                 let mut m = Message::new(topic.clone(), None, payload_of(&n));
                 m.seq = Some(seq.clone());
                 if h.tracks(&topic) {
-                    m.position = Some(h.next_position(&topic));
+                    h.keep_new(m)
+                } else {
+                    Arc::new(m)
                 }
-                let m = Arc::new(m);
-                h.record(&m);
-                m
             })
             .collect()
     }

@@ -1086,9 +1086,13 @@ impl Hub {
             let t = self.read();
             // Held until the rings have the messages: offsets follow the
             // order in which readers see them.
-            let mut history = self
+            let (mut history, first_tracked) = match self
                 .history_lock()
-                .filter(|h| rooms.iter().any(|r| h.tracks(r)));
+                .and_then(|h| rooms.iter().position(|r| h.tracks(r)).map(|i| (h, i)))
+            {
+                Some((h, i)) => (Some(h), i),
+                None => (None, usize::MAX),
+            };
             let seq = match placed {
                 Some(p) => p.seq.clone(),
                 None if external => None,
@@ -1105,25 +1109,27 @@ impl Hub {
                     let mut msg =
                         Message::with_ts(room.clone(), event.clone(), payload.clone(), ts);
                     msg.seq = seq.clone();
-                    match placed {
-                        Some(p) => {
+                    let msg = match (placed, history.as_mut()) {
+                        (Some(p), _) => {
                             msg.position = p.positions.get(i).cloned().flatten();
+                            Arc::new(msg)
                         }
-                        None if external => {}
-                        None => {
-                            if let Some(h) = history.as_mut().filter(|h| h.tracks(room)) {
-                                msg.position = Some(h.next_position(room));
-                            }
+                        (None, Some(h))
+                            if !external
+                                && (i == first_tracked
+                                    || (i > first_tracked && h.tracks(room))) =>
+                        {
+                            // Numbered and kept in one step.
+                            h.keep_new(msg)
                         }
-                    }
-                    let msg = Arc::new(msg);
-                    if let Some(h) = history.as_mut() {
-                        if !external {
-                            h.record(&msg);
-                        } else if !h.place(&msg) {
-                            kept_rooms.get_or_insert_with(|| rooms[..i].to_vec());
-                            return None;
-                        }
+                        _ => Arc::new(msg),
+                    };
+                    if external
+                        && let Some(h) = history.as_mut()
+                        && !h.place(&msg)
+                    {
+                        kept_rooms.get_or_insert_with(|| rooms[..i].to_vec());
+                        return None;
                     }
                     // Under the table lock, so a concurrent new subscriber gets
                     // this message either as its last value or live, not both.

@@ -228,7 +228,7 @@ pub fn ack_recovered(id: Option<&RawValue>, recovered: bool) -> Bytes {
 pub fn pong(id: Option<&RawValue>, ts: u64) -> Bytes {
     text_frame(48, |out| {
         out.extend_from_slice(b"{\"type\":\"pong\",\"ts\":");
-        out.extend_from_slice(ts.to_string().as_bytes());
+        push_u64(out, ts);
         push_id(out, id);
         out.push(b'}');
     })
@@ -265,18 +265,20 @@ impl Encoding for Json {
 
     fn encode(&self, msg: &Message) -> Bytes {
         let payload = msg.payload.get();
-        text_frame(payload.len() + msg.topic.len() + 48, |out| {
+        // `,"offset":<up to 20 digits>,"epoch":"…"`: room for it at once.
+        let position = msg.position.as_ref().map_or(0, |p| p.epoch.len() + 44);
+        text_frame(payload.len() + msg.topic.len() + 48 + position, |out| {
             out.extend_from_slice(b"{\"topic\":");
             push_json_string(out, &msg.topic);
             out.extend_from_slice(b",\"ts\":");
-            out.extend_from_slice(msg.ts.to_string().as_bytes());
+            push_u64(out, msg.ts);
             if let Some(event) = &msg.event {
                 out.extend_from_slice(b",\"event\":");
                 push_json_string(out, event);
             }
             if let Some(p) = &msg.position {
                 out.extend_from_slice(b",\"offset\":");
-                out.extend_from_slice(p.offset.to_string().as_bytes());
+                push_u64(out, p.offset);
                 out.extend_from_slice(b",\"epoch\":");
                 push_json_string(out, &p.epoch);
             }
@@ -287,11 +289,32 @@ impl Encoding for Json {
     }
 }
 
-/// Appends `s` as a JSON string (writing to a `Vec` cannot fail).
+/// Appends `s` as a JSON string (writing to a `Vec` cannot fail). A
+/// string with nothing to escape (topics, epochs) is copied as it is, as
+/// serde_json would write it.
 fn push_json_string(out: &mut Vec<u8>, s: &str) {
-    if serde_json::to_writer(&mut *out, s).is_err() {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else if serde_json::to_writer(&mut *out, s).is_err() {
         out.extend_from_slice(b"\"\"");
     }
+}
+
+/// Appends `n` in decimal, without allocating.
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 #[cfg(test)]
@@ -423,6 +446,42 @@ mod tests {
             v,
             json!({"topic":"a\"b","ts":7,"event":"ev","payload":{"v":1}})
         );
+    }
+
+    #[test]
+    fn frames_hold_what_serde_json_writes() {
+        let texts = ["a/b", "a\"b", "x\\y", "tab\t", "é/ñ", "\u{7f}", "", "Xc2-1"];
+        let numbers = [0, 7, 10, 1_795_322_940_123, u64::MAX];
+        for (i, text) in texts.iter().enumerate() {
+            let n = numbers[i % numbers.len()];
+            let mut m = Message::with_ts((*text).into(), None, payload_of(&1), n);
+            let plain = encoding::frame(&m, &JSON).to_vec();
+            let expected = format!(
+                r#"{{"topic":{},"ts":{n},"payload":1}}"#,
+                serde_json::to_string(text).unwrap()
+            );
+            assert_eq!(
+                frame::server_payload(&plain),
+                expected.as_bytes(),
+                "{text:?}"
+            );
+            m = Message::with_ts("t".into(), None, payload_of(&1), n);
+            m.position = Some(crate::hub::history::Position {
+                offset: numbers[(i + 1) % numbers.len()],
+                epoch: (*text).into(),
+            });
+            let tracked = encoding::frame(&m, &JSON).to_vec();
+            let expected = format!(
+                r#"{{"topic":"t","ts":{n},"offset":{},"epoch":{},"payload":1}}"#,
+                numbers[(i + 1) % numbers.len()],
+                serde_json::to_string(text).unwrap()
+            );
+            assert_eq!(
+                frame::server_payload(&tracked),
+                expected.as_bytes(),
+                "{text:?}"
+            );
+        }
     }
 
     /// Random text, and random mutations of valid requests, never panic

@@ -350,8 +350,13 @@ fn process(
             OP_TEXT => match shared.proto {
                 Proto::Sio if payload == b"2" => net::client_frame(replies, OP_TEXT, b"3"),
                 Proto::Sio if !payload.starts_with(b"42") => {}
-                Proto::Ws if net::find(payload, b"\"seq\":").is_none() => {}
-                _ => on_message(c.k, &mut c.seen, payload, shared, stats, now),
+                _ => {
+                    if let Some(at) = net::SEQ_KEY.find(payload) {
+                        on_message(c.k, &mut c.seen, payload, at, shared, stats, now);
+                    } else if shared.proto == Proto::Sio {
+                        stats.unparsable += 1;
+                    }
+                }
             },
             OP_PING => net::client_frame(replies, OP_PONG, payload),
             OP_CLOSE => {
@@ -376,15 +381,12 @@ fn on_message(
     ck: u32,
     seen: &mut Vec<u64>,
     payload: &[u8],
+    seq_at: usize,
     shared: &Shared,
     stats: &mut GroupStats,
     now: u64,
 ) {
-    let (Some(seq), Some(k), Some(sent)) = (
-        net::number_after(payload, b"\"seq\":"),
-        net::number_after(payload, b"\"k\":"),
-        net::number_after(payload, b"\"sent\":"),
-    ) else {
+    let Some((seq, k, sent)) = net::bench_fields(payload, seq_at) else {
         stats.unparsable += 1;
         return;
     };

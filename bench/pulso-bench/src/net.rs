@@ -5,9 +5,11 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use memchr::memmem;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -77,35 +79,14 @@ pub fn raise_fd_limit() -> u64 {
 
 /// Finds `needle` in `hay`.
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    let first = needle[0];
-    let mut i = 0;
-    while i + needle.len() <= hay.len() {
-        match hay[i..=hay.len() - needle.len()]
-            .iter()
-            .position(|&b| b == first)
-        {
-            None => return None,
-            Some(p) => {
-                i += p;
-                if &hay[i..i + needle.len()] == needle {
-                    return Some(i);
-                }
-                i += 1;
-            }
-        }
-    }
-    None
+    memmem::find(hay, needle)
 }
 
-/// The unsigned integer that follows `key` (e.g. `"seq":`) in `hay`.
-pub fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    let at = find(hay, key)? + key.len();
+/// The unsigned integer that starts at `at` in `hay`.
+pub fn number_at(hay: &[u8], at: usize) -> Option<u64> {
     let mut n: u64 = 0;
     let mut digits = 0;
-    for &b in &hay[at..] {
+    for &b in hay.get(at..)? {
         if b.is_ascii_digit() {
             n = n.checked_mul(10)?.checked_add((b - b'0') as u64)?;
             digits += 1;
@@ -114,6 +95,34 @@ pub fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
         }
     }
     (digits > 0).then_some(n)
+}
+
+/// A key searched for in every frame received, prepared once: a
+/// vectorised search, so that the tool's cost per delivery stays small and
+/// does not grow with what a server writes before the payload.
+type Key = LazyLock<memmem::Finder<'static>>;
+
+pub static SEQ_KEY: Key = LazyLock::new(|| memmem::Finder::new(b"\"seq\":"));
+static K_KEY: Key = LazyLock::new(|| memmem::Finder::new(b"\"k\":"));
+static SENT_KEY: Key = LazyLock::new(|| memmem::Finder::new(b"\"sent\":"));
+
+/// Where the value after `key` starts in `hay`.
+fn value_at(key: &Key, hay: &[u8]) -> Option<usize> {
+    Some(key.find(hay)? + key.needle().len())
+}
+
+/// `seq`, `k` and `sent` of a bench payload
+/// (`{"seq":…,"k":…,"sent":…,…}`, in that order) whose `"seq":` key is at
+/// `at`: each key is looked for after the previous one only.
+pub fn bench_fields(payload: &[u8], at: usize) -> Option<(u64, u64, u64)> {
+    let at = at + SEQ_KEY.needle().len();
+    let seq = number_at(payload, at)?;
+    let rest = payload.get(at..)?;
+    let k_at = value_at(&K_KEY, rest)?;
+    let k = number_at(rest, k_at)?;
+    let rest = rest.get(k_at..)?;
+    let sent = number_at(rest, value_at(&SENT_KEY, rest)?)?;
+    Some((seq, k, sent))
 }
 
 // ---------------------------------------------------------------- WebSocket
@@ -375,4 +384,30 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_fields_are_read_whatever_precedes_the_payload() {
+        let plain =
+            br#"{"topic":"bench/t0","ts":17,"payload":{"seq":12,"k":0,"sent":99,"pad":"xx"}}"#;
+        let tracked = br#"{"topic":"bench/t0","ts":17,"offset":3,"epoch":"Xc2-1","payload":{"seq":12,"k":0,"sent":99,"pad":"xx"}}"#;
+        for frame in [&plain[..], &tracked[..]] {
+            let at = SEQ_KEY.find(frame).unwrap();
+            assert_eq!(bench_fields(frame, at), Some((12, 0, 99)));
+        }
+        let sio = br#"42["check_in",{"seq":5,"k":1,"sent":7,"pad":""}]"#;
+        assert_eq!(
+            bench_fields(sio, SEQ_KEY.find(sio).unwrap()),
+            Some((5, 1, 7))
+        );
+        assert_eq!(bench_fields(br#"{"seq":5,"sent":7}"#, 0), None, "no k");
+        assert_eq!(number_at(b"x42,", 1), Some(42));
+        assert_eq!(number_at(b"x,", 1), None);
+        assert_eq!(number_at(b"x", 5), None);
+        assert_eq!(find(b"ab\r\ncd", b"\r\n"), Some(2));
+    }
 }
