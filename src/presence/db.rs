@@ -22,8 +22,8 @@ use crate::config::EntityTable;
 pub enum Write<'a> {
     /// The row (role, sub) now holds this socket, since `at` (ms).
     Set(&'a Holder, u64),
-    /// Clear the row if it still holds this socket.
-    Clear(&'a Holder),
+    /// Clear the row (role, sub) if it holds a socket of this node's.
+    Vacate(&'a str, &'a str),
 }
 
 /// One row that holds a socket, as `GET /api/presence` shows it.
@@ -125,6 +125,21 @@ fn app_set_sql(t: &EntityTable) -> String {
     )
 }
 
+/// Clears an application-table cell that holds the socket this node's
+/// presence row for (`role` = `$2`, `sub` = `$1`) holds: run before that row
+/// is vacated.
+fn app_vacate_sql(t: &EntityTable) -> String {
+    format!(
+        "UPDATE {} SET {} = NULL WHERE CAST({} AS TEXT) = $1 AND {} IN (
+           SELECT socket_id FROM pulso_presence
+           WHERE role = $2 AND sub = $1 AND node = $3 AND socket_id IS NOT NULL)",
+        quote(&t.table),
+        quote(&t.socket_column),
+        quote(&t.id_column),
+        quote(&t.socket_column)
+    )
+}
+
 fn app_clear_sql(t: &EntityTable) -> String {
     format!(
         "UPDATE {} SET {} = NULL WHERE CAST({} AS TEXT) = $1 AND {} = $2",
@@ -181,8 +196,8 @@ macro_rules! clear_node_in {
     }};
 }
 
-const CLEAR_SQL: &str =
-    "UPDATE pulso_presence SET socket_id = NULL WHERE role = $1 AND sub = $2 AND socket_id = $3";
+const VACATE_SQL: &str = "UPDATE pulso_presence SET socket_id = NULL
+     WHERE role = $1 AND sub = $2 AND node = $3 AND socket_id IS NOT NULL";
 
 impl Db {
     pub async fn connect(url: &str) -> Result<Db, sqlx::Error> {
@@ -247,26 +262,40 @@ impl Db {
                                 .await?;
                         }
                     }
-                    Write::Clear(h) => {
-                        sqlx::query(CLEAR_SQL)
-                            .bind(&h.role)
-                            .bind(&h.sub)
-                            .bind(&h.socket_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        if let Some(t) = entities.get(&h.role) {
-                            sqlx::query(AssertSqlSafe(app_clear_sql(t)))
-                                .bind(&h.sub)
-                                .bind(&h.socket_id)
+                    Write::Vacate(role, sub) => {
+                        if let Some(t) = entities.get(*role) {
+                            sqlx::query(AssertSqlSafe(app_vacate_sql(t)))
+                                .bind(*sub)
+                                .bind(*role)
+                                .bind(node)
                                 .execute(&mut *tx)
                                 .await?;
                         }
+                        sqlx::query(VACATE_SQL)
+                            .bind(*role)
+                            .bind(*sub)
+                            .bind(node)
+                            .execute(&mut *tx)
+                            .await?;
                     }
                 }
             }
             tx.commit().await?;
         });
         Ok(())
+    }
+
+    /// The rows `node` holds: (role, sub, socket id).
+    pub async fn held(&self, node: &str) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+        let rows = on_pool!(self, pool => {
+            let rows = sqlx::query(HELD_SQL).bind(node).fetch_all(pool).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+            }
+            out
+        });
+        Ok(rows)
     }
 
     /// Clears every row `node` holds (and the matching application-table
