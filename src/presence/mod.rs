@@ -274,6 +274,11 @@ impl Presence {
     /// Marks the row `key` as waiting for the writer, which writes its
     /// state in `live` as it is when the writer takes it.
     fn enqueue(&self, key: Key, waiter: Option<oneshot::Sender<()>>) {
+        if self.wake.is_closed() {
+            // The writer has stopped (shutdown): nothing will be written,
+            // and `waiter`, dropped here, answers its client at once.
+            return;
+        }
         let shared = &self.shared;
         let mut q = shared.queue();
         if let Some(waiting) = q.waiters.get_mut(&key) {
@@ -429,6 +434,9 @@ struct Link {
     in_use: Option<NodeInUse>,
     /// A connection succeeded once (and cleared an earlier run's rows).
     connected_once: bool,
+    /// A connection succeeded since the writer last looked: reconcile at
+    /// once, whenever the last reconciliation was.
+    reconnected: bool,
 }
 
 impl Link {
@@ -445,6 +453,7 @@ impl Link {
                 Ok(db) => {
                     self.in_use = None;
                     self.connected_once = true;
+                    self.reconnected = true;
                     // Bring this node's rows to what it holds: rows lost
                     // while disconnected, or cleared by the cluster while
                     // this node was silent.
@@ -495,6 +504,7 @@ async fn writer(
         first: true,
         in_use: None,
         connected_once: false,
+        reconnected: false,
     };
     let mut last_resync: Option<tokio::time::Instant> = None;
     loop {
@@ -502,10 +512,9 @@ async fn writer(
         // even while nobody connects; while disconnected, wake to retry.
         let connected = link.ensure().await.is_some();
         let resync_due = last_resync.map(|t| t + RESYNC_EVERY);
-        if connected
-            && resync_due.is_none_or(|t| tokio::time::Instant::now() >= t)
-            && shared.stale.swap(false, Ordering::Relaxed)
-        {
+        let due = std::mem::take(&mut link.reconnected)
+            || resync_due.is_none_or(|t| tokio::time::Instant::now() >= t);
+        if connected && due && shared.stale.swap(false, Ordering::Relaxed) {
             last_resync = Some(tokio::time::Instant::now());
             resync(&mut link).await;
         }
