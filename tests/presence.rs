@@ -720,6 +720,18 @@ async fn a_hung_store_fills_the_bounded_queue_and_delivery_goes_on() {
     sio.auth(&srv.token("timer", &unique("t")), json!({})).await;
 
     switch.freeze();
+    // A socket that connects and leaves before its row is written: one
+    // queued write, not two (nothing runs in between on this runtime).
+    let brief = pulso::presence::Holder {
+        role: "load".into(),
+        sub: unique("brief"),
+        socket_id: "brief-1".into(),
+        protocol: "ws",
+    };
+    let _ = srv.gw.presence.set(brief.clone());
+    srv.gw.presence.clear(brief);
+    let m = srv.metrics().await;
+    assert!(m.contains("pulso_presence_coalesced_total 1\n"), "{m}");
     // Far more writes than the queue holds, while the writer is stuck on a
     // database that never answers: the surplus is dropped, never waited for.
     let started = std::time::Instant::now();
