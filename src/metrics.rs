@@ -65,6 +65,12 @@ pub struct Metrics {
     pub sio_auth: Family<Label, Counter>,
     /// Presence store writes by result (`ok`, `failed`, `dropped`).
     pub presence_writes: Family<Label, Counter>,
+    /// Presence rows waiting for the writer (one per (role, sub)).
+    pub presence_queue: Gauge,
+    /// Presence writes folded into one still queued for the same row.
+    pub presence_coalesced: Counter,
+    /// Reconciliations of this node's rows with what it holds, by `result`.
+    pub presence_resyncs: Family<Label, Counter>,
     latency: HistogramFamily,
     /// The family's members, created once: observing is then one lock-free
     /// lookup-free call on the publish path.
@@ -165,6 +171,9 @@ impl Metrics {
             client_errors: Family::default(),
             sio_auth: Family::default(),
             presence_writes: Family::default(),
+            presence_queue: Gauge::default(),
+            presence_coalesced: Counter::default(),
+            presence_resyncs: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             fanout_latency: Histogram::new([]),
             api_publish_latency: Histogram::new([]),
@@ -225,6 +234,17 @@ impl Metrics {
         reg(&mut registry, "client_errors", m.client_errors.clone());
         reg(&mut registry, "socketio_auth", m.sio_auth.clone());
         reg(&mut registry, "presence_writes", m.presence_writes.clone());
+        reg(&mut registry, "presence_queue", m.presence_queue.clone());
+        reg(
+            &mut registry,
+            "presence_coalesced",
+            m.presence_coalesced.clone(),
+        );
+        reg(
+            &mut registry,
+            "presence_resyncs",
+            m.presence_resyncs.clone(),
+        );
         reg(&mut registry, "stage_latency_seconds", m.latency.clone());
         reg(&mut registry, "mqtt_connected", m.mqtt_connected.clone());
         reg(
@@ -539,7 +559,25 @@ pub const METRICS: &[MetricDoc] = &[
         name: "presence_writes",
         area: "Presence",
         label: Some(("result", "`ok`, `failed`, `dropped`")),
-        help: "Presence row writes, by result: ok (committed), failed (given up after retries), dropped (the queue of 4096 was full; the rows are rewritten later)",
+        help: "Presence row writes, by result: ok (committed), failed (given up after retries), dropped (the queue, presence.queue rows, was full; the rows are reconciled later)",
+    },
+    MetricDoc {
+        name: "presence_queue",
+        area: "Presence",
+        label: None,
+        help: "Presence rows waiting to be written (one per role and sub however many changes it had; at most presence.queue)",
+    },
+    MetricDoc {
+        name: "presence_coalesced",
+        area: "Presence",
+        label: None,
+        help: "Presence changes folded into a write still queued for the same row (a connect and a disconnect of one socket, say): one database write instead of several",
+    },
+    MetricDoc {
+        name: "presence_resyncs",
+        area: "Presence",
+        label: Some(("result", "`ok`, `failed`")),
+        help: "Reconciliations of this node's presence rows with the sockets it holds, after writes were dropped or lost or the store reconnected, by result: ok, failed (retried later)",
     },
     MetricDoc {
         name: "stage_latency_seconds",
@@ -725,6 +763,7 @@ fn specimen() -> Metrics {
     let _ = m.client_errors.get_or_create(&label("client_errors"));
     let _ = m.sio_auth.get_or_create(&label("socketio_auth"));
     let _ = m.presence_writes.get_or_create(&label("presence_writes"));
+    let _ = m.presence_resyncs.get_or_create(&label("presence_resyncs"));
     let _ = m.recoveries.get_or_create(&label("recoveries"));
     let _ = m.cluster_messages.get_or_create(&label("cluster_messages"));
     let _ = m

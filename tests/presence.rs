@@ -713,17 +713,29 @@ async fn a_hung_store_fills_the_bounded_queue_and_delivery_goes_on() {
         return;
     };
     let (switch, proxied_url) = proxy_to(&url).await;
-    let srv = start(&proxied_url, &unique("node"), "").await;
+    let srv = start(&proxied_url, &unique("node"), "[presence]\nqueue = 64\n").await;
     srv.until("presence ready", |gw| gw.presence.status().is_ok())
         .await;
     let mut sio = SioClient::connect(srv.addr, 4, NS).await;
     sio.auth(&srv.token("timer", &unique("t")), json!({})).await;
 
     switch.freeze();
+    // A socket that connects and leaves before its row is written: one
+    // queued write, not two (nothing runs in between on this runtime).
+    let brief = pulso::presence::Holder {
+        role: "load".into(),
+        sub: unique("brief"),
+        socket_id: "brief-1".into(),
+        protocol: "ws",
+    };
+    let _ = srv.gw.presence.set(brief.clone());
+    srv.gw.presence.clear(brief);
+    let m = srv.metrics().await;
+    assert!(m.contains("pulso_presence_coalesced_total 1\n"), "{m}");
     // Far more writes than the queue holds, while the writer is stuck on a
     // database that never answers: the surplus is dropped, never waited for.
     let started = std::time::Instant::now();
-    for i in 0..(pulso::presence::QUEUE + 1000) {
+    for i in 0..(64 + 1000) {
         let _ = srv.gw.presence.set(pulso::presence::Holder {
             role: "load".into(),
             sub: format!("{i}"),
@@ -836,4 +848,220 @@ async fn postgres_a_client_reads_its_presence_row_when_answered() {
         return;
     };
     read_your_writes(&url).await;
+}
+
+/// The value of one series in a metrics exposition (0 when absent).
+fn series(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Overload: with a small `presence.queue`, a flood of presence writes
+/// overflows the queue again and again and the writer reconciles this
+/// node's rows each time, while clients connect and leave over real
+/// sockets and another task polls `GET /api/presence`. Every poll lists
+/// every client connected throughout (a reconciliation never hides a row
+/// that is right, whatever its size), and once the flood is over the rows
+/// are exactly the live connections.
+async fn overflow_never_hides_rows_from_readers(url: &str) {
+    const STABLE: usize = 300;
+    let node = unique("node");
+    let srv = start(url, &node, "[presence]\nqueue = 32\n").await;
+    srv.until("presence ready", |gw| gw.presence.status().is_ok())
+        .await;
+    let admin = srv.token("admin", "overflow-admin");
+
+    // Clients connected throughout: more rows than one transaction of a
+    // reconciliation writes. Every tenth on Socket.IO, the rest on /ws.
+    let subs: Vec<String> = (0..STABLE).map(|_| unique("stable")).collect();
+    let clients = futures_util::future::join_all(subs.iter().enumerate().map(|(i, sub)| {
+        let srv = &srv;
+        async move {
+            let token = srv.token("timer", sub);
+            if i.is_multiple_of(10) {
+                let mut c = SioClient::connect(srv.addr, 4, NS).await;
+                assert_eq!(c.auth(&token, json!({})).await["statusCode"], 200);
+                (Some(c.socket_id()), None, Some(c))
+            } else {
+                let mut ws = common::WsClient::connect(&srv.ws_url(&token)).await;
+                assert_eq!(ws.request(json!({"type": "ping"}), 1).await["type"], "pong");
+                (None, Some(ws), None)
+            }
+        }
+    }))
+    .await;
+    let expected: std::collections::BTreeMap<String, Option<String>> = subs
+        .iter()
+        .zip(&clients)
+        .map(|(sub, (id, _, _))| (sub.clone(), id.clone()))
+        .collect();
+    // This node's rows of role `timer`: sub → socket id.
+    let ours = {
+        let (url, admin, node) = (
+            srv.url("/api/presence?role=timer"),
+            admin.clone(),
+            node.clone(),
+        );
+        move || {
+            let (url, admin, node) = (url.clone(), admin.clone(), node.clone());
+            async move {
+                let (status, body) = common::get_json(&url, Some(&admin)).await;
+                assert_eq!(status, 200, "{body}");
+                body["sockets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| r["node"] == json!(node))
+                    .map(|r| {
+                        let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+                        (s("sub"), s("socket_id"))
+                    })
+                    .collect::<std::collections::BTreeMap<String, String>>()
+            }
+        }
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while ours().await.len() < STABLE {
+        assert!(std::time::Instant::now() < deadline, "the clients' rows");
+        tokio::task::yield_now().await;
+    }
+
+    // The reader: every poll must list every stable client.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reader = tokio::spawn({
+        let (ours, stop, stable) = (ours.clone(), stop.clone(), expected.clone());
+        async move {
+            let (mut polls, mut partial) = (0u32, Vec::new());
+            while !stop.is_cancelled() {
+                let rows = ours().await;
+                let seen = stable.keys().filter(|s| rows.contains_key(*s)).count();
+                if seen != stable.len() {
+                    partial.push(seen);
+                }
+                polls += 1;
+            }
+            (polls, partial)
+        }
+    });
+
+    // Churn over real sockets meanwhile.
+    let churn = tokio::spawn({
+        let (addr, stop) = (srv.addr, stop.clone());
+        let token = move |sub: &str| common::token("timer", sub, Some(Duration::from_secs(3600)));
+        async move {
+            let mut n = 0u32;
+            while !stop.is_cancelled() {
+                let sub = unique("churn");
+                if n.is_multiple_of(2) {
+                    let mut ws =
+                        common::WsClient::connect(&format!("ws://{addr}/ws?token={}", token(&sub)))
+                            .await;
+                    ws.request(json!({"type": "ping"}), 1).await;
+                    let _ = ws.stream.close(None).await;
+                } else {
+                    let mut c = SioClient::connect(addr, 4, NS).await;
+                    c.auth(&token(&sub), json!({})).await;
+                    c.close().await;
+                }
+                n += 1;
+            }
+            n
+        }
+    });
+
+    // The flood: bursts of writes far beyond the queue, each (role, sub)
+    // set and then cleared, until the writer has reconciled several times.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut rounds = 0u32;
+    loop {
+        let holders: Vec<pulso::presence::Holder> = (0..500)
+            .map(|i| pulso::presence::Holder {
+                role: "load".into(),
+                sub: format!("{node}-{rounds}-{i}"),
+                socket_id: format!("load-{rounds}-{i}"),
+                protocol: "ws",
+            })
+            .collect();
+        for h in &holders {
+            let _ = srv.gw.presence.set(h.clone());
+        }
+        tokio::task::yield_now().await;
+        for h in holders {
+            srv.gw.presence.clear(h);
+        }
+        tokio::task::yield_now().await;
+        rounds += 1;
+        let m = srv.metrics().await;
+        if series(&m, "pulso_presence_resyncs_total{result=\"ok\"}") >= 4.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rounds} rounds without 4 reconciliations:\n{m}"
+        );
+    }
+    stop.cancel();
+    let churned = churn.await.unwrap();
+    let (polls, partial) = reader.await.unwrap();
+    let m = srv.metrics().await;
+    eprintln!(
+        "{rounds} rounds, {churned} churned connections, {polls} polls; dropped {}, coalesced {}, reconciliations {}",
+        series(&m, "pulso_presence_writes_total{result=\"dropped\"}"),
+        series(&m, "pulso_presence_coalesced_total"),
+        series(&m, "pulso_presence_resyncs_total{result=\"ok\"}"),
+    );
+    assert!(
+        partial.is_empty(),
+        "{} of {polls} polls listed only part of the {STABLE} rows: {partial:?}",
+        partial.len()
+    );
+    assert!(polls >= 10, "{polls} polls");
+    assert!(series(&m, "pulso_presence_writes_total{result=\"dropped\"}") > 0.0);
+    assert!(series(&m, "pulso_presence_coalesced_total") > 0.0, "{m}");
+
+    // Once it is over: exactly the live connections, and nothing queued.
+    let want: std::collections::BTreeMap<String, Option<String>> = expected;
+    let deadline = std::time::Instant::now() + WAIT * 2;
+    loop {
+        let rows = ours().await;
+        let (_, all) = common::get_json(&srv.url("/api/presence?role=load"), Some(&admin)).await;
+        let load_rows = all["sockets"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|r| r["node"] == json!(node)).count());
+        let matches = rows.len() == want.len()
+            && want.iter().all(|(sub, id)| {
+                rows.get(sub)
+                    .is_some_and(|got| id.as_ref().is_none_or(|id| id == got))
+            });
+        let m = srv.metrics().await;
+        if matches && load_rows == 0 && series(&m, "pulso_presence_queue") == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows {} (want {}), load rows {load_rows}, queue {}",
+            rows.len(),
+            want.len(),
+            series(&m, "pulso_presence_queue")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(clients);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_overflow_never_hides_rows_from_readers() {
+    overflow_never_hides_rows_from_readers(&sqlite_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_overflow_never_hides_rows_from_readers() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    overflow_never_hides_rows_from_readers(&url).await;
 }

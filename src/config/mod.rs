@@ -379,6 +379,9 @@ pub struct PresenceConfig {
     pub entities: HashMap<String, EntityTable>,
     /// How long a client's answer waits for its row (read your writes).
     pub write_timeout: Duration,
+    /// Rows (role, sub) waiting for the writer before changes to further
+    /// rows are dropped (and the rows reconciled later).
+    pub queue: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -616,6 +619,7 @@ impl Config {
             database_url: parse_database_url(&l.req("database_url", value::parse_string)?)?,
             entities: parse_entities(&l.req("presence.entities", value::parse_table)?)?,
             write_timeout: l.req("presence.write_timeout", value::parse_duration)?,
+            queue: l.number("presence.queue", 1)?,
         };
         let cluster = cluster::parse(l, &presence.database_url)?;
         let mut history_topics = Vec::new();

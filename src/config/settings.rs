@@ -474,6 +474,12 @@ pub const SETTINGS: &[Setting] = &[
         "How long an authentication waits for its presence row to be committed before the client is answered anyway"
     ),
     setting!(
+        "presence.queue",
+        Number,
+        Some("4096"),
+        "Presence rows (role, sub) waiting to be written; changes to further rows are dropped, counted, and the rows reconciled from memory later"
+    ),
+    setting!(
         "presence.entities",
         Table,
         Some(""),

@@ -22,8 +22,8 @@ use crate::config::EntityTable;
 pub enum Write<'a> {
     /// The row (role, sub) now holds this socket, since `at` (ms).
     Set(&'a Holder, u64),
-    /// Clear the row if it still holds this socket.
-    Clear(&'a Holder),
+    /// Clear the row (role, sub) if it holds a socket of this node's.
+    Vacate(&'a str, &'a str),
 }
 
 /// One row that holds a socket, as `GET /api/presence` shows it.
@@ -125,6 +125,21 @@ fn app_set_sql(t: &EntityTable) -> String {
     )
 }
 
+/// Clears an application-table cell that holds the socket this node's
+/// presence row for (`role` = `$2`, `sub` = `$1`) holds: run before that row
+/// is vacated.
+fn app_vacate_sql(t: &EntityTable) -> String {
+    format!(
+        "UPDATE {} SET {} = NULL WHERE CAST({} AS TEXT) = $1 AND {} IN (
+           SELECT socket_id FROM pulso_presence
+           WHERE role = $2 AND sub = $1 AND node = $3 AND socket_id IS NOT NULL)",
+        quote(&t.table),
+        quote(&t.socket_column),
+        quote(&t.id_column),
+        quote(&t.socket_column)
+    )
+}
+
 fn app_clear_sql(t: &EntityTable) -> String {
     format!(
         "UPDATE {} SET {} = NULL WHERE CAST({} AS TEXT) = $1 AND {} = $2",
@@ -135,11 +150,78 @@ fn app_clear_sql(t: &EntityTable) -> String {
     )
 }
 
-const SET_SQL: &str =
-    "INSERT INTO pulso_presence (role, sub, socket_id, protocol, node, connected_at)
-     VALUES ($1, $2, $3, $4, $5, $6)
-     ON CONFLICT (role, sub) DO UPDATE SET socket_id = excluded.socket_id,
-       protocol = excluded.protocol, node = excluded.node, connected_at = excluded.connected_at";
+/// Most rows one statement writes: 6 parameters a row stays far below
+/// SQLite's (32 766) and PostgreSQL's (65 535) limits.
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// How many writes from the start of `writes` one statement takes: a run of
+/// the same kind, at most [`ROWS_PER_STATEMENT`], each (role, sub) once (an
+/// upsert may not touch one row twice).
+fn run_len<'a>(writes: &'a [Write<'a>]) -> usize {
+    fn key<'a>(w: &'a Write<'a>) -> (&'a str, &'a str, bool) {
+        match w {
+            Write::Set(h, _) => (h.role.as_str(), h.sub.as_str(), true),
+            Write::Vacate(role, sub) => (role, sub, false),
+        }
+    }
+    let Some(first) = writes.first() else {
+        return 0;
+    };
+    let kind = key(first).2;
+    let mut seen = std::collections::HashSet::new();
+    writes
+        .iter()
+        .take(ROWS_PER_STATEMENT)
+        .map(key)
+        .take_while(|&(role, sub, k)| k == kind && seen.insert((role, sub)))
+        .count()
+}
+
+/// Upserts `n` rows: parameters role, sub, socket id, protocol, node,
+/// connected_at for each.
+fn set_sql(n: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO pulso_presence (role, sub, socket_id, protocol, node, connected_at) VALUES ",
+    );
+    for i in 0..n {
+        let b = i * 6;
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "(${}, ${}, ${}, ${}, ${}, ${})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            b + 6
+        ));
+    }
+    sql.push_str(
+        " ON CONFLICT (role, sub) DO UPDATE SET socket_id = excluded.socket_id,
+       protocol = excluded.protocol, node = excluded.node, connected_at = excluded.connected_at",
+    );
+    sql
+}
+
+/// Clears the rows (role, sub) of `n` pairs that hold a socket of node
+/// `$1`: parameters node, then role and sub for each.
+fn vacate_sql(n: usize) -> String {
+    let mut sql = String::from(
+        "UPDATE pulso_presence SET socket_id = NULL
+     WHERE node = $1 AND socket_id IS NOT NULL AND (role, sub) IN (VALUES ",
+    );
+    for i in 0..n {
+        let b = 2 + i * 2;
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("(${}, ${})", b, b + 1));
+    }
+    sql.push(')');
+    sql
+}
 
 /// The rows a node holds, for clearing their application-table cells.
 const HELD_SQL: &str =
@@ -181,9 +263,6 @@ macro_rules! clear_node_in {
     }};
 }
 
-const CLEAR_SQL: &str =
-    "UPDATE pulso_presence SET socket_id = NULL WHERE role = $1 AND sub = $2 AND socket_id = $3";
-
 impl Db {
     pub async fn connect(url: &str) -> Result<Db, sqlx::Error> {
         if url.starts_with("sqlite:") {
@@ -217,7 +296,10 @@ impl Db {
     }
 
     /// Applies several writes in one transaction (one fsync for a burst of
-    /// connects and disconnects), in order.
+    /// connects and disconnects), in order, as few statements as it can:
+    /// each run of writes of one kind is one statement (up to
+    /// [`ROWS_PER_STATEMENT`] rows), plus a statement per application-table
+    /// cell.
     pub async fn write_batch(
         &self,
         node: &str,
@@ -226,47 +308,80 @@ impl Db {
     ) -> Result<(), sqlx::Error> {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            for w in writes {
-                match w {
-                    Write::Set(h, at_ms) => {
-                        let at = i64::try_from(*at_ms).unwrap_or(i64::MAX);
-                        sqlx::query(SET_SQL)
-                            .bind(&h.role)
-                            .bind(&h.sub)
-                            .bind(&h.socket_id)
-                            .bind(h.protocol)
-                            .bind(node)
-                            .bind(at)
-                            .execute(&mut *tx)
-                            .await?;
-                        if let Some(t) = entities.get(&h.role) {
-                            sqlx::query(AssertSqlSafe(app_set_sql(t)))
-                                .bind(&h.socket_id)
-                                .bind(&h.sub)
-                                .execute(&mut *tx)
-                                .await?;
+            let mut rest = writes;
+            while !rest.is_empty() {
+                let n = run_len(rest);
+                let (run, tail) = rest.split_at(n);
+                rest = tail;
+                match run[0] {
+                    Write::Set(..) => {
+                        let mut q = sqlx::query(AssertSqlSafe(set_sql(run.len())));
+                        for w in run {
+                            if let Write::Set(h, at_ms) = w {
+                                let at = i64::try_from(*at_ms).unwrap_or(i64::MAX);
+                                q = q
+                                    .bind(&h.role)
+                                    .bind(&h.sub)
+                                    .bind(&h.socket_id)
+                                    .bind(h.protocol)
+                                    .bind(node)
+                                    .bind(at);
+                            }
+                        }
+                        q.execute(&mut *tx).await?;
+                        for w in run {
+                            if let Write::Set(h, _) = w
+                                && let Some(t) = entities.get(&h.role)
+                            {
+                                sqlx::query(AssertSqlSafe(app_set_sql(t)))
+                                    .bind(&h.socket_id)
+                                    .bind(&h.sub)
+                                    .execute(&mut *tx)
+                                    .await?;
+                            }
                         }
                     }
-                    Write::Clear(h) => {
-                        sqlx::query(CLEAR_SQL)
-                            .bind(&h.role)
-                            .bind(&h.sub)
-                            .bind(&h.socket_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        if let Some(t) = entities.get(&h.role) {
-                            sqlx::query(AssertSqlSafe(app_clear_sql(t)))
-                                .bind(&h.sub)
-                                .bind(&h.socket_id)
-                                .execute(&mut *tx)
-                                .await?;
+                    Write::Vacate(..) => {
+                        // The application cells first: they are found
+                        // through the rows about to be vacated.
+                        for w in run {
+                            if let Write::Vacate(role, sub) = w
+                                && let Some(t) = entities.get(*role)
+                            {
+                                sqlx::query(AssertSqlSafe(app_vacate_sql(t)))
+                                    .bind(*sub)
+                                    .bind(*role)
+                                    .bind(node)
+                                    .execute(&mut *tx)
+                                    .await?;
+                            }
                         }
+                        let mut q = sqlx::query(AssertSqlSafe(vacate_sql(run.len()))).bind(node);
+                        for w in run {
+                            if let Write::Vacate(role, sub) = w {
+                                q = q.bind(*role).bind(*sub);
+                            }
+                        }
+                        q.execute(&mut *tx).await?;
                     }
                 }
             }
             tx.commit().await?;
         });
         Ok(())
+    }
+
+    /// The rows `node` holds: (role, sub, socket id).
+    pub async fn held(&self, node: &str) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+        let rows = on_pool!(self, pool => {
+            let rows = sqlx::query(HELD_SQL).bind(node).fetch_all(pool).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+            }
+            out
+        });
+        Ok(rows)
     }
 
     /// Clears every row `node` holds (and the matching application-table
@@ -547,5 +662,40 @@ impl Db {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(sub: &str) -> Holder {
+        Holder {
+            role: "r".into(),
+            sub: sub.into(),
+            socket_id: format!("s-{sub}"),
+            protocol: "ws",
+        }
+    }
+
+    #[test]
+    fn a_statement_takes_a_run_of_one_kind_each_row_once_and_at_most_its_limit() {
+        let (a, b) = (holder("a"), holder("b"));
+        let w = [
+            Write::Set(&a, 1),
+            Write::Set(&b, 1),
+            Write::Vacate("r", "c"),
+            Write::Vacate("r", "d"),
+            Write::Vacate("r", "c"),
+        ];
+        assert_eq!(run_len(&w), 2);
+        assert_eq!(run_len(&w[2..]), 2);
+        assert_eq!(run_len(&w[4..]), 1);
+        assert_eq!(run_len(&w[5..]), 0);
+        let many: Vec<Holder> = (0..600).map(|i| holder(&i.to_string())).collect();
+        let sets: Vec<Write<'_>> = many.iter().map(|h| Write::Set(h, 1)).collect();
+        assert_eq!(run_len(&sets), ROWS_PER_STATEMENT);
+        assert!(set_sql(2).contains("($1, $2, $3, $4, $5, $6), ($7, $8, $9, $10, $11, $12) ON"));
+        assert!(vacate_sql(2).ends_with("IN (VALUES ($2, $3), ($4, $5))"));
     }
 }

@@ -2,17 +2,28 @@
 //! (SPEC §7), in SQLite or PostgreSQL through sqlx.
 //!
 //! Front ends never block on the database. [`Presence::set`] and
-//! [`Presence::clear`] only push onto a bounded queue; one background
-//! writer task applies the operations in order, everything queued meanwhile
-//! in one transaction (group commit), retrying a failed one a few times. A
-//! slow or stopped database therefore costs queued writes (counted and
-//! logged when they are dropped or fail), never message delivery.
+//! [`Presence::clear`] update what this node holds in memory (`live`) and
+//! mark the row (role, sub) as waiting in a bounded queue; one background
+//! writer task takes the waiting rows, oldest change first, and writes each
+//! one's state *as it is now* in memory, everything waiting (up to
+//! [`MAX_BATCH`] rows) in one transaction (group commit). Changes to a row
+//! that is still waiting are folded into its one write: a socket that
+//! connects and leaves before the writer gets to it costs at most one
+//! write, and under load the batches grow with the queue. A slow or
+//! stopped database therefore costs queued writes (counted and logged when
+//! they are dropped or fail), never message delivery.
 //!
 //! Clients read their writes: `set` hands back a [`Committed`] that the
 //! front end waits on (at most `presence.write_timeout`) before it answers
 //! the client, so a backend the client tells "I am connected" finds the
 //! row. A failed or dropped write ends the wait at once: authentication
 //! never fails, nor waits long, because the store is down.
+//!
+//! When writes were lost (the queue full, an outage) the writer reconciles
+//! this node's rows with `live` ([`resync`]): it reads the rows this node
+//! holds and writes only the difference. A row that was right is never
+//! touched, so a reader never sees a live socket's row vanish and come
+//! back; each corrected row goes from its old state straight to its new one.
 //!
 //! The writer also owns the connection: it (re)connects, creates or migrates
 //! the schema, and clears the rows this node left behind after a crash
@@ -26,7 +37,7 @@ mod db;
 pub mod nodes;
 pub mod time;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -40,29 +51,41 @@ use crate::metrics::Metrics;
 pub use db::{Claim, Db, Member, NodeRow, Row, Write};
 pub use nodes::NodeInUse;
 
-/// Operations queued before the writer starts dropping (and counting) them.
-pub const QUEUE: usize = 4096;
 /// Attempts per batch before it is given up (and counted as failed).
 const ATTEMPTS: u32 = 3;
-/// Most writes applied in one transaction.
-const BATCH: usize = 256;
+/// Most rows written in one transaction: the writer takes everything
+/// waiting, up to this many, so batches grow with the queue.
+pub const MAX_BATCH: usize = 2048;
 /// How long one connection attempt or query may take.
 const DB_TIMEOUT: Duration = Duration::from_secs(3);
+/// Least time between two reconciliations: under a sustained overflow the
+/// writer keeps writing batches instead of reading the table again and
+/// again.
+const RESYNC_EVERY: Duration = Duration::from_secs(1);
+/// Most clients waiting on one row's write (one (role, sub) connecting
+/// again and again); the oldest is answered at once beyond that.
+const WAITERS: usize = 64;
 
-enum Op {
-    /// The sender is dropped once the write is committed or given up.
-    Set(Holder, u64, Option<oneshot::Sender<()>>),
-    /// Clear the row only if it still holds this socket id.
-    Clear(Holder),
+/// A presence row: (role, sub).
+type Key = (String, String);
+
+/// The rows waiting for the writer, each once, oldest change first.
+#[derive(Default)]
+struct Queue {
+    order: VecDeque<Key>,
+    /// The clients waiting on each queued row; dropping a sender answers
+    /// its client (committed, given up, or dropped).
+    waiters: HashMap<Key, Vec<oneshot::Sender<()>>>,
     /// Clear every row this node holds, then stop (graceful shutdown).
-    Stop(oneshot::Sender<()>),
-    /// Nothing to write: wakes the writer to act on a flag (`reclaim`).
-    Wake,
+    stop: Option<oneshot::Sender<()>>,
 }
 
 struct Shared {
     node: String,
     entities: HashMap<String, EntityTable>,
+    /// Rows waiting for the writer (at most `capacity`).
+    queue: Mutex<Queue>,
+    capacity: usize,
     /// Set once the writer has connected and migrated; reads use it too.
     db: RwLock<Option<Db>>,
     /// `Ok` while the last connection attempt and write succeeded.
@@ -99,12 +122,41 @@ impl Shared {
     fn db(&self) -> Option<Db> {
         self.db.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes up to `max` waiting rows with their waiters, and the stop
+    /// request if there is one.
+    fn take(&self, max: usize) -> (Batch, Option<oneshot::Sender<()>>) {
+        let mut q = self.queue();
+        let n = q.order.len().min(max);
+        let mut batch = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some(key) = q.order.pop_front() else {
+                break;
+            };
+            let waiters = q.waiters.remove(&key).unwrap_or_default();
+            batch.push((key, waiters));
+        }
+        let stop = q.stop.take();
+        self.metrics
+            .presence_queue
+            .set(i64::try_from(q.order.len()).unwrap_or(i64::MAX));
+        (batch, stop)
+    }
 }
+
+/// Rows taken from the queue, with the clients waiting on them.
+type Batch = Vec<(Key, Vec<oneshot::Sender<()>>)>;
 
 /// Handle on the presence store; cheap to share.
 #[derive(Clone)]
 pub struct Presence {
-    tx: mpsc::Sender<Op>,
+    /// Wakes the writer (one pending wake is enough); closed once the
+    /// writer has ended. Dropping every handle ends the writer.
+    wake: mpsc::Sender<()>,
     shared: Arc<Shared>,
     write_timeout: Duration,
 }
@@ -126,7 +178,7 @@ impl Presence {
         metrics: Arc<Metrics>,
         cluster: Option<&ClusterConfig>,
     ) -> Result<Presence, NodeInUse> {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (wake, rx) = mpsc::channel(1);
         let member = cluster.map(|c| {
             let ttl_ms = i64::try_from(c.node_ttl.as_millis()).unwrap_or(i64::MAX);
             let member = Member {
@@ -141,6 +193,8 @@ impl Presence {
         let shared = Arc::new(Shared {
             node: node.to_string(),
             entities: config.entities.clone(),
+            queue: Mutex::new(Queue::default()),
+            capacity: config.queue.max(1),
             db: RwLock::new(None),
             state: Mutex::new(Err("connecting".into())),
             metrics,
@@ -159,7 +213,7 @@ impl Presence {
             rx,
             first,
         ));
-        // Dropping `tx` on an error below ends the writer.
+        // Dropping `wake` on an error below ends the writer.
         if let Ok(Ok(Some(in_use))) =
             tokio::time::timeout(DB_TIMEOUT * 2 + claim_wait, first_rx).await
         {
@@ -174,7 +228,7 @@ impl Presence {
             );
         }
         Ok(Presence {
-            tx,
+            wake,
             shared,
             write_timeout: config.write_timeout,
         })
@@ -193,42 +247,77 @@ impl Presence {
     /// is answered once the returned [`Committed`] is.
     pub fn set(&self, holder: Holder) -> Committed {
         let at = crate::hub::now_ms();
-        self.shared.live().insert(
-            (holder.role.clone(), holder.sub.clone()),
-            (holder.clone(), at),
-        );
+        let key = (holder.role.clone(), holder.sub.clone());
+        self.shared.live().insert(key.clone(), (holder, at));
         let (done, wait) = oneshot::channel();
-        self.push(Op::Set(holder, at, Some(done)));
+        self.enqueue(key, Some(done));
         Committed::new(wait, self.write_timeout)
     }
 
-    /// Records that `holder` disconnected. Never waits.
+    /// Records that `holder` disconnected. Never waits. The row changes
+    /// only if it still holds this socket: an old connection closing never
+    /// erases a newer one.
     pub fn clear(&self, holder: Holder) {
-        {
+        let key = (holder.role, holder.sub);
+        let removed = {
             let mut live = self.shared.live();
-            let key = (holder.role.clone(), holder.sub.clone());
-            if live
+            let holds = live
                 .get(&key)
-                .is_some_and(|(h, _)| h.socket_id == holder.socket_id)
-            {
-                live.remove(&key);
-            }
+                .is_some_and(|(h, _)| h.socket_id == holder.socket_id);
+            holds && live.remove(&key).is_some()
+        };
+        if removed {
+            self.enqueue(key, None);
         }
-        self.push(Op::Clear(holder));
     }
 
-    fn push(&self, op: Op) {
-        if let Err(e) = self.tx.try_send(op) {
-            // The rows no longer match `live`; the writer rewrites them.
-            self.shared.stale.store(true, Ordering::Relaxed);
-            let full = matches!(e, mpsc::error::TrySendError::Full(_));
-            self.shared.metrics.presence_write("dropped");
-            // Log the 1st, 2nd, 4th, 8th… drop: a flood must not flood the log.
-            let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if full && n.is_power_of_two() {
-                tracing::warn!(dropped = n, "presence queue full; presence writes dropped");
-            }
+    /// Marks the row `key` as waiting for the writer, which writes its
+    /// state in `live` as it is when the writer takes it.
+    fn enqueue(&self, key: Key, waiter: Option<oneshot::Sender<()>>) {
+        if self.wake.is_closed() {
+            // The writer has stopped (shutdown): nothing will be written,
+            // and `waiter`, dropped here, answers its client at once.
+            return;
         }
+        let shared = &self.shared;
+        let mut q = shared.queue();
+        if let Some(waiting) = q.waiters.get_mut(&key) {
+            // Already queued: this change rides on that write.
+            shared.metrics.presence_coalesced.inc();
+            if let Some(done) = waiter {
+                if waiting.len() >= WAITERS {
+                    // Answered now, without its row.
+                    waiting.remove(0);
+                }
+                waiting.push(done);
+            }
+        } else if q.order.len() >= shared.capacity {
+            drop(q);
+            // The rows no longer match `live`: the writer reconciles them.
+            // `waiter` is dropped here: its client is answered at once.
+            shared.stale.store(true, Ordering::Relaxed);
+            shared.metrics.presence_write("dropped");
+            // Log the 1st, 2nd, 4th, 8th… drop: a flood must not flood the log.
+            let n = shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped = n,
+                    queue = shared.capacity,
+                    "presence queue full; presence writes dropped (the rows are reconciled later)"
+                );
+            }
+            return;
+        } else {
+            q.order.push_back(key.clone());
+            q.waiters.insert(key, waiter.into_iter().collect());
+            shared
+                .metrics
+                .presence_queue
+                .set(i64::try_from(q.order.len()).unwrap_or(i64::MAX));
+        }
+        drop(q);
+        // Full means a wake is pending already.
+        let _ = self.wake.try_send(());
     }
 
     /// Clears this node's rows (and, in a cluster, removes its heartbeat)
@@ -236,8 +325,13 @@ impl Presence {
     pub async fn stop(&self, limit: Duration) {
         self.shared.stopping.store(true, Ordering::Release);
         let (done, wait) = oneshot::channel();
+        self.shared.queue().stop = Some(done);
         let stop = async {
-            if self.tx.send(Op::Stop(done)).await.is_ok() {
+            // Closed: the writer has ended already.
+            if !matches!(
+                self.wake.try_send(()),
+                Err(mpsc::error::TrySendError::Closed(_))
+            ) {
                 let _ = wait.await;
             }
         };
@@ -338,6 +432,11 @@ struct Link {
     first: bool,
     /// Set when the last attempt found the node id held by a live node.
     in_use: Option<NodeInUse>,
+    /// A connection succeeded once (and cleared an earlier run's rows).
+    connected_once: bool,
+    /// A connection succeeded since the writer last looked: reconcile at
+    /// once, whenever the last reconciliation was.
+    reconnected: bool,
 }
 
 impl Link {
@@ -350,11 +449,14 @@ impl Link {
         }
         if self.db.is_none() && tokio::time::Instant::now() >= self.next_attempt {
             let wait = std::mem::take(&mut self.first);
-            match connect(&self.url, &self.shared, wait).await {
+            match connect(&self.url, &self.shared, wait, !self.connected_once).await {
                 Ok(db) => {
                     self.in_use = None;
-                    // Connecting cleared this node's rows: write back the
-                    // sockets it holds (none on the first connection).
+                    self.connected_once = true;
+                    self.reconnected = true;
+                    // Bring this node's rows to what it holds: rows lost
+                    // while disconnected, or cleared by the cluster while
+                    // this node was silent.
                     self.shared.stale.store(true, Ordering::Relaxed);
                     *self.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
                     self.shared.set_state(Ok(()));
@@ -384,11 +486,12 @@ impl Link {
     }
 }
 
-/// The background writer: connect, then apply queued operations in order.
+/// The background writer: connect, then write the queued rows, oldest
+/// change first; reconcile the rows when writes were lost.
 async fn writer(
     url: String,
     shared: Arc<Shared>,
-    mut rx: mpsc::Receiver<Op>,
+    mut wake: mpsc::Receiver<()>,
     first: oneshot::Sender<Option<NodeInUse>>,
 ) {
     let mut first = Some(first);
@@ -400,87 +503,101 @@ async fn writer(
         backoff: Duration::from_millis(200),
         first: true,
         in_use: None,
+        connected_once: false,
+        reconnected: false,
     };
+    let mut last_resync: Option<tokio::time::Instant> = None;
     loop {
         // Connect before waiting for work, so readiness reflects the store
         // even while nobody connects; while disconnected, wake to retry.
-        let mut connected = link.ensure().await.is_some();
-        if connected && shared.stale.swap(false, Ordering::Relaxed) {
+        let connected = link.ensure().await.is_some();
+        let resync_due = last_resync.map(|t| t + RESYNC_EVERY);
+        let due = std::mem::take(&mut link.reconnected)
+            || resync_due.is_none_or(|t| tokio::time::Instant::now() >= t);
+        if connected && due && shared.stale.swap(false, Ordering::Relaxed) {
+            last_resync = Some(tokio::time::Instant::now());
             resync(&mut link).await;
-            connected = link.db.is_some();
         }
         if let Some(first) = first.take() {
             let _ = first.send(link.in_use.clone());
         }
-        let op = if connected {
-            rx.recv().await
-        } else {
-            match tokio::time::timeout_at(link.next_attempt, rx.recv()).await {
-                Ok(op) => op,
-                Err(_) => continue,
-            }
-        };
-        let Some(op) = op else { return };
-        // Take what else is queued (up to BATCH) into the same transaction.
-        let mut batch = vec![op];
-        while batch.len() < BATCH && !matches!(batch.last(), Some(Op::Stop(_))) {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        let stop = match batch.last() {
-            Some(Op::Stop(_)) => batch.pop(),
-            _ => None,
-        };
-        if !batch.is_empty() {
-            apply(&mut link, &batch).await;
-        }
-        // Committed or given up: the clients waiting on these rows are
-        // answered now.
-        for op in batch {
-            if let Op::Set(_, _, Some(done)) = op {
-                let _ = done.send(());
-            }
-        }
-
-        if let Some(Op::Stop(done)) = stop {
-            if let Some(db) = &link.db {
-                let leave = async {
-                    match &shared.member {
-                        None => db.clear_node(&shared.node, &shared.entities).await,
-                        // The heartbeat goes with the rows: a node that
-                        // stopped is gone from `GET /api/cluster` at once.
-                        Some((m, _)) if shared.claimed.swap(false, Ordering::AcqRel) => {
-                            db.leave(m, &shared.entities).await
-                        }
-                        // In a cluster, rows under this node id are this
-                        // node's only while it holds the heartbeat.
-                        Some(_) => Ok(0),
-                    }
-                };
-                match tokio::time::timeout(DB_TIMEOUT, leave).await {
-                    Ok(Ok(n)) => tracing::info!(rows = n, "presence rows of this node cleared"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "could not clear presence rows"),
-                    Err(_) => tracing::warn!("clearing presence rows timed out"),
-                }
-            }
+        let (batch, stop) = shared.take(MAX_BATCH);
+        if let Some(done) = stop {
+            // Leaving clears every row of this node: what is still queued
+            // is moot (its clients are answered as `batch` drops).
+            leave(&link, &shared).await;
+            drop(batch);
             let _ = done.send(());
             return;
         }
+        if batch.is_empty() {
+            // Nothing queued: wait for work, the next connection attempt,
+            // or a reconciliation that was put off.
+            let mut until = (!connected).then_some(link.next_attempt);
+            if let Some(due) = resync_due.filter(|_| shared.stale.load(Ordering::Relaxed)) {
+                until = Some(until.map_or(due, |u| u.min(due)));
+            }
+            let woke = match until {
+                Some(until) => match tokio::time::timeout_at(until, wake.recv()).await {
+                    Ok(woke) => woke,
+                    Err(_) => continue,
+                },
+                None => wake.recv().await,
+            };
+            // `None`: every handle is gone.
+            if woke.is_none() {
+                return;
+            }
+            continue;
+        }
+        apply(&mut link, &batch).await;
+        // Committed or given up: the clients waiting on these rows are
+        // answered now (their senders drop with `batch`).
     }
 }
 
-/// Applies a batch of writes in one transaction. If the database refuses it
-/// (a query error, say a missing application table), the writes are retried
-/// one by one, so a single bad write cannot sink the rest of the batch.
-async fn apply(link: &mut Link, batch: &[Op]) {
-    let writes: Vec<Write<'_>> = batch
+/// Clears this node's rows (and, in a cluster, its heartbeat): a graceful
+/// stop.
+async fn leave(link: &Link, shared: &Shared) {
+    let Some(db) = &link.db else { return };
+    let leave = async {
+        match &shared.member {
+            None => db.clear_node(&shared.node, &shared.entities).await,
+            // The heartbeat goes with the rows: a node that stopped is gone
+            // from `GET /api/cluster` at once.
+            Some((m, _)) if shared.claimed.swap(false, Ordering::AcqRel) => {
+                db.leave(m, &shared.entities).await
+            }
+            // In a cluster, rows under this node id are this node's only
+            // while it holds the heartbeat.
+            Some(_) => Ok(0),
+        }
+    };
+    match tokio::time::timeout(DB_TIMEOUT, leave).await {
+        Ok(Ok(n)) => tracing::info!(rows = n, "presence rows of this node cleared"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not clear presence rows"),
+        Err(_) => tracing::warn!("clearing presence rows timed out"),
+    }
+}
+
+/// Writes the rows of `batch` as `live` holds them now, in one transaction.
+/// If the database refuses it (a query error, say a missing application
+/// table), the writes are retried one by one, so a single bad write cannot
+/// sink the rest of the batch.
+async fn apply(link: &mut Link, batch: &Batch) {
+    let rows: Vec<(&Key, Option<(Holder, u64)>)> = {
+        let live = link.shared.live();
+        batch
+            .iter()
+            .map(|(key, _)| (key, live.get(key).cloned()))
+            .collect()
+    };
+    let writes: Vec<Write<'_>> = rows
         .iter()
-        .filter_map(|op| match op {
-            Op::Set(h, at, _) => Some(Write::Set(h, *at)),
-            Op::Clear(h) => Some(Write::Clear(h)),
-            Op::Stop(_) | Op::Wake => None,
+        .map(|(key, held)| match held {
+            Some((h, at)) => Write::Set(h, *at),
+            // Nothing of this node's holds the row any more.
+            None => Write::Vacate(&key.0, &key.1),
         })
         .collect();
     match attempt(link, &writes, ATTEMPTS).await {
@@ -576,41 +693,87 @@ async fn attempt(link: &mut Link, writes: &[Write<'_>], attempts: u32) -> Outcom
     outcome
 }
 
-/// Brings this node's rows back to what it holds: clears them, then sets
-/// every live holder again. Runs after writes were lost (queue full, an
-/// outage) and after every (re)connection, which clears the rows first.
+/// Brings this node's rows back to what it holds, after writes were lost
+/// (the queue full, an outage) and after every (re)connection (writes
+/// lost while disconnected, rows cleared by the cluster while this node
+/// was silent). It reads the rows this node holds and writes only the
+/// difference with `live`: rows that hold a socket this node no longer
+/// has are cleared, live sockets missing or wrong are written. A row that
+/// is right is never touched, so readers never see a live socket's row
+/// disappear; the difference is written [`MAX_BATCH`] rows per
+/// transaction (usually one), each row going from its old state straight
+/// to its new one.
 async fn resync(link: &mut Link) {
     let shared = link.shared.clone();
+    let failed = |shared: &Shared, why: &dyn std::fmt::Display| {
+        tracing::warn!(error = %why, "presence resync failed; retrying later");
+        shared
+            .metrics
+            .presence_resyncs
+            .get_or_create(&[("result", "failed")])
+            .inc();
+        shared.stale.store(true, Ordering::Relaxed);
+    };
     let Some(db) = link.ensure().await else {
         shared.stale.store(true, Ordering::Relaxed);
         return;
     };
-    let live: Vec<(Holder, u64)> = shared.live().values().cloned().collect();
-    let writes: Vec<Write<'_>> = live.iter().map(|(h, at)| Write::Set(h, *at)).collect();
-    let result = tokio::time::timeout(DB_TIMEOUT * 2, async {
-        db.clear_node(&shared.node, &shared.entities).await?;
-        for chunk in writes.chunks(BATCH) {
-            db.write_batch(&shared.node, &shared.entities, chunk)
-                .await?;
+    let held = match tokio::time::timeout(DB_TIMEOUT, db.held(&shared.node)).await {
+        Ok(Ok(held)) => held,
+        Ok(Err(e)) => return failed(&shared, &e),
+        Err(_) => {
+            link.db = None;
+            return failed(&shared, &"timed out");
         }
-        Ok::<_, sqlx::Error>(())
-    })
-    .await;
-    match result {
-        Ok(Ok(())) => {
-            if !writes.is_empty() {
-                tracing::info!(rows = writes.len(), "presence rows of this node rewritten");
+    };
+    // Read after the rows: a change made meanwhile is queued as well, and
+    // written after this.
+    let live: Vec<(Holder, u64)> = shared.live().values().cloned().collect();
+    let live_keys: HashSet<(&str, &str)> = live
+        .iter()
+        .map(|(h, _)| (h.role.as_str(), h.sub.as_str()))
+        .collect();
+    let held_sockets: HashMap<(&str, &str), &str> = held
+        .iter()
+        .map(|(role, sub, socket)| ((role.as_str(), sub.as_str()), socket.as_str()))
+        .collect();
+    let mut writes: Vec<Write<'_>> = Vec::new();
+    for (role, sub, _) in &held {
+        if !live_keys.contains(&(role.as_str(), sub.as_str())) {
+            writes.push(Write::Vacate(role, sub));
+        }
+    }
+    let cleared = writes.len();
+    for (h, at) in &live {
+        // A row of another node is taken back too, as a lost write would
+        // have done.
+        if held_sockets.get(&(h.role.as_str(), h.sub.as_str())) != Some(&h.socket_id.as_str()) {
+            writes.push(Write::Set(h, *at));
+        }
+    }
+    for chunk in writes.chunks(MAX_BATCH) {
+        let write = db.write_batch(&shared.node, &shared.entities, chunk);
+        match tokio::time::timeout(DB_TIMEOUT, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return failed(&shared, &e),
+            Err(_) => {
+                link.db = None;
+                return failed(&shared, &"timed out");
             }
         }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "presence resync failed; retrying later");
-            shared.stale.store(true, Ordering::Relaxed);
-        }
-        Err(_) => {
-            tracing::warn!("presence resync timed out; retrying later");
-            shared.stale.store(true, Ordering::Relaxed);
-            link.db = None;
-        }
+    }
+    shared
+        .metrics
+        .presence_resyncs
+        .get_or_create(&[("result", "ok")])
+        .inc();
+    if !writes.is_empty() {
+        tracing::info!(
+            cleared,
+            written = writes.len() - cleared,
+            unchanged = held.len() - cleared,
+            "presence rows of this node reconciled with its sockets"
+        );
     }
 }
 
@@ -629,8 +792,9 @@ impl From<String> for ConnectError {
 }
 
 /// Connects and migrates; in a cluster claims the node id (`wait`: see
-/// [`nodes::claim`]); then clears what an earlier run of this node left.
-async fn connect(url: &str, shared: &Shared, wait: bool) -> Result<Db, ConnectError> {
+/// [`nodes::claim`]); then, with `clear` (the first connection), clears
+/// what an earlier run of this node left.
+async fn connect(url: &str, shared: &Shared, wait: bool, clear: bool) -> Result<Db, ConnectError> {
     let db = tokio::time::timeout(DB_TIMEOUT * 2, Db::connect(url))
         .await
         .map_err(|_| "connecting timed out".to_string())?
@@ -642,16 +806,22 @@ async fn connect(url: &str, shared: &Shared, wait: bool) -> Result<Db, ConnectEr
     // Before any row is touched: clearing "this node's" rows while another
     // live node holds the id would clear that node's clients.
     nodes::claim(&db, shared, wait).await?;
-    // Rows this node left (a crash, a kill -9) are stale: nobody holds them.
-    let cleared = tokio::time::timeout(DB_TIMEOUT, db.clear_node(&shared.node, &shared.entities))
-        .await
-        .map_err(|_| "clearing stale rows timed out".to_string())?
-        .map_err(|e| format!("clearing stale rows failed: {e}"))?;
-    if cleared > 0 {
-        tracing::info!(
-            rows = cleared,
-            "cleared presence rows left by a previous run of this node"
-        );
+    if clear {
+        // Rows this node left (a crash, a kill -9) are stale: nobody holds
+        // them. Only on the first connection: on a later one the rows are
+        // this run's, and the reconciliation that follows corrects just
+        // the ones that are wrong instead of hiding them all for a while.
+        let cleared =
+            tokio::time::timeout(DB_TIMEOUT, db.clear_node(&shared.node, &shared.entities))
+                .await
+                .map_err(|_| "clearing stale rows timed out".to_string())?
+                .map_err(|e| format!("clearing stale rows failed: {e}"))?;
+        if cleared > 0 {
+            tracing::info!(
+                rows = cleared,
+                "cleared presence rows left by a previous run of this node"
+            );
+        }
     }
     Ok(db)
 }

@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::{Claim, ConnectError, DB_TIMEOUT, Db, Op, Presence, Shared};
+use super::{Claim, ConnectError, DB_TIMEOUT, Db, Presence, Shared};
 
 /// How often a starting node looks at a heartbeat that holds its node id.
 const CLAIM_POLL: Duration = Duration::from_millis(100);
@@ -169,7 +169,7 @@ impl Presence {
             shared.stale.store(true, Ordering::Relaxed);
             // A full queue means a busy writer, which looks at the flag
             // before its next write anyway.
-            let _ = self.tx.try_send(Op::Wake);
+            let _ = self.wake.try_send(());
             return Ok(());
         }
         for (node, rows) in db.clear_dead(member, &shared.entities).await? {
