@@ -1187,6 +1187,25 @@ fn history_toml(size: usize) -> String {
     format!("[history]\ntopics = [\"h/#\"]\nsize = {size}\n")
 }
 
+/// `N` nodes on an engine server of the test's own, with history on `h/#`
+/// (`size` messages per topic), or `None` when the engine or PostgreSQL
+/// is missing.
+async fn history_cluster<const N: usize>(
+    engine: Engine,
+    size: usize,
+) -> Option<(Server, [TestServer; N])> {
+    let pg = postgres_url().await?;
+    let server = Server::start(engine).await?;
+    let prefix = unique("h");
+    let extra = history_toml(size);
+    let mut nodes = Vec::with_capacity(N);
+    for _ in 0..N {
+        nodes.push(node_with(&server, &pg, &prefix, &extra).await);
+    }
+    let nodes: [TestServer; N] = nodes.try_into().ok()?;
+    Some((server, nodes))
+}
+
 /// The next published message on `ws` (skipping replies).
 async fn published(ws: &mut WsClient) -> Value {
     loop {
@@ -1225,17 +1244,9 @@ on_each_engine!(
 /// live with no gap; with more missed than `history.size` it is told to
 /// reload.
 async fn a_ws_client_recovers_on_another_node_from_the_history_in_the_backplane(engine: Engine) {
-    let Some(pg) = postgres_url().await else {
+    let Some((_server, [a, b, c])) = history_cluster::<3>(engine, 20).await else {
         return;
     };
-    let Some(server) = Server::start(engine).await else {
-        return;
-    };
-    let prefix = unique("h");
-    let extra = history_toml(20);
-    let a = node_with(&server, &pg, &prefix, &extra).await;
-    let b = node_with(&server, &pg, &prefix, &extra).await;
-    let c = node_with(&server, &pg, &prefix, &extra).await;
     let mut ws = subscriber(&a, &["h/feed"]).await;
     let mut on_b = subscriber(&b, &["h/feed"]).await;
     a.publish("h/feed", json!(0)).await;
@@ -1297,16 +1308,9 @@ async fn a_ws_client_recovers_on_another_node_from_the_history_in_the_backplane(
 /// rather than risk a duplicate, and one that had it recovers what came
 /// after.
 async fn a_broadcast_to_two_tracked_rooms_and_recovery(engine: Engine) {
-    let Some(pg) = postgres_url().await else {
+    let Some((_server, [a, b])) = history_cluster::<2>(engine, 20).await else {
         return;
     };
-    let Some(server) = Server::start(engine).await else {
-        return;
-    };
-    let prefix = unique("h");
-    let extra = history_toml(20);
-    let a = node_with(&server, &pg, &prefix, &extra).await;
-    let b = node_with(&server, &pg, &prefix, &extra).await;
     let mut ws = subscriber(&a, &["h/a"]).await;
     a.publish("h/a", json!(0)).await;
     let before = published(&mut ws).await;
@@ -1362,18 +1366,9 @@ async fn a_broadcast_to_two_tracked_rooms_and_recovery(engine: Engine) {
 /// gap, and every connection sees the same offsets on the same messages
 /// (over NATS the nodes race for each store and the losers number again).
 async fn concurrent_publishers_on_every_node_share_one_numbering(engine: Engine) {
-    let Some(pg) = postgres_url().await else {
+    let Some((_server, nodes)) = history_cluster::<3>(engine, 1000).await else {
         return;
     };
-    let Some(server) = Server::start(engine).await else {
-        return;
-    };
-    let prefix = unique("h");
-    let extra = history_toml(1000);
-    let mut nodes = Vec::new();
-    for _ in 0..3 {
-        nodes.push(node_with(&server, &pg, &prefix, &extra).await);
-    }
     let mut subs = Vec::new();
     for n in &nodes {
         subs.push(subscriber(n, &["h/race"]).await);
@@ -1470,16 +1465,9 @@ async fn a_client_of_a_killed_node_recovers_on_a_survivor(engine: Engine) {
 /// The seam between replay and live messages while another node publishes
 /// without pause: every offset once, in order.
 async fn recovery_from_the_backplane_has_no_gap_and_no_duplicate_at_the_seam(engine: Engine) {
-    let Some(pg) = postgres_url().await else {
+    let Some((_server, [a, c])) = history_cluster::<2>(engine, 1000).await else {
         return;
     };
-    let Some(server) = Server::start(engine).await else {
-        return;
-    };
-    let prefix = unique("h");
-    let extra = history_toml(1000);
-    let a = node_with(&server, &pg, &prefix, &extra).await;
-    let c = node_with(&server, &pg, &prefix, &extra).await;
     let mut first = subscriber(&a, &["h/s"]).await;
     a.publish("h/s", json!(0)).await;
     let m = published(&mut first).await;

@@ -49,7 +49,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::history::{Position, Seq};
-use crate::hub::{Backplane, Fetch, Filter, Hub, Interest, Placed};
+use crate::hub::{Backplane, Fetch, Filter, Hub, Interest, Message, Placed};
 use crate::metrics::Metrics;
 
 /// How long a node stays subscribed to a channel nobody here wants any
@@ -390,6 +390,20 @@ pub struct Envelope<'a> {
 }
 
 impl Envelope<'_> {
+    /// The message this publish is for `topic`, at `position` in its
+    /// history, as a history read hands it out.
+    pub fn message_for(&self, topic: &Arc<str>, position: Position, seq: Option<Seq>) -> Message {
+        let mut msg = Message::with_ts(
+            topic.clone(),
+            self.event.as_deref().map(Arc::from),
+            Arc::from(self.payload.to_owned()),
+            self.ts,
+        );
+        msg.position = Some(position);
+        msg.seq = seq;
+        msg
+    }
+
     /// Where the engine placed this publish, if it did.
     pub fn placed(&self) -> Option<Placed> {
         if self.offsets.is_empty() {

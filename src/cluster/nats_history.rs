@@ -38,7 +38,7 @@ use super::channel::topic_subject;
 use super::jetstream::{self, EXPECTED_LAST_SUBJECT_SEQUENCE, Refused, Stored};
 use super::{Envelope, HistoryRules, HistorySource, Outgoing};
 use crate::hub::history::{Position, Seq};
-use crate::hub::{Fetch, Fetched, Message};
+use crate::hub::{Fetch, Fetched};
 
 /// The whole history stream's bound, whatever the number of topics.
 const STREAM_BYTES: u64 = 1024 * 1024 * 1024;
@@ -384,18 +384,13 @@ fn fetched(topic: &Arc<str>, stored: Vec<Stored>) -> Fetched {
             // is the one it was stored after.
             before_first = before_first.max(s.number(EXPECTED_LAST_SUBJECT_SEQUENCE).unwrap_or(0));
         }
-        let mut msg = Message::with_ts(
-            topic.clone(),
-            env.event.as_deref().map(Arc::from),
-            Arc::from(env.payload.to_owned()),
-            env.ts,
-        );
-        msg.position = Some(Position {
+        let position = Position {
             offset,
             epoch: out.epoch.clone(),
-        });
-        msg.seq = global_epoch.map(|epoch| Seq { epoch, n: s.seq });
-        out.messages.push(Arc::new(msg));
+        };
+        let seq = global_epoch.map(|epoch| Seq { epoch, n: s.seq });
+        out.messages
+            .push(Arc::new(env.message_for(topic, position, seq)));
     }
     out.dropped_seq = before_first;
     out

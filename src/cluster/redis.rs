@@ -22,7 +22,7 @@ use super::channel::{redis_channel, redis_subscriptions};
 use super::{Envelope, Feeds, HistorySource, Link, Outgoing, Seen, Settle, Shared, Wanted};
 use crate::gateway::{SessionFetch, SharedSessions};
 use crate::hub::history::{Position, Seq};
-use crate::hub::{Fetch, Fetched, Filter, Interest, Message};
+use crate::hub::{Fetch, Fetched, Filter, Interest};
 
 /// Publishes sent in one pipeline, at most.
 const BATCH: usize = 256;
@@ -378,24 +378,18 @@ fn fetched(
             dropped = dropped.max(env.global.unwrap_or(0));
             continue;
         }
-        let mut msg = Message::with_ts(
-            topic.clone(),
-            env.event.as_deref().map(Arc::from),
-            Arc::from(env.payload.to_owned()),
-            env.ts,
-        );
-        msg.position = Some(Position {
+        let position = Position {
             offset,
             epoch: epoch.clone(),
-        });
-        msg.seq = match (env.global, &env.global_epoch) {
+        };
+        let seq = match (env.global, &env.global_epoch) {
             (Some(n), Some(e)) => Some(Seq {
                 epoch: Arc::from(&**e),
                 n,
             }),
             _ => None,
         };
-        messages.push(Arc::new(msg));
+        messages.push(Arc::new(env.message_for(topic, position, seq)));
     }
     Fetched {
         epoch,
