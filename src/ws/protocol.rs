@@ -97,13 +97,19 @@ pub fn parse(text: &str) -> Parsed<'_> {
             };
         }
     };
+    // A number is echoed as the client wrote it: one beyond a double's
+    // range is valid JSON text that most clients (and serde_json) cannot
+    // read back, so it is refused like any other kind of id.
     let id = env.id.filter(|raw| {
-        let first = raw.get().as_bytes().first().copied().unwrap_or(b' ');
-        first == b'"' || first == b'-' || first.is_ascii_digit()
+        let text = raw.get();
+        let first = text.as_bytes().first().copied().unwrap_or(b' ');
+        first == b'"'
+            || ((first == b'-' || first.is_ascii_digit())
+                && text.parse::<f64>().is_ok_and(f64::is_finite))
     });
     let request = if env.id.is_some() && id.is_none() {
         Err(ClientError::bad_request(
-            "`id` must be a string or a number",
+            "`id` must be a string or a number within a double's range",
         ))
     } else {
         request(&env)
@@ -357,6 +363,22 @@ mod tests {
             parse(r#"{"type":"ping","id":"x"}"#).request,
             Ok(Request::Ping)
         ));
+    }
+
+    #[test]
+    fn an_id_beyond_a_doubles_range_is_refused_and_not_echoed() {
+        // Found by the `ws_protocol` fuzz target: echoed, it made a reply
+        // serde_json could not read.
+        let p = parse(r#"{"type":"ping","id":-11.5E444444444422}"#);
+        assert!(p.id.is_none());
+        assert_eq!(p.request.unwrap_err().code, "bad_request");
+        let reply = error(p.id, &ClientError::bad_request("x"));
+        let body = crate::transport::frame::server_payload(&reply);
+        assert!(serde_json::from_slice::<serde_json::Value>(body).is_ok());
+        assert_eq!(
+            parse(r#"{"type":"ping","id":1e300}"#).id.unwrap().get(),
+            "1e300"
+        );
     }
 
     #[test]
