@@ -97,19 +97,22 @@ pub fn parse(text: &str) -> Parsed<'_> {
             };
         }
     };
-    // A number is echoed as the client wrote it: one beyond a double's
-    // range is valid JSON text that most clients (and serde_json) cannot
-    // read back, so it is refused like any other kind of id.
+    // An id is echoed as the client wrote it: a number beyond a double's
+    // range, or a string with a lone surrogate escape (`"\uDAAA"`), is
+    // valid JSON text that many clients (and serde_json) cannot read back,
+    // so it is refused like any other kind of id.
     let id = env.id.filter(|raw| {
         let text = raw.get();
         let first = text.as_bytes().first().copied().unwrap_or(b' ');
-        first == b'"'
-            || ((first == b'-' || first.is_ascii_digit())
-                && text.parse::<f64>().is_ok_and(f64::is_finite))
+        match first {
+            b'"' => serde_json::from_str::<String>(text).is_ok(),
+            b'-' | b'0'..=b'9' => text.parse::<f64>().is_ok_and(f64::is_finite),
+            _ => false,
+        }
     });
     let request = if env.id.is_some() && id.is_none() {
         Err(ClientError::bad_request(
-            "`id` must be a string or a number within a double's range",
+            "`id` must be a string of Unicode characters or a number within a double's range",
         ))
     } else {
         request(&env)
@@ -379,6 +382,12 @@ mod tests {
             parse(r#"{"type":"ping","id":1e300}"#).id.unwrap().get(),
             "1e300"
         );
+        // Also found by it: a lone surrogate escape in a string id.
+        let p = parse(r#"{"type":"ping","id":"a\uDAAAb"}"#);
+        assert!(p.id.is_none());
+        assert_eq!(p.request.unwrap_err().code, "bad_request");
+        let paired = parse(r#"{"type":"ping","id":"\uD83D\uDE00"}"#);
+        assert_eq!(paired.id.unwrap().get(), r#""\uD83D\uDE00""#);
     }
 
     #[test]
