@@ -271,6 +271,25 @@ async fn a_topics_messages_arrive_in_the_same_order_on_every_connection(engine: 
     }
 }
 
+/// Publishes `per_node` messages (`"<node>-<k>"`) to `topic` through each
+/// of `nodes`, from `publishers` concurrent publishers per node.
+async fn publish_from_every_node(
+    nodes: &[TestServer],
+    topic: &str,
+    per_node: usize,
+    publishers: usize,
+) {
+    let all = nodes.iter().enumerate().flat_map(|(i, n)| {
+        (0..publishers).map(move |p| async move {
+            for k in (p..per_node).step_by(publishers) {
+                let (status, _) = n.publish(topic, json!(format!("{i}-{k}"))).await;
+                assert_eq!(status, 200);
+            }
+        })
+    });
+    futures_util::future::join_all(all).await;
+}
+
 /// Many publishes at once on every node, more than the engine can hand
 /// out one by one: every connection of the cluster still gets them in one
 /// order. (With core NATS alone, where each publishing connection is fanned
@@ -283,16 +302,8 @@ async fn many_concurrent_publishers_still_give_one_order(engine: Engine) {
     for n in &nodes {
         subs.push(subscriber(n, &["burst"]).await);
     }
-    let (per_node, publishers) = (400, 8);
-    let all = nodes.iter().enumerate().flat_map(|(i, n)| {
-        (0..publishers).map(move |p| async move {
-            for k in (p..per_node).step_by(publishers) {
-                let (status, _) = n.publish("burst", json!(format!("{i}-{k}"))).await;
-                assert_eq!(status, 200);
-            }
-        })
-    });
-    futures_util::future::join_all(all).await;
+    let per_node = 400;
+    publish_from_every_node(&nodes, "burst", per_node, 8).await;
     let mut orders = Vec::new();
     for ws in &mut subs {
         let mut got = Vec::new();
@@ -1373,16 +1384,8 @@ async fn concurrent_publishers_on_every_node_share_one_numbering(engine: Engine)
     for n in &nodes {
         subs.push(subscriber(n, &["h/race"]).await);
     }
-    let (per_node, publishers) = (150, 6);
-    let all = nodes.iter().enumerate().flat_map(|(i, n)| {
-        (0..publishers).map(move |p| async move {
-            for k in (p..per_node).step_by(publishers) {
-                let (status, _) = n.publish("h/race", json!(format!("{i}-{k}"))).await;
-                assert_eq!(status, 200);
-            }
-        })
-    });
-    futures_util::future::join_all(all).await;
+    let per_node = 150;
+    publish_from_every_node(&nodes, "h/race", per_node, 6).await;
     let total = per_node * nodes.len();
     let mut seen = Vec::new();
     for ws in &mut subs {
