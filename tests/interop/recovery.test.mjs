@@ -11,7 +11,8 @@ import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { io } from 'socket.io-client';
-import { startPulso, token, once, until, findChromium, runPage } from './lib/pulso.mjs';
+import { startPulso, token, once, until, runPage } from './lib/pulso.mjs';
+import { chromiumOr } from './lib/services.mjs';
 
 const NS = '/notifications';
 const HISTORY = { PULSO_HISTORY_TOPICS: 'assistant,assistant_2,assistant_3' };
@@ -244,12 +245,8 @@ const event = (socket, name) => new Promise((resolve) => socket.once(name, (...a
  * may have taken its session back already). Returns what the page reported.
  */
 async function runRecoveryPage(t, server, sub, n, waitKept, body) {
-  const chromium = findChromium();
-  if (!chromium) {
-    if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
-    t.skip('no chromium on this machine');
-    return null;
-  }
+  const chromium = chromiumOr(t);
+  if (!chromium) return null;
   const bundle = readFileSync(new URL('./node_modules/socket.io-client/dist/socket.io.min.js', import.meta.url));
   const before = await kept(server);
   let release;

@@ -9,7 +9,8 @@ import assert from 'node:assert/strict';
 import { io as io4 } from 'socket.io-client';
 import io2 from 'sio2';
 import sailsIOClient from 'sails.io.js';
-import { startPulso, token, once, until, findChromium, runPage } from './lib/pulso.mjs';
+import { startPulso, token, once, until, runPage } from './lib/pulso.mjs';
+import { chromiumOr } from './lib/services.mjs';
 import { readFileSync } from 'node:fs';
 
 // The document's two snippets, as written there ("Conexión hacia Onsite"
@@ -206,11 +207,8 @@ test("sails.io.js: io.socket.get('/notifications') on its default root connectio
 // The snippet in a real page, as the document's front end runs it: the
 // browser's default transport (polling, then the upgrade), cross-origin.
 test("the seed's snippet in headless Chromium", async (t) => {
-  const chromium = findChromium();
-  if (!chromium) {
-    if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
-    return t.skip('no chromium on this machine');
-  }
+  const chromium = chromiumOr(t);
+  if (!chromium) return;
   const bundle = readFileSync(new URL('./node_modules/socket.io-client/dist/socket.io.min.js', import.meta.url));
   const snippet = adapt(TOURNAMENT, pulso.url, token('assistant', 'seed-browser'));
   // As in Node: the page's `io` is wrapped to see the ack, the snippet is not edited.

@@ -6,7 +6,8 @@ import assert from 'node:assert/strict';
 import { io as io4 } from 'socket.io-client';
 import io2 from 'sio2';
 import sailsIOClient from 'sails.io.js';
-import { startPulso, token, once, until, findChromium, runPage } from './lib/pulso.mjs';
+import { startPulso, token, once, until, runPage } from './lib/pulso.mjs';
+import { chromiumOr } from './lib/services.mjs';
 import { readFileSync } from 'node:fs';
 
 const NS = '/notifications';
@@ -325,12 +326,8 @@ test('a server shutdown closes the transport without DISCONNECT, so clients woul
 
 for (const [lib, file] of [['socket.io-client 4.x', 'socket.io-client/dist/socket.io.min.js'], ['socket.io-client 2.x', 'sio2/dist/socket.io.js']]) {
   test(`${lib} in headless Chromium, cross-origin, over long-polling`, async (t) => {
-    const chromium = findChromium();
-    if (!chromium) {
-      // Under .ci/run every test must really run.
-      if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
-      return t.skip('no chromium on this machine');
-    }
+    const chromium = chromiumOr(t);
+    if (!chromium) return;
     const bundle = readFileSync(new URL(`./node_modules/${file}`, import.meta.url));
     const tok = token('assistant', `browser-${lib}`);
     const page = `<html><body><pre id="out">pending</pre><img src="/slow">

@@ -2,7 +2,8 @@
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
-import { startPulso, token, once, findChromium, runPage } from './lib/pulso.mjs';
+import { startPulso, token, once, runPage } from './lib/pulso.mjs';
+import { chromiumOr } from './lib/services.mjs';
 
 let pulso;
 before(async () => {
@@ -85,12 +86,8 @@ test('a bad token is rejected with 401 before the upgrade', async () => {
 // A real browser's WebSocket against pulso's hand-written framing: masked
 // frames, a 40 KB message, the close handshake. Uses the machine's Chromium.
 test('headless Chromium: ping, a 40 KB message, the demo feed, a clean close', async (t) => {
-  const chromium = findChromium();
-  if (!chromium) {
-    // Under .ci/run every test must really run.
-    if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
-    return t.skip('no chromium on this machine');
-  }
+  const chromium = chromiumOr(t);
+  if (!chromium) return;
   const tok = token('assistant', 'browser-ws');
   const page = `<html><body><pre id="out">pending</pre><img src="/slow">
 <script>

@@ -11,7 +11,6 @@
 // (.ci/run), where that is a failure.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { connect as tlsConnect } from 'node:tls';
 import { X509Certificate } from 'node:crypto';
@@ -20,6 +19,7 @@ import { join } from 'node:path';
 import { io } from 'socket.io-client';
 import WebSocket from 'ws';
 import { once, startPulso, token, until } from './lib/pulso.mjs';
+import { findBinary, presentOr, selfSignedCert } from './lib/services.mjs';
 
 const NS = '/notifications';
 
@@ -29,15 +29,6 @@ let dir;
 let ca; // both certificates: a client trusts either
 const certs = {}; // name -> { cert, key } paths
 const opened = [];
-
-function openssl() {
-  try {
-    execFileSync('openssl', ['version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** Replaces `to` with a copy of `from` in one rename. */
 function replace(from, to) {
@@ -59,7 +50,8 @@ function presentedFingerprint(port) {
 }
 
 before(async () => {
-  if (!openssl()) {
+  const opensslBin = findBinary('openssl');
+  if (!opensslBin) {
     missing = 'no openssl on this machine (apt-get install openssl)';
     return;
   }
@@ -67,9 +59,7 @@ before(async () => {
   for (const name of ['a', 'b']) {
     const cert = join(dir, `${name}.crt`);
     const key = join(dir, `${name}.key`);
-    execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
-      '-nodes', '-days', '1', '-subj', `/CN=pulso-wss-${name}`, '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost',
-      '-keyout', key, '-out', cert], { stdio: 'pipe' });
+    selfSignedCert(opensslBin, { cert, key, cn: `pulso-wss-${name}` });
     certs[name] = { cert, key, fingerprint: new X509Certificate(readFileSync(cert)).fingerprint256 };
   }
   ca = [readFileSync(certs.a.cert), readFileSync(certs.b.cert)];
@@ -96,25 +86,15 @@ after(async () => {
   if (error) throw error;
 });
 
-/** False (and the test skipped) when openssl is missing; under .ci/run, an error. */
-function servicesOr(t) {
-  if (!missing) return true;
-  if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error(`${missing} (PULSO_REQUIRE_SERVICES=1)`);
-  t.skip(missing);
-  return false;
-}
-
-const admin = () => token('admin', 'wss-admin');
-
 test('a client that does not trust the certificate is refused', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const ws = new WebSocket(`${pulso.wsUrl}?token=${token('assistant', 'wss-0')}`);
   const err = await once(ws, 'error');
   assert.match(String(err.code ?? err.message), /SELF_SIGNED|self.signed/i);
 });
 
 test('/ws over wss:// served by pulso: subscribe, get a publish made over https://', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const topic = 'wss/ws';
   const ws = new WebSocket(`${pulso.wsUrl}?token=${token('assistant', 'wss-1')}`, { ca });
   opened.push(ws);
@@ -179,7 +159,7 @@ async function broadcastReaches(socket, n, data) {
 
 for (const transports of [['websocket'], ['polling', 'websocket']]) {
   test(`socket.io-client 4 over TLS served by pulso (${transports.join(' then ')}): authenticates and gets a broadcast`, async (t) => {
-    if (!servicesOr(t)) return;
+    if (!presentOr(t, missing)) return;
     const n = 10 + transports.length;
     const socket = await sioClient(transports, n);
     await broadcastReaches(socket, n, { n });
@@ -189,7 +169,7 @@ for (const transports of [['websocket'], ['polling', 'websocket']]) {
 }
 
 test('SIGHUP with new certificate files: new connections get the new certificate, a connected socket.io client keeps working', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const socket = await sioClient(['websocket'], 20);
   assert.equal(await presentedFingerprint(pulso.port), certs.a.fingerprint);
   replace(certs.b.key, join(dir, 'live.key'));

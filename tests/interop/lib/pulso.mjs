@@ -1,7 +1,7 @@
 // Shared helper for the interop tests: starts the real pulso binary on a free
 // port with a known secret, waits until it answers /healthz, mints tokens,
 // and stops it. PULSO_BIN names the binary (default: the debug build).
-import { spawn, execFileSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { createServer as createHttpServer } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { mkdtempSync } from 'node:fs';
@@ -95,17 +95,6 @@ export async function startPulso(env = {}, { ca } = {}) {
     post: (path, body, bearer) => request('POST', path, body, bearer),
     get: (path, bearer) => request('GET', path, undefined, bearer),
   };
-}
-
-/** The machine's Chromium binary, or null when there is none. */
-export function findChromium() {
-  for (const bin of ['chromium', 'chromium-browser', 'google-chrome']) {
-    try {
-      execFileSync('which', [bin], { stdio: 'ignore' });
-      return bin;
-    } catch { /* next */ }
-  }
-  return null;
 }
 
 /**
