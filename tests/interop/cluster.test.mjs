@@ -20,11 +20,11 @@ import { io as io4 } from 'socket.io-client';
 import io2 from 'sio2';
 import WebSocket from 'ws';
 import { freePort, once, startPulso, token, until } from './lib/pulso.mjs';
+import { NS, closeAll, queueJson, sailsAuth } from './lib/clients.mjs';
 import { findBinary, forget, killOnExit, nginxDir, presentOr, spawnService, startNginx } from './lib/services.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const CONF = resolve(here, '../../deploy/nginx/pulso.conf');
-const NS = '/notifications';
 const KINDS = ['v4-polling', 'v4-websocket', 'v4-upgrade', 'v2-polling', 'v2-websocket', 'v2-upgrade'];
 const PG_URL = process.env.PULSO_TEST_POSTGRES_URL || 'postgres://postgres@127.0.0.1:5432/test';
 // Unique per run: channels, node ids and presence subs of earlier runs
@@ -158,9 +158,7 @@ before(async () => {
 // Everything started is stopped, whatever failed; clients first.
 const opened = [];
 after(async () => {
-  for (const s of opened) {
-    try { s.close(); } catch { /* already closed */ }
-  }
+  closeAll(opened);
   const errors = [];
   for (const cleanup of cleanups.reverse()) {
     try { await cleanup(); } catch (e) { errors.push(e); }
@@ -192,44 +190,14 @@ async function connectSio(kind, localAddress) {
 
 /** The seed's authentication, as a tournament 2 assistant; resolves with the ack. */
 function auth(socket, sub) {
-  return new Promise((res, rej) => {
-    const t = setTimeout(() => rej(new Error('no ack for get /notifications')), 5000);
-    socket.emit('get', { url: NS, params: { 'jwt-api-key': token('assistant', sub), tournamentId: 2 } }, (ack) => {
-      clearTimeout(t);
-      res(ack);
-    });
-  });
+  return sailsAuth(socket, token('assistant', sub), { tournamentId: 2 });
 }
 
-/** A /ws client through nginx that queues its JSON messages. */
+/** A /ws client through nginx that queues its JSON messages (see `queueJson`). */
 async function connectWs(sub, localAddress) {
-  const ws = new WebSocket(`${nginx.wsUrl}?token=${token('assistant', sub)}`, localAddress ? { localAddress } : {});
-  const queue = [];
-  const waiters = [];
-  ws.on('message', (data) => {
-    const msg = JSON.parse(data.toString());
-    const w = waiters.shift();
-    if (w) w(msg); else queue.push(msg);
-  });
+  const ws = queueJson(new WebSocket(`${nginx.wsUrl}?token=${token('assistant', sub)}`, localAddress ? { localAddress } : {}));
   opened.push(ws);
   await once(ws, 'open');
-  const next = (ms = 5000) =>
-    queue.length
-      ? Promise.resolve(queue.shift())
-      : new Promise((res, rej) => {
-          const t = setTimeout(() => rej(new Error('no /ws message in time')), ms);
-          waiters.push((m) => { clearTimeout(t); res(m); });
-        });
-  /** Messages up to (and including) the first that `pred` accepts. */
-  ws.upTo = async (pred) => {
-    const seen = [];
-    for (;;) {
-      const m = await next();
-      seen.push(m);
-      if (pred(m)) return seen;
-    }
-  };
-  ws.sendJson = (v) => ws.send(JSON.stringify(v));
   return ws;
 }
 

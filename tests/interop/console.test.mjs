@@ -12,6 +12,7 @@ import WebSocket from 'ws';
 import { io } from 'socket.io-client';
 import { chromium as playwright } from 'playwright-core';
 import { startPulso, token, until, once } from './lib/pulso.mjs';
+import { sailsAuth } from './lib/clients.mjs';
 import { chromiumOr, findChromium } from './lib/services.mjs';
 
 const SCREENSHOTS = process.env.PULSO_SCREENSHOTS === '1';
@@ -75,8 +76,7 @@ async function sioClient(sub) {
   const s = io(`${pulso.url}/notifications`, { transports: ['websocket'], reconnection: false, forceNew: true });
   clients.push(s);
   await once(s, 'connect');
-  const ack = await new Promise((resolve) =>
-    s.emit('get', { url: '/notifications', params: { 'jwt-api-key': token('assistant', sub) } }, resolve));
+  const ack = await sailsAuth(s, token('assistant', sub));
   assert.equal(ack.statusCode, 200, JSON.stringify(ack));
   return { socket: s, rooms: ack.body.rooms };
 }

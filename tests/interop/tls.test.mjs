@@ -18,11 +18,11 @@ import { fileURLToPath } from 'node:url';
 import { io } from 'socket.io-client';
 import WebSocket from 'ws';
 import { freePort, once, startPulso, token, until } from './lib/pulso.mjs';
+import { NS, closeAll, queueJson, sailsAuth } from './lib/clients.mjs';
 import { findBinary, nginxDir, presentOr, selfSignedCert, startNginx } from './lib/services.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const CONF = resolve(here, '../../deploy/nginx/pulso-tls.conf');
-const NS = '/notifications';
 
 /**
  * The committed config with only the lines an operator edits replaced: the
@@ -110,9 +110,7 @@ before(async () => {
 });
 
 after(async () => {
-  for (const s of opened) {
-    try { s.close(); } catch { /* already closed */ }
-  }
+  closeAll(opened);
   const errors = [];
   if (nginx) {
     const { code, signal } = await nginx.stop(); // and removes its directory
@@ -158,37 +156,17 @@ test('a client that does not trust the certificate is refused', async (t) => {
 test('/ws over wss:// through nginx: subscribe, get a publish made over https://', async (t) => {
   if (!presentOr(t, missing)) return;
   const topic = 'tls/ws';
-  const ws = new WebSocket(`${nginx.httpsUrl.replace('https', 'wss')}/ws?token=${token('assistant', 'tls-1')}`, { ca });
+  const ws = queueJson(new WebSocket(`${nginx.httpsUrl.replace('https', 'wss')}/ws?token=${token('assistant', 'tls-1')}`, { ca }));
   opened.push(ws);
-  const messages = [];
-  const waiters = [];
-  ws.on('message', (d) => {
-    const m = JSON.parse(d.toString());
-    const w = waiters.shift();
-    if (w) w(m); else messages.push(m);
-  });
-  const next = () => (messages.length ? Promise.resolve(messages.shift()) : new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error('no /ws message in time')), 5000);
-    waiters.push((m) => { clearTimeout(timer); res(m); });
-  }));
   await once(ws, 'open');
   assert.equal(ws._socket.getProtocol(), 'TLSv1.3');
-  ws.send(JSON.stringify({ type: 'sub', topic, id: 1 }));
-  for (;;) {
-    const m = await next();
-    if (m.type === 'ack' && m.id === 1) break;
-  }
+  ws.sendJson({ type: 'sub', topic, id: 1 });
+  await ws.until((m) => m.type === 'ack' && m.id === 1);
   const res = await https(`${nginx.httpsUrl}/api/publish`, { method: 'POST', body: { topic, payload: { over: 'tls' } }, bearer: admin(), ca });
   assert.equal(res.status, 200, JSON.stringify(res.body));
   assert.equal(res.body.recipients, 1);
   assert.equal(res.headers['strict-transport-security'], 'max-age=31536000');
-  for (;;) {
-    const m = await next();
-    if (m.topic === topic) {
-      assert.deepEqual(m.payload, { over: 'tls' });
-      break;
-    }
-  }
+  assert.deepEqual((await ws.until((m) => m.topic === topic)).payload, { over: 'tls' });
   ws.close();
   // The access log has the request, not its token.
   await until('the /ws request in the access log', () => nginx.accessLog().includes('"GET /ws HTTP/1.1" 101'));
@@ -201,13 +179,7 @@ for (const transports of [['websocket'], ['polling', 'websocket']]) {
     const socket = io(nginx.httpsUrl + NS, { transports, ca, reconnection: false, forceNew: true });
     opened.push(socket);
     await once(socket, 'connect');
-    const ack = await new Promise((res, rej) => {
-      const timer = setTimeout(() => rej(new Error('no ack for get /notifications')), 5000);
-      socket.emit('get', { url: NS, params: { 'jwt-api-key': token('assistant', `tls-sio-${transports.length}`), tournamentId: 2 } }, (a) => {
-        clearTimeout(timer);
-        res(a);
-      });
-    });
+    const ack = await sailsAuth(socket, token('assistant', `tls-sio-${transports.length}`), { tournamentId: 2 });
     assert.deepEqual(ack, { body: { socketId: socket.id, rooms: ['assistant', 'assistant_2'] }, statusCode: 200 });
     if (transports.length > 1) {
       await until('upgraded to WebSocket through nginx', () => socket.io.engine.transport.name === 'websocket');

@@ -1,39 +1,17 @@
 // The npm `ws` client (the library the original design used) against /ws.
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
-import { startPulso, token, once, runPage } from './lib/pulso.mjs';
+import { pulsoForFile, token, once, runPage } from './lib/pulso.mjs';
+import { queueJson } from './lib/clients.mjs';
 import { chromiumOr } from './lib/services.mjs';
 
-let pulso;
-before(async () => {
-  pulso = await startPulso({ PULSO_DEMO_ENABLED: 'true', PULSO_DEMO_INTERVAL: '100ms' });
-});
-after(async () => {
-  assert.equal(await pulso.stop(), 0, 'pulso exits 0 on SIGTERM');
-});
+const { pulso } = pulsoForFile({ PULSO_DEMO_ENABLED: 'true', PULSO_DEMO_INTERVAL: '100ms' });
 
-/** Opens a client that queues every JSON message for `next()`. */
+/** Opens a client that queues every JSON message (see `queueJson`). */
 async function connect(tok) {
-  const ws = new WebSocket(`${pulso.wsUrl}?token=${tok}`);
-  const queue = [];
-  const waiters = [];
-  ws.on('message', (data) => {
-    const msg = JSON.parse(data.toString());
-    const w = waiters.shift();
-    if (w) w(msg); else queue.push(msg);
-  });
+  const ws = queueJson(new WebSocket(`${pulso.wsUrl}?token=${tok}`));
   await once(ws, 'open');
-  ws.next = (ms = 5000) =>
-    queue.length
-      ? Promise.resolve(queue.shift())
-      : new Promise((res, rej) => {
-          const t = setTimeout(() => rej(new Error('no message in time')), ms);
-          waiters.push((m) => { clearTimeout(t); res(m); });
-        });
-  /** Next message matching `pred`, skipping others. */
-  ws.until = async (pred) => { for (;;) { const m = await ws.next(); if (pred(m)) return m; } };
-  ws.sendJson = (v) => ws.send(JSON.stringify(v));
   return ws;
 }
 

@@ -19,9 +19,9 @@ import { join } from 'node:path';
 import { io } from 'socket.io-client';
 import WebSocket from 'ws';
 import { once, startPulso, token, until } from './lib/pulso.mjs';
+import { NS, closeAll, queueJson, sailsAuth } from './lib/clients.mjs';
 import { findBinary, presentOr, selfSignedCert } from './lib/services.mjs';
 
-const NS = '/notifications';
 
 let missing = null;
 let pulso;
@@ -74,9 +74,7 @@ before(async () => {
 });
 
 after(async () => {
-  for (const s of opened) {
-    try { s.close(); } catch { /* already closed */ }
-  }
+  closeAll(opened);
   let error;
   if (pulso) {
     const code = await pulso.stop();
@@ -96,37 +94,17 @@ test('a client that does not trust the certificate is refused', async (t) => {
 test('/ws over wss:// served by pulso: subscribe, get a publish made over https://', async (t) => {
   if (!presentOr(t, missing)) return;
   const topic = 'wss/ws';
-  const ws = new WebSocket(`${pulso.wsUrl}?token=${token('assistant', 'wss-1')}`, { ca });
+  const ws = queueJson(new WebSocket(`${pulso.wsUrl}?token=${token('assistant', 'wss-1')}`, { ca }));
   opened.push(ws);
-  const messages = [];
-  const waiters = [];
-  ws.on('message', (d) => {
-    const m = JSON.parse(d.toString());
-    const w = waiters.shift();
-    if (w) w(m); else messages.push(m);
-  });
-  const next = () => (messages.length ? Promise.resolve(messages.shift()) : new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error('no /ws message in time')), 5000);
-    waiters.push((m) => { clearTimeout(timer); res(m); });
-  }));
   await once(ws, 'open');
   assert.equal(ws._socket.getProtocol(), 'TLSv1.3');
   assert.equal(ws._socket.getPeerX509Certificate().fingerprint256, certs.a.fingerprint);
-  ws.send(JSON.stringify({ type: 'sub', topic, id: 1 }));
-  for (;;) {
-    const m = await next();
-    if (m.type === 'ack' && m.id === 1) break;
-  }
+  ws.sendJson({ type: 'sub', topic, id: 1 });
+  await ws.until((m) => m.type === 'ack' && m.id === 1);
   const res = await pulso.post('/api/publish', { topic, payload: { over: 'tls' } });
   assert.equal(res.status, 200, JSON.stringify(res.body));
   assert.equal(res.body.recipients, 1);
-  for (;;) {
-    const m = await next();
-    if (m.topic === topic) {
-      assert.deepEqual(m.payload, { over: 'tls' });
-      break;
-    }
-  }
+  assert.deepEqual((await ws.until((m) => m.topic === topic)).payload, { over: 'tls' });
   ws.close();
 });
 
@@ -135,13 +113,7 @@ async function sioClient(transports, n) {
   const socket = io(pulso.url + NS, { transports, ca, reconnection: false, forceNew: true });
   opened.push(socket);
   await once(socket, 'connect');
-  const ack = await new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error('no ack for get /notifications')), 5000);
-    socket.emit('get', { url: NS, params: { 'jwt-api-key': token('assistant', `wss-sio-${n}`), tournamentId: n } }, (a) => {
-      clearTimeout(timer);
-      res(a);
-    });
-  });
+  const ack = await sailsAuth(socket, token('assistant', `wss-sio-${n}`), { tournamentId: n });
   assert.deepEqual(ack, { body: { socketId: socket.id, rooms: ['assistant', `assistant_${n}`] }, statusCode: 200 });
   if (transports.length > 1) {
     await until('upgraded to WebSocket over TLS', () => socket.io.engine.transport.name === 'websocket');
@@ -180,13 +152,7 @@ test('SIGHUP with new certificate files: new connections get the new certificate
   // The socket connected with certificate a: still connected, still served.
   assert.equal(socket.connected, true);
   await broadcastReaches(socket, 20, { after: 'reload' });
-  const ack = await new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error('no ack after the reload')), 5000);
-    socket.emit('get', { url: NS, params: { 'jwt-api-key': token('assistant', 'wss-sio-20'), tournamentId: 20 } }, (a) => {
-      clearTimeout(timer);
-      res(a);
-    });
-  });
+  const ack = await sailsAuth(socket, token('assistant', 'wss-sio-20'), { tournamentId: 20 });
   assert.equal(ack.statusCode, 200, JSON.stringify(ack));
   // And a new socket.io client connects with certificate b.
   const fresh = await sioClient(['websocket'], 22);

@@ -8,7 +8,10 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { before, after } from 'node:test';
+import assert from 'node:assert/strict';
 import jwt from 'jsonwebtoken';
+import { closeAll } from './clients.mjs';
 import { freePort, spawnPulso, until } from './common.mjs';
 
 export { freePort, until };
@@ -95,6 +98,28 @@ export async function startPulso(env = {}, { ca } = {}) {
     post: (path, body, bearer) => request('POST', path, body, bearer),
     get: (path, bearer) => request('GET', path, undefined, bearer),
   };
+}
+
+/**
+ * One pulso for a test file: started with `env` before its tests; after
+ * them stopped (it must exit 0 on SIGTERM), then every client the tests
+ * put in `opened` closed. Returns { pulso, opened }; `pulso` has the
+ * fields of `startPulso`'s result once the file's `before` has run.
+ */
+export function pulsoForFile(env = {}) {
+  const pulso = {};
+  const opened = [];
+  before(async () => {
+    Object.assign(pulso, await startPulso(env));
+  });
+  after(async () => {
+    try {
+      if (pulso.stop) assert.equal(await pulso.stop(), 0, 'pulso exits 0 on SIGTERM');
+    } finally {
+      closeAll(opened);
+    }
+  });
+  return { pulso, opened };
 }
 
 /**
