@@ -21,7 +21,7 @@ import io2 from 'sio2';
 import WebSocket from 'ws';
 import { freePort, once, startPulso, token, until } from './lib/pulso.mjs';
 import { NS, closeAll, queueJson, sailsAuth } from './lib/clients.mjs';
-import { findBinary, forget, killOnExit, nginxDir, presentOr, spawnService, startNginx } from './lib/services.mjs';
+import { findBinaries, forget, killOnExit, nginxDir, presentOr, spawnService, startNginx } from './lib/services.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const CONF = resolve(here, '../../deploy/nginx/pulso.conf');
@@ -115,14 +115,12 @@ let nodes = []; // [a, b], each with .id
 const cleanups = [];
 
 before(async () => {
-  const nginxBin = findBinary('nginx');
-  const redisBin = findBinary('redis-server');
-  if (!nginxBin) missing = 'no nginx on this machine (apt-get install nginx)';
-  else if (!redisBin) missing = 'no redis-server on this machine (apt-get install redis-server)';
-  else if (!(await postgresAnswers(PG_URL))) missing = `PostgreSQL at ${PG_URL} is unreachable`;
+  const { bins, missing: absent } = findBinaries('nginx', 'redis-server');
+  missing = absent;
+  if (!missing && !(await postgresAnswers(PG_URL))) missing = `PostgreSQL at ${PG_URL} is unreachable`;
   if (missing) return;
 
-  const redis = await startRedis(redisBin);
+  const redis = await startRedis(bins['redis-server']);
   cleanups.push(async () => {
     const { signal, code } = await redis.stop();
     assert.ok(signal === 'SIGTERM' || code === 0, `redis-server stopped: ${signal ?? code}\n${redis.logs()}`);
@@ -148,7 +146,7 @@ before(async () => {
   for (const node of nodes) {
     await until(`${node.id} ready`, async () => (await fetch(`${node.url}/readyz`)).status === 200, 15000);
   }
-  nginx = await nginxInFront(nginxBin, nodes.map((n) => `127.0.0.1:${n.port}`));
+  nginx = await nginxInFront(bins.nginx, nodes.map((n) => `127.0.0.1:${n.port}`));
   cleanups.push(async () => {
     const { code, signal } = await nginx.stop();
     assert.ok(code === 0 || signal === 'SIGTERM', `nginx stopped: ${signal ?? code}\n${nginx.logs()}`);

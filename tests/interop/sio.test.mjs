@@ -24,29 +24,12 @@ let sailsIo;
 
 /** Connects a client of `kind` to the notifications namespace. */
 async function connect(kind) {
-  let socket;
-  switch (kind) {
-    case 'v4-websocket':
-      socket = io4(pulso.url + NS, { transports: ['websocket'], reconnection: false, forceNew: true });
-      break;
-    case 'v4-polling':
-      socket = io4(pulso.url + NS, { transports: ['polling'], reconnection: false, forceNew: true });
-      break;
-    case 'v4-upgrade':
-      socket = io4(pulso.url + NS, { reconnection: false, forceNew: true });
-      break;
-    case 'v2-websocket':
-      socket = io2(pulso.url + NS, { transports: ['websocket'], reconnection: false, forceNew: true });
-      break;
-    case 'v2-polling':
-      socket = io2(pulso.url + NS, { transports: ['polling'], reconnection: false, forceNew: true });
-      break;
-    case 'v2-upgrade':
-      socket = io2(pulso.url + NS, { reconnection: false, forceNew: true });
-      break;
-    default:
-      throw new Error(kind);
-  }
+  const [version, transport] = kind.split('-');
+  const lib = { v4: io4, v2: io2 }[version];
+  if (!lib || !['websocket', 'polling', 'upgrade'].includes(transport)) throw new Error(kind);
+  // 'upgrade': the client's default, long-polling then WebSocket.
+  const transports = transport === 'upgrade' ? {} : { transports: [transport] };
+  const socket = lib(pulso.url + NS, { ...transports, reconnection: false, forceNew: true });
   opened.push(socket);
   await once(socket, 'connect');
   return socket;

@@ -19,7 +19,7 @@ import { io } from 'socket.io-client';
 import WebSocket from 'ws';
 import { freePort, once, startPulso, token, until } from './lib/pulso.mjs';
 import { NS, closeAll, queueJson, sailsAuth } from './lib/clients.mjs';
-import { findBinary, nginxDir, presentOr, selfSignedCert, startNginx } from './lib/services.mjs';
+import { findBinaries, nginxDir, presentOr, selfSignedCert, startNginx } from './lib/services.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const CONF = resolve(here, '../../deploy/nginx/pulso-tls.conf');
@@ -80,16 +80,14 @@ let ca;
 const opened = [];
 
 before(async () => {
-  const nginxBin = findBinary('nginx');
-  const opensslBin = findBinary('openssl');
-  if (!nginxBin) missing = 'no nginx on this machine (apt-get install nginx)';
-  else if (!opensslBin) missing = 'no openssl on this machine (apt-get install openssl)';
+  const { bins, missing: absent } = findBinaries('nginx', 'openssl');
+  missing = absent;
   if (missing) return;
 
   const dir = nginxDir('nginx-tls');
   const cert = join(dir, 'cert.pem');
   const key = join(dir, 'key.pem');
-  selfSignedCert(opensslBin, { cert, key, cn: 'pulso-test' });
+  selfSignedCert(bins.openssl, { cert, key, cn: 'pulso-test' });
   ca = readFileSync(cert);
 
   pulso = await startPulso({ PULSO_DATABASE_URL: 'sqlite::memory:' });
@@ -103,7 +101,7 @@ before(async () => {
     accessLog: join(dir, 'access.log'),
   }));
   const httpsUrl = `https://127.0.0.1:${httpsPort}`;
-  nginx = await startNginx(nginxBin, dir, 'nginx proxying /healthz over TLS',
+  nginx = await startNginx(bins.nginx, dir, 'nginx proxying /healthz over TLS',
     async () => (await https(`${httpsUrl}/healthz`, { ca })).status === 200);
   nginx.httpsUrl = httpsUrl;
   nginx.httpUrl = `http://127.0.0.1:${httpPort}`;

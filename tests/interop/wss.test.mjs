@@ -20,7 +20,7 @@ import { io } from 'socket.io-client';
 import WebSocket from 'ws';
 import { once, startPulso, token, until } from './lib/pulso.mjs';
 import { NS, closeAll, queueJson, sailsAuth } from './lib/clients.mjs';
-import { findBinary, presentOr, selfSignedCert } from './lib/services.mjs';
+import { findBinaries, presentOr, selfSignedCert } from './lib/services.mjs';
 
 
 let missing = null;
@@ -50,16 +50,14 @@ function presentedFingerprint(port) {
 }
 
 before(async () => {
-  const opensslBin = findBinary('openssl');
-  if (!opensslBin) {
-    missing = 'no openssl on this machine (apt-get install openssl)';
-    return;
-  }
+  const { bins, missing: absent } = findBinaries('openssl');
+  missing = absent;
+  if (missing) return;
   dir = mkdtempSync(join(tmpdir(), 'pulso-wss-'));
   for (const name of ['a', 'b']) {
     const cert = join(dir, `${name}.crt`);
     const key = join(dir, `${name}.key`);
-    selfSignedCert(opensslBin, { cert, key, cn: `pulso-wss-${name}` });
+    selfSignedCert(bins.openssl, { cert, key, cn: `pulso-wss-${name}` });
     certs[name] = { cert, key, fingerprint: new X509Certificate(readFileSync(cert)).fingerprint256 };
   }
   ca = [readFileSync(certs.a.cert), readFileSync(certs.b.cert)];

@@ -19,6 +19,20 @@ export function findBinary(name) {
   return null;
 }
 
+/**
+ * The paths of the programs `names` (each also its Debian package's
+ * name), as { bins: name → path, missing: null }; or, at the first one
+ * not found, `missing` says so.
+ */
+export function findBinaries(...names) {
+  const bins = {};
+  for (const name of names) {
+    bins[name] = findBinary(name);
+    if (!bins[name]) return { bins, missing: `no ${name} on this machine (apt-get install ${name})` };
+  }
+  return { bins, missing: null };
+}
+
 /** The machine's Chromium binary, or null when there is none. */
 export function findChromium() {
   for (const name of ['chromium', 'chromium-browser', 'google-chrome']) {
