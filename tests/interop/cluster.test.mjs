@@ -10,8 +10,7 @@
 // PULSO_REQUIRE_SERVICES=1 (.ci/run), where that is a failure.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { Agent, get as httpGet } from 'node:http';
 import { connect as netConnect } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -21,10 +20,11 @@ import { io as io4 } from 'socket.io-client';
 import io2 from 'sio2';
 import WebSocket from 'ws';
 import { freePort, once, startPulso, token, until } from './lib/pulso.mjs';
+import { NS, closeAll, queueJson, sailsAuth } from './lib/clients.mjs';
+import { findBinaries, forget, killOnExit, nginxDir, presentOr, spawnService, startNginx } from './lib/services.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const CONF = resolve(here, '../../deploy/nginx/pulso.conf');
-const NS = '/notifications';
 const KINDS = ['v4-polling', 'v4-websocket', 'v4-upgrade', 'v2-polling', 'v2-websocket', 'v2-upgrade'];
 const PG_URL = process.env.PULSO_TEST_POSTGRES_URL || 'postgres://postgres@127.0.0.1:5432/test';
 // Unique per run: channels, node ids and presence subs of earlier runs
@@ -32,17 +32,6 @@ const PG_URL = process.env.PULSO_TEST_POSTGRES_URL || 'postgres://postgres@127.0
 const RUN = `nginx-${process.pid}-${Date.now().toString(36)}`;
 
 // ---------------------------------------------------------------- services
-
-/** `name` on PATH or in the usual sbin/bin directories, or null. */
-function findBinary(name) {
-  try {
-    return execFileSync('which', [name], { encoding: 'utf8' }).trim();
-  } catch { /* not on PATH */ }
-  for (const dir of ['/usr/sbin', '/usr/bin', '/usr/local/sbin', '/usr/local/bin']) {
-    if (existsSync(join(dir, name))) return join(dir, name);
-  }
-  return null;
-}
 
 /** True when a PostgreSQL server answers at `url` (its SSLRequest reply). */
 function postgresAnswers(url) {
@@ -66,54 +55,6 @@ function redisPong(port) {
     sock.on('connect', () => sock.write('PING\r\n'));
     sock.on('data', (d) => done(d.toString().startsWith('+PONG')));
   });
-}
-
-// Processes this file started and has not stopped yet (pid → signal),
-// killed should this process end without running its `after` hook. A pulso
-// whose stdout is gone may not act on SIGTERM, hence SIGKILL; nginx's master
-// gets SIGTERM, so that it stops its workers.
-const running = new Map();
-function killRunning() {
-  for (const [pid, signal] of running) {
-    try { process.kill(pid, signal); } catch { /* gone */ }
-  }
-  running.clear();
-}
-process.on('exit', killRunning);
-// The runner reading this file's report went away (`node --test … | head`):
-// exit, so that the line above runs (an EPIPE left alone ends the process
-// without 'exit').
-process.stdout.on('error', () => process.exit(1));
-for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
-  process.once(signal, () => {
-    killRunning();
-    process.kill(process.pid, signal);
-  });
-}
-
-/** Spawns a helper process and records its output; `stop()` ends it. */
-function spawnService(bin, args, options = {}, lastSignal = 'SIGKILL') {
-  const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'], ...options });
-  if (child.pid) running.set(child.pid, lastSignal);
-  let logs = '';
-  child.on('error', (e) => (logs += `cannot start ${bin}: ${e.message}\n`));
-  child.stdout.on('data', (d) => (logs += d));
-  child.stderr.on('data', (d) => (logs += d));
-  const exited = new Promise((res) => child.on('close', (code, signal) => {
-    running.delete(child.pid);
-    res({ code, signal });
-  }));
-  return {
-    logs: () => logs,
-    running: () => child.exitCode === null && child.signalCode === null,
-    /** Ends it and removes its working directory, `options.cwd`. */
-    async stop(signal = 'SIGTERM') {
-      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
-      const status = await exited;
-      if (options.cwd) rmSync(options.cwd, { recursive: true, force: true });
-      return status;
-    },
-  };
 }
 
 async function startRedis(bin) {
@@ -152,47 +93,18 @@ function renderConfig(text, { servers, listen, accessLog }) {
   return lines.join('\n');
 }
 
-async function startNginx(bin, servers) {
-  const dir = mkdtempSync(join(tmpdir(), 'pulso-nginx-'));
-  chmodSync(dir, 0o755); // nginx's workers may run as another user
+/** nginx on a free port with the committed config in front of `servers`. */
+async function nginxInFront(bin, servers) {
+  const dir = nginxDir('nginx');
   const port = await freePort();
   writeFileSync(join(dir, 'pulso.conf'), renderConfig(readFileSync(CONF, 'utf8'), {
     servers,
     listen: `127.0.0.1:${port}`,
     accessLog: join(dir, 'access.log'),
   }));
-  // The main config: what /etc/nginx/nginx.conf is to the committed file.
-  writeFileSync(join(dir, 'nginx.conf'), `daemon off;
-master_process on;
-worker_processes 1;
-pid ${dir}/nginx.pid;
-error_log stderr warn;
-events { worker_connections 1024; }
-http {
-    client_body_temp_path ${dir}/body;
-    proxy_temp_path ${dir}/proxy;
-    fastcgi_temp_path ${dir}/fastcgi;
-    uwsgi_temp_path ${dir}/uwsgi;
-    scgi_temp_path ${dir}/scgi;
-    include ${dir}/pulso.conf;
-}
-`);
-  const nginx = spawnService(bin, ['-p', dir, '-c', join(dir, 'nginx.conf'), '-e', 'stderr'], { cwd: dir }, 'SIGTERM');
   const url = `http://127.0.0.1:${port}`;
-  await until('nginx proxying /healthz', async () => {
-    if (!nginx.running()) throw new Error(`nginx exited:\n${nginx.logs()}`);
-    try {
-      return (await fetch(`${url}/healthz`)).ok;
-    } catch {
-      return false;
-    }
-  }, 10000);
-  return {
-    ...nginx,
-    url,
-    wsUrl: `ws://127.0.0.1:${port}/ws`,
-    accessLog: () => readFileSync(join(dir, 'access.log'), 'utf8'),
-  };
+  const nginx = await startNginx(bin, dir, 'nginx proxying /healthz', async () => (await fetch(`${url}/healthz`)).ok);
+  return { ...nginx, url, wsUrl: `ws://127.0.0.1:${port}/ws` };
 }
 
 // ------------------------------------------------------------------ set-up
@@ -203,14 +115,12 @@ let nodes = []; // [a, b], each with .id
 const cleanups = [];
 
 before(async () => {
-  const nginxBin = findBinary('nginx');
-  const redisBin = findBinary('redis-server');
-  if (!nginxBin) missing = 'no nginx on this machine (apt-get install nginx)';
-  else if (!redisBin) missing = 'no redis-server on this machine (apt-get install redis-server)';
-  else if (!(await postgresAnswers(PG_URL))) missing = `PostgreSQL at ${PG_URL} is unreachable`;
+  const { bins, missing: absent } = findBinaries('nginx', 'redis-server');
+  missing = absent;
+  if (!missing && !(await postgresAnswers(PG_URL))) missing = `PostgreSQL at ${PG_URL} is unreachable`;
   if (missing) return;
 
-  const redis = await startRedis(redisBin);
+  const redis = await startRedis(bins['redis-server']);
   cleanups.push(async () => {
     const { signal, code } = await redis.stop();
     assert.ok(signal === 'SIGTERM' || code === 0, `redis-server stopped: ${signal ?? code}\n${redis.logs()}`);
@@ -225,10 +135,10 @@ before(async () => {
     });
     node.id = nodeId;
     nodes.push(node);
-    running.set(node.pid, 'SIGKILL');
+    killOnExit(node.pid, 'SIGKILL');
     cleanups.push(async () => {
       const code = await node.stop();
-      running.delete(node.pid);
+      forget(node.pid);
       assert.equal(code, 0, `node ${id} exits 0 on SIGTERM\n${node.logs()}`);
     });
   }
@@ -236,7 +146,7 @@ before(async () => {
   for (const node of nodes) {
     await until(`${node.id} ready`, async () => (await fetch(`${node.url}/readyz`)).status === 200, 15000);
   }
-  nginx = await startNginx(nginxBin, nodes.map((n) => `127.0.0.1:${n.port}`));
+  nginx = await nginxInFront(bins.nginx, nodes.map((n) => `127.0.0.1:${n.port}`));
   cleanups.push(async () => {
     const { code, signal } = await nginx.stop();
     assert.ok(code === 0 || signal === 'SIGTERM', `nginx stopped: ${signal ?? code}\n${nginx.logs()}`);
@@ -246,23 +156,13 @@ before(async () => {
 // Everything started is stopped, whatever failed; clients first.
 const opened = [];
 after(async () => {
-  for (const s of opened) {
-    try { s.close(); } catch { /* already closed */ }
-  }
+  closeAll(opened);
   const errors = [];
   for (const cleanup of cleanups.reverse()) {
     try { await cleanup(); } catch (e) { errors.push(e); }
   }
   if (errors.length) throw errors[0];
 });
-
-/** False (and the test skipped) when the services are missing; under .ci/run, an error. */
-function servicesOr(t) {
-  if (!missing) return true;
-  if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error(`${missing} (PULSO_REQUIRE_SERVICES=1)`);
-  t.skip(missing);
-  return false;
-}
 
 // ----------------------------------------------------------------- clients
 
@@ -288,44 +188,14 @@ async function connectSio(kind, localAddress) {
 
 /** The seed's authentication, as a tournament 2 assistant; resolves with the ack. */
 function auth(socket, sub) {
-  return new Promise((res, rej) => {
-    const t = setTimeout(() => rej(new Error('no ack for get /notifications')), 5000);
-    socket.emit('get', { url: NS, params: { 'jwt-api-key': token('assistant', sub), tournamentId: 2 } }, (ack) => {
-      clearTimeout(t);
-      res(ack);
-    });
-  });
+  return sailsAuth(socket, token('assistant', sub), { tournamentId: 2 });
 }
 
-/** A /ws client through nginx that queues its JSON messages. */
+/** A /ws client through nginx that queues its JSON messages (see `queueJson`). */
 async function connectWs(sub, localAddress) {
-  const ws = new WebSocket(`${nginx.wsUrl}?token=${token('assistant', sub)}`, localAddress ? { localAddress } : {});
-  const queue = [];
-  const waiters = [];
-  ws.on('message', (data) => {
-    const msg = JSON.parse(data.toString());
-    const w = waiters.shift();
-    if (w) w(msg); else queue.push(msg);
-  });
+  const ws = queueJson(new WebSocket(`${nginx.wsUrl}?token=${token('assistant', sub)}`, localAddress ? { localAddress } : {}));
   opened.push(ws);
   await once(ws, 'open');
-  const next = (ms = 5000) =>
-    queue.length
-      ? Promise.resolve(queue.shift())
-      : new Promise((res, rej) => {
-          const t = setTimeout(() => rej(new Error('no /ws message in time')), ms);
-          waiters.push((m) => { clearTimeout(t); res(m); });
-        });
-  /** Messages up to (and including) the first that `pred` accepts. */
-  ws.upTo = async (pred) => {
-    const seen = [];
-    for (;;) {
-      const m = await next();
-      seen.push(m);
-      if (pred(m)) return seen;
-    }
-  };
-  ws.sendJson = (v) => ws.send(JSON.stringify(v));
   return ws;
 }
 
@@ -423,7 +293,7 @@ test('the committed config: sticky upstream, WebSocket headers, read timeout abo
 
 for (const kind of KINDS) {
   test(`${kind} through nginx: authenticates, gets broadcasts made on the other node, its own, and through nginx, once each`, async (t) => {
-    if (!servicesOr(t)) return;
+    if (!presentOr(t, missing)) return;
     const sub = `${RUN}-${kind}`;
     const socket = await connectSio(kind);
     const ack = await auth(socket, sub);
@@ -446,7 +316,7 @@ for (const kind of KINDS) {
 const landing = new Map();
 
 test('clients from several source addresses land on both nodes; a broadcast reaches every one once', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const clients = []; // { socket, sub, kind, address, node }
   // Every kind at least once, and on until both nodes hold a client. With
   // two nodes each address is a coin toss, so 64 cannot all fall on one.
@@ -515,7 +385,7 @@ async function addressOn(nodeId) {
 }
 
 test('/ws through nginx: subscribers on both nodes get a publish made on the other node once', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const topic = `${RUN}/ws`;
   const clients = [];
   for (const node of nodes) {
@@ -553,7 +423,7 @@ test('/ws through nginx: subscribers on both nodes get a publish made on the oth
 
 for (const [kind, eio] of [['v4-polling', 4], ['v2-polling', 3]]) {
   test(`${kind}: a polling request of a live session sent to the other node is answered 400 "Session ID unknown"`, async (t) => {
-    if (!servicesOr(t)) return;
+    if (!presentOr(t, missing)) return;
     const sub = `${RUN}-unknown-${kind}`;
     const socket = await connectSio(kind);
     assert.equal((await auth(socket, sub)).statusCode, 200);

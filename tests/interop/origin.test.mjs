@@ -7,7 +7,8 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { startPulso, freePort, token, findChromium, runPage } from './lib/pulso.mjs';
+import { startPulso, freePort, token, runPage } from './lib/pulso.mjs';
+import { chromiumOr } from './lib/services.mjs';
 
 let pulso;
 let allowedPort;
@@ -56,11 +57,8 @@ async function refusals() {
 }
 
 test('a page from an allowed origin connects; a foreign page is refused on /ws and socket.io', async (t) => {
-  const chromium = findChromium();
-  if (!chromium) {
-    if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
-    return t.skip('no chromium on this machine');
-  }
+  const chromium = chromiumOr(t);
+  if (!chromium) return;
   const extra = { '/io.js': ['text/javascript', bundle] };
   const allowed = await runPage(chromium, page(), 'RESULT', extra, allowedPort);
   assert.deepEqual(allowed, { ws: 'open', polling: 'connected', websocket: 'connected' });

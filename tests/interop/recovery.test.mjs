@@ -7,29 +7,16 @@
 // the server does not know, it connects as new. The same in headless
 // Chromium with the client's browser build, its transport closed under it
 // (`socket.io.engine.close()`, as socket.io's documentation shows).
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { io } from 'socket.io-client';
-import { startPulso, token, once, until, findChromium, runPage } from './lib/pulso.mjs';
+import { pulsoForFile, startPulso, token, once, until, runPage } from './lib/pulso.mjs';
+import { NS } from './lib/clients.mjs';
+import { chromiumOr } from './lib/services.mjs';
 
-const NS = '/notifications';
 const HISTORY = { PULSO_HISTORY_TOPICS: 'assistant,assistant_2,assistant_3' };
-let pulso;
-
-before(async () => {
-  pulso = await startPulso(HISTORY);
-});
-after(async () => {
-  assert.equal(await pulso.stop(), 0, 'pulso exits 0 on SIGTERM');
-});
-
-const opened = [];
-after(() => {
-  for (const s of opened) {
-    try { s.close(); } catch { /* already closed */ }
-  }
-});
+const { pulso, opened } = pulsoForFile(HISTORY);
 
 /** A socket.io-client 4.x socket on the notifications namespace, over WebSocket. */
 async function connect(server, opts = {}) {
@@ -244,12 +231,8 @@ const event = (socket, name) => new Promise((resolve) => socket.once(name, (...a
  * may have taken its session back already). Returns what the page reported.
  */
 async function runRecoveryPage(t, server, sub, n, waitKept, body) {
-  const chromium = findChromium();
-  if (!chromium) {
-    if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
-    t.skip('no chromium on this machine');
-    return null;
-  }
+  const chromium = chromiumOr(t);
+  if (!chromium) return null;
   const bundle = readFileSync(new URL('./node_modules/socket.io-client/dist/socket.io.min.js', import.meta.url));
   const before = await kept(server);
   let release;

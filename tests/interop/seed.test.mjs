@@ -4,12 +4,14 @@
 // and sends its virtual `get /notifications` there (SPEC §4). Run with
 // socket.io-client 4.x and 2.x over each transport, and with sails.io.js's
 // default root connection (`io.socket.get`).
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { io as io4 } from 'socket.io-client';
 import io2 from 'sio2';
 import sailsIOClient from 'sails.io.js';
-import { startPulso, token, once, until, findChromium, runPage } from './lib/pulso.mjs';
+import { pulsoForFile, token, once, until, runPage } from './lib/pulso.mjs';
+import { sailsAuth } from './lib/clients.mjs';
+import { chromiumOr } from './lib/services.mjs';
 import { readFileSync } from 'node:fs';
 
 // The document's two snippets, as written there ("Conexión hacia Onsite"
@@ -46,20 +48,7 @@ function adapt(snippet, url, tok) {
   return out;
 }
 
-let pulso;
-before(async () => {
-  pulso = await startPulso();
-});
-after(async () => {
-  assert.equal(await pulso.stop(), 0, 'pulso exits 0 on SIGTERM');
-});
-
-const opened = [];
-after(() => {
-  for (const s of opened) {
-    try { s.close(); } catch { /* already closed */ }
-  }
-});
+const { pulso, opened } = pulsoForFile();
 
 /**
  * Runs `snippet` with `io` standing for the client library given `options`
@@ -165,8 +154,7 @@ test('a root socket and a namespace socket in one room both get a broadcast', as
   const root = await runSnippet(adapt(ONSITE, pulso.url, token('timer', 'seed-mixed-root')), io4, {});
   const ns = io4(`${pulso.url}/notifications`, { reconnection: false, forceNew: true });
   opened.push(ns);
-  const ack = await new Promise((resolve) =>
-    ns.emit('get', { url: '/notifications', params: { 'jwt-api-key': token('timer', 'seed-mixed-ns') } }, resolve));
+  const ack = await sailsAuth(ns, token('timer', 'seed-mixed-ns'));
   assert.equal(ack.statusCode, 200);
   const got = [once(root.socket, 'ring'), once(ns, 'ring')];
   const res = await pulso.post('/api/broadcast', { rooms: 'timer', event: 'ring', data: 'x' });
@@ -206,11 +194,8 @@ test("sails.io.js: io.socket.get('/notifications') on its default root connectio
 // The snippet in a real page, as the document's front end runs it: the
 // browser's default transport (polling, then the upgrade), cross-origin.
 test("the seed's snippet in headless Chromium", async (t) => {
-  const chromium = findChromium();
-  if (!chromium) {
-    if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
-    return t.skip('no chromium on this machine');
-  }
+  const chromium = chromiumOr(t);
+  if (!chromium) return;
   const bundle = readFileSync(new URL('./node_modules/socket.io-client/dist/socket.io.min.js', import.meta.url));
   const snippet = adapt(TOURNAMENT, pulso.url, token('assistant', 'seed-browser'));
   // As in Node: the page's `io` is wrapped to see the ack, the snippet is not edited.

@@ -1,30 +1,17 @@
 // Real Socket.IO clients against the notifications endpoint (SPEC §4, §5, §7):
 // socket.io-client 4.x (WebSocket, polling, polling→upgrade), socket.io-client
 // 2.x (Engine.IO 3) and sails.io.js 1.2.1 itself (on socket.io-client 2.x).
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { io as io4 } from 'socket.io-client';
 import io2 from 'sio2';
 import sailsIOClient from 'sails.io.js';
-import { startPulso, token, once, until, findChromium, runPage } from './lib/pulso.mjs';
+import { pulsoForFile, startPulso, token, once, until, runPage } from './lib/pulso.mjs';
+import { NS, emitAck, inbox, sailsAuth } from './lib/clients.mjs';
+import { chromiumOr } from './lib/services.mjs';
 import { readFileSync } from 'node:fs';
 
-const NS = '/notifications';
-let pulso;
-
-before(async () => {
-  pulso = await startPulso();
-});
-after(async () => {
-  assert.equal(await pulso.stop(), 0, 'pulso exits 0 on SIGTERM');
-});
-
-const opened = [];
-after(() => {
-  for (const s of opened) {
-    try { s.close(); } catch { /* already closed */ }
-  }
-});
+const { pulso, opened } = pulsoForFile();
 
 /** The reason of a 'disconnect' event (4.x also passes a description). */
 async function disconnectReason(socket) {
@@ -37,29 +24,12 @@ let sailsIo;
 
 /** Connects a client of `kind` to the notifications namespace. */
 async function connect(kind) {
-  let socket;
-  switch (kind) {
-    case 'v4-websocket':
-      socket = io4(pulso.url + NS, { transports: ['websocket'], reconnection: false, forceNew: true });
-      break;
-    case 'v4-polling':
-      socket = io4(pulso.url + NS, { transports: ['polling'], reconnection: false, forceNew: true });
-      break;
-    case 'v4-upgrade':
-      socket = io4(pulso.url + NS, { reconnection: false, forceNew: true });
-      break;
-    case 'v2-websocket':
-      socket = io2(pulso.url + NS, { transports: ['websocket'], reconnection: false, forceNew: true });
-      break;
-    case 'v2-polling':
-      socket = io2(pulso.url + NS, { transports: ['polling'], reconnection: false, forceNew: true });
-      break;
-    case 'v2-upgrade':
-      socket = io2(pulso.url + NS, { reconnection: false, forceNew: true });
-      break;
-    default:
-      throw new Error(kind);
-  }
+  const [version, transport] = kind.split('-');
+  const lib = { v4: io4, v2: io2 }[version];
+  if (!lib || !['websocket', 'polling', 'upgrade'].includes(transport)) throw new Error(kind);
+  // 'upgrade': the client's default, long-polling then WebSocket.
+  const transports = transport === 'upgrade' ? {} : { transports: [transport] };
+  const socket = lib(pulso.url + NS, { ...transports, reconnection: false, forceNew: true });
   opened.push(socket);
   await once(socket, 'connect');
   return socket;
@@ -79,38 +49,6 @@ async function connectSails() {
   return socket;
 }
 
-/** A virtual request with an ack, resolved with the ack's argument. */
-function request(socket, event, payload) {
-  return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`no ack for ${event}`)), 5000);
-    socket.emit(event, payload, (ack) => {
-      clearTimeout(t);
-      resolve(ack);
-    });
-  });
-}
-
-function auth(socket, tok, params = {}) {
-  return request(socket, 'get', { url: NS, params: { 'jwt-api-key': tok, ...params } });
-}
-
-/** Queues every `event` message of a socket, for in-order assertions. */
-function inbox(socket, event) {
-  const queue = [];
-  const waiters = [];
-  socket.on(event, (data) => {
-    const w = waiters.shift();
-    if (w) w(data); else queue.push(data);
-  });
-  return (ms = 5000) =>
-    queue.length
-      ? Promise.resolve(queue.shift())
-      : new Promise((res, rej) => {
-          const t = setTimeout(() => rej(new Error(`no '${event}' in time`)), ms);
-          waiters.push((d) => { clearTimeout(t); res(d); });
-        });
-}
-
 async function presenceOf(sub) {
   const { status, body } = await pulso.get(`/api/presence?sub=${encodeURIComponent(sub)}`);
   assert.equal(status, 200, JSON.stringify(body));
@@ -121,7 +59,7 @@ for (const kind of ['v4-websocket', 'v4-polling', 'v4-upgrade', 'v2-websocket', 
   test(`${kind}: authenticates, joins its rooms, presence set and cleared`, async () => {
     const sub = `${kind}-assistant`;
     const socket = await connect(kind);
-    const ack = await auth(socket, token('assistant', sub), { tournamentId: 2 });
+    const ack = await sailsAuth(socket, token('assistant', sub), { tournamentId: 2 });
     assert.deepEqual(ack, { body: { socketId: socket.id, rooms: ['assistant', 'assistant_2'] }, statusCode: 200 });
     if (kind.startsWith('v2')) assert.match(socket.id, /^\/notifications#/);
 
@@ -197,7 +135,7 @@ for (const kind of ['v4-websocket', 'v2-polling']) {
     for (const [code, status, make] of failures) {
       const socket = await connect(kind);
       const disconnected = disconnectReason(socket);
-      const ack = await request(socket, 'get', make());
+      const ack = await emitAck(socket, 'get', make());
       assert.equal(ack.statusCode, status, JSON.stringify(ack));
       assert.equal(ack.body.error.code, code, JSON.stringify(ack));
       assert.equal(typeof ack.body.error.message, 'string');
@@ -212,7 +150,7 @@ test('403-1 when the role is not in socketio.allowed_roles', async () => {
     const socket = io4(restricted.url + NS, { transports: ['websocket'], reconnection: false });
     await once(socket, 'connect');
     const disconnected = disconnectReason(socket);
-    const ack = await new Promise((res) => socket.emit('get', { url: NS, params: { 'jwt-api-key': token('admin', 'a') } }, res));
+    const ack = await sailsAuth(socket, token('admin', 'a'));
     assert.deepEqual(ack.body.error.code, '403-1');
     assert.equal(ack.statusCode, 403);
     assert.equal(await disconnected, 'io server disconnect');
@@ -223,17 +161,17 @@ test('403-1 when the role is not in socketio.allowed_roles', async () => {
 
 test('no events before authentication; only get/post after; neither disconnects', async () => {
   const socket = await connect('v4-websocket');
-  let ack = await request(socket, 'publish', { room: 'admin' });
+  let ack = await emitAck(socket, 'publish', { room: 'admin' });
   assert.equal(ack.body.error.code, '401-1');
   assert.equal(ack.statusCode, 401);
-  ack = await auth(socket, token('timer', 'gate'));
+  ack = await sailsAuth(socket, token('timer', 'gate'));
   assert.equal(ack.statusCode, 200);
-  ack = await request(socket, 'publish', { room: 'admin' });
+  ack = await emitAck(socket, 'publish', { room: 'admin' });
   assert.equal(ack.body.error.code, '404-1');
   // A refresh with another identity: 401-2, still connected.
-  ack = await auth(socket, token('timer', 'someone-else'));
+  ack = await sailsAuth(socket, token('timer', 'someone-else'));
   assert.equal(ack.body.error.code, '401-2');
-  ack = await auth(socket, token('timer', 'gate'));
+  ack = await sailsAuth(socket, token('timer', 'gate'));
   assert.deepEqual(ack.body.rooms, ['timer']);
   assert.equal(socket.connected, true);
   socket.disconnect();
@@ -244,9 +182,9 @@ test('a broadcast reaches exactly the sockets in the named rooms, across client 
   const handler = await connect('v2-websocket'); // assistant of tournament 2
   const other = await connect('v4-polling'); // assistant of tournament 3
   const timer = await connectSails(); // timer, through sails.io.js
-  await auth(onsite, token('assistant', 'b-onsite'));
-  await auth(handler, token('assistant', 'b-handler'), { tournamentId: 2 });
-  await auth(other, token('assistant', 'b-other'), { tournamentId: 3 });
+  await sailsAuth(onsite, token('assistant', 'b-onsite'));
+  await sailsAuth(handler, token('assistant', 'b-handler'), { tournamentId: 2 });
+  await sailsAuth(other, token('assistant', 'b-other'), { tournamentId: 3 });
   const timerAck = await new Promise((res) => timer.get(NS, { 'jwt-api-key': token('timer', 'b-timer') }, res));
   assert.deepEqual(timerAck.rooms, ['timer']);
 
@@ -306,7 +244,7 @@ test('a server shutdown closes the transport without DISCONNECT, so clients woul
   try {
     await Promise.all(clients.map(([, s]) => once(s, 'connect')));
     for (const [, s] of clients) {
-      assert.equal((await auth(s, token('timer', 'restart'))).statusCode, 200);
+      assert.equal((await sailsAuth(s, token('timer', 'restart'))).statusCode, 200);
     }
     const reasons = Promise.all(clients.map(([, s]) => disconnectReason(s)));
     assert.equal(await own.stop(), 0);
@@ -325,12 +263,8 @@ test('a server shutdown closes the transport without DISCONNECT, so clients woul
 
 for (const [lib, file] of [['socket.io-client 4.x', 'socket.io-client/dist/socket.io.min.js'], ['socket.io-client 2.x', 'sio2/dist/socket.io.js']]) {
   test(`${lib} in headless Chromium, cross-origin, over long-polling`, async (t) => {
-    const chromium = findChromium();
-    if (!chromium) {
-      // Under .ci/run every test must really run.
-      if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
-      return t.skip('no chromium on this machine');
-    }
+    const chromium = chromiumOr(t);
+    if (!chromium) return;
     const bundle = readFileSync(new URL(`./node_modules/${file}`, import.meta.url));
     const tok = token('assistant', `browser-${lib}`);
     const page = `<html><body><pre id="out">pending</pre><img src="/slow">

@@ -10,31 +10,19 @@
 // PULSO_REQUIRE_SERVICES=1 (.ci/run), where that is a failure.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { request as httpsRequest } from 'node:https';
 import { get as httpGet } from 'node:http';
-import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { io } from 'socket.io-client';
 import WebSocket from 'ws';
 import { freePort, once, startPulso, token, until } from './lib/pulso.mjs';
+import { NS, closeAll, queueJson, sailsAuth } from './lib/clients.mjs';
+import { findBinaries, nginxDir, presentOr, selfSignedCert, startNginx } from './lib/services.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const CONF = resolve(here, '../../deploy/nginx/pulso-tls.conf');
-const NS = '/notifications';
-
-/** `name` on PATH or in the usual sbin/bin directories, or null. */
-function findBinary(name) {
-  try {
-    return execFileSync('which', [name], { encoding: 'utf8' }).trim();
-  } catch { /* not on PATH */ }
-  for (const dir of ['/usr/sbin', '/usr/bin', '/usr/local/sbin', '/usr/local/bin']) {
-    if (existsSync(join(dir, name))) return join(dir, name);
-  }
-  return null;
-}
 
 /**
  * The committed config with only the lines an operator edits replaced: the
@@ -87,25 +75,19 @@ function https(url, { method = 'GET', body, bearer, ca }) {
 
 let missing = null;
 let pulso;
-let nginx; // { child, dir, logs, httpsUrl, httpUrl }
+let nginx; // the service (startNginx) and its httpsUrl, httpUrl
 let ca;
 const opened = [];
 
 before(async () => {
-  const nginxBin = findBinary('nginx');
-  const opensslBin = findBinary('openssl');
-  if (!nginxBin) missing = 'no nginx on this machine (apt-get install nginx)';
-  else if (!opensslBin) missing = 'no openssl on this machine (apt-get install openssl)';
+  const { bins, missing: absent } = findBinaries('nginx', 'openssl');
+  missing = absent;
   if (missing) return;
 
-  const dir = mkdtempSync(join(tmpdir(), 'pulso-nginx-tls-'));
-  chmodSync(dir, 0o755); // nginx's workers may run as another user
+  const dir = nginxDir('nginx-tls');
   const cert = join(dir, 'cert.pem');
   const key = join(dir, 'key.pem');
-  // A self-signed certificate for 127.0.0.1 and localhost, valid one day.
-  execFileSync(opensslBin, ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
-    '-nodes', '-days', '1', '-subj', '/CN=pulso-test', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost',
-    '-keyout', key, '-out', cert], { stdio: 'pipe' });
+  selfSignedCert(bins.openssl, { cert, key, cn: 'pulso-test' });
   ca = readFileSync(cert);
 
   pulso = await startPulso({ PULSO_DATABASE_URL: 'sqlite::memory:' });
@@ -118,55 +100,19 @@ before(async () => {
     key,
     accessLog: join(dir, 'access.log'),
   }));
-  writeFileSync(join(dir, 'nginx.conf'), `daemon off;
-master_process on;
-worker_processes 1;
-pid ${dir}/nginx.pid;
-error_log stderr warn;
-events { worker_connections 1024; }
-http {
-    client_body_temp_path ${dir}/body;
-    proxy_temp_path ${dir}/proxy;
-    fastcgi_temp_path ${dir}/fastcgi;
-    uwsgi_temp_path ${dir}/uwsgi;
-    scgi_temp_path ${dir}/scgi;
-    include ${dir}/pulso.conf;
-}
-`);
-  const child = spawn(nginxBin, ['-p', dir, '-c', join(dir, 'nginx.conf'), '-e', 'stderr'], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-  let logs = '';
-  child.stdout.on('data', (d) => (logs += d));
-  child.stderr.on('data', (d) => (logs += d));
-  const exited = new Promise((res) => child.on('close', (code, signal) => res({ code, signal })));
-  // Should this process die without its `after` hook, nginx goes too.
-  process.on('exit', () => { try { child.kill('SIGTERM'); } catch { /* gone */ } });
-  nginx = {
-    child, dir, exited,
-    logs: () => logs,
-    httpsUrl: `https://127.0.0.1:${httpsPort}`,
-    httpUrl: `http://127.0.0.1:${httpPort}`,
-    accessLog: () => readFileSync(join(dir, 'access.log'), 'utf8'),
-  };
-  await until('nginx proxying /healthz over TLS', async () => {
-    if (child.exitCode !== null) throw new Error(`nginx exited:\n${logs}`);
-    try {
-      return (await https(`${nginx.httpsUrl}/healthz`, { ca })).status === 200;
-    } catch {
-      return false;
-    }
-  }, 10000);
+  const httpsUrl = `https://127.0.0.1:${httpsPort}`;
+  nginx = await startNginx(bins.nginx, dir, 'nginx proxying /healthz over TLS',
+    async () => (await https(`${httpsUrl}/healthz`, { ca })).status === 200);
+  nginx.httpsUrl = httpsUrl;
+  nginx.httpUrl = `http://127.0.0.1:${httpPort}`;
 });
 
 after(async () => {
-  for (const s of opened) {
-    try { s.close(); } catch { /* already closed */ }
-  }
+  closeAll(opened);
   const errors = [];
   if (nginx) {
-    if (nginx.child.exitCode === null) nginx.child.kill('SIGTERM');
-    const { code, signal } = await nginx.exited;
+    const { code, signal } = await nginx.stop(); // and removes its directory
     if (!(code === 0 || signal === 'SIGTERM')) errors.push(new Error(`nginx stopped: ${signal ?? code}\n${nginx.logs()}`));
-    rmSync(nginx.dir, { recursive: true, force: true });
   }
   if (pulso) {
     const code = await pulso.stop();
@@ -174,14 +120,6 @@ after(async () => {
   }
   if (errors.length) throw errors[0];
 });
-
-/** False (and the test skipped) when nginx or openssl is missing; under .ci/run, an error. */
-function servicesOr(t) {
-  if (!missing) return true;
-  if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error(`${missing} (PULSO_REQUIRE_SERVICES=1)`);
-  t.skip(missing);
-  return false;
-}
 
 const admin = () => token('admin', 'tls-admin');
 
@@ -198,7 +136,7 @@ test('the committed config: TLS on 443, plain HTTP redirected, WebSocket headers
 });
 
 test('plain HTTP is redirected to HTTPS', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const res = await new Promise((ok, fail) => {
     httpGet(`${nginx.httpUrl}/ws?token=x`, (r) => { r.resume(); ok(r); }).on('error', fail);
   });
@@ -207,46 +145,26 @@ test('plain HTTP is redirected to HTTPS', async (t) => {
 });
 
 test('a client that does not trust the certificate is refused', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const ws = new WebSocket(`${nginx.httpsUrl.replace('https', 'wss')}/ws?token=${token('assistant', 'tls-0')}`);
   const err = await once(ws, 'error');
   assert.match(String(err.code ?? err.message), /SELF_SIGNED|self.signed/i);
 });
 
 test('/ws over wss:// through nginx: subscribe, get a publish made over https://', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const topic = 'tls/ws';
-  const ws = new WebSocket(`${nginx.httpsUrl.replace('https', 'wss')}/ws?token=${token('assistant', 'tls-1')}`, { ca });
+  const ws = queueJson(new WebSocket(`${nginx.httpsUrl.replace('https', 'wss')}/ws?token=${token('assistant', 'tls-1')}`, { ca }));
   opened.push(ws);
-  const messages = [];
-  const waiters = [];
-  ws.on('message', (d) => {
-    const m = JSON.parse(d.toString());
-    const w = waiters.shift();
-    if (w) w(m); else messages.push(m);
-  });
-  const next = () => (messages.length ? Promise.resolve(messages.shift()) : new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error('no /ws message in time')), 5000);
-    waiters.push((m) => { clearTimeout(timer); res(m); });
-  }));
   await once(ws, 'open');
   assert.equal(ws._socket.getProtocol(), 'TLSv1.3');
-  ws.send(JSON.stringify({ type: 'sub', topic, id: 1 }));
-  for (;;) {
-    const m = await next();
-    if (m.type === 'ack' && m.id === 1) break;
-  }
+  ws.sendJson({ type: 'sub', topic, id: 1 });
+  await ws.until((m) => m.type === 'ack' && m.id === 1);
   const res = await https(`${nginx.httpsUrl}/api/publish`, { method: 'POST', body: { topic, payload: { over: 'tls' } }, bearer: admin(), ca });
   assert.equal(res.status, 200, JSON.stringify(res.body));
   assert.equal(res.body.recipients, 1);
   assert.equal(res.headers['strict-transport-security'], 'max-age=31536000');
-  for (;;) {
-    const m = await next();
-    if (m.topic === topic) {
-      assert.deepEqual(m.payload, { over: 'tls' });
-      break;
-    }
-  }
+  assert.deepEqual((await ws.until((m) => m.topic === topic)).payload, { over: 'tls' });
   ws.close();
   // The access log has the request, not its token.
   await until('the /ws request in the access log', () => nginx.accessLog().includes('"GET /ws HTTP/1.1" 101'));
@@ -255,17 +173,11 @@ test('/ws over wss:// through nginx: subscribe, get a publish made over https://
 
 for (const transports of [['websocket'], ['polling', 'websocket']]) {
   test(`socket.io-client 4 over TLS (${transports.join(' then ')}): authenticates and gets a broadcast`, async (t) => {
-    if (!servicesOr(t)) return;
+    if (!presentOr(t, missing)) return;
     const socket = io(nginx.httpsUrl + NS, { transports, ca, reconnection: false, forceNew: true });
     opened.push(socket);
     await once(socket, 'connect');
-    const ack = await new Promise((res, rej) => {
-      const timer = setTimeout(() => rej(new Error('no ack for get /notifications')), 5000);
-      socket.emit('get', { url: NS, params: { 'jwt-api-key': token('assistant', `tls-sio-${transports.length}`), tournamentId: 2 } }, (a) => {
-        clearTimeout(timer);
-        res(a);
-      });
-    });
+    const ack = await sailsAuth(socket, token('assistant', `tls-sio-${transports.length}`), { tournamentId: 2 });
     assert.deepEqual(ack, { body: { socketId: socket.id, rooms: ['assistant', 'assistant_2'] }, statusCode: 200 });
     if (transports.length > 1) {
       await until('upgraded to WebSocket through nginx', () => socket.io.engine.transport.name === 'websocket');

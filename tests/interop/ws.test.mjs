@@ -1,38 +1,17 @@
 // The npm `ws` client (the library the original design used) against /ws.
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
-import { startPulso, token, once, findChromium, runPage } from './lib/pulso.mjs';
+import { pulsoForFile, token, once, runPage } from './lib/pulso.mjs';
+import { queueJson } from './lib/clients.mjs';
+import { chromiumOr } from './lib/services.mjs';
 
-let pulso;
-before(async () => {
-  pulso = await startPulso({ PULSO_DEMO_ENABLED: 'true', PULSO_DEMO_INTERVAL: '100ms' });
-});
-after(async () => {
-  assert.equal(await pulso.stop(), 0, 'pulso exits 0 on SIGTERM');
-});
+const { pulso } = pulsoForFile({ PULSO_DEMO_ENABLED: 'true', PULSO_DEMO_INTERVAL: '100ms' });
 
-/** Opens a client that queues every JSON message for `next()`. */
+/** Opens a client that queues every JSON message (see `queueJson`). */
 async function connect(tok) {
-  const ws = new WebSocket(`${pulso.wsUrl}?token=${tok}`);
-  const queue = [];
-  const waiters = [];
-  ws.on('message', (data) => {
-    const msg = JSON.parse(data.toString());
-    const w = waiters.shift();
-    if (w) w(msg); else queue.push(msg);
-  });
+  const ws = queueJson(new WebSocket(`${pulso.wsUrl}?token=${tok}`));
   await once(ws, 'open');
-  ws.next = (ms = 5000) =>
-    queue.length
-      ? Promise.resolve(queue.shift())
-      : new Promise((res, rej) => {
-          const t = setTimeout(() => rej(new Error('no message in time')), ms);
-          waiters.push((m) => { clearTimeout(t); res(m); });
-        });
-  /** Next message matching `pred`, skipping others. */
-  ws.until = async (pred) => { for (;;) { const m = await ws.next(); if (pred(m)) return m; } };
-  ws.sendJson = (v) => ws.send(JSON.stringify(v));
   return ws;
 }
 
@@ -85,12 +64,8 @@ test('a bad token is rejected with 401 before the upgrade', async () => {
 // A real browser's WebSocket against pulso's hand-written framing: masked
 // frames, a 40 KB message, the close handshake. Uses the machine's Chromium.
 test('headless Chromium: ping, a 40 KB message, the demo feed, a clean close', async (t) => {
-  const chromium = findChromium();
-  if (!chromium) {
-    // Under .ci/run every test must really run.
-    if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error('chromium is required (apt-get install chromium)');
-    return t.skip('no chromium on this machine');
-  }
+  const chromium = chromiumOr(t);
+  if (!chromium) return;
   const tok = token('assistant', 'browser-ws');
   const page = `<html><body><pre id="out">pending</pre><img src="/slow">
 <script>

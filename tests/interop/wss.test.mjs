@@ -11,7 +11,6 @@
 // (.ci/run), where that is a failure.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { connect as tlsConnect } from 'node:tls';
 import { X509Certificate } from 'node:crypto';
@@ -20,8 +19,9 @@ import { join } from 'node:path';
 import { io } from 'socket.io-client';
 import WebSocket from 'ws';
 import { once, startPulso, token, until } from './lib/pulso.mjs';
+import { NS, closeAll, queueJson, sailsAuth } from './lib/clients.mjs';
+import { findBinaries, presentOr, selfSignedCert } from './lib/services.mjs';
 
-const NS = '/notifications';
 
 let missing = null;
 let pulso;
@@ -29,15 +29,6 @@ let dir;
 let ca; // both certificates: a client trusts either
 const certs = {}; // name -> { cert, key } paths
 const opened = [];
-
-function openssl() {
-  try {
-    execFileSync('openssl', ['version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** Replaces `to` with a copy of `from` in one rename. */
 function replace(from, to) {
@@ -59,17 +50,14 @@ function presentedFingerprint(port) {
 }
 
 before(async () => {
-  if (!openssl()) {
-    missing = 'no openssl on this machine (apt-get install openssl)';
-    return;
-  }
+  const { bins, missing: absent } = findBinaries('openssl');
+  missing = absent;
+  if (missing) return;
   dir = mkdtempSync(join(tmpdir(), 'pulso-wss-'));
   for (const name of ['a', 'b']) {
     const cert = join(dir, `${name}.crt`);
     const key = join(dir, `${name}.key`);
-    execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
-      '-nodes', '-days', '1', '-subj', `/CN=pulso-wss-${name}`, '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost',
-      '-keyout', key, '-out', cert], { stdio: 'pipe' });
+    selfSignedCert(bins.openssl, { cert, key, cn: `pulso-wss-${name}` });
     certs[name] = { cert, key, fingerprint: new X509Certificate(readFileSync(cert)).fingerprint256 };
   }
   ca = [readFileSync(certs.a.cert), readFileSync(certs.b.cert)];
@@ -84,9 +72,7 @@ before(async () => {
 });
 
 after(async () => {
-  for (const s of opened) {
-    try { s.close(); } catch { /* already closed */ }
-  }
+  closeAll(opened);
   let error;
   if (pulso) {
     const code = await pulso.stop();
@@ -96,57 +82,27 @@ after(async () => {
   if (error) throw error;
 });
 
-/** False (and the test skipped) when openssl is missing; under .ci/run, an error. */
-function servicesOr(t) {
-  if (!missing) return true;
-  if (process.env.PULSO_REQUIRE_SERVICES === '1') throw new Error(`${missing} (PULSO_REQUIRE_SERVICES=1)`);
-  t.skip(missing);
-  return false;
-}
-
-const admin = () => token('admin', 'wss-admin');
-
 test('a client that does not trust the certificate is refused', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const ws = new WebSocket(`${pulso.wsUrl}?token=${token('assistant', 'wss-0')}`);
   const err = await once(ws, 'error');
   assert.match(String(err.code ?? err.message), /SELF_SIGNED|self.signed/i);
 });
 
 test('/ws over wss:// served by pulso: subscribe, get a publish made over https://', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const topic = 'wss/ws';
-  const ws = new WebSocket(`${pulso.wsUrl}?token=${token('assistant', 'wss-1')}`, { ca });
+  const ws = queueJson(new WebSocket(`${pulso.wsUrl}?token=${token('assistant', 'wss-1')}`, { ca }));
   opened.push(ws);
-  const messages = [];
-  const waiters = [];
-  ws.on('message', (d) => {
-    const m = JSON.parse(d.toString());
-    const w = waiters.shift();
-    if (w) w(m); else messages.push(m);
-  });
-  const next = () => (messages.length ? Promise.resolve(messages.shift()) : new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error('no /ws message in time')), 5000);
-    waiters.push((m) => { clearTimeout(timer); res(m); });
-  }));
   await once(ws, 'open');
   assert.equal(ws._socket.getProtocol(), 'TLSv1.3');
   assert.equal(ws._socket.getPeerX509Certificate().fingerprint256, certs.a.fingerprint);
-  ws.send(JSON.stringify({ type: 'sub', topic, id: 1 }));
-  for (;;) {
-    const m = await next();
-    if (m.type === 'ack' && m.id === 1) break;
-  }
+  ws.sendJson({ type: 'sub', topic, id: 1 });
+  await ws.until((m) => m.type === 'ack' && m.id === 1);
   const res = await pulso.post('/api/publish', { topic, payload: { over: 'tls' } });
   assert.equal(res.status, 200, JSON.stringify(res.body));
   assert.equal(res.body.recipients, 1);
-  for (;;) {
-    const m = await next();
-    if (m.topic === topic) {
-      assert.deepEqual(m.payload, { over: 'tls' });
-      break;
-    }
-  }
+  assert.deepEqual((await ws.until((m) => m.topic === topic)).payload, { over: 'tls' });
   ws.close();
 });
 
@@ -155,13 +111,7 @@ async function sioClient(transports, n) {
   const socket = io(pulso.url + NS, { transports, ca, reconnection: false, forceNew: true });
   opened.push(socket);
   await once(socket, 'connect');
-  const ack = await new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error('no ack for get /notifications')), 5000);
-    socket.emit('get', { url: NS, params: { 'jwt-api-key': token('assistant', `wss-sio-${n}`), tournamentId: n } }, (a) => {
-      clearTimeout(timer);
-      res(a);
-    });
-  });
+  const ack = await sailsAuth(socket, token('assistant', `wss-sio-${n}`), { tournamentId: n });
   assert.deepEqual(ack, { body: { socketId: socket.id, rooms: ['assistant', `assistant_${n}`] }, statusCode: 200 });
   if (transports.length > 1) {
     await until('upgraded to WebSocket over TLS', () => socket.io.engine.transport.name === 'websocket');
@@ -179,7 +129,7 @@ async function broadcastReaches(socket, n, data) {
 
 for (const transports of [['websocket'], ['polling', 'websocket']]) {
   test(`socket.io-client 4 over TLS served by pulso (${transports.join(' then ')}): authenticates and gets a broadcast`, async (t) => {
-    if (!servicesOr(t)) return;
+    if (!presentOr(t, missing)) return;
     const n = 10 + transports.length;
     const socket = await sioClient(transports, n);
     await broadcastReaches(socket, n, { n });
@@ -189,7 +139,7 @@ for (const transports of [['websocket'], ['polling', 'websocket']]) {
 }
 
 test('SIGHUP with new certificate files: new connections get the new certificate, a connected socket.io client keeps working', async (t) => {
-  if (!servicesOr(t)) return;
+  if (!presentOr(t, missing)) return;
   const socket = await sioClient(['websocket'], 20);
   assert.equal(await presentedFingerprint(pulso.port), certs.a.fingerprint);
   replace(certs.b.key, join(dir, 'live.key'));
@@ -200,13 +150,7 @@ test('SIGHUP with new certificate files: new connections get the new certificate
   // The socket connected with certificate a: still connected, still served.
   assert.equal(socket.connected, true);
   await broadcastReaches(socket, 20, { after: 'reload' });
-  const ack = await new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error('no ack after the reload')), 5000);
-    socket.emit('get', { url: NS, params: { 'jwt-api-key': token('assistant', 'wss-sio-20'), tournamentId: 20 } }, (a) => {
-      clearTimeout(timer);
-      res(a);
-    });
-  });
+  const ack = await sailsAuth(socket, token('assistant', 'wss-sio-20'), { tournamentId: 20 });
   assert.equal(ack.statusCode, 200, JSON.stringify(ack));
   // And a new socket.io client connects with certificate b.
   const fresh = await sioClient(['websocket'], 22);

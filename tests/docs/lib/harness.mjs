@@ -4,7 +4,7 @@
 // (node, headless Chromium, python3 with `websockets`, bash), each giving
 // its output as an `Output` the checks wait on.
 import { spawn, execFile } from 'node:child_process';
-import { createServer, Socket } from 'node:net';
+import { Socket } from 'node:net';
 import { createServer as createHttpServer } from 'node:http';
 import { mkdtempSync, mkdirSync, writeFileSync, symlinkSync, existsSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -12,6 +12,9 @@ import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import WebSocket from 'ws';
+// By path: that file imports Node's own modules only, so it needs no
+// node_modules of its own (this folder's are installed apart).
+import { freePort, spawnPulso, until as pollUntil } from '../../interop/lib/common.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const DOCS_DIR = resolve(here, '..');
@@ -41,28 +44,8 @@ export function localize(code, { port, brokerPort }) {
   return out;
 }
 
-export function freePort() {
-  return new Promise((res, rej) => {
-    const srv = createServer();
-    srv.unref();
-    srv.on('error', rej);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => res(port));
-    });
-  });
-}
-
-/** Waits for `check()` to return a truthy value, polling, up to `ms`. */
-export async function until(what, check, ms = 10000) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await check();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
+/** Waits for `check()` to return a truthy value, polling, up to `ms` (10 s unless told). */
+export const until = (what, check, ms = 10000) => pollUntil(what, check, ms);
 
 /** Text that arrives over time (a process's output, a page's console). */
 export class Output {
@@ -119,34 +102,15 @@ export async function mintToken(env, role, sub, claims = {}) {
 /** Starts pulso with `env` on a free port; resolves once /healthz answers. */
 export async function startPulso(env = {}) {
   const port = await freePort();
-  const dir = tempDir('pulso');
-  const fullEnv = {
-    ...process.env,
-    PULSO_LISTEN: `127.0.0.1:${port}`,
-    PULSO_JWT_SECRET: SECRET,
-    PULSO_DEMO_ENABLED: 'false',
-    PULSO_NODE_ID: `docs-${port}`,
-    ...env,
-  };
-  const child = spawn(BIN, [], { cwd: dir, env: fullEnv, stdio: ['ignore', 'pipe', 'pipe'] });
-  let logs = '';
-  child.on('error', (e) => (logs += `cannot start ${BIN}: ${e.message} (set PULSO_BIN)\n`));
-  child.stdout.on('data', (d) => (logs += d));
-  child.stderr.on('data', (d) => (logs += d));
-  const exited = new Promise((res) => child.on('exit', (code) => res(code)));
   const url = `http://127.0.0.1:${port}`;
-  await until(
-    'pulso /healthz',
-    async () => {
-      if (child.exitCode !== null) throw new Error(`pulso exited early:\n${logs}`);
-      try {
-        return (await fetch(`${url}/healthz`)).ok;
-      } catch {
-        return false;
-      }
-    },
-    15000,
-  );
+  const pulso = await spawnPulso(BIN, {
+    cwd: tempDir('pulso'),
+    port,
+    secret: SECRET,
+    name: 'docs',
+    env,
+    healthy: async () => (await fetch(`${url}/healthz`)).ok,
+  });
   const admin = await mintToken(env, 'admin', 'docs-admin');
   const request = async (method, path, body) => {
     const res = await fetch(url + path, {
@@ -168,13 +132,10 @@ export async function startPulso(env = {}) {
     url,
     env,
     admin,
-    logs: () => logs,
+    logs: pulso.logs,
     post: (path, body) => request('POST', path, body),
     get: (path) => request('GET', path),
-    async stop() {
-      if (child.exitCode === null) child.kill('SIGTERM');
-      return exited;
-    },
+    stop: pulso.stop,
   };
 }
 

@@ -1,15 +1,20 @@
 // Shared helper for the interop tests: starts the real pulso binary on a free
 // port with a known secret, waits until it answers /healthz, mints tokens,
 // and stops it. PULSO_BIN names the binary (default: the debug build).
-import { spawn, execFileSync } from 'node:child_process';
-import { createServer } from 'node:net';
+import { spawn } from 'node:child_process';
 import { createServer as createHttpServer } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { before, after } from 'node:test';
+import assert from 'node:assert/strict';
 import jwt from 'jsonwebtoken';
+import { closeAll } from './clients.mjs';
+import { freePort, spawnPulso, until } from './common.mjs';
+
+export { freePort, until };
 
 export const SECRET = 'interop-secret';
 const here = dirname(fileURLToPath(import.meta.url));
@@ -17,29 +22,6 @@ const defaultBin = resolve(
   process.env.CARGO_TARGET_DIR || resolve(here, '../../../target'),
   'debug/pulso',
 );
-
-export function freePort() {
-  return new Promise((res, rej) => {
-    const srv = createServer();
-    srv.unref();
-    srv.on('error', rej);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => res(port));
-    });
-  });
-}
-
-/** Waits for `check()` to return a truthy value, polling, up to `ms`. */
-export async function until(what, check, ms = 5000) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await check();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 /** Resolves with the first `event` of `emitter` (or rejects after `ms`). */
 export function once(emitter, event, ms = 5000) {
@@ -82,38 +64,20 @@ export function httpsFetch(url, { method = 'GET', headers = {}, body, ca }) {
 export async function startPulso(env = {}, { ca } = {}) {
   const port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), 'pulso-interop-'));
-  const bin = process.env.PULSO_BIN || defaultBin;
-  const child = spawn(bin, [], {
-    cwd: dir,
-    env: {
-      ...process.env,
-      PULSO_LISTEN: `127.0.0.1:${port}`,
-      PULSO_JWT_SECRET: SECRET,
-      PULSO_DEMO_ENABLED: 'false',
-      PULSO_NODE_ID: `interop-${port}`,
-      ...env,
-    },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let logs = '';
-  child.on('error', (e) => (logs += `cannot start ${bin}: ${e.message} (set PULSO_BIN)\n`));
-  child.stdout.on('data', (d) => (logs += d));
-  child.stderr.on('data', (d) => (logs += d));
-  const exited = new Promise((res) => child.on('exit', (code, signal) => res({ code, signal })));
   const url = `${ca ? 'https' : 'http'}://127.0.0.1:${port}`;
   const send = async (target, init) => {
     if (ca) return httpsFetch(target, { ...init, ca });
     const res = await fetch(target, init);
     return { status: res.status, headers: res.headers, text: await res.text() };
   };
-  await until('pulso /healthz', async () => {
-    if (child.exitCode !== null) throw new Error(`pulso exited early:\n${logs}`);
-    try {
-      return (await send(`${url}/healthz`, {})).status === 200;
-    } catch {
-      return false;
-    }
-  }, 15000);
+  const pulso = await spawnPulso(process.env.PULSO_BIN || defaultBin, {
+    cwd: dir,
+    port,
+    secret: SECRET,
+    name: 'interop',
+    env,
+    healthy: async () => (await send(`${url}/healthz`, {})).status === 200,
+  });
   const admin = token('admin', 'interop-admin');
   const request = async (method, path, body, bearer = admin) => {
     const res = await send(url + path, {
@@ -126,32 +90,36 @@ export async function startPulso(env = {}, { ca } = {}) {
     return { status: res.status, body: json };
   };
   return {
+    ...pulso,
     port,
     url,
     dir,
-    pid: child.pid,
     wsUrl: `${ca ? 'wss' : 'ws'}://127.0.0.1:${port}/ws`,
-    logs: () => logs,
     post: (path, body, bearer) => request('POST', path, body, bearer),
     get: (path, bearer) => request('GET', path, undefined, bearer),
-    /** SIGTERM and wait; resolves with the exit code. */
-    async stop() {
-      if (child.exitCode === null) child.kill('SIGTERM');
-      const { code } = await exited;
-      return code;
-    },
   };
 }
 
-/** The machine's Chromium binary, or null when there is none. */
-export function findChromium() {
-  for (const bin of ['chromium', 'chromium-browser', 'google-chrome']) {
+/**
+ * One pulso for a test file: started with `env` before its tests; after
+ * them stopped (it must exit 0 on SIGTERM), then every client the tests
+ * put in `opened` closed. Returns { pulso, opened }; `pulso` has the
+ * fields of `startPulso`'s result once the file's `before` has run.
+ */
+export function pulsoForFile(env = {}) {
+  const pulso = {};
+  const opened = [];
+  before(async () => {
+    Object.assign(pulso, await startPulso(env));
+  });
+  after(async () => {
     try {
-      execFileSync('which', [bin], { stdio: 'ignore' });
-      return bin;
-    } catch { /* next */ }
-  }
-  return null;
+      if (pulso.stop) assert.equal(await pulso.stop(), 0, 'pulso exits 0 on SIGTERM');
+    } finally {
+      closeAll(opened);
+    }
+  });
+  return { pulso, opened };
 }
 
 /**
