@@ -11,22 +11,12 @@ mod services;
 #[path = "support/sio_client.rs"]
 mod sio_client;
 
-use common::{TestServer, WsClient};
+use common::{TestServer, WsClient, unique};
 use serde_json::{Value, json};
 use services::{NatsServer, RedisServer, postgres_url};
 use sio_client::SioClient;
 
 const NS: &str = "/notifications";
-
-fn unique(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// The engine a scenario runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,14 +102,7 @@ async fn node_with(server: &Server, pg: &str, prefix: &str, extra: &str) -> Test
         unique("node"),
         server.setting(),
     );
-    let node = TestServer::start_with(move |l| {
-        l.apply_toml(&common::base_toml()).unwrap();
-        l.apply_toml(&toml).unwrap();
-    })
-    .await;
-    node.until("backplane up", |gw| gw.readiness.report().0)
-        .await;
-    node
+    TestServer::start_ready(&toml).await
 }
 
 /// Three nodes, or `None` when the engine or PostgreSQL is missing.
@@ -671,14 +654,31 @@ async fn fast_node(redis: &str, pg: &str, prefix: &str, id: &str) -> TestServer 
     let toml = format!(
         "node_id = \"{id}\"\ndatabase_url = \"{pg}\"\n[cluster]\nredis_url = \"{redis}\"\nprefix = \"{prefix}\"\nheartbeat = \"200ms\"\nnode_ttl = \"1s\"\n"
     );
-    let node = TestServer::start_with(move |l| {
-        l.apply_toml(&common::base_toml()).unwrap();
-        l.apply_toml(&toml).unwrap();
+    TestServer::start_ready(&toml).await
+}
+
+/// PostgreSQL, a `redis-server` of the test's own and a fresh prefix:
+/// what the node-lifecycle tests start from (`None`: skipped).
+async fn lifecycle_setup() -> Option<(String, RedisServer, String)> {
+    let pg = postgres_url().await?;
+    let redis = RedisServer::start().await?;
+    Some((pg, redis, fresh_prefix()))
+}
+
+/// An authenticated `/ws` client of the node at `at`, once the node at
+/// `seen` lists its presence row (whichever node holds it).
+async fn client_with_row(
+    at: std::net::SocketAddr,
+    seen: std::net::SocketAddr,
+    sub: &str,
+) -> WsClient {
+    let token = common::token("assistant", sub, Some(Duration::from_secs(60)));
+    let client = WsClient::connect(&format!("ws://{at}/ws?token={token}")).await;
+    within(common::WAIT, "the client's row", || async {
+        holder(seen, sub).await.is_some()
     })
     .await;
-    node.until("backplane up", |gw| gw.readiness.report().0)
-        .await;
-    node
+    client
 }
 
 /// The real `pulso` binary as a cluster node with the fast clocks, so it
@@ -834,13 +834,9 @@ async fn metric(node: &TestServer, name: &str) -> u64 {
 
 #[tokio::test]
 async fn a_node_killed_with_kill_9_is_cleared_by_a_live_node_within_node_ttl_and_heartbeat() {
-    let Some(pg) = postgres_url().await else {
+    let Some((pg, redis, prefix)) = lifecycle_setup().await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let prefix = fresh_prefix();
     let (id_a, id_b, id_c) = (unique("a"), unique("b"), unique("c"));
     let a = fast_node(&redis.url(), &pg, &prefix, &id_a).await;
     let b = fast_node(&redis.url(), &pg, &prefix, &id_b).await;
@@ -861,12 +857,8 @@ async fn a_node_killed_with_kill_9_is_cleared_by_a_live_node_within_node_ttl_and
 
     // An authenticated client of C: its row names C, and C counts it.
     let sub = unique("victim");
-    let token = common::token("assistant", &sub, Some(Duration::from_secs(60)));
-    let _client = WsClient::connect(&format!("ws://{}/ws?token={token}", c.addr)).await;
-    within(common::WAIT, "the client's row", || async {
-        holder(a.addr, &sub).await.as_deref() == Some(id_c.as_str())
-    })
-    .await;
+    let _client = client_with_row(c.addr, a.addr, &sub).await;
+    assert_eq!(holder(a.addr, &sub).await.as_deref(), Some(id_c.as_str()));
     within(common::WAIT, "C's heartbeat counts its client", || async {
         nodes_at(a.addr)
             .await
@@ -911,21 +903,13 @@ async fn a_node_killed_with_kill_9_is_cleared_by_a_live_node_within_node_ttl_and
 
 #[tokio::test]
 async fn a_node_started_with_the_node_id_of_a_live_node_exits_2() {
-    let Some(pg) = postgres_url().await else {
+    let Some((pg, redis, prefix)) = lifecycle_setup().await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let prefix = fresh_prefix();
     let id = unique("a");
     let a = fast_node(&redis.url(), &pg, &prefix, &id).await;
     let sub = unique("kept");
-    let _client = a.ws("assistant", &sub).await;
-    within(common::WAIT, "the client's row", || async {
-        holder(a.addr, &sub).await.is_some()
-    })
-    .await;
+    let _client = client_with_row(a.addr, a.addr, &sub).await;
 
     let (mut second, _) = Process::command(&redis.url(), &pg, &prefix, &id);
     let started = Instant::now();
@@ -963,22 +947,13 @@ async fn a_node_started_with_the_node_id_of_a_live_node_exits_2() {
 
 #[tokio::test]
 async fn a_node_restarted_at_once_after_kill_9_takes_its_node_id_back() {
-    let Some(pg) = postgres_url().await else {
+    let Some((pg, redis, prefix)) = lifecycle_setup().await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let prefix = fresh_prefix();
     let id = unique("r");
     let mut first = Process::start(&redis.url(), &pg, &prefix, &id).await;
     let sub = unique("old");
-    let token = common::token("assistant", &sub, Some(Duration::from_secs(60)));
-    let _client = WsClient::connect(&format!("ws://{}/ws?token={token}", first.addr)).await;
-    within(common::WAIT, "the client's row", || async {
-        holder(first.addr, &sub).await.is_some()
-    })
-    .await;
+    let _client = client_with_row(first.addr, first.addr, &sub).await;
     first.kill9();
 
     // Its heartbeat is younger than node_ttl, but it does not move: the new
@@ -998,22 +973,14 @@ async fn a_node_restarted_at_once_after_kill_9_takes_its_node_id_back() {
 
 #[tokio::test]
 async fn a_stopped_node_leaves_the_cluster_at_once() {
-    let Some(pg) = postgres_url().await else {
+    let Some((pg, redis, prefix)) = lifecycle_setup().await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let prefix = fresh_prefix();
     let (id_a, id_b) = (unique("a"), unique("b"));
     let a = fast_node(&redis.url(), &pg, &prefix, &id_a).await;
     let b = fast_node(&redis.url(), &pg, &prefix, &id_b).await;
     let sub = unique("s");
-    let client = b.ws("assistant", &sub).await;
-    within(common::WAIT, "the client's row", || async {
-        holder(a.addr, &sub).await.is_some()
-    })
-    .await;
+    let client = client_with_row(b.addr, a.addr, &sub).await;
     assert_eq!(nodes_at(a.addr).await.len(), 2);
     drop(client);
     b.stop().await;
@@ -1050,21 +1017,13 @@ async fn a_single_node_lists_itself() {
 
 #[tokio::test]
 async fn a_node_judged_dead_while_alive_comes_back_with_its_rows() {
-    let Some(pg) = postgres_url().await else {
+    let Some((pg, redis, prefix)) = lifecycle_setup().await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let prefix = fresh_prefix();
     let id = unique("a");
     let a = fast_node(&redis.url(), &pg, &prefix, &id).await;
     let sub = unique("s");
-    let _client = a.ws("assistant", &sub).await;
-    within(common::WAIT, "the client's row", || async {
-        holder(a.addr, &sub).await.is_some()
-    })
-    .await;
+    let _client = client_with_row(a.addr, a.addr, &sub).await;
     // What another node does to a node silent for node_ttl (a partition,
     // a stalled database): its heartbeat and its rows go, at once.
     let pool = sqlx::PgPool::connect(&pg).await.unwrap();

@@ -159,23 +159,10 @@ async fn over_limit_body_written_whole_before_reading_gets_the_413() {
         } else {
             connect(&srv).await
         };
-        let mut request = format!(
-            "POST /api/broadcast HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\n\
-             content-type: application/json\r\ncontent-length: {size}\r\n\r\n"
-        )
-        .into_bytes();
-        request.resize(request.len() + size, b'x');
+        let request = common::oversized_post(&admin, &format!("content-length: {size}\r\n"), size);
         // Like Node's `http`: all of it, then read. Without the lingering
         // close this write fails with EPIPE (or the read with a reset).
-        tokio::time::timeout(Duration::from_secs(10), tcp.write_all(&request))
-            .await
-            .expect("the body is taken in time")
-            .expect("the whole body is written");
-        let mut response = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut response))
-            .await
-            .expect("the answer in time")
-            .expect("the answer, then the end of the stream (no reset)");
+        let response = common::write_whole_then_read(&mut tcp, &request).await;
         let (head, body) = split(&response);
         assert!(head.starts_with("HTTP/1.1 413"), "{size}: {head}");
         assert_eq!(error_code(&body), "payload_too_large", "{size}");
@@ -186,22 +173,11 @@ async fn over_limit_body_written_whole_before_reading_gets_the_413() {
     // Chunked, with no declared length: refused once 1 MiB has been read.
     let mut tcp = small_sndbuf_client(&srv).await;
     let size = 1024 * 1024 + 1;
-    let mut request = format!(
-        "POST /api/broadcast HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\n\
-         content-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{size:x}\r\n"
-    )
-    .into_bytes();
-    request.resize(request.len() + size, b'x');
+    // One chunk of `size` bytes: its size line ends the head.
+    let chunked = format!("transfer-encoding: chunked\r\nconnection: close\r\n\r\n{size:x}");
+    let mut request = common::oversized_post(&admin, &chunked, size);
     request.extend_from_slice(b"\r\n0\r\n\r\n");
-    tokio::time::timeout(Duration::from_secs(10), tcp.write_all(&request))
-        .await
-        .expect("the body is taken in time")
-        .expect("the whole body is written");
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut response))
-        .await
-        .expect("the answer in time")
-        .expect("the answer, then the end of the stream (no reset)");
+    let response = common::write_whole_then_read(&mut tcp, &request).await;
     let (head, body) = split(&response);
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert_eq!(error_code(&body), "payload_too_large");
@@ -360,18 +336,13 @@ async fn websocket_outlives_the_http_timeouts() {
 async fn socketio_long_poll_outlives_the_http_timeouts() {
     // The GET is held until the next heartbeat: 4 s, beyond every clock.
     let heartbeat = Duration::from_secs(4);
-    let srv = TestServer::start_with(|l| {
-        l.apply_toml(&common::base_toml()).unwrap();
-        l.apply_toml(&format!(
+    let srv = TestServer::start_toml(&format!(
             "keepalive_interval = \"{}s\"\n[http]\nheader_timeout = \"{}ms\"\nidle_timeout = \"{}ms\"\nbody_timeout = \"{}ms\"\n",
             heartbeat.as_secs(),
             HEADER.as_millis(),
             IDLE.as_millis(),
             BODY.as_millis()
-        ))
-        .unwrap();
-    })
-    .await;
+        )).await;
     let mut tcp = connect(&srv).await;
     let mut reader = Reader::new();
     tcp.write_all(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nhost: x\r\n\r\n")

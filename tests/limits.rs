@@ -113,17 +113,23 @@ fn is_refusal(answer: &(u16, Value), status: u16, code: &str) -> bool {
     answer.0 == status && answer.1["error"]["code"] == code
 }
 
+/// A 503 `too_many_connections` whose message names the `setting` reached.
+fn assert_too_many(answer: &(u16, Value), setting: &str) {
+    assert!(
+        is_refusal(answer, 503, "too_many_connections"),
+        "{answer:?}"
+    );
+    let message = answer.1["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(setting), "{answer:?}");
+}
+
 fn loopback(n: u8) -> Option<IpAddr> {
     Some(IpAddr::from([127, 0, 0, n]))
 }
 
 #[tokio::test]
 async fn max_connections_counts_ws_and_socketio_of_every_transport() {
-    let srv = TestServer::start_with(|l| {
-        l.apply_toml(&base_toml()).unwrap();
-        l.apply_toml("max_connections = 3").unwrap();
-    })
-    .await;
+    let srv = TestServer::start_toml("max_connections = 3").await;
     let mut plain = ws(&srv, None, None).await.expect("first /ws");
     let ws_url = sio_ws_url(&srv);
     let sio = ws_from(&ws_url, None, None)
@@ -138,17 +144,7 @@ async fn max_connections_counts_ws_and_socketio_of_every_transport() {
         .await
         .err()
         .expect("a fourth /ws is refused");
-    assert!(
-        is_refusal(&refused, 503, "too_many_connections"),
-        "{refused:?}"
-    );
-    assert!(
-        refused.1["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("max_connections"),
-        "{refused:?}"
-    );
+    assert_too_many(&refused, "max_connections");
     let refused = ws_from(&ws_url, None, None)
         .await
         .err()
@@ -182,11 +178,7 @@ async fn max_connections_counts_ws_and_socketio_of_every_transport() {
 
 #[tokio::test]
 async fn max_connections_per_ip_counts_each_tcp_peer_address() {
-    let srv = TestServer::start_with(|l| {
-        l.apply_toml(&base_toml()).unwrap();
-        l.apply_toml("max_connections_per_ip = 2").unwrap();
-    })
-    .await;
+    let srv = TestServer::start_toml("max_connections_per_ip = 2").await;
     let _a = ws(&srv, loopback(1), None)
         .await
         .expect("first from 127.0.0.1");
@@ -196,17 +188,7 @@ async fn max_connections_per_ip_counts_each_tcp_peer_address() {
         .await
         .err()
         .expect("a third is refused");
-    assert!(
-        is_refusal(&refused, 503, "too_many_connections"),
-        "{refused:?}"
-    );
-    assert!(
-        refused.1["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("max_connections_per_ip"),
-        "{refused:?}"
-    );
+    assert_too_many(&refused, "max_connections_per_ip");
     let (status, _, _) = polling_open(&srv, loopback(1), None).await;
     assert_eq!(status, 503);
     let refused = ws_from(&sio_ws_url(&srv), loopback(1), None).await.err();
@@ -232,12 +214,7 @@ async fn max_connections_per_ip_counts_each_tcp_peer_address() {
 
 #[tokio::test]
 async fn open_polling_sessions_are_capped() {
-    let srv = TestServer::start_with(|l| {
-        l.apply_toml(&base_toml()).unwrap();
-        l.apply_toml("[socketio]\nmax_polling_sessions = 3")
-            .unwrap();
-    })
-    .await;
+    let srv = TestServer::start_toml("[socketio]\nmax_polling_sessions = 3").await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         let (status, open, _) = polling_open(&srv, None, None).await;
@@ -303,12 +280,7 @@ async fn open_polling_sessions_are_capped() {
 
 #[tokio::test]
 async fn origins_not_allowed_are_refused_on_ws_and_socketio_and_get_no_cors() {
-    let srv = TestServer::start_with(|l| {
-        l.apply_toml(&base_toml()).unwrap();
-        l.apply_toml("allowed_origins = [\"http://good.test\"]")
-            .unwrap();
-    })
-    .await;
+    let srv = TestServer::start_toml("allowed_origins = [\"http://good.test\"]").await;
     let (good, evil) = (Some("http://good.test"), Some("http://evil.test"));
 
     // /ws: 403 with a JSON body for a foreign origin, before the token.
@@ -493,14 +465,9 @@ async fn repeated_replays_to_a_client_that_does_not_read_close_it_as_a_slow_cons
         return skip("no MQTT broker on 127.0.0.1:1883 (mosquitto)");
     }
     let prefix = format!("lv{}", rand_suffix());
-    let srv = TestServer::start_with(|l| {
-        l.apply_toml(&base_toml()).unwrap();
-        l.apply_toml(&format!(
+    let srv = TestServer::start_toml(&format!(
             "[ws]\noutbound_queue = 64\nrate_limit = 100000\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\ntopics = [\"{prefix}/#\"]\n"
-        ))
-        .unwrap();
-    })
-    .await;
+        )).await;
     // 100 kept values of 8 KiB: a replay is 100 items, larger than the queue.
     let payload = "x".repeat(8 * 1024);
     for i in 0..100 {

@@ -12,32 +12,13 @@ mod sio_client;
 use std::str::FromStr;
 use std::time::Duration;
 
-use common::{SECRET, TestServer, WAIT};
+use common::{SECRET, TestServer, WAIT, unique};
 use serde_json::{Value, json};
 use services::postgres_url;
 use sio_client::SioClient;
 use sqlx::Row as _;
 
 const NS: &str = "/notifications";
-
-fn unique(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{tag}_{}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        rand_u32()
-    )
-}
-
-fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    t ^ (std::process::id() << 8)
-}
 
 fn sqlite_url() -> String {
     let dir = std::env::temp_dir().join(unique("pulso-presence"));

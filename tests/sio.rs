@@ -14,35 +14,10 @@ use sio_client::{Packet, SioClient};
 
 const NS: &str = "/notifications";
 
-/// Every test's server keeps presence in its own temporary SQLite file.
-fn db_toml() -> String {
-    let dir = std::env::temp_dir().join(format!(
-        "pulso-sio-test-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    format!("database_url = \"sqlite://{}/p.db\"\n", dir.display())
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-/// A server with extra settings (`[socketio]` blocks and such).
+/// A server with presence in its own temporary SQLite file and `extra`
+/// (`[socketio]` blocks and such).
 async fn server(extra: &str) -> TestServer {
-    let db = db_toml();
-    let extra = extra.to_string();
-    TestServer::start_with(move |l| {
-        l.apply_toml(&common::base_toml()).unwrap();
-        l.apply_toml(&db).unwrap();
-        if !extra.is_empty() {
-            l.apply_toml(&extra).unwrap();
-        }
-    })
-    .await
+    TestServer::start_sqlite_file(extra).await
 }
 
 fn code_of(ack: &Value) -> &str {

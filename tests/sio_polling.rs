@@ -259,11 +259,7 @@ async fn engine_io_errors_name_the_problem() {
 /// dropped after one more interval.
 #[tokio::test]
 async fn a_polling_client_that_does_not_answer_pings_is_dropped() {
-    let srv = TestServer::start_with(|l| {
-        l.apply_toml(&common::base_toml()).unwrap();
-        l.apply_toml("keepalive_interval = \"300ms\"\n").unwrap();
-    })
-    .await;
+    let srv = TestServer::start_toml("keepalive_interval = \"300ms\"\n").await;
     let (p, _) = Poller::open(&srv, 4).await;
     let (q, _) = Poller::open(&srv, 4).await;
     assert_eq!(p.get().await, vec!["2"]);

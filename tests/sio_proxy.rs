@@ -661,14 +661,7 @@ async fn cluster_node(redis: &str, pg: &str, prefix: &str, backend: &str, n: u32
     let toml = format!(
         "node_id = \"proxy-{prefix}-{n}\"\ndatabase_url = \"{pg}\"\n[cluster]\nredis_url = \"{redis}\"\nprefix = \"{prefix}\"\n[socketio]\nproxy_url = \"{backend}\"\nproxy_rooms = true\n"
     );
-    let node = TestServer::start_with(move |l| {
-        l.apply_toml(&common::base_toml()).unwrap();
-        l.apply_toml(&toml).unwrap();
-    })
-    .await;
-    node.until("backplane up", |gw| gw.readiness.report().0)
-        .await;
-    node
+    TestServer::start_ready(&toml).await
 }
 
 #[tokio::test]

@@ -21,22 +21,7 @@ const HISTORY: &str = "[history]\ntopics = [\"assistant\", \"assistant_2\", \"as
 
 /// A server with presence in its own temporary SQLite file and `extra`.
 async fn server(extra: &str) -> TestServer {
-    let dir = std::env::temp_dir().join(format!(
-        "pulso-sio-recovery-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = format!("database_url = \"sqlite://{}/p.db\"\n", dir.display());
-    let extra = extra.to_string();
-    TestServer::start_with(move |l| {
-        l.apply_toml(&common::base_toml()).unwrap();
-        l.apply_toml(&db).unwrap();
-        if !extra.is_empty() {
-            l.apply_toml(&extra).unwrap();
-        }
-    })
-    .await
+    TestServer::start_sqlite_file(extra).await
 }
 
 /// Waits until the server keeps `n` sessions for recovery (a cut

@@ -38,7 +38,7 @@ impl Certs {
     /// Makes them with `openssl`; `None` (the test skipped, or failed
     /// under `PULSO_REQUIRE_SERVICES=1`) when that cannot be done.
     fn make() -> Option<Certs> {
-        let dir = std::env::temp_dir().join(format!("pulso-tls-{}", unique()));
+        let dir = std::env::temp_dir().join(common::unique("pulso-tls"));
         std::fs::create_dir_all(&dir).ok()?;
         let certs = Certs { dir };
         if certs.openssl_all().is_none() {
@@ -127,16 +127,6 @@ impl Drop for Certs {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn unique() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// A TLS connection to `addr`, verified against the test CA for 127.0.0.1.
@@ -453,21 +443,9 @@ async fn over_limit_body_written_whole_before_reading_gets_the_413_over_tls() {
     let mut tls = tls_connect(srv.addr, certs.client(&[])).await;
     let admin = srv.token("admin", "a");
     let size = 8 * 1024 * 1024;
-    let mut request = format!(
-        "POST /api/broadcast HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\n\
-         content-type: application/json\r\ncontent-length: {size}\r\n\r\n"
-    )
-    .into_bytes();
-    request.resize(request.len() + size, b'x');
-    tokio::time::timeout(Duration::from_secs(10), tls.write_all(&request))
-        .await
-        .expect("the body is taken in time")
-        .expect("the whole body is written");
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut response))
-        .await
-        .expect("the answer in time")
-        .expect("the answer, then close_notify (no reset)");
+    let request = common::oversized_post(&admin, &format!("content-length: {size}\r\n"), size);
+    // Read to close_notify: a reset instead fails here.
+    let response = common::write_whole_then_read(&mut tls, &request).await;
     let text = String::from_utf8_lossy(&response);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("payload_too_large"), "{text}");
@@ -509,7 +487,7 @@ impl Process {
     /// `config`, else plain HTTP).
     async fn start(env: &[(&str, &str)], config: Option<Arc<rustls::ClientConfig>>) -> Process {
         let (mut c, addr) = Self::command(env);
-        let log = std::env::temp_dir().join(format!("pulso-tls-{}.log", unique()));
+        let log = std::env::temp_dir().join(format!("{}.log", common::unique("pulso-tls")));
         c.stderr(std::fs::File::create(&log).unwrap());
         let mut p = Process {
             child: c.spawn().expect("the pulso binary starts"),

@@ -374,8 +374,7 @@ impl History {
             let skip = s.entries.len() - newer;
             found.extend(s.entries.iter().skip(skip).map(|(_, m)| m.clone()));
         }
-        found.sort_by_key(|m| m.seq.as_ref().map_or(0, |q| q.n));
-        found.dedup_by_key(|m| m.seq.as_ref().map_or(0, |q| q.n));
+        in_global_order(&mut found);
         Some(found)
     }
 
@@ -411,8 +410,7 @@ impl History {
                     .map(|(_, m)| m.clone()),
             );
         }
-        found.sort_by_key(|m| m.seq.as_ref().map_or(0, |q| q.n));
-        found.dedup_by_key(|m| m.seq.as_ref().map_or(0, |q| q.n));
+        in_global_order(&mut found);
         found
     }
 
@@ -500,6 +498,15 @@ impl Stream {
         }
         gone
     }
+}
+
+/// Sorts messages gathered from several topics' streams by their global
+/// sequence and keeps one copy of each: a publish to several tracked
+/// rooms stands in each of their streams.
+fn in_global_order(found: &mut Vec<Arc<Message>>) {
+    let n = |m: &Arc<Message>| m.seq.as_ref().map_or(0, |q| q.n);
+    found.sort_by_key(n);
+    found.dedup_by_key(|m| n(m));
 }
 
 #[cfg(test)]

@@ -21,6 +21,19 @@ use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "test-secret";
 
+/// A name no other test, run or process has used: `{tag}_{pid}_{n}_{random}`
+/// (letters, digits, `_` and `-`: fit for a node id, a prefix or a table).
+pub fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{tag}_{}_{}_{:08x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u32>()
+    )
+}
+
 /// For tests that need an external service (a broker, a database) that is
 /// missing: prints why the test is skipped and returns. Under `.ci/run`
 /// (`PULSO_REQUIRE_SERVICES=1`) the service must be there, so it fails instead.
@@ -55,9 +68,8 @@ impl TestServer {
         Self::start_toml("").await
     }
 
-    /// Starts with extra TOML appended after the base settings (top-level
-    /// keys must come first, so pass full `[section]` blocks or use
-    /// [`TestServer::start_with`]).
+    /// Starts with the base settings, then `extra` (a TOML document of its
+    /// own, applied over them: top-level keys and `[section]` blocks alike).
     pub async fn start_toml(extra: &str) -> Self {
         Self::start_with(|l| {
             l.apply_toml(&base_toml()).unwrap();
@@ -66,6 +78,31 @@ impl TestServer {
             }
         })
         .await
+    }
+
+    /// [`TestServer::start_toml`] with presence in a SQLite file of its own
+    /// (for what the in-memory database does not show: sessions, restarts).
+    pub async fn start_sqlite_file(extra: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique("pulso-test-db"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = format!("database_url = \"sqlite://{}/p.db\"\n", dir.display());
+        Self::start_with(|l| {
+            l.apply_toml(&base_toml()).unwrap();
+            l.apply_toml(&db).unwrap();
+            if !extra.is_empty() {
+                l.apply_toml(extra).unwrap();
+            }
+        })
+        .await
+    }
+
+    /// [`TestServer::start_toml`], then waits until it is ready: a cluster
+    /// node has its backplane up.
+    pub async fn start_ready(extra: &str) -> Self {
+        let node = Self::start_toml(extra).await;
+        node.until("ready (backplane up)", |gw| gw.readiness.report().0)
+            .await;
+        node
     }
 
     pub async fn start_with(edit: impl FnOnce(&mut Layered)) -> Self {
@@ -155,6 +192,37 @@ impl TestServer {
             .expect("server result");
         started.elapsed()
     }
+}
+
+/// A `POST /api/broadcast` (admin `bearer`) with `extra_headers` and a
+/// body of `size` bytes of `x`: an oversized request for the body limits.
+pub fn oversized_post(bearer: &str, extra_headers: &str, size: usize) -> Vec<u8> {
+    let mut request = format!(
+        "POST /api/broadcast HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {bearer}\r\n\
+         content-type: application/json\r\n{extra_headers}\r\n"
+    )
+    .into_bytes();
+    request.resize(request.len() + size, b'x');
+    request
+}
+
+/// Writes all of `request` before reading anything (as Node's `http`
+/// does), then reads the answer to the end of the stream; each within 10 s.
+pub async fn write_whole_then_read<S>(stream: &mut S, request: &[u8]) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(Duration::from_secs(10), stream.write_all(request))
+        .await
+        .expect("the body is taken in time")
+        .expect("the whole body is written");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("the answer in time")
+        .expect("the answer, then the end of the stream (no reset)");
+    response
 }
 
 pub fn token(role: &str, sub: &str, ttl: Option<Duration>) -> String {

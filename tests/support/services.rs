@@ -20,18 +20,98 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A server process of the test's own on a free port: what the Redis and
+/// NATS servers below share (start, wait until it answers, kill).
+struct Daemon {
+    name: &'static str,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn new(name: &'static str) -> Daemon {
+        Daemon {
+            name,
+            port: free_port(),
+            child: None,
+        }
+    }
+
+    /// Runs `cmd` with its output discarded; false when it cannot start.
+    fn spawn(&mut self, mut cmd: Command) -> bool {
+        match cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+            Ok(c) => {
+                self.child = Some(c);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until a fresh connection to it sends `greeting` after `hello`
+    /// (if any): the server is up and speaking its protocol.
+    async fn until_up(&self, hello: &[u8], greeting: &[u8]) {
+        let deadline = std::time::Instant::now() + common::WAIT;
+        while !self.answers(hello, greeting).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not start",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn answers(&self, hello: &[u8], greeting: &[u8]) -> bool {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        if !hello.is_empty() && s.write_all(hello).await.is_err() {
+            return false;
+        }
+        let mut buf = vec![0u8; greeting.len()];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
+            Ok(Ok(_)) if buf == greeting
+        )
+    }
+
+    /// Kills it (as a crash would).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().map(|c| c.id()).expect("running");
+        let status = Command::new("kill")
+            .args([which, &pid.to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill {which} {pid}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A `redis-server` of the test's own, killed when dropped.
 pub struct RedisServer {
     pub port: u16,
-    child: Option<Child>,
+    daemon: Daemon,
 }
 
 impl RedisServer {
     /// Starts one on a free port, or `None` (with a printed reason).
     pub async fn start() -> Option<RedisServer> {
+        let daemon = Daemon::new("redis-server");
         let mut server = RedisServer {
-            port: free_port(),
-            child: None,
+            port: daemon.port,
+            daemon,
         };
         if !server.spawn() {
             common::skip("redis-server is not installed (apt-get install redis-server)");
@@ -46,75 +126,31 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        match child {
-            Ok(c) => {
-                self.child = Some(c);
-                true
-            }
-            Err(_) => false,
-        }
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
+        self.daemon.spawn(cmd)
     }
 
     /// Waits until it answers PING.
     async fn until_up(&self) {
-        let deadline = std::time::Instant::now() + common::WAIT;
-        loop {
-            if self.ping().await {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn ping(&self) -> bool {
-        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
-            return false;
-        };
-        if s.write_all(b"PING\r\n").await.is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 7];
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
-            Ok(Ok(_)) if &buf == b"+PONG\r\n"
-        )
+        self.daemon.until_up(b"PING\r\n", b"+PONG\r\n").await;
     }
 
     /// Kills it (as a crash would).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.daemon.kill();
     }
 
     /// Stops it answering without closing a connection (SIGSTOP), as a
     /// server that hangs or a link that goes silent would.
     pub fn freeze(&self) {
-        self.signal("-STOP");
+        self.daemon.signal("-STOP");
     }
 
     /// Lets a frozen server go on (SIGCONT).
     pub fn thaw(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, which: &str) {
-        let pid = self.child.as_ref().map(|c| c.id()).expect("running");
-        let status = Command::new("kill")
-            .args([which, &pid.to_string()])
-            .status();
-        assert!(status.is_ok_and(|s| s.success()), "kill {which} {pid}");
+        self.daemon.signal("-CONT");
     }
 
     /// Starts it again on the same port.
@@ -125,19 +161,13 @@ impl RedisServer {
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// A `nats-server` of the test's own, with JetStream (the backplane's
 /// ordering stream needs it) storing under a directory of its own, killed
 /// when dropped.
 pub struct NatsServer {
     pub port: u16,
     bin: String,
-    child: Option<Child>,
+    daemon: Daemon,
 }
 
 impl NatsServer {
@@ -158,10 +188,11 @@ impl NatsServer {
             common::skip("nats-server is not installed (apt-get install nats-server)");
             return None;
         };
+        let daemon = Daemon::new("nats-server");
         let mut server = NatsServer {
-            port: free_port(),
+            port: daemon.port,
             bin: bin.to_string(),
-            child: None,
+            daemon,
         };
         assert!(server.spawn(), "nats-server starts");
         server.until_up().await;
@@ -174,60 +205,27 @@ impl NatsServer {
 
     fn spawn(&mut self) -> bool {
         let store = std::env::temp_dir().join(format!("pulso-test-nats-{}", self.port));
-        let child = Command::new(&self.bin)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        match child {
-            Ok(c) => {
-                self.child = Some(c);
-                true
-            }
-            Err(_) => false,
-        }
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&store);
+        self.daemon.spawn(cmd)
     }
 
     /// Waits until it greets a connection with its `INFO`.
     async fn until_up(&self) {
-        let deadline = std::time::Instant::now() + common::WAIT;
-        loop {
-            if self.info().await {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nats-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn info(&self) -> bool {
-        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
-            return false;
-        };
-        let mut buf = [0u8; 5];
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
-            Ok(Ok(_)) if &buf == b"INFO "
-        )
+        self.daemon.until_up(b"", b"INFO ").await;
     }
 
     /// Kills it (as a crash would).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.daemon.kill();
     }
 
     /// Starts it again on the same port.
@@ -235,12 +233,6 @@ impl NatsServer {
         self.kill();
         assert!(self.spawn(), "nats-server restarts");
         self.until_up().await;
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

@@ -255,13 +255,7 @@ impl SioClient {
     /// Emits with an ack and returns the ack's first argument (skipping
     /// events that arrive in between). Panics on disconnect.
     pub async fn request(&mut self, event: &str, args: &[Value]) -> Value {
-        let id = self.next_ack;
-        self.next_ack += 1;
-        let mut items = vec![json!(event)];
-        items.extend_from_slice(args);
-        let ns = self.ns_prefix();
-        self.send_raw(&format!("42{ns}{id}{}", Value::Array(items)))
-            .await;
+        let id = self.send_request(event, args).await;
         loop {
             match self.next().await {
                 Packet::Ack(got, mut args) if got == id => {
