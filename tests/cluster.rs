@@ -1514,6 +1514,7 @@ async fn missed_in_order(c: &mut SioClient, n: u64) {
 
 on_each_engine!(
     a_socketio_client_recovers_on_another_node,
+    a_socketio_client_that_missed_more_than_the_history_connects_as_new,
     a_socketio_client_of_a_killed_node_recovers_on_a_survivor,
 );
 
@@ -1568,6 +1569,43 @@ async fn a_socketio_client_recovers_on_another_node(engine: Engine) {
             "a missed broadcast to two tracked rooms: socket.recovered === false"
         );
         assert_ne!(back.socket_id(), sid, "connected as new");
+    }
+}
+
+/// The history keeps `history.size` messages a topic: a Socket.IO client
+/// that missed exactly that many recovers on another node with all of
+/// them; one that missed one more connects as new, because the backplane
+/// dropped a message it had not seen (its sequence is above the client's
+/// offset).
+async fn a_socketio_client_that_missed_more_than_the_history_connects_as_new(engine: Engine) {
+    let Some(pg) = postgres_url().await else {
+        return;
+    };
+    let Some(server) = Server::start(engine).await else {
+        return;
+    };
+    let prefix = unique("s");
+    let history = format!("{SIO_HISTORY}size = 5\n");
+    let a = node_with(&server, &pg, &prefix, &history).await;
+    let c = node_with(&server, &pg, &prefix, &history).await;
+    let mut watch = subscriber(&c, &["assistant_2"]).await;
+    for (missed, recovers) in [(5, true), (6, false)] {
+        let (client, sid, pid, offset) = sio_assistant(a.addr).await;
+        drop(client);
+        for n in 1..=missed {
+            broadcast_at(a.addr, &["assistant_2"], json!(n)).await;
+        }
+        // Stored: a live subscriber has the last one.
+        until_payload(&mut watch, json!(missed)).await;
+        let mut back = SioClient::reconnect(c.addr, NS, &pid, &offset).await;
+        assert_eq!(back.recovered(&pid), recovers, "{missed} missed");
+        if recovers {
+            assert_eq!(back.socket_id(), sid, "same socket id");
+            missed_in_order(&mut back, missed).await;
+        } else {
+            assert_ne!(back.socket_id(), sid, "connected as new");
+        }
+        back.close().await;
     }
 }
 

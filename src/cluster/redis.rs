@@ -199,10 +199,24 @@ async fn writer(
 /// stream: entry `<offset>-1` with fields `g` and `m`, the envelope). A
 /// stream lives `history.ttl` after its topic's last message, the rest
 /// [`META_KEEP`]; a topic whose numbers were lost starts a new epoch.
+///
+/// A stream holds consecutive offsets (each is added here, and it loses
+/// them only from the front, by `MAXLEN`, or whole, by expiring), so the
+/// entries that adding offset `n` trims are those at `n - size` and below:
+/// one `XREVRANGE` finds the newest of them, whose sequence becomes `dg`,
+/// without counting the stream first. An epoch is written once, when a
+/// key has none, and only read after that.
 const PUBLISH_SCRIPT: &str = r#"
+local function epoch_of(key)
+  local e = redis.call('HGET', key, 'e')
+  if not e then
+    e = ARGV[5]
+    redis.call('HSET', key, 'e', e)
+  end
+  return e
+end
 local g = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('HSETNX', KEYS[1], 'e', ARGV[5])
-local ge = redis.call('HGET', KEYS[1], 'e')
+local ge = epoch_of(KEYS[1])
 local size = tonumber(ARGV[2])
 local r = tonumber(ARGV[6])
 local offsets, epochs, streams = {}, {}, {}
@@ -211,9 +225,8 @@ for i = 1, r do
   if ARGV[6 + r + i] == '1' then
     local meta = KEYS[k]
     local n = redis.call('HINCRBY', meta, 'n', 1)
-    redis.call('HSETNX', meta, 'e', ARGV[5])
     offsets[i] = n
-    epochs[i] = '"' .. redis.call('HGET', meta, 'e') .. '"'
+    epochs[i] = '"' .. epoch_of(meta) .. '"'
     streams[#streams + 1] = {meta, KEYS[k + 1], n}
     k = k + 2
   else
@@ -224,10 +237,10 @@ end
 local body = string.sub(ARGV[1], 1, -2) .. ',"o":[' .. table.concat(offsets, ',') ..
   '],"h":[' .. table.concat(epochs, ',') .. '],"g":' .. g .. ',"ge":"' .. ge .. '"}'
 for _, s in ipairs(streams) do
-  if redis.call('XLEN', s[2]) >= size then
-    local oldest = redis.call('XRANGE', s[2], '-', '+', 'COUNT', 1)
-    if oldest[1] then
-      redis.call('HSET', s[1], 'dg', oldest[1][2][2])
+  if s[3] > size then
+    local gone = redis.call('XREVRANGE', s[2], (s[3] - size) .. '-1', '-', 'COUNT', 1)
+    if gone[1] then
+      redis.call('HSET', s[1], 'dg', gone[1][2][2])
     end
   end
   redis.call('XADD', s[2], 'MAXLEN', size, s[3] .. '-1', 'g', g, 'm', body)
