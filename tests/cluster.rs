@@ -1609,6 +1609,41 @@ async fn a_socketio_client_that_missed_more_than_the_history_connects_as_new(eng
     }
 }
 
+/// While a change of `history.size` rolls out, nodes keep different sizes:
+/// a publish on a node with the smaller one trims several messages of a
+/// stream at once, and a Socket.IO client that missed any of them
+/// connects as new instead of recovering with a gap. (Redis: over NATS
+/// the stream's limit is one setting of the stream.)
+#[tokio::test]
+async fn a_socketio_client_that_missed_what_a_smaller_history_size_trimmed_connects_as_new() {
+    let Some(pg) = postgres_url().await else {
+        return;
+    };
+    let Some(server) = Server::start(Engine::Redis).await else {
+        return;
+    };
+    let prefix = unique("s");
+    let a = node_with(&server, &pg, &prefix, &format!("{SIO_HISTORY}size = 10\n")).await;
+    let c = node_with(&server, &pg, &prefix, &format!("{SIO_HISTORY}size = 5\n")).await;
+    let mut watch = subscriber(&c, &["assistant_2"]).await;
+    let (client, sid, pid, offset) = sio_assistant(a.addr).await;
+    drop(client);
+    // The stream holds the client's last event and 9 more: 10, a's size.
+    for n in 1..=9 {
+        broadcast_at(a.addr, &["assistant_2"], json!(n)).await;
+    }
+    until_payload(&mut watch, json!(9)).await;
+    // Added on c, which keeps 5: the client's last event and 1..=5 go.
+    broadcast_at(c.addr, &["assistant_2"], json!(10)).await;
+    until_payload(&mut watch, json!(10)).await;
+    let back = SioClient::reconnect(c.addr, NS, &pid, &offset).await;
+    assert!(
+        !back.recovered(&pid),
+        "1..=5 are gone: socket.recovered === false"
+    );
+    assert_ne!(back.socket_id(), sid, "connected as new");
+}
+
 /// Whether the engine holds the recovery session `pid` of the cluster
 /// `prefix`, read by the engine's own means.
 async fn session_in_engine(server: &Server, prefix: &str, pid: &str) -> bool {

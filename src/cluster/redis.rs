@@ -202,10 +202,12 @@ async fn writer(
 ///
 /// A stream holds consecutive offsets (each is added here, and it loses
 /// them only from the front, by `MAXLEN`, or whole, by expiring), so the
-/// entries that adding offset `n` trims are those at `n - size` and below:
-/// one `XREVRANGE` finds the newest of them, whose sequence becomes `dg`,
-/// without counting the stream first. An epoch is written once, when a
-/// key has none, and only read after that.
+/// entries that adding offset `n` trims are those at `n - size` and below,
+/// and `dg` becomes the sequence of the newest of them. Usually that is
+/// the oldest entry alone, read without counting the stream first; when
+/// nodes keep different `history.size` (a change rolling out), one add
+/// can trim several, and an `XREVRANGE` finds the newest. An epoch is
+/// written once, when a key has none, and only read after that.
 const PUBLISH_SCRIPT: &str = r#"
 local function epoch_of(key)
   local e = redis.call('HGET', key, 'e')
@@ -237,9 +239,14 @@ end
 local body = string.sub(ARGV[1], 1, -2) .. ',"o":[' .. table.concat(offsets, ',') ..
   '],"h":[' .. table.concat(epochs, ',') .. '],"g":' .. g .. ',"ge":"' .. ge .. '"}'
 for _, s in ipairs(streams) do
-  if s[3] > size then
-    local gone = redis.call('XREVRANGE', s[2], (s[3] - size) .. '-1', '-', 'COUNT', 1)
-    if gone[1] then
+  local last_gone = s[3] - size
+  if last_gone > 0 then
+    local oldest = redis.call('XRANGE', s[2], '-', '+', 'COUNT', 1)
+    local first = oldest[1] and tonumber(string.match(oldest[1][1], '^%d+'))
+    if first == last_gone then
+      redis.call('HSET', s[1], 'dg', oldest[1][2][2])
+    elseif first and first < last_gone then
+      local gone = redis.call('XREVRANGE', s[2], last_gone .. '-1', '-', 'COUNT', 1)
       redis.call('HSET', s[1], 'dg', gone[1][2][2])
     end
   end
