@@ -1466,6 +1466,14 @@ async fn recovery_from_the_backplane_has_no_gap_and_no_duplicate_at_the_seam(eng
 /// History for the assistants' rooms of tournament 2.
 const SIO_HISTORY: &str = "[history]\ntopics = [\"assistant\", \"assistant_2\"]\n";
 
+/// PostgreSQL, an engine server of the test's own and a fresh prefix: what
+/// the Socket.IO recovery tests start from (`None`: skipped).
+async fn sio_setup(engine: Engine) -> Option<(String, Server, String)> {
+    let pg = postgres_url().await?;
+    let server = Server::start(engine).await?;
+    Some((pg, server, unique("s")))
+}
+
 async fn broadcast_at(addr: std::net::SocketAddr, rooms: &[&str], data: Value) {
     let admin = common::token("admin", "test-admin", Some(Duration::from_secs(60)));
     let body = json!({"rooms": rooms, "event": "check_in", "data": data}).to_string();
@@ -1526,13 +1534,9 @@ on_each_engine!(
 /// replayed (see `cluster::nats_history`), so they name one room each, and
 /// a client that missed one to both rooms connects as new.
 async fn a_socketio_client_recovers_on_another_node(engine: Engine) {
-    let Some(pg) = postgres_url().await else {
+    let Some((pg, server, prefix)) = sio_setup(engine).await else {
         return;
     };
-    let Some(server) = Server::start(engine).await else {
-        return;
-    };
-    let prefix = unique("s");
     let a = node_with(&server, &pg, &prefix, SIO_HISTORY).await;
     let b = node_with(&server, &pg, &prefix, SIO_HISTORY).await;
     let c = node_with(&server, &pg, &prefix, SIO_HISTORY).await;
@@ -1578,13 +1582,9 @@ async fn a_socketio_client_recovers_on_another_node(engine: Engine) {
 /// dropped a message it had not seen (its sequence is above the client's
 /// offset).
 async fn a_socketio_client_that_missed_more_than_the_history_connects_as_new(engine: Engine) {
-    let Some(pg) = postgres_url().await else {
+    let Some((pg, server, prefix)) = sio_setup(engine).await else {
         return;
     };
-    let Some(server) = Server::start(engine).await else {
-        return;
-    };
-    let prefix = unique("s");
     let history = format!("{SIO_HISTORY}size = 5\n");
     let a = node_with(&server, &pg, &prefix, &history).await;
     let c = node_with(&server, &pg, &prefix, &history).await;
@@ -1616,13 +1616,9 @@ async fn a_socketio_client_that_missed_more_than_the_history_connects_as_new(eng
 /// the stream's limit is one setting of the stream.)
 #[tokio::test]
 async fn a_socketio_client_that_missed_what_a_smaller_history_size_trimmed_connects_as_new() {
-    let Some(pg) = postgres_url().await else {
+    let Some((pg, server, prefix)) = sio_setup(Engine::Redis).await else {
         return;
     };
-    let Some(server) = Server::start(Engine::Redis).await else {
-        return;
-    };
-    let prefix = unique("s");
     let a = node_with(&server, &pg, &prefix, &format!("{SIO_HISTORY}size = 10\n")).await;
     let c = node_with(&server, &pg, &prefix, &format!("{SIO_HISTORY}size = 5\n")).await;
     let mut watch = subscriber(&c, &["assistant_2"]).await;

@@ -101,17 +101,14 @@ impl Drop for Daemon {
 
 /// A `redis-server` of the test's own, killed when dropped.
 pub struct RedisServer {
-    pub port: u16,
     daemon: Daemon,
 }
 
 impl RedisServer {
     /// Starts one on a free port, or `None` (with a printed reason).
     pub async fn start() -> Option<RedisServer> {
-        let daemon = Daemon::new("redis-server");
         let mut server = RedisServer {
-            port: daemon.port,
-            daemon,
+            daemon: Daemon::new("redis-server"),
         };
         if !server.spawn() {
             common::skip("redis-server is not installed (apt-get install redis-server)");
@@ -122,13 +119,18 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://127.0.0.1:{}", self.daemon.port)
     }
 
     fn spawn(&mut self) -> bool {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
+        cmd.args([
+            "--port",
+            &self.daemon.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
         self.daemon.spawn(cmd)
     }
 
@@ -165,7 +167,6 @@ impl RedisServer {
 /// ordering stream needs it) storing under a directory of its own, killed
 /// when dropped.
 pub struct NatsServer {
-    pub port: u16,
     bin: String,
     daemon: Daemon,
 }
@@ -188,11 +189,9 @@ impl NatsServer {
             common::skip("nats-server is not installed (apt-get install nats-server)");
             return None;
         };
-        let daemon = Daemon::new("nats-server");
         let mut server = NatsServer {
-            port: daemon.port,
             bin: bin.to_string(),
-            daemon,
+            daemon: Daemon::new("nats-server"),
         };
         assert!(server.spawn(), "nats-server starts");
         server.until_up().await;
@@ -200,17 +199,17 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://127.0.0.1:{}", self.daemon.port)
     }
 
     fn spawn(&mut self) -> bool {
-        let store = std::env::temp_dir().join(format!("pulso-test-nats-{}", self.port));
+        let store = std::env::temp_dir().join(format!("pulso-test-nats-{}", self.daemon.port));
         let mut cmd = Command::new(&self.bin);
         cmd.args([
             "-a",
             "127.0.0.1",
             "-p",
-            &self.port.to_string(),
+            &self.daemon.port.to_string(),
             "-js",
             "-sd",
         ])
